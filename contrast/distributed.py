@@ -1,0 +1,242 @@
+"""Every distributed primitive the project uses, in one place.
+
+All functions work unchanged in a single process without an initialised process
+group (they become identities), so methods and losses can be unit tested without
+``torch.distributed``. Launchers: ``torchrun``, ``python -m torch.distributed.launch``
+(``--local_rank``/``--local-rank`` or ``LOCAL_RANK``) and plain ``python``.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """What a process knows about its place in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: Optional[str]
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def is_dist() -> bool:
+    """True when a process group with more than zero peers is initialised."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+def resolve_device(device: Optional[str] = None, local_rank: int = 0) -> torch.device:
+    """``device`` None/"auto" picks ``cuda:<local_rank>`` when CUDA exists, else the CPU."""
+    if device in (None, "", "auto"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"--device {device} was asked for but CUDA is not available")
+        dev = torch.device("cuda", local_rank if dev.index is None else dev.index)
+        torch.cuda.set_device(dev)
+    return dev
+
+
+def init_distributed(device: Optional[str] = None, local_rank: Optional[int] = None,
+                     timeout_minutes: int = 30) -> DistEnv:
+    """Initialise the process group from torchrun / launch environment variables.
+
+    With ``WORLD_SIZE`` unset or 1 no process group is created. The backend is
+    nccl on CUDA and gloo on the CPU.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if local_rank is None or local_rank < 0:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device, local_rank)
+    backend = None
+    if world_size > 1 and not is_dist():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    elif is_dist():
+        backend = dist.get_backend()
+    return DistEnv(rank=get_rank(), world_size=get_world_size(), local_rank=local_rank,
+                   device=dev, backend=backend)
+
+
+def cleanup() -> None:
+    if is_dist():
+        dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- gathers
+@torch.no_grad()
+def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` (same shape on every rank) from all ranks along dim 0, in rank order.
+
+    No gradient flows back; use :func:`all_gather_with_grad` where the gathered
+    rows take part in a loss whose gradient must reach the other ranks.
+    """
+    if get_world_size() == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out, dim=0)
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from all ranks along dim 0 with autograd support.
+
+    The backward pass sums, over ranks, the gradients flowing into each rank's
+    slice and returns that sum to its owner (``torch.distributed.nn`` semantics).
+    Combined with DDP's gradient averaging this yields the gradient of the
+    global mean loss.
+    """
+    if get_world_size() == 1:
+        return x
+    return torch.cat(dist_nn.all_gather(x.contiguous()), dim=0)
+
+
+def all_gather_variable(x: torch.Tensor) -> torch.Tensor:
+    """Like :func:`all_gather_no_grad` for tensors whose dim 0 differs between ranks."""
+    if get_world_size() == 1:
+        return x
+    n = torch.tensor([x.shape[0]], device=x.device, dtype=torch.long)
+    sizes = all_gather_no_grad(n).tolist()
+    longest = max(sizes)
+    padded = x.new_zeros((longest,) + tuple(x.shape[1:]))
+    padded[: x.shape[0]] = x
+    gathered = all_gather_no_grad(padded)
+    return torch.cat([gathered[r * longest: r * longest + s] for r, s in enumerate(sizes)], dim=0)
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, in place and returned (no autograd)."""
+    if get_world_size() > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks, in place and returned (no autograd)."""
+    if get_world_size() > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        x.div_(get_world_size())
+    return x
+
+
+def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+    if get_world_size() > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x
+
+
+def all_reduce_sum_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks with autograd (backward: the incoming gradient summed over ranks)."""
+    if get_world_size() == 1:
+        return x
+    return dist_nn.all_reduce(x, op=dist.ReduceOp.SUM)
+
+
+def broadcast(x: torch.Tensor, src: int = 0) -> torch.Tensor:
+    if get_world_size() > 1:
+        dist.broadcast(x, src)
+    return x
+
+
+def broadcast_object(obj, src: int = 0):
+    """Send a picklable object from ``src`` to every rank and return it."""
+    if get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(obj) -> List:
+    if get_world_size() == 1:
+        return [obj]
+    out = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_ranks_true(flag: bool, device: torch.device) -> bool:
+    """True only when ``flag`` is true on every rank (used to skip a step everywhere)."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    if get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item() > 0.5)
+
+
+# ------------------------------------------------------------------ shuffling BN (MoCo)
+@torch.no_grad()
+def batch_shuffle(x: torch.Tensor, generator: Optional[torch.Generator] = None
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Shuffle a batch across ranks (MoCo's shuffling BN).
+
+    Gathers ``x`` (B, ...) from all ranks, applies one permutation chosen on
+    rank 0 and broadcast, and returns this rank's B rows of the shuffled global
+    batch together with the index that undoes the shuffle. In one process the
+    batch is permuted locally, which changes nothing for a model without BN and
+    keeps the code path identical.
+    """
+    batch_local = x.shape[0]
+    x_all = all_gather_no_grad(x)
+    total = x_all.shape[0]
+    perm = torch.randperm(total, generator=generator, device="cpu").to(x.device)
+    perm = broadcast(perm, src=0)
+    unshuffle = torch.argsort(perm)
+    rank = get_rank()
+    mine = perm[rank * batch_local:(rank + 1) * batch_local]
+    return x_all[mine], unshuffle
+
+
+@torch.no_grad()
+def batch_unshuffle(x: torch.Tensor, unshuffle: torch.Tensor) -> torch.Tensor:
+    """Undo :func:`batch_shuffle` for the encoded batch ``x`` (B, ...)."""
+    batch_local = x.shape[0]
+    x_all = all_gather_no_grad(x)
+    rank = get_rank()
+    mine = unshuffle[rank * batch_local:(rank + 1) * batch_local]
+    return x_all[mine]
+
+
+def convert_sync_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+    """SyncBatchNorm when running on several ranks, the model unchanged otherwise."""
+    if get_world_size() > 1:
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def shard_range(n: int, rank: Optional[int] = None, world_size: Optional[int] = None) -> Tuple[int, int]:
+    """[start, stop) of the contiguous block of ``n`` items owned by ``rank``."""
+    rank = get_rank() if rank is None else rank
+    world_size = get_world_size() if world_size is None else world_size
+    per = (n + world_size - 1) // world_size
+    start = min(rank * per, n)
+    return start, min(start + per, n)

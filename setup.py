@@ -1,0 +1,25 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="contrast",
+    version="0.1.0",
+    description="Unsupervised visual representation learning: PIC, InstDisc, MoCo v1/v2, SimCLR",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["contrast", "contrast.*"]),
+    python_requires=">=3.9",
+    install_requires=[
+        "torch>=2.1,<=2.14.1",
+        "torchvision>=0.16,<=0.29.1",
+        "numpy>=1.21",
+        "pillow>=9.0",
+        "termcolor>=2.0",
+        "tensorboard>=2.10",
+    ],
+    extras_require={
+        "test": ["pytest>=7"],
+        "tools": ["matplotlib>=3.5", "scikit-image>=0.19"],
+    },
+)
