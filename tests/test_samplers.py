@@ -1,0 +1,212 @@
+"""Sliding-window sampler (PIC, Sec. 4.1), resumable distributed sampler, epoch mapping."""
+from __future__ import annotations
+
+import io
+from collections import Counter
+
+import pytest
+import torch
+from torch.utils.data import DistributedSampler
+
+from contrast.data import ResumableDistributedSampler, SlidingWindowSampler, build_sampler, window_epochs
+from tests.dist_utils import run_distributed
+
+N, W, S = 24, 8, 4  # N divisible by S, W divisible by S and by every world size tested
+
+
+def _windows(world: int, epochs, seed: int = 0, shuffle_per_epoch: bool = False, n: int = N, w: int = W,
+             s: int = S):
+    """For each epoch: the list of every rank's share."""
+    samplers = [SlidingWindowSampler(range(n), w, s, num_replicas=world, rank=r, seed=seed,
+                                     shuffle_per_epoch=shuffle_per_epoch) for r in range(world)]
+    out = []
+    for e in epochs:
+        shares = []
+        for sampler in samplers:
+            sampler.set_epoch(e)
+            shares.append(list(sampler))
+        out.append(shares)
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+@pytest.mark.parametrize("first", [0, 5])
+def test_sliding_window_properties(world, first):
+    windows = _windows(world, range(first, first + N // S + 1))
+    sets = []
+    for shares in windows:
+        assert all(len(share) == W // world for share in shares)
+        union = [i for share in shares for i in share]
+        assert len(set(union)) == W  # shares disjoint, window has W distinct indices
+        sets.append(set(union))
+    visits = Counter(i for window in sets[: N // S] for i in window)
+    assert sorted(visits) == list(range(N))  # the window leaves the first W entries
+    assert set(visits.values()) == {W // S}
+    for a, b in zip(sets, sets[1:]):
+        assert len(a & b) == W - S
+
+
+def test_sliding_window_deterministic_and_seeded():
+    a = _windows(2, range(4), seed=3)
+    assert a == _windows(2, range(4), seed=3)
+    assert a != _windows(2, range(4), seed=4)
+    # shuffled inside the window: the order is not the stream order of consecutive windows
+    first = _windows(1, [0, 1])
+    assert first[0][0][S:] != first[1][0][: W - S]
+
+
+def test_window_larger_than_dataset_is_clamped():
+    windows = [shares[0] for shares in _windows(1, range(3), n=10, w=100, s=50)]
+    assert all(sorted(w) == list(range(10)) for w in windows)  # every window is the whole dataset
+    assert windows[0] != windows[1]  # reshuffled each window-epoch
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_clamped_window_shares(world):
+    windows = _windows(world, range(3), n=10, w=100, s=50)
+    for shares in windows:
+        assert {len(share) for share in shares} == {-(-10 // world)}
+        assert set(i for share in shares for i in share) == set(range(10))
+
+
+def test_padding_when_window_not_divisible():
+    shares = _windows(4, [0], n=30, w=10, s=5)[0]
+    assert [len(s) for s in shares] == [3, 3, 3, 3]
+    flat = [i for s in shares for i in s]
+    assert len(set(flat)) == 10  # the two extra slots repeat window entries
+    dropped = [SlidingWindowSampler(range(30), 10, 5, num_replicas=4, rank=r, drop_last=True) for r in range(4)]
+    flat = [i for s in dropped for i in s]
+    assert [len(s) for s in dropped] == [2, 2, 2, 2] and len(set(flat)) == 8
+
+
+def test_shuffle_per_epoch_fresh_permutation_per_pass():
+    passes = N // S  # windows 0..4 lie in pass 0 (positions 0..23), 6..10 in pass 1
+    sets = [set(shares[0]) for shares in _windows(1, range(2 * passes), shuffle_per_epoch=True)]
+    for p0 in (0, passes):
+        inside = sets[p0: p0 + N // S - 1]
+        assert set().union(*inside) == set(range(N))  # a pass still covers everything
+        for a, b in zip(inside, inside[1:]):
+            assert len(a & b) == W - S  # and keeps sliding
+    fixed = [set(shares[0]) for shares in _windows(1, range(2 * passes))]
+    assert fixed[passes] == fixed[0]  # without the flag the permutation repeats
+    assert sets[passes] != sets[0]  # with it the second pass is a different permutation
+
+
+@pytest.mark.parametrize("consumed", [0, 3])
+def test_sliding_window_resume_continues_sequence(consumed):
+    ref = SlidingWindowSampler(range(N), W, S, num_replicas=2, rank=1, seed=7)
+    expected = []
+    for e in range(5):
+        ref.set_epoch(e)
+        expected.append(list(ref))
+    ref.set_epoch(2)
+    buf = io.BytesIO()
+    torch.save(ref.state_dict(consumed=consumed), buf)
+    buf.seek(0)
+    resumed = SlidingWindowSampler(range(N), W, S, num_replicas=2, rank=1, seed=0)  # seed comes from the state
+    resumed.load_state_dict(torch.load(buf))
+    resumed.set_epoch(2)
+    assert len(resumed) == W // 2 and resumed.num_remaining == W // 2 - consumed
+    assert list(resumed) == expected[2][consumed:]
+    for e in (3, 4):
+        resumed.set_epoch(e)
+        assert list(resumed) == expected[e]
+
+
+def test_sliding_window_state_validation():
+    state = SlidingWindowSampler(range(N), W, S, num_replicas=2, rank=0).state_dict(consumed=2)
+    with pytest.raises(ValueError, match="num_samples is 24 in the checkpoint but 25 here"):
+        SlidingWindowSampler(range(N + 1), W, S, num_replicas=2, rank=0).load_state_dict(state)
+    with pytest.raises(ValueError, match="window_size is 8 in the checkpoint but 12 here"):
+        SlidingWindowSampler(range(N), 12, S, num_replicas=2, rank=0).load_state_dict(state)
+    with pytest.raises(ValueError, match="window_stride is 4 in the checkpoint but 2 here"):
+        SlidingWindowSampler(range(N), W, 2, num_replicas=2, rank=0).load_state_dict(state)
+    with pytest.raises(ValueError, match="cannot resume mid-epoch"):
+        SlidingWindowSampler(range(N), W, S, num_replicas=4, rank=0).load_state_dict(state)
+    state["consumed"] = 0  # at an epoch boundary the world size may change
+    SlidingWindowSampler(range(N), W, S, num_replicas=4, rank=0).load_state_dict(state)
+
+
+def test_sliding_window_bad_arguments():
+    with pytest.raises(ValueError, match="1 <= window_stride <= window_size"):
+        SlidingWindowSampler(range(N), 4, 8, num_replicas=1, rank=0)
+    with pytest.raises(ValueError, match="invalid rank 2 for num_replicas 2"):
+        SlidingWindowSampler(range(N), 4, 2, num_replicas=2, rank=2)
+    with pytest.raises(ValueError, match="empty dataset"):
+        SlidingWindowSampler(range(0), 4, 2, num_replicas=1, rank=0)
+
+
+def test_window_epochs():
+    assert window_epochs(200, 1281167, 131072) == 1955  # 256233400 / 131072 = 1954.9
+    assert window_epochs(100, 1000, 250) == 400
+    assert window_epochs(1, 1000, 300) == 4
+    assert window_epochs(5, 10, 100) == 5  # W clamped to N
+    with pytest.raises(ValueError):
+        window_epochs(1, 0, 10)
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_default_sampler_matches_torch(world, shuffle):
+    for r in range(world):
+        ours = ResumableDistributedSampler(range(10), num_replicas=world, rank=r, shuffle=shuffle, seed=5)
+        ref = DistributedSampler(range(10), num_replicas=world, rank=r, shuffle=shuffle, seed=5)
+        for e in range(3):
+            ours.set_epoch(e)
+            ref.set_epoch(e)
+            assert list(ours) == list(ref) and len(ours) == len(ref)
+
+
+def test_default_sampler_resume_and_validation():
+    ref = ResumableDistributedSampler(range(20), num_replicas=2, rank=0, seed=1)
+    ref.set_epoch(3)
+    expected = list(ref)
+    state = ref.state_dict(consumed=4)
+    resumed = ResumableDistributedSampler(range(20), num_replicas=2, rank=0)
+    resumed.load_state_dict(state)
+    resumed.set_epoch(3)
+    assert list(resumed) == expected[4:]
+    resumed.set_epoch(4)
+    ref.set_epoch(4)
+    assert list(resumed) == list(ref)
+    with pytest.raises(ValueError, match="num_samples is 20 in the checkpoint but 21 here"):
+        ResumableDistributedSampler(range(21), num_replicas=2, rank=0).load_state_dict(state)
+    with pytest.raises(ValueError, match="kind is distributed in the checkpoint but sliding_window here"):
+        SlidingWindowSampler(range(20), 4, 2, num_replicas=2, rank=0).load_state_dict(state)
+
+
+class _PartCached:
+    def __init__(self, n, local):
+        self.n, self.local_indices = n, torch.tensor(local)
+
+    def __len__(self):
+        return self.n
+
+
+@pytest.mark.parametrize("sliding", [False, True])
+def test_build_sampler_part_cache_uses_local_shard(sliding):
+    ds = _PartCached(40, list(range(1, 40, 2)))  # rank 1 of 2: 20 odd indices
+    sampler = build_sampler(ds, sliding, window_size=16, window_stride=8, seed=0, shuffle_per_epoch=False,
+                            num_replicas=2, rank=1)
+    seen = set()
+    for e in range(4):
+        sampler.set_epoch(e)
+        idx = list(sampler)
+        assert len(idx) == (8 if sliding else 20) and len(set(idx)) == len(idx)
+        seen |= set(idx)
+    assert seen == set(range(1, 40, 2))
+
+
+def _dist_worker(rank, world_size, out_dir):
+    import os
+    sampler = build_sampler(range(N), True, W, S, seed=0, shuffle_per_epoch=False)
+    sampler.set_epoch(2)
+    torch.save({"rank": sampler.rank, "world": sampler.num_replicas, "share": list(sampler)},
+               os.path.join(out_dir, f"{rank}.pt"))
+
+
+def test_sampler_takes_rank_from_process_group():
+    results = run_distributed(_dist_worker, world_size=2)
+    assert [r["rank"] for r in results] == [0, 1] and all(r["world"] == 2 for r in results)
+    expected = _windows(2, [2])[0]
+    assert [r["share"] for r in results] == expected
