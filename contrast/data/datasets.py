@@ -213,13 +213,22 @@ class _EncodedImageDataset(Dataset):
         with Image.open(io.BytesIO(self.read_bytes(index))) as img:
             return img.convert("RGB")
 
+    def _decode_and_transform(self, index: int):
+        """``transform`` gets the image still unloaded (fresh from ``Image.open``), so a
+        transform may decode a JPEG at reduced scale (PIL draft mode); it converts to RGB
+        itself. Without a transform the fully loaded RGB image is returned."""
+        if self.transform is None:
+            return self.load_image(index)
+        with Image.open(io.BytesIO(self.read_bytes(index))) as img:
+            return self.transform(img)
+
     def __getitem__(self, index: int):
         index = int(index)
         n = len(self)
         for k in range(n):
             j = (index + k) % n
             try:
-                img = self.load_image(j)
+                sample = self._decode_and_transform(j)
             except _DECODE_ERRORS as e:
                 message = f"{self.describe(j)}: cannot read or decode image ({type(e).__name__}: {e})"
                 if self.strict:
@@ -227,7 +236,6 @@ class _EncodedImageDataset(Dataset):
                 self._corrupt += 1
                 warnings.warn(f"{message}; using the next index instead", RuntimeWarning, stacklevel=2)
                 continue
-            sample = self.transform(img) if self.transform is not None else img
             return sample, j, int(self._labels[j])
         raise DatasetError(f"{self.describe(index)}: no image of the dataset can be decoded")
 
