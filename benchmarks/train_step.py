@@ -1,0 +1,139 @@
+"""Images/s of one pretraining step (forward, backward, SGD update, on_train_step_end).
+
+For each method at the recipe's image sizes (PIC multi-crop 160 + 3 x 96 and
+single 224; MoCo / SimCLR 2 x 224; InstDisc 224), each architecture, fp32 vs
+bf16 autocast, channels_last off/on, on CUDA when present, else the CPU.
+Inputs are random tensors already on the device: this measures the model step
+only, not data loading or augmentation. Images/s counts images, not views.
+
+    python benchmarks/train_step.py --quick                    # CPU smoke run
+    python benchmarks/train_step.py --archs resnet18,resnet50  # full table
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from argparse import Namespace
+from typing import Dict, List
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from contrast.models import build_method  # noqa: E402
+
+# name: (model, aug, [view sizes])
+CONFIGS: Dict[str, tuple] = {
+    "PIC-multicrop": ("PIC", "MultiCrop", [160, 96, 96, 96]),
+    "PIC": ("PIC", "SimCLR", [224]),
+    "InstDisc": ("InstDisc", "InstDisc", [224]),
+    "MoCo": ("MoCo", "MoCov2", [224, 224]),
+    "SimCLR": ("SimCLR", "SimCLR", [224, 224]),
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--archs", default="resnet18,resnet50")
+    p.add_argument("--methods", default=",".join(CONFIGS))
+    p.add_argument("--precisions", default="fp32,bf16")
+    p.add_argument("--channels-last", default="0,1", help="comma list of 0/1")
+    p.add_argument("--batch", type=int, default=None, help="images per step (default 64 on CUDA, 8 on CPU)")
+    p.add_argument("--iters", type=int, default=None, help="timed steps (default 20 on CUDA, 3 on CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 5 on CUDA, 1 on CPU)")
+    p.add_argument("--num-instances", type=int, default=10000, help="N for PIC / InstDisc")
+    p.add_argument("--num-negative", type=int, default=65536, help="MoCo queue / InstDisc K")
+    p.add_argument("--device", default=None)
+    p.add_argument("--quick", action="store_true", help="ResNet-18 only, batch 8, 2 timed steps")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                  "train_step.json"))
+    args = p.parse_args(argv)
+    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = args.device.type == "cuda"
+    if args.quick:
+        args.archs, args.batch, args.iters, args.warmup = "resnet18", args.batch or 8, args.iters or 2, 1
+    args.batch = args.batch or (64 if cuda else 8)
+    args.iters = args.iters or (20 if cuda else 3)
+    args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
+    for name in args.methods.split(","):
+        if name not in CONFIGS:
+            p.error(f"--methods: unknown {name!r}; choose from {', '.join(CONFIGS)}")
+    for prec in args.precisions.split(","):
+        if prec not in ("fp32", "bf16"):
+            p.error(f"--precisions: unknown {prec!r}; choose from fp32, bf16")
+    return args
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_one(args, arch: str, name: str, precision: str, channels_last: bool) -> Dict:
+    model, aug, sizes = CONFIGS[name]
+    flags = Namespace(model=model, arch=arch, small_stem=False, mlp_head=model != "InstDisc", feature_dim=128,
+                      contrast_temperature=0.2, contrast_momentum=0.999 if model == "MoCo" else 0.5,
+                      contrast_num_negative=args.num_negative, aug=aug)
+    torch.manual_seed(0)
+    method = build_method(flags, args.num_instances).to(args.device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    method = method.to(memory_format=fmt)
+    opt = torch.optim.SGD(method.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
+    views = [torch.randn(args.batch, 3, s, s, device=args.device).contiguous(memory_format=fmt) for s in sizes]
+    index = torch.randint(args.num_instances, (args.batch,), device=args.device)
+
+    def step(i: int) -> float:
+        with torch.autocast(device_type=args.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = method(views, index)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        opt.step()
+        method.on_train_step_end(i, 0.03)
+        return out["loss"].detach()
+
+    for i in range(args.warmup):
+        step(i)
+    _sync(args.device)
+    start = time.perf_counter()
+    for i in range(args.iters):
+        loss = step(args.warmup + i)
+    _sync(args.device)
+    seconds = time.perf_counter() - start
+    row = dict(arch=arch, method=name, precision=precision, channels_last=channels_last, batch=args.batch,
+               views="+".join(map(str, sizes)), iters=args.iters, seconds=round(seconds, 4),
+               images_per_s=round(args.batch * args.iters / seconds, 2), loss=float(loss))
+    if args.device.type == "cuda":
+        row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(args.device) / 2 ** 30, 2)
+        torch.cuda.reset_peak_memory_stats(args.device)
+    return row
+
+
+def main(argv=None) -> List[Dict]:
+    args = parse_args(argv)
+    if args.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    rows = []
+    for arch in args.archs.split(","):
+        for name in args.methods.split(","):
+            for precision in args.precisions.split(","):
+                for cl in (bool(int(c)) for c in args.channels_last.split(",")):
+                    row = bench_one(args, arch, name, precision, cl)
+                    rows.append(row)
+                    print(f"{arch:10s} {name:14s} {precision:5s} cl={int(cl)} {row['images_per_s']:9.1f} img/s"
+                          f"  loss {row['loss']:.3f}", flush=True)
+    device = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else platform.processor() or "cpu"
+    result = dict(device=device, device_type=args.device.type, torch=torch.__version__,
+                  threads=torch.get_num_threads(), num_instances=args.num_instances,
+                  num_negative=args.num_negative, rows=rows)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {args.out}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

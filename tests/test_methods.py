@@ -1,0 +1,230 @@
+"""Backbones, heads and the four methods in one process."""
+import argparse
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from contrast.models import (ARCHS, InstDisc, MoCo, PIC, SimCLR, build_backbone, build_head,
+                             build_instance_classifier, build_method, num_views_for)
+from contrast.models.backbones import encode_views
+
+
+def tiny_encoder():
+    """BN-free encoder accepting any resolution: (B, 3, H, W) -> (B, 6)."""
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+def images(b, size, seed):
+    return torch.randn(b, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------------ backbones and heads
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_backbone_state_dict_loads_into_torchvision(arch):
+    backbone, feat_dim = build_backbone(arch)
+    plain = getattr(torchvision.models, arch)(weights=None)
+    assert feat_dim == plain.fc.in_features
+    del plain.fc
+    plain.fc = nn.Identity()
+    plain.load_state_dict(backbone.state_dict(), strict=True)
+    x = images(2, 64, 0)
+    backbone.eval(), plain.eval()
+    assert torch.allclose(plain(x), backbone(x))
+
+
+def test_small_stem_keeps_names_and_works_at_32px():
+    small, feat_dim = build_backbone("resnet18", small_stem=True)
+    plain, _ = build_backbone("resnet18")
+    assert small.state_dict().keys() == plain.state_dict().keys()
+    assert small.conv1.weight.shape == (64, 3, 3, 3) and plain.conv1.weight.shape == (64, 3, 7, 7)
+    assert isinstance(small.maxpool, nn.Identity)
+    features = {}
+    small.layer4.register_forward_hook(lambda m, i, o: features.setdefault("layer4", o))
+    assert small(images(2, 32, 1)).shape == (2, feat_dim)
+    assert features["layer4"].shape[-1] == 4  # 32 / 8: only the three strided stages downsample
+
+
+def test_unknown_arch_lists_choices():
+    with pytest.raises(ValueError, match="--arch 'resnet5'.*resnet18.*wide_resnet101_2"):
+        build_backbone("resnet5")
+    assert len(ARCHS) == 7
+
+
+def test_heads():
+    mlp = build_head(8, 3, mlp=True)
+    assert [type(m) for m in mlp] == [nn.Linear, nn.ReLU, nn.Linear]
+    assert (mlp[0].in_features, mlp[0].out_features, mlp[2].out_features) == (8, 8, 3)
+    linear = build_head(8, 3)
+    assert isinstance(linear, nn.Linear) and linear.out_features == 3
+
+
+def test_encode_views_groups_equal_shapes():
+    enc = tiny_encoder()
+    views = [images(2, 8, 0), images(2, 4, 1), images(2, 4, 2), images(2, 8, 3)]
+    calls = []
+    outs = encode_views(lambda x: calls.append(x.shape[0]) or enc(x), views)
+    assert calls == [2, 4, 2]
+    for out, v in zip(outs, views):
+        assert torch.allclose(out, enc(v), atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ build_method
+def _args(model, **kw):
+    base = dict(model=model, arch="resnet18", small_stem=True, mlp_head=True, feature_dim=16,
+                contrast_temperature=0.2, contrast_momentum=0.9, contrast_num_negative=8, aug="SimCLR")
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+@pytest.mark.parametrize("model,aug", [("PIC", "MultiCrop"), ("PIC", "SimCLR"), ("InstDisc", "InstDisc"),
+                                       ("MoCo", "MoCov2"), ("SimCLR", "SimCLR")])
+def test_each_method_trains_a_step_on_resnet18(model, aug):
+    method = build_method(_args(model, aug=aug), num_instances=10)
+    n = num_views_for(model, aug)
+    views = [images(4, 32 if i == 0 else 16 if aug == "MultiCrop" else 32, i) for i in range(n)]
+    out = method(views, torch.tensor([0, 3, 5, 9]))
+    assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    assert method.backbone.conv1.weight.grad.abs().sum() > 0
+    assert all(torch.isfinite(p.grad).all() for p in method.parameters() if p.grad is not None)
+    method.on_train_step_end(0, 0.1)
+
+
+def test_build_method_errors_and_views():
+    with pytest.raises(ValueError, match="--model 'BYOL'"):
+        build_method(_args("BYOL"), 10)
+    with pytest.raises(ValueError, match="--pic-num-negative"):
+        build_instance_classifier(10, 4, 0.2, num_negative=-1)
+    assert [num_views_for(m, "SimCLR") for m in ("PIC", "InstDisc", "MoCo", "SimCLR")] == [1, 1, 2, 2]
+    assert num_views_for("PIC", "MultiCrop") == 4 and num_views_for("MoCo", "MultiCrop", num_crop2=2) == 3
+    method = build_method(_args("PIC", arch="resnet18", pic_num_negative=0), 10)
+    assert isinstance(method, PIC) and method.rank_state_dict() is None
+    sampled = build_method(_args("PIC", pic_num_negative=4, pic_storage="memory"), 10)
+    assert type(sampled.classifier).__name__ == "SampledInstanceClassifier"
+    with pytest.raises(ValueError, match="views"):
+        build_method(_args("MoCo"), 10)([images(2, 32, 0)], torch.arange(2))
+
+
+# ------------------------------------------------------------------------------ PIC
+def _pic_reference_ce(z, weight, index, tau):
+    return F.cross_entropy(z @ F.normalize(weight, dim=1).t() / tau, index)
+
+
+def test_pic_multicrop_weight_gradient_comes_from_large_crop_only():
+    method = PIC(tiny_encoder(), 6, num_instances=7, feature_dim=4, mlp_head=False, temperature=0.2,
+                 multi_crop=True)
+    index = torch.tensor([6, 2, 2])
+    views = [images(3, 8, 0), images(3, 4, 1), images(3, 4, 2)]
+    method(views, index)["loss"].backward()
+    got = method.classifier.weight.grad.clone()
+    weight = method.classifier.weight.detach().clone().requires_grad_()
+    z_large = F.normalize(method.head(method.backbone(views[0])), dim=1).detach()
+    (_pic_reference_ce(z_large, weight, index, 0.2) / 3).backward()
+    assert torch.allclose(got, weight.grad, atol=1e-6) and got.abs().sum() > 0
+
+
+def test_pic_two_views_average_the_view_losses():
+    method = PIC(tiny_encoder(), 6, num_instances=5, feature_dim=4, mlp_head=True, temperature=0.3)
+    index = torch.tensor([1, 4])
+    views = [images(2, 8, 0), images(2, 8, 1)]
+    loss = method(views, index)["loss"]
+    w = method.classifier.weight
+    per_view = [_pic_reference_ce(F.normalize(method.head(method.backbone(v)), dim=1), w, index, 0.3)
+                for v in views]
+    assert torch.allclose(loss, (per_view[0] + per_view[1]) / 2, atol=1e-6)
+
+
+def test_pic_classifier_init():
+    torch.manual_seed(1)
+    clf = build_instance_classifier(4000, 32, 0.2)
+    assert clf.weight.shape == (4000, 32)
+    assert abs(clf.weight.std().item() - 0.01) < 5e-4 and abs(clf.weight.mean().item()) < 5e-4
+
+
+# ------------------------------------------------------------------------------ InstDisc
+def test_instdisc_bank_update_math_and_duplicates():
+    method = InstDisc(tiny_encoder(), 6, num_instances=9, feature_dim=4, temperature=0.07, num_negative=5,
+                      bank_momentum=0.5)
+    assert torch.allclose(method.bank.norm(dim=1), torch.ones(9))
+    old = method.bank.clone()
+    index = torch.tensor([2, 7, 2, 0])           # 2 occurs twice: the last occurrence wins
+    x = images(4, 8, 0)
+    out = method([x], index)
+    out["loss"].backward()
+    assert torch.equal(method.bank, old)          # the bank changes only after the optimiser step
+    method.on_train_step_end(0, 0.1)
+    z = F.normalize(method.head(method.backbone(x)), dim=1).detach()
+    expected = old.clone()
+    for row, i in ((1, 7), (2, 2), (3, 0)):
+        v = 0.5 * old[i] + 0.5 * z[row]
+        expected[i] = v / v.norm()
+    assert torch.allclose(method.bank, expected, atol=1e-6)
+    assert not torch.allclose(expected[2], (0.5 * old[2] + 0.5 * z[0]) / (0.5 * old[2] + 0.5 * z[0]).norm())
+
+
+def test_instdisc_negatives_are_seeded_and_uniform():
+    a = InstDisc(tiny_encoder(), 6, num_instances=50, feature_dim=4, num_negative=4000, seed=3)
+    b = InstDisc(tiny_encoder(), 6, num_instances=50, feature_dim=4, num_negative=4000, seed=3)
+    neg = a.draw_negatives(2)
+    assert neg.shape == (2, 4000) and torch.equal(neg, b.draw_negatives(2))
+    counts = torch.bincount(neg.flatten(), minlength=50).float()
+    assert counts.min() > 0.6 * counts.mean() and counts.max() < 1.4 * counts.mean()
+    assert not torch.equal(a.draw_negatives(2), neg)  # the generator advances
+
+
+# ------------------------------------------------------------------------------ MoCo
+def test_moco_momentum_update_math():
+    method = MoCo(tiny_encoder(), 6, feature_dim=4, momentum=0.9, num_negative=8)
+    key_before = {n: p.clone() for n, p in method.backbone_k.named_parameters()}
+    assert all(torch.equal(p, dict(method.backbone.named_parameters())[n]) for n, p in key_before.items())
+    assert not any(p.requires_grad for p in method.backbone_k.parameters())
+    with torch.no_grad():
+        for p in method.backbone.parameters():
+            p.add_(1.0)
+    method.on_train_step_end(0, 0.1)
+    for n, p in method.backbone_k.named_parameters():
+        expected = 0.9 * key_before[n] + 0.1 * (key_before[n] + 1.0)
+        assert torch.allclose(p, expected, atol=1e-6)
+
+
+def test_moco_queue_enqueue_wraps_pointer():
+    method = MoCo(tiny_encoder(), 6, feature_dim=4, momentum=1.0, num_negative=6)
+    assert torch.allclose(method.queue.norm(dim=1), torch.ones(6))
+    initial = method.queue.clone()
+    keys = []
+    for step in range(2):
+        x = [images(4, 8, 2 * step), images(4, 8, 2 * step + 1)]
+        method(x, torch.arange(4))
+        keys.append(F.normalize(method.head_k(method.backbone_k(x[1])), dim=1).detach())
+        method.on_train_step_end(step, 0.1)
+        assert int(method.queue_ptr) == [4, 2][step]
+    expected = torch.cat([keys[1][2:], keys[0][2:], keys[1][:2]])
+    assert torch.allclose(method.queue, expected, atol=1e-6)
+    assert not torch.allclose(method.queue, initial)
+    with pytest.raises(ValueError, match="shorter than the global batch"):
+        method.enqueue(torch.zeros(7, 4))
+
+
+def test_moco_loss_uses_current_queue():
+    method = MoCo(tiny_encoder(), 6, feature_dim=4, temperature=0.2, num_negative=5)
+    x = [images(3, 8, 0), images(3, 8, 1)]
+    loss = method(x, torch.arange(3))["loss"]
+    q = F.normalize(method.head(method.backbone(x[0])), dim=1)
+    k = F.normalize(method.head_k(method.backbone_k(x[1])), dim=1)
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ method.queue.t()], 1) / 0.2
+    assert torch.allclose(loss, F.cross_entropy(logits, torch.zeros(3, dtype=torch.long)), atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ SimCLR
+def test_simclr_single_process_loss():
+    method = SimCLR(tiny_encoder(), 6, feature_dim=4, temperature=0.1)
+    x = [images(3, 8, 0), images(3, 8, 1)]
+    loss = method(x, torch.arange(3))["loss"]
+    z = torch.cat([F.normalize(method.head(method.backbone(v)), dim=1) for v in x])
+    sim = z @ z.t() / 0.1
+    sim.fill_diagonal_(float("-inf"))
+    target = torch.tensor([3, 4, 5, 0, 1, 2])
+    assert torch.allclose(loss, F.cross_entropy(sim, target), atol=1e-6)
