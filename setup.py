@@ -19,7 +19,7 @@ setup(
         "tensorboard>=2.10",
     ],
     extras_require={
-        "test": ["pytest>=7"],
+        "test": ["pytest>=7", "matplotlib>=3.5"],
         "tools": ["matplotlib>=3.5", "scikit-image>=0.19"],
     },
 )

@@ -225,6 +225,8 @@ class _EncodedImageDataset(Dataset):
     def __getitem__(self, index: int):
         index = int(index)
         n = len(self)
+        if not 0 <= index < n:
+            raise IndexError(f"index {index} out of range for a dataset of {n} images")
         for k in range(n):
             j = (index + k) % n
             try:

@@ -1,0 +1,152 @@
+"""Frozen-feature extraction for evaluation, in one process or sharded over ranks.
+
+Every rank encodes a contiguous, *non-padded* block of the dataset
+(:class:`ShardSampler`), so no image is counted twice; the blocks are gathered
+with :func:`contrast.distributed.all_gather_variable` together with the dataset
+indices, and every rank ends with the features of the whole dataset in dataset
+order.
+
+Also here: building the backbone of a pretraining checkpoint from its recorded
+``config`` (``arch``, ``small_stem``) and loading its ``backbone.`` weights.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from contrast import distributed as dist
+from contrast.checkpoint import CheckpointError, extract_backbone, load_file, load_model_state
+from contrast.models import build_backbone
+
+
+class ShardSampler(Sampler[int]):
+    """Rank ``rank``'s contiguous block ``[start, stop)`` of ``range(num_samples)``, in order.
+
+    Unlike ``DistributedSampler`` the blocks are not padded to equal length, so the
+    union over ranks is exactly the dataset (blocks may be empty when
+    ``num_samples < world_size``).
+    """
+
+    def __init__(self, num_samples: int, rank: Optional[int] = None, world_size: Optional[int] = None) -> None:
+        self.start, self.stop = dist.shard_range(num_samples, rank, world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.start, self.stop))
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+def build_eval_loader(dataset: Dataset, batch_size: int, num_workers: int = 0,
+                      rank: Optional[int] = None, world_size: Optional[int] = None) -> DataLoader:
+    """A sequential loader over this rank's :class:`ShardSampler` block of ``dataset``."""
+    return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), rank, world_size),
+                      num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                      persistent_workers=False, drop_last=False)
+
+
+def _as_batch(sample, device: torch.device, device_transform: Optional[nn.Module]) -> torch.Tensor:
+    """One (B, 3, H, W) float batch from a collated ``sample`` (a tensor or a list of one view)."""
+    views = list(sample) if isinstance(sample, (list, tuple)) else [sample]
+    if len(views) != 1:
+        raise ValueError(f"evaluation transforms must give one view per image, got {len(views)}")
+    views = [v.to(device, non_blocking=True) for v in views]
+    if device_transform is not None:
+        views = device_transform(views)
+    return views[0].float()
+
+
+@torch.no_grad()
+def extract_features(model: Callable[[torch.Tensor], torch.Tensor], loader: DataLoader, device: torch.device,
+                     num_samples: Optional[int] = None, device_transform: Optional[nn.Module] = None,
+                     normalize: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Encode every item of ``loader`` and return ``(features (N, D) fp32, labels (N,) int64)``.
+
+    ``loader`` yields ``(sample, index, label)``; with several ranks each rank's
+    loader covers its own block (:func:`build_eval_loader`) and the results of all
+    ranks are gathered, so every rank returns the full ``N = num_samples`` rows
+    (default ``len(loader.dataset)``), row ``i`` being dataset item ``i``.
+    ``device_transform`` is the device stage of the augmentation (``aug.device``).
+    A ``nn.Module`` ``model`` is put in eval mode while encoding and restored
+    afterwards. ``normalize`` L2-normalises each row. With a :class:`ShardSampler`
+    the rows are placed by sampler position, so an image the dataset replaced
+    (corrupt file, ``strict=False``) fills its own row with the replacement's
+    feature and label.
+    """
+    n = len(loader.dataset) if num_samples is None else num_samples
+    was_training = model.training if isinstance(model, nn.Module) else None
+    if isinstance(model, nn.Module):
+        model.eval()
+    feats, labels, indices = [], [], []
+    try:
+        for sample, index, label in loader:
+            y = model(_as_batch(sample, device, device_transform)).flatten(1).float()
+            feats.append(F.normalize(y, dim=1) if normalize else y)
+            labels.append(label.to(device))
+            indices.append(index.to(device))
+        if not feats:  # an empty block still takes part in the gathers, with the right width
+            feats.append(torch.zeros(0, _feature_dim(model, loader, device, device_transform), device=device))
+            labels.append(torch.zeros(0, dtype=torch.long, device=device))
+            indices.append(torch.zeros(0, dtype=torch.long, device=device))
+    finally:
+        if was_training is not None:
+            model.train(was_training)
+    feats_t, labels_t, index_t = torch.cat(feats), torch.cat(labels).long(), torch.cat(indices).long()
+    if isinstance(loader.sampler, ShardSampler):
+        # Slots, not returned indices: a corrupt image the dataset replaced by the next one keeps its slot.
+        index_t = torch.arange(loader.sampler.start, loader.sampler.stop, device=device)[: len(feats_t)]
+    feats_t = dist.all_gather_variable(feats_t)
+    labels_t = dist.all_gather_variable(labels_t)
+    index_t = dist.all_gather_variable(index_t)
+    if index_t.numel() != n or not torch.equal(torch.sort(index_t).values, torch.arange(n, device=device)):
+        raise RuntimeError(f"feature extraction covered {index_t.numel()} items with "
+                           f"{torch.unique(index_t).numel()} distinct indices, expected each of 0..{n - 1} once")
+    order = torch.argsort(index_t)
+    return feats_t[order], labels_t[order]
+
+
+@torch.no_grad()
+def _feature_dim(model, loader: DataLoader, device: torch.device, device_transform: Optional[nn.Module]) -> int:
+    """Width of ``model``'s output, measured on the dataset's first item."""
+    sample, _, _ = loader.dataset[0]
+    sample = [s.unsqueeze(0) for s in sample] if isinstance(sample, (list, tuple)) else sample.unsqueeze(0)
+    return int(model(_as_batch(sample, device, device_transform)).flatten(1).shape[1])
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def backbone_spec(ckpt: dict, arch: Optional[str] = None, small_stem: Optional[bool] = None,
+                  source: str = "checkpoint") -> Tuple[str, bool]:
+    """``(arch, small_stem)``: the explicit values, else those recorded in ``ckpt["config"]``."""
+    config = ckpt.get("config") or {}
+    if not isinstance(config, dict):
+        config = vars(config)
+    arch = arch or config.get("arch")
+    if arch is None:
+        raise ValueError(f"{source}: no 'arch' in the checkpoint's config; pass --arch")
+    if small_stem is None:
+        small_stem = bool(config.get("small_stem", False))
+    return arch, small_stem
+
+
+def load_pretrained_backbone(path: str, arch: Optional[str] = None, small_stem: Optional[bool] = None,
+                             ) -> Tuple[nn.Module, int, dict]:
+    """Build the backbone a pretraining checkpoint was trained with and load its weights (strict).
+
+    Returns ``(backbone, feat_dim, ckpt)``. ``arch``/``small_stem`` override the
+    checkpoint's ``config``. Errors (:class:`contrast.checkpoint.CheckpointError`)
+    name the file.
+    """
+    ckpt = load_file(path)
+    if "model" not in ckpt:
+        raise CheckpointError(f"{path}: no 'model' entry; is this a contrast pretraining checkpoint?")
+    arch, small_stem = backbone_spec(ckpt, arch, small_stem, source=path)
+    weights = extract_backbone(ckpt["model"])
+    if not weights:
+        raise CheckpointError(f"{path}: no 'backbone.' tensors in the checkpoint's model state")
+    backbone, feat_dim = build_backbone(arch, small_stem=small_stem)
+    load_model_state(backbone, weights, path)
+    return backbone, feat_dim, ckpt

@@ -1,0 +1,176 @@
+"""Export a pretrained backbone for downstream use: torchvision state dict and detectron2 checkpoint.
+
+Reads any method's pretraining checkpoint (the ``backbone.`` tensors of
+``ckpt["model"]``, arch and small stem from ``ckpt["config"]``) and writes
+
+* ``<output>.pth``: a plain torchvision ResNet state dict without ``fc`` keys. It
+  loads into ``torchvision.models.<arch>()`` with ``strict=True`` once ``fc`` is
+  replaced by ``nn.Identity()`` (``strict=False`` reports only ``fc.weight`` and
+  ``fc.bias`` missing).
+* ``<output>.pkl``: the format of detectron2's ``convert-torchvision-to-d2.py``:
+  a pickle ``{"model": {name: numpy array}, "__author__": ..., "matching_heuristics": True}``
+  with detectron2's ResNet names (``conv1``/``bn1`` -> ``stem.conv1``/``stem.conv1.norm``,
+  ``layer<i>`` -> ``res<i+1>``, ``bn<j>`` -> ``conv<j>.norm``, ``downsample.0``/``.1`` ->
+  ``shortcut``/``shortcut.norm``). Use it with ``MODEL.WEIGHTS <output>.pkl``,
+  ``MODEL.PIXEL_MEAN [123.675, 116.280, 103.530]``, ``MODEL.PIXEL_STD [58.395, 57.120, 57.375]``,
+  ``INPUT.FORMAT RGB`` and ``MODEL.RESNETS.STRIDE_IN_1X1 False`` (torchvision ResNets stride in the
+  3x3 conv); ResNet-18/34 also need ``MODEL.RESNETS.RES2_OUT_CHANNELS 64``.
+
+Both exports are verified: they are loaded back into a torchvision ResNet and its
+features on a random batch (eval mode) are compared with the original backbone's;
+the tool fails when the max abs difference exceeds ``--tolerance`` (1e-5).
+
+Small-stem backbones (``--small-stem`` pretraining) export too, but their ``conv1``
+is 3x3 (64, 3, 3, 3) instead of 7x7 and they have no max-pool: torchvision needs the
+same stem swap (``conv1 = Conv2d(3, 64, 3, 1, 1, bias=False)``, ``maxpool = Identity()``)
+and detectron2's ``BasicStem`` (7x7 conv + max-pool) cannot take them as is.
+
+Usage::
+
+    python tools/export_backbone.py --checkpoint output/PIC/current.pth --output output/PIC/r50
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import re
+import sys
+from collections import OrderedDict
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torchvision
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from contrast.eval.features import load_pretrained_backbone  # noqa: E402
+
+D2_AUTHOR = "contrast"
+
+
+def torchvision_state(backbone: nn.Module) -> "OrderedDict[str, torch.Tensor]":
+    """The backbone's state dict without ``fc`` entries, tensors detached on the CPU."""
+    return OrderedDict((k, v.detach().cpu().clone()) for k, v in backbone.state_dict().items()
+                       if not k.startswith("fc."))
+
+
+def torchvision_to_d2_name(name: str) -> str:
+    """detectron2 ResNet name of a torchvision ResNet parameter/buffer name."""
+    if not name.startswith("layer"):
+        name = "stem." + name
+    name = re.sub(r"^layer([1-4])\.", lambda m: f"res{int(m.group(1)) + 1}.", name)
+    name = re.sub(r"\bbn([1-3])\.", r"conv\1.norm.", name)
+    name = name.replace("downsample.0.", "shortcut.").replace("downsample.1.", "shortcut.norm.")
+    return name
+
+
+def d2_to_torchvision_name(name: str) -> str:
+    """Inverse of :func:`torchvision_to_d2_name`."""
+    name = name.replace("shortcut.norm.", "downsample.1.").replace("shortcut.", "downsample.0.")
+    name = re.sub(r"\bconv([1-3])\.norm\.", r"bn\1.", name)
+    name = re.sub(r"^res([2-5])\.", lambda m: f"layer{int(m.group(1)) - 1}.", name)
+    return name[len("stem."):] if name.startswith("stem.") else name
+
+
+def to_detectron2(state: Dict[str, torch.Tensor]) -> dict:
+    """The pickled object of ``convert-torchvision-to-d2.py``: renamed keys, numpy values."""
+    model = OrderedDict((torchvision_to_d2_name(k), v.detach().cpu().numpy()) for k, v in state.items())
+    return {"model": model, "__author__": D2_AUTHOR, "matching_heuristics": True}
+
+
+def from_detectron2(obj: dict) -> "OrderedDict[str, torch.Tensor]":
+    """A torchvision state dict from a :func:`to_detectron2` object (used to verify the export)."""
+    return OrderedDict((d2_to_torchvision_name(k), torch.from_numpy(np.asarray(v))) for k, v in obj["model"].items())
+
+
+def torchvision_resnet(arch: str, small_stem: bool) -> nn.Module:
+    """``torchvision.models.<arch>()`` with ``fc = Identity`` (and the small stem when asked)."""
+    net = getattr(torchvision.models, arch)(weights=None)
+    net.fc = nn.Identity()
+    if small_stem:
+        net.conv1 = nn.Conv2d(3, net.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    return net
+
+
+@torch.no_grad()
+def max_feature_difference(original: nn.Module, state: Dict[str, torch.Tensor], arch: str, small_stem: bool,
+                           image_size: int = 64, batch_size: int = 4, seed: int = 0) -> float:
+    """Load ``state`` strictly into a fresh torchvision ResNet; max |features - original features|
+    on a seeded random batch (3, ``image_size``) with both networks in eval mode."""
+    net = torchvision_resnet(arch, small_stem)
+    net.load_state_dict(state, strict=True)
+    x = torch.randn(batch_size, 3, image_size, image_size, generator=torch.Generator().manual_seed(seed))
+    was_training = original.training
+    original.eval()
+    try:
+        ref = original(x.to(next(original.parameters()).device)).cpu()
+    finally:
+        original.train(was_training)
+    return (net.eval()(x) - ref).abs().max().item()
+
+
+def check_export(original: nn.Module, state: Dict[str, torch.Tensor], arch: str, small_stem: bool, what: str,
+                 tolerance: float, image_size: int) -> float:
+    """:func:`max_feature_difference`, printed; ``RuntimeError`` above ``tolerance``."""
+    diff = max_feature_difference(original, state, arch, small_stem, image_size)
+    print(f"[export] {what}: max abs feature difference to the original backbone {diff:.3e}", flush=True)
+    if not diff <= tolerance:
+        raise RuntimeError(f"{what}: exported backbone differs from the original by {diff:.3e} > {tolerance:.0e}")
+    return diff
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser("export_backbone.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="pretraining checkpoint of any method")
+    p.add_argument("--output", required=True, help="output prefix: writes <output>.pth and/or <output>.pkl")
+    p.add_argument("--format", choices=["torchvision", "d2", "both"], default="both", help="what to write")
+    p.add_argument("--arch", default=None, help="override the checkpoint's arch")
+    p.add_argument("--small-stem", action=argparse.BooleanOptionalAction, default=None,
+                   help="override the checkpoint's small-stem setting")
+    p.add_argument("--tolerance", type=float, default=1e-5, help="max abs feature difference allowed")
+    p.add_argument("--verify-size", type=int, default=None,
+                   help="image side of the verification batch (default: 32 small stem, 64 otherwise)")
+    args = p.parse_args(argv)
+    if not os.path.isfile(args.checkpoint):
+        p.error(f"--checkpoint {args.checkpoint}: file does not exist")
+    return args
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, str]:
+    args = parse_args(argv)
+    backbone, _, ckpt = load_pretrained_backbone(args.checkpoint, args.arch, args.small_stem)
+    config = ckpt.get("config") or {}
+    arch = args.arch or config.get("arch")
+    small_stem = bool(config.get("small_stem", False)) if args.small_stem is None else args.small_stem
+    size = args.verify_size or (32 if small_stem else 64)
+    if small_stem:
+        print("[export] small-stem backbone: conv1 is (64, 3, 3, 3) and there is no max-pool; load it into a "
+              "torchvision ResNet with the same stem swap (detectron2's BasicStem cannot take it)", flush=True)
+    state = torchvision_state(backbone)
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    written: Dict[str, str] = {}
+    if args.format in ("torchvision", "both"):
+        check_export(backbone, state, arch, small_stem, "torchvision export", args.tolerance, size)
+        path = args.output + ".pth"
+        torch.save(state, path)
+        written["torchvision"] = path
+    if args.format in ("d2", "both"):
+        obj = to_detectron2(state)
+        check_export(backbone, from_detectron2(obj), arch, small_stem, "detectron2 export", args.tolerance, size)
+        path = args.output + ".pkl"
+        with open(path, "wb") as f:
+            pickle.dump(obj, f)
+        written["d2"] = path
+    for fmt, path in written.items():
+        print(f"[export] wrote {fmt}: {path} ({arch}{', small stem' if small_stem else ''}, "
+              f"epoch {ckpt.get('epoch', '?')})", flush=True)
+    return written
+
+
+if __name__ == "__main__":
+    main()
