@@ -17,6 +17,8 @@ SimCLR     contrast_temperature; BatchNorm becomes SyncBatchNorm on several rank
 """
 from __future__ import annotations
 
+import os
+
 from contrast import distributed as cd
 from contrast.models.backbones import ARCHS, build_backbone
 from contrast.models.base import BaseMethod
@@ -52,7 +54,8 @@ def build_method(args, num_instances: int) -> BaseMethod:
             num_negative=getattr(args, "pic_num_negative", 0),
             momentum=getattr(args, "momentum", 0.9), weight_decay=getattr(args, "weight_decay", 1e-4),
             weight_correction=getattr(args, "pic_weight_correction", True),
-            storage=getattr(args, "pic_storage", "memory"), seed=getattr(args, "seed", 0))
+            storage=getattr(args, "pic_storage", "memory"), storage_dir=_pic_storage_dir(args),
+            seed=getattr(args, "seed", 0))
         return PIC(num_instances=num_instances, multi_crop=getattr(args, "aug", None) == "MultiCrop",
                    classifier=classifier, **common)
     if args.model == "InstDisc":
@@ -62,3 +65,12 @@ def build_method(args, num_instances: int) -> BaseMethod:
         return MoCo(num_negative=args.contrast_num_negative, momentum=args.contrast_momentum,
                     seed=getattr(args, "seed", 0), **common)
     return cd.convert_sync_batchnorm(SimCLR(**common))
+
+
+def _pic_storage_dir(args) -> str | None:
+    """``--pic-storage-dir``, else ``<output-dir>/pic_table`` (used by ``--pic-storage disk`` only)."""
+    explicit = getattr(args, "pic_storage_dir", None)
+    if explicit:
+        return explicit
+    out = getattr(args, "output_dir", None)
+    return os.path.join(out, "pic_table") if out else None

@@ -5,7 +5,7 @@ A method is an ``nn.Module`` that owns its backbone, head(s) and any state
 
 * ``method(views, index) -> dict`` with a scalar ``"loss"`` (fp32) and optional
   extra scalars for logging (Python floats or 0-d tensors), and
-* ``method.on_train_step_end(step, lr)`` after the optimiser step, for updates
+* ``method.on_train_step_end(step, lr, grad_scale)`` after the optimiser step, for updates
   that are not gradient steps (momentum encoders, queues, banks, sampled rows).
 
 ``views`` is a list of float tensors (B, 3, H, W), already normalised and on the
@@ -36,5 +36,9 @@ class BaseMethod(nn.Module):
         raise NotImplementedError
 
     @torch.no_grad()
-    def on_train_step_end(self, step: int, lr: float) -> None:
-        """Called once per iteration after ``optimizer.step()`` (default: nothing)."""
+    def on_train_step_end(self, step: int, lr: float, grad_scale: float = 1.0) -> None:
+        """Called once per iteration after a real ``optimizer.step()`` (default: nothing).
+
+        ``grad_scale`` is the AMP loss scale (1 without a GradScaler), for state
+        updated from gradients outside the optimiser (the sampled PIC table).
+        """

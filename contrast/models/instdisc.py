@@ -97,7 +97,7 @@ class InstDisc(BaseMethod):
         self.bank[index] = F.normalize(m * self.bank[index] + (1.0 - m) * z, dim=1)
 
     @torch.no_grad()
-    def on_train_step_end(self, step: int, lr: float) -> None:
+    def on_train_step_end(self, step: int, lr: float, grad_scale: float = 1.0) -> None:
         if self._pending is not None:
             self.update_bank(*self._pending)
             self._pending = None

@@ -96,7 +96,7 @@ class MoCo(BaseMethod):
         self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % size)
 
     @torch.no_grad()
-    def on_train_step_end(self, step: int, lr: float) -> None:
+    def on_train_step_end(self, step: int, lr: float, grad_scale: float = 1.0) -> None:
         self.momentum_update()
         if self._pending_keys is not None:
             self.enqueue(self._pending_keys)

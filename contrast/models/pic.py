@@ -56,29 +56,24 @@ class DenseInstanceClassifier(nn.Module):
         norms = self.weight.float().norm(dim=1)
         return {"w_norm_mean": norms.mean(), "w_norm_min": norms.min(), "w_norm_max": norms.max()}
 
-    def on_train_step_end(self, step: int, lr: float) -> None:
+    def on_train_step_end(self, step: int, lr: float, grad_scale: float = 1.0) -> None:
         """Nothing to do: W is an ordinary parameter updated by the optimiser."""
 
 
 def build_instance_classifier(num_instances: int, dim: int, temperature: float, num_negative: int = 0,
                               momentum: float = 0.9, weight_decay: float = 1e-4,
                               weight_correction: bool = True, storage: str = "memory",
-                              seed: int = 0) -> nn.Module:
+                              storage_dir: str | None = None, seed: int = 0) -> nn.Module:
     """Dense classifier when ``num_negative == 0`` (``--pic-num-negative``), otherwise the
     sampled classifier of :mod:`contrast.models.pic_sampled` (recent negative sampling)."""
     if num_negative < 0:
         raise ValueError(f"--pic-num-negative must be >= 0, got {num_negative}")
     if num_negative == 0:
         return DenseInstanceClassifier(num_instances, dim, temperature)
-    try:
-        from contrast.models.pic_sampled import SampledInstanceClassifier
-    except ImportError as e:
-        raise NotImplementedError(
-            f"--pic-num-negative {num_negative} needs contrast/models/pic_sampled.py "
-            f"(SampledInstanceClassifier), which could not be imported: {e}") from e
+    from contrast.models.pic_sampled import SampledInstanceClassifier
     return SampledInstanceClassifier(num_instances, dim, temperature, num_negative, momentum=momentum,
                                      weight_decay=weight_decay, weight_correction=weight_correction,
-                                     storage=storage, seed=seed)
+                                     storage=storage, storage_dir=storage_dir, seed=seed)
 
 
 class PIC(BaseMethod):
@@ -117,8 +112,8 @@ class PIC(BaseMethod):
         return out
 
     @torch.no_grad()
-    def on_train_step_end(self, step: int, lr: float) -> None:
-        self.classifier.on_train_step_end(step, lr)
+    def on_train_step_end(self, step: int, lr: float, grad_scale: float = 1.0) -> None:
+        self.classifier.on_train_step_end(step, lr, grad_scale)
 
     def rank_state_dict(self) -> dict | None:
         fn = getattr(self.classifier, "rank_state_dict", None)
