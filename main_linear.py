@@ -1,0 +1,158 @@
+"""Linear evaluation: a linear classifier on the frozen pretrained backbone of any method.
+
+    python main_linear.py --pretrained-model OUT/current.pth --data-dir DATA --output-dir OUT/eval
+    python main_linear.py -e --resume OUT/eval/current.pth --data-dir DATA     # evaluate only
+
+The backbone stays in eval mode (BatchNorm statistics frozen) and is checked to be unchanged after
+training. The lr is ``--learning-rate x --total-batch-size / 256``.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from contrast import distributed as cd
+from contrast import engine
+from contrast.checkpoint import list_state_differences, load_checkpoint, load_pretrained_backbone, resume_path
+from contrast.data import build_dataset, build_sampler
+from contrast.data.transforms import build_augmentation
+from contrast.models import build_backbone
+from contrast.optim import build_scheduler
+from contrast.option import parse_linear_args
+
+
+class LinearClassifier(nn.Module):
+    """Frozen backbone (eval mode, no grad) + ``fc``: Linear(feat_dim, num_classes), N(0, 0.01) init.
+
+    ``forward(views, label)`` takes a one-view list of (B, 3, H, W) images and (B,) labels and
+    returns ``{"loss", "acc1"}`` (fp32 cross-entropy). Under DDP only ``fc`` has gradients to reduce.
+    """
+
+    def __init__(self, backbone: nn.Module, feat_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.backbone = backbone.requires_grad_(False)
+        self.fc = nn.Linear(feat_dim, num_classes)
+        nn.init.normal_(self.fc.weight, std=0.01)
+        nn.init.zeros_(self.fc.bias)
+
+    def train(self, mode: bool = True) -> "LinearClassifier":
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            feats = self.backbone(x)
+        return self.fc(feats).float()
+
+    def forward(self, views: List[torch.Tensor], label: torch.Tensor) -> Dict[str, torch.Tensor]:
+        logits = self.logits(views[0])
+        return {"loss": F.cross_entropy(logits, label),
+                "acc1": (logits.argmax(1) == label).float().mean() * 100}
+
+
+@torch.no_grad()
+def evaluate(model: LinearClassifier, loader, device_aug: nn.Module, run: engine.Run,
+             precision: engine.Precision, channels_last: bool) -> Dict[str, float]:
+    """Top-1 / top-5 (%) and mean loss over the whole val split (summed over ranks)."""
+    model.eval()
+    device = run.env.device
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, loss sum, count
+    for views, _, label in loader:
+        x = device_aug([views[0].to(device)])[0]
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        label = label.to(device)
+        with precision.autocast(device):
+            logits = model.logits(x)
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hit = top == label[:, None]
+        sums += torch.stack([hit[:, 0].sum(), hit.any(1).sum(), F.cross_entropy(logits, label, reduction="sum"),
+                             torch.tensor(len(label), device=device)]).double()
+    cd.all_reduce_sum(sums)
+    n = max(sums[3].item(), 1)
+    return {"acc1": 100 * sums[0].item() / n, "acc5": 100 * sums[1].item() / n, "loss": sums[2].item() / n}
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
+    args = parse_linear_args(argv)
+    run = engine.setup_run(args, "linear")
+    env, logger = run.env, run.logger
+    if args.total_batch_size % env.world_size:
+        raise ValueError(f"--total-batch-size {args.total_batch_size} is not divisible by {env.world_size} processes")
+    batch = args.total_batch_size // env.world_size
+
+    train_aug = build_augmentation(args.aug, 1, args.image_size, args.crop, fast=not args.plain_aug)
+    val_aug = build_augmentation("val", 1, args.image_size, fast=not args.plain_aug)
+    val_set = build_dataset(args.data_dir, "val", args.zip, "no" if args.cache_mode == "part" else args.cache_mode,
+                            val_aug.cpu, env.rank, env.world_size, strict=args.strict_data)
+    val_loader = engine.build_loader(val_set, engine.ShardSampler(len(val_set), env.rank, env.world_size), batch,
+                                     args.num_workers, env.device, train=False)
+    backbone, feat_dim = build_backbone(args.arch, args.small_stem)
+    model = LinearClassifier(backbone, feat_dim, val_set.num_classes)
+    precision = engine.build_precision(args.amp_opt_level, env.device)
+
+    if args.eval:
+        path = resume_path(args.resume, args.auto_resume, args.output_dir)
+        if path is None:
+            raise FileNotFoundError(f"-e: no linear checkpoint in {args.output_dir} (current.pth)")
+        model = engine.prepare_model(model, args, env.device)
+        load_checkpoint(path, model, restore_rng=False)
+        result = evaluate(model, val_loader, val_aug.device, run, precision, args.channels_last)
+        logger.info(f"eval {path}: top-1 {result['acc1']:.2f} top-5 {result['acc5']:.2f}")
+        return result
+
+    n = load_pretrained_backbone(model.backbone, args.pretrained_model)
+    logger.info(f"loaded {n} backbone tensors from {args.pretrained_model}")
+    model = engine.prepare_model(model, args, env.device)
+    frozen = {k: v.detach().clone() for k, v in model.backbone.state_dict().items()}
+
+    train_set = build_dataset(args.data_dir, "train", args.zip, args.cache_mode, train_aug.cpu, env.rank,
+                              env.world_size, strict=args.strict_data)
+    sampler = build_sampler(train_set, False, 0, 0, args.seed, False, env.world_size, env.rank, drop_last=True)
+    loader = engine.build_loader(train_set, sampler, batch, args.num_workers, env.device, train=True)
+    iters = engine.check_iters(loader, batch, env.world_size)
+    lr = args.learning_rate * args.total_batch_size / 256
+    optimizer = torch.optim.SGD(model.fc.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    scheduler = build_scheduler(optimizer, args.lr_scheduler, args.epochs, iters, args.warmup_epoch,
+                                args.warmup_multiplier, args.lr_decay_epochs, args.lr_decay_rate)
+    config = engine.write_config(run, args, effective_lr=lr, per_process_batch=batch, backbone_tensors=n)
+
+    state, start, best = engine.TrainState(), args.start_epoch, {"acc1": 0.0, "acc5": 0.0, "epoch": 0}
+    path = resume_path(args.resume, args.auto_resume, args.output_dir)
+    if path:
+        ckpt = load_checkpoint(path, model, optimizer, scheduler, precision.scaler, sampler)
+        start, state.step, best = ckpt["epoch"] + 1, ckpt["step"], ckpt.get("best", best)
+        logger.info(f"resumed from {path} (epoch {ckpt['epoch']})")
+    ddp_model = engine.wrap_ddp(model, env)
+
+    result = best
+    for epoch in range(start, args.epochs + 1):
+        sampler.set_epoch(epoch)
+        engine.train_one_epoch(ddp_model, loader, optimizer, scheduler, precision, run, state, epoch, args.epochs,
+                               train_aug.device, "label", args.channels_last, args.print_freq, args.max_nonfinite)
+        result = evaluate(model, val_loader, val_aug.device, run, precision, args.channels_last)
+        if result["acc1"] >= best["acc1"]:
+            best = {**result, "epoch": epoch}
+        logger.info(f"val epoch {epoch}: top-1 {result['acc1']:.2f} top-5 {result['acc5']:.2f} "
+                    f"(best top-1 {best['acc1']:.2f} at epoch {best['epoch']})")
+        run.tb.scalars(result, epoch, prefix="val/")
+        engine.save_epoch(run, epoch, args.save_freq, args.epochs, model=model, optimizer=optimizer,
+                          scheduler=scheduler, scaler=precision.scaler, sampler=sampler, step=state.step,
+                          config=config, effective_lr=lr, extra={"best": best})
+
+    changed = list_state_differences(frozen, model.backbone.state_dict())
+    if changed:
+        raise RuntimeError(f"the frozen backbone changed during linear training: {changed[:5]}")
+    run.tb.close()
+    logger.info(f"linear evaluation done: last top-1 {result['acc1']:.2f} top-5 {result['acc5']:.2f}, best top-1 "
+                f"{best['acc1']:.2f} (epoch {best['epoch']}); checkpoint {run.output_dir}/current.pth")
+    return {"last_acc1": result["acc1"], "last_acc5": result["acc5"], "best_acc1": best["acc1"],
+            "best_acc5": best["acc5"]}
+
+
+if __name__ == "__main__":
+    engine.run_cli(main)

@@ -1,0 +1,78 @@
+"""Unsupervised pretraining: PIC, InstDisc, MoCo v1/v2, SimCLR.
+
+    python main_pretrain.py --model PIC --aug SimCLR --mlp-head --data-dir DATA ...      # one process
+    torchrun --nproc_per_node=4 main_pretrain.py ...                                    # DDP
+
+See ``python main_pretrain.py --help``; the loop is in ``contrast/engine.py``.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+from contrast import engine
+from contrast.checkpoint import load_checkpoint, resume_path
+from contrast.data import build_dataset, build_sampler, window_epochs
+from contrast.data.transforms import build_augmentation
+from contrast.models import build_method, num_views_for
+from contrast.optim import build_optimizer, build_scheduler
+from contrast.option import parse_pretrain_args
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    args = parse_pretrain_args(argv)
+    run = engine.setup_run(args, "pretrain")
+    env, logger = run.env, run.logger
+
+    aug = build_augmentation(args.aug, num_views_for(args.model, args.aug, args.num_crop2), args.image_size,
+                             args.crop, args.image_size2, args.crop2, args.num_crop2, fast=not args.plain_aug)
+    dataset = build_dataset(args.data_dir, "train", args.zip, args.cache_mode, aug.cpu, env.rank, env.world_size,
+                            strict=args.strict_data)
+    sampler = build_sampler(dataset, args.use_sliding_window_sampler, args.window_size, args.window_stride,
+                            args.seed, args.shuffle_per_epoch, env.world_size, env.rank, drop_last=True)
+    loader = engine.build_loader(dataset, sampler, args.batch_size, args.num_workers, env.device, train=True)
+    iters = engine.check_iters(loader, args.batch_size, env.world_size)
+
+    # Sliding window: plain epochs -> window-epochs visiting as many images (ceil(e * N / W)).
+    to_loop = (lambda e: window_epochs(e, len(dataset), args.window_size)) if args.use_sliding_window_sampler \
+        else (lambda e: e)
+    epochs, warmup = to_loop(args.epochs), to_loop(args.warmup_epoch)
+    decay = [to_loop(e) for e in args.lr_decay_epochs]
+
+    model = engine.prepare_model(build_method(args, len(dataset)), args, env.device)
+    lr = args.base_learning_rate * args.batch_size * env.world_size / 256
+    optimizer = build_optimizer(model, args.optimizer, lr, args.momentum, args.weight_decay)
+    scheduler = build_scheduler(optimizer, args.lr_scheduler, epochs, iters, warmup, args.warmup_multiplier,
+                                decay, args.lr_decay_rate)
+    precision = engine.build_precision(args.amp_opt_level, env.device)
+    config = engine.write_config(run, args, effective_lr=lr, num_instances=len(dataset), loop_epochs=epochs,
+                                 iters_per_epoch=iters, warmup_loop_epochs=warmup, decay_loop_epochs=decay)
+
+    state, start = engine.TrainState(), args.start_epoch
+    path = resume_path(args.resume, args.auto_resume, args.output_dir)
+    if path:
+        ckpt = load_checkpoint(path, model, optimizer, scheduler, precision.scaler, sampler)
+        start, state.step = ckpt["epoch"] + 1, ckpt["step"]
+        logger.info(f"resumed from {path} (epoch {ckpt['epoch']}, step {state.step})")
+    elif start > 1:
+        scheduler.last_epoch = (start - 1) * iters - 1
+        scheduler.step()
+        state.step = (start - 1) * iters
+    ddp_model = engine.wrap_ddp(model, env)
+
+    logger.info(f"{args.model}: {len(dataset)} images, {epochs} loop epochs x {iters} iterations, "
+                f"effective lr {lr:.4g} (total batch {args.batch_size * env.world_size})")
+    for epoch in range(start, epochs + 1):
+        sampler.set_epoch(epoch)
+        stats = engine.train_one_epoch(ddp_model, loader, optimizer, scheduler, precision, run, state, epoch,
+                                       epochs, aug.device, "index", args.channels_last, args.print_freq,
+                                       args.max_nonfinite)
+        run.tb.scalars(stats, epoch, prefix="epoch/")
+        engine.save_epoch(run, epoch, args.save_freq, epochs, model=model, optimizer=optimizer,
+                          scheduler=scheduler, scaler=precision.scaler, sampler=sampler, step=state.step,
+                          config=config, effective_lr=lr)
+    run.tb.close()
+    logger.info(f"done: checkpoint {run.output_dir}/current.pth, log {run.output_dir}/log.txt")
+
+
+if __name__ == "__main__":
+    engine.run_cli(main)
