@@ -13,6 +13,7 @@ from contrast import engine
 from contrast.checkpoint import load_checkpoint, resume_path
 from contrast.data import build_dataset, build_sampler, window_epochs
 from contrast.data.transforms import build_augmentation
+from contrast.eval.knn import KNNMonitor
 from contrast.models import build_method, num_views_for
 from contrast.optim import build_optimizer, build_scheduler
 from contrast.option import parse_pretrain_args
@@ -61,12 +62,18 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     logger.info(f"{args.model}: {len(dataset)} images, {epochs} loop epochs x {iters} iterations, "
                 f"effective lr {lr:.4g} (total batch {args.batch_size * env.world_size})")
+    monitor = KNNMonitor.from_args(args, env.device) if args.knn_monitor else None
     for epoch in range(start, epochs + 1):
         sampler.set_epoch(epoch)
         stats = engine.train_one_epoch(ddp_model, loader, optimizer, scheduler, precision, run, state, epoch,
                                        epochs, aug.device, "index", args.channels_last, args.print_freq,
                                        args.max_nonfinite)
         run.tb.scalars(stats, epoch, prefix="epoch/")
+        if monitor is not None and (epoch % args.knn_freq == 0 or epoch == epochs):
+            acc = monitor(model.backbone)   # collective: every rank extracts its share
+            logger.info(f"knn epoch {epoch}: top-1 {acc['top1']:.2f} top-5 {acc['top5']:.2f} "
+                        f"(best top-1 {monitor.best['top1']:.2f})")
+            run.tb.scalars(acc, epoch, prefix="knn/")
         engine.save_epoch(run, epoch, args.save_freq, epochs, model=model, optimizer=optimizer,
                           scheduler=scheduler, scaler=precision.scaler, sampler=sampler, step=state.step,
                           config=config, effective_lr=lr)

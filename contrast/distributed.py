@@ -226,11 +226,70 @@ def batch_unshuffle(x: torch.Tensor, unshuffle: torch.Tensor) -> torch.Tensor:
     return x_all[mine]
 
 
-def convert_sync_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
-    """SyncBatchNorm when running on several ranks, the model unchanged otherwise."""
-    if get_world_size() > 1:
+class GlobalBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
+    """Batch norm whose batch statistics cover the batches of all ranks, on any device.
+
+    ``torch.nn.SyncBatchNorm`` runs on accelerators only; this module does the same on
+    the CPU (gloo): the per-channel sums of x and x^2 and the element count are summed
+    over ranks with an autograd-aware all-reduce, so both the statistics and their
+    gradients equal those of one process holding the whole global batch. Running
+    statistics use the unbiased global variance, as ``BatchNorm2d`` does.
+    Input: (B, C, ...) with the same C on every rank; B may differ.
+    """
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"GlobalBatchNorm expects (B, C, ...) input, got shape {tuple(x.shape)}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        if not self.training or get_world_size() == 1:
+            return super().forward(x)
+        channels = x.shape[1]
+        dims = [0] + list(range(2, x.dim()))
+        xf = x.float()
+        count = xf.new_tensor([x.numel() / channels])
+        totals = all_reduce_sum_with_grad(torch.cat([xf.sum(dims), (xf * xf).sum(dims), count]))
+        n = totals[-1]
+        mean = totals[:channels] / n
+        var = (totals[channels:2 * channels] / n - mean * mean).clamp_min(0)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                unbiased = var * n / (n - 1).clamp_min(1)
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
+        shape = [1, channels] + [1] * (x.dim() - 2)
+        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
+def convert_sync_batchnorm(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Cross-rank batch norm when running on several ranks, the model unchanged otherwise.
+
+    On accelerators torch's ``SyncBatchNorm``; on the CPU :class:`GlobalBatchNorm`
+    (DDP refuses ``SyncBatchNorm`` on CPU modules). State-dict keys are unchanged.
+    """
+    if get_world_size() == 1:
+        return model
+    if device.type != "cpu":
         return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return model
+    return _swap_batchnorm(model)
+
+
+def _swap_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
+    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
+        bn = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                             module.track_running_stats)
+        bn.load_state_dict(module.state_dict())
+        bn.train(module.training)
+        return bn
+    for name, child in module.named_children():
+        setattr(module, name, _swap_batchnorm(child))
+    return module
 
 
 def shard_range(n: int, rank: Optional[int] = None, world_size: Optional[int] = None) -> Tuple[int, int]:

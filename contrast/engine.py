@@ -146,27 +146,12 @@ def wrap_ddp(model: nn.Module, env: cd.DistEnv) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
 
 
-def cpu_batchnorm(module: nn.Module) -> nn.Module:
-    """Replace ``SyncBatchNorm`` by ``BatchNorm2d`` (same state): DDP refuses SyncBatchNorm on the CPU."""
-    if isinstance(module, nn.SyncBatchNorm):
-        bn = nn.BatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
-                            module.track_running_stats)
-        bn.load_state_dict(module.state_dict())
-        bn.requires_grad_(any(p.requires_grad for p in module.parameters()))
-        return bn
-    for name, child in module.named_children():
-        setattr(module, name, cpu_batchnorm(child))
-    return module
-
-
 def prepare_model(model: nn.Module, args, device: torch.device) -> nn.Module:
     """Move to ``device``; ``--channels-last``; ``--compile`` compiles the backbone in place
-    (``nn.Module.compile`` keeps state-dict keys, so checkpoints stay portable). On the CPU with
-    several processes SyncBatchNorm becomes per-process BatchNorm (gloo DDP cannot sync it)."""
-    if device.type == "cpu" and any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()):
-        logging.getLogger("contrast").warning("SyncBatchNorm is not supported by DDP on the CPU: "
-                                              "using per-process BatchNorm")
-        model = cpu_batchnorm(model)
+    (``nn.Module.compile`` keeps state-dict keys, so checkpoints stay portable). Methods with
+    ``sync_batchnorm`` get cross-rank batch norm when distributed."""
+    if getattr(model, "sync_batchnorm", False):
+        model = cd.convert_sync_batchnorm(model, device)
     model = model.to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -227,17 +212,20 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
             end = time.perf_counter()
             continue
         state.nonfinite_run = 0
+        grad_scale, stepped = 1.0, True
         if precision.scaler is not None:
+            grad_scale = precision.scaler.get_scale()
             precision.scaler.scale(loss).backward()
             precision.scaler.step(optimizer)
             precision.scaler.update()
+            stepped = precision.scaler.get_scale() >= grad_scale   # the scale only drops on a skipped step
         else:
             loss.backward()
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         lr = optimizer.param_groups[0]["lr"]
-        if hasattr(method, "on_train_step_end"):
-            method.on_train_step_end(state.step, lr)
+        if stepped and hasattr(method, "on_train_step_end"):
+            method.on_train_step_end(state.step, lr, grad_scale)
         scheduler.step()
         state.step += 1
 

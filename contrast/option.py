@@ -128,6 +128,13 @@ def _pretrain_parser() -> argparse.ArgumentParser:
     g.add_argument("--pic-storage", type=str, default="memory", choices=PIC_STORAGES,
                    help="(new) sampled PIC classifier: where each rank keeps its shard of the table "
                         "(host memory, or memory-mapped files)")
+    g.add_argument("--pic-storage-dir", type=str, default="", help="(new) folder of the table files with "
+                   "--pic-storage disk (default: <output-dir>/pic_table)")
+    g.add_argument("--knn-monitor", action="store_true", help="(new) weighted kNN top-1/top-5 of the backbone "
+                   "on the val split every --knn-freq epochs (console, TensorBoard, best kept)")
+    g.add_argument("--knn-freq", type=int, default=1, help="(new) epochs between kNN monitor evaluations")
+    g.add_argument("--knn-k", type=int, default=200, help="(new) kNN monitor: neighbours")
+    g.add_argument("--knn-t", type=float, default=0.07, help="(new) kNN monitor: temperature of exp(sim / T)")
     g.add_argument("--use-sliding-window-sampler", action="store_true", help="PIC sliding-window data scheduler")
     g.add_argument("--window-size", type=int, default=131072, help="sliding window size W (all ranks)")
     g.add_argument("--window-stride", type=int, default=16384, help="sliding window stride S")

@@ -265,3 +265,15 @@ def test_corrupt_images_are_counted_or_fatal(tmp_path):
     assert any("corrupt image(s) replaced so far" in line for line in log_lines(out, "corrupt"))
     with pytest.raises(ValueError, match="img_0.png"):
         main_pretrain.main(tiny_args(data, tmp_path / "s", "--model", "PIC", "--strict-data"))
+
+
+def test_knn_monitor_logs_accuracy_every_epoch(data_dir, tmp_path):
+    out = tmp_path / "knn"
+    main_pretrain.main(tiny_args(data_dir, out, *METHOD_FLAGS["SimCLR"], "--knn-monitor", "--knn-k", "3",
+                                 epochs=2))
+    lines = log_lines(out, "knn epoch")
+    assert [line.split("knn epoch ")[1].split(":")[0] for line in lines] == ["1", "2"]
+    for line in lines:
+        top1 = float(line.split("top-1 ")[1].split()[0])
+        top5 = float(line.split("top-5 ")[1].split()[0])
+        assert 0.0 <= top1 <= top5 <= 100.0

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 
-from contrast import distributed as cd
 from contrast.models.backbones import ARCHS, build_backbone
 from contrast.models.base import BaseMethod
 from contrast.models.heads import build_head
@@ -64,7 +63,7 @@ def build_method(args, num_instances: int) -> BaseMethod:
     if args.model == "MoCo":
         return MoCo(num_negative=args.contrast_num_negative, momentum=args.contrast_momentum,
                     seed=getattr(args, "seed", 0), **common)
-    return cd.convert_sync_batchnorm(SimCLR(**common))
+    return SimCLR(**common)
 
 
 def _pic_storage_dir(args) -> str | None:

@@ -27,10 +27,14 @@ class BaseMethod(nn.Module):
             state dict (prefix ``backbone.``) is what linear evaluation and the
             export tool read.
         feat_dim: width of the backbone's pooled feature.
+        sync_batchnorm: the training loop converts batch norm to its cross-rank form
+            (``contrast.distributed.convert_sync_batchnorm``) when world size > 1.
     """
 
     backbone: nn.Module
     feat_dim: int
+    #: batch norm statistics over the global batch when distributed (SimCLR); the loop converts.
+    sync_batchnorm: bool = False
 
     def forward(self, views: List[torch.Tensor], index: torch.Tensor) -> Dict[str, torch.Tensor]:
         raise NotImplementedError

@@ -22,7 +22,9 @@ from contrast.models.losses import nt_xent_loss
 
 
 class SimCLR(BaseMethod):
-    """Backbone + head trained with NT-Xent."""
+    """Backbone + head trained with NT-Xent (batch norm synchronised across ranks)."""
+
+    sync_batchnorm = True
 
     def __init__(self, backbone: nn.Module, feat_dim: int, feature_dim: int = 128, mlp_head: bool = True,
                  temperature: float = 0.1) -> None:
