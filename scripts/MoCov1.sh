@@ -1,32 +1,14 @@
 #!/usr/bin/env bash
-# MoCo v1 (He et al. 2019): linear head, InstDisc augmentation, step schedule at 60% and 80% of training (120, 160 for 200 epochs).
-# Pretraining then linear evaluation with torchrun (recipe of the PIC release, docs: README).
+# MoCo v1 (He et al. 2019): linear head, InstDisc augmentation, step schedule at 60% and 80% of training.
 #
 #   bash scripts/MoCov1.sh [EPOCHS=200]
 #
-# Environment: DATA_DIR (./data/ImageNet-Zip; --zip is added when it holds train.zip), NPROC (4 GPUs,
-# batch 64 per process = 256 in total), OUTPUT_DIR (./output/MoCov1/epochs-${EPOCHS}), EXTRA_ARGS
-# (appended to pretraining), LINEAR_EXTRA_ARGS (appended to linear evaluation), MASTER_PORT (12348).
-set -euo pipefail
-cd "$(dirname "$0")/.."
-
+# Pretraining then linear evaluation; environment overrides (DATA_DIR, NPROC, OUTPUT_DIR, EXTRA_ARGS,
+# LINEAR_EXTRA_ARGS, MASTER_PORT) are described in scripts/recipe.sh.
+source "$(dirname "$0")/recipe.sh"
 epochs=${1:-200}
-data_dir=${DATA_DIR:-./data/ImageNet-Zip}
-nproc=${NPROC:-4}
-output_dir=${OUTPUT_DIR:-./output/MoCov1/epochs-${epochs}}
-port=${MASTER_PORT:-12348}
-zip=""
-if [ -f "${data_dir}/train.zip" ]; then zip="--zip"; fi
 
-torchrun --master_port "${port}" --nproc_per_node="${nproc}" main_pretrain.py \
-    --data-dir "${data_dir}" ${zip} \
+run_recipe MoCov1 "${epochs}" \
     --model MoCo --aug InstDisc --crop 0.2 \
     --contrast-temperature 0.07 --contrast-momentum 0.999 --contrast-num-negative 65536 \
-    --lr-scheduler step --lr-decay-epochs $((epochs * 3 / 5)) $((epochs * 4 / 5)) \
-    --epochs "${epochs}" \
-    --output-dir "${output_dir}" --auto-resume ${EXTRA_ARGS:-}
-
-torchrun --master_port "${port}" --nproc_per_node="${nproc}" main_linear.py \
-    --data-dir "${data_dir}" ${zip} \
-    --pretrained-model "${output_dir}/current.pth" \
-    --output-dir "${output_dir}/eval" --auto-resume ${LINEAR_EXTRA_ARGS:-}
+    --lr-scheduler step --lr-decay-epochs $((epochs * 3 / 5)) $((epochs * 4 / 5))

@@ -1,32 +1,13 @@
 #!/usr/bin/env bash
 # PIC (Cao et al., NeurIPS 2020): 1 view per iteration, sliding-window data scheduler. 1x200: 68.6 top-1.
-# Pretraining then linear evaluation with torchrun (recipe of the PIC release, docs: README).
 #
 #   bash scripts/PIC.sh [EPOCHS=200]
 #
-# Environment: DATA_DIR (./data/ImageNet-Zip; --zip is added when it holds train.zip), NPROC (4 GPUs,
-# batch 64 per process = 256 in total), OUTPUT_DIR (./output/PIC/epochs-${EPOCHS}), EXTRA_ARGS
-# (appended to pretraining), LINEAR_EXTRA_ARGS (appended to linear evaluation), MASTER_PORT (12348).
-set -euo pipefail
-cd "$(dirname "$0")/.."
-
+# Pretraining then linear evaluation; environment overrides (DATA_DIR, NPROC, OUTPUT_DIR, EXTRA_ARGS,
+# LINEAR_EXTRA_ARGS, MASTER_PORT) are described in scripts/recipe.sh.
+source "$(dirname "$0")/recipe.sh"
 epochs=${1:-200}
-data_dir=${DATA_DIR:-./data/ImageNet-Zip}
-nproc=${NPROC:-4}
-output_dir=${OUTPUT_DIR:-./output/PIC/epochs-${epochs}}
-port=${MASTER_PORT:-12348}
-zip=""
-if [ -f "${data_dir}/train.zip" ]; then zip="--zip"; fi
 
-torchrun --master_port "${port}" --nproc_per_node="${nproc}" main_pretrain.py \
-    --data-dir "${data_dir}" ${zip} \
-    --model PIC --aug SimCLR --crop 0.08 --mlp-head \
-    --contrast-temperature 0.2 \
-    --use-sliding-window-sampler \
-    --epochs "${epochs}" \
-    --output-dir "${output_dir}" --auto-resume ${EXTRA_ARGS:-}
-
-torchrun --master_port "${port}" --nproc_per_node="${nproc}" main_linear.py \
-    --data-dir "${data_dir}" ${zip} \
-    --pretrained-model "${output_dir}/current.pth" \
-    --output-dir "${output_dir}/eval" --auto-resume ${LINEAR_EXTRA_ARGS:-}
+run_recipe PIC "${epochs}" \
+    --model PIC --aug SimCLR --crop 0.08 --mlp-head --contrast-temperature 0.2 \
+    --use-sliding-window-sampler
