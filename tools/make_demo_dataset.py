@@ -1,7 +1,7 @@
 """Write a small synthetic, class-structured image dataset in the folder layout (no download).
 
 Ten classes, each a shape or texture (circle, square, triangle, cross, ring, horizontal / vertical /
-diagonal stripes, checkerboard, dot grid) drawn with random foreground and background colours,
+diagonal stripes, checkerboard, dot grid) drawn in one of four fixed colour pairs,
 random size, position and rotation, plus pixel noise. Colour carries no class information, so a
 linear classifier needs shape features: a useful check that pretraining learned something.
 
@@ -88,6 +88,11 @@ def _dots(d, rng, size, fg):
             d.ellipse([x - rad, y - rad, x + rad, y + rad], fill=fg)
 
 
+# Few colour pairs shared by all classes: colour tells neither the class nor (much of) the instance, so
+# instance discrimination has to use shape and texture.
+PALETTE = (((230, 230, 230), (20, 20, 20)), ((20, 20, 20), (230, 230, 230)),
+           ((240, 200, 40), (30, 60, 160)), ((30, 60, 160), (240, 200, 40)))
+
 CLASSES: Dict[str, Draw] = {
     "circle": _circle, "square": _square, "triangle": _triangle, "cross": _cross, "ring": _ring,
     "hstripes": _stripes("h"), "vstripes": _stripes("v"), "diagonal": _stripes("d"), "checker": _checker,
@@ -97,10 +102,7 @@ CLASSES: Dict[str, Draw] = {
 
 def render(name: str, rng: np.random.Generator, size: int) -> Image.Image:
     """One ``size`` x ``size`` RGB image of class ``name`` with random colours and noise."""
-    bg = tuple(int(c) for c in rng.integers(0, 256, 3))
-    fg = tuple(int(c) for c in rng.integers(0, 256, 3))
-    while sum(abs(a - b) for a, b in zip(fg, bg)) < 150:  # keep the shape visible
-        fg = tuple(int(c) for c in rng.integers(0, 256, 3))
+    fg, bg = PALETTE[int(rng.integers(len(PALETTE)))]
     img = Image.new("RGB", (size, size), bg)
     CLASSES[name](ImageDraw.Draw(img), rng, size, fg)
     arr = np.asarray(img, dtype=np.float32) + rng.normal(0, 12, (size, size, 3))
