@@ -19,6 +19,7 @@ from contrast import engine
 from contrast.checkpoint import list_state_differences, load_checkpoint, load_pretrained_backbone, resume_path
 from contrast.data import build_dataset, build_sampler
 from contrast.data.transforms import build_augmentation
+from contrast.eval.features import ShardSampler
 from contrast.models import build_backbone
 from contrast.optim import build_scheduler
 from contrast.option import parse_linear_args
@@ -89,7 +90,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     val_aug = build_augmentation("val", 1, args.image_size, fast=not args.plain_aug)
     val_set = build_dataset(args.data_dir, "val", args.zip, "no" if args.cache_mode == "part" else args.cache_mode,
                             val_aug.cpu, env.rank, env.world_size, strict=args.strict_data)
-    val_loader = engine.build_loader(val_set, engine.ShardSampler(len(val_set), env.rank, env.world_size), batch,
+    val_loader = engine.build_loader(val_set, ShardSampler(len(val_set), env.rank, env.world_size), batch,
                                      args.num_workers, env.device, train=False)
     backbone, feat_dim = build_backbone(args.arch, args.small_stem)
     model = LinearClassifier(backbone, feat_dim, val_set.num_classes)

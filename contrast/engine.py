@@ -124,19 +124,6 @@ def build_loader(dataset, sampler: Sampler, batch_size: int, num_workers: int, d
                       worker_init_fn=seed_worker)
 
 
-class ShardSampler(Sampler[int]):
-    """Evaluation sampler: rank r gets ``indices[r::world]`` exactly once (no padding, no shuffle)."""
-
-    def __init__(self, num_samples: int, rank: int, world_size: int) -> None:
-        self.indices = list(range(rank, num_samples, world_size))
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
 def wrap_ddp(model: nn.Module, env: cd.DistEnv) -> nn.Module:
     """``DistributedDataParallel`` on several ranks. Buffers are not broadcast: methods keep their
     banks/queues identical from gathered tensors, and a per-step broadcast of a bank is costly."""
