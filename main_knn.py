@@ -34,7 +34,7 @@ from contrast.data.transforms import build_augmentation
 from contrast.eval.features import build_eval_loader, extract_features, load_pretrained_backbone
 from contrast.eval.knn import knn_evaluate
 from contrast.eval.linear_cached import train_linear_cached
-from contrast.models import build_backbone
+from contrast.models import STEMS, build_backbone
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -42,7 +42,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("what to evaluate (exactly one)")
     g.add_argument("--checkpoint", type=str, default="", help="pretraining checkpoint of any method "
-                   "(its 'backbone.' tensors; arch and small stem from its config unless given)")
+                   "(its 'backbone.' tensors; arch and stem from its config unless given)")
     g.add_argument("--random-init", action="store_true", help="baseline: randomly initialised --arch backbone")
     g.add_argument("--raw-pixels", action="store_true", help="baseline: the normalised pixels as features")
     g = p.add_argument_group("data")
@@ -50,14 +50,21 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     g.add_argument("--zip", action="store_true", help="read the ImageNet-Zip layout")
     g.add_argument("--cache-mode", type=str, default="no", choices=["no", "full"],
                    help="keep the encoded images in RAM")
-    g.add_argument("--image-size", type=int, default=224, help="centre-crop size (resize to size / 0.875 first)")
+    g.add_argument("--image-size", type=int, default=224, help="centre-crop size (resized to "
+                   "size / --val-crop-fraction first)")
+    g.add_argument("--val-crop-fraction", type=float, default=0.875, help="resize to image-size / fraction, "
+                   "then centre-crop image-size; 1.0 keeps whole small images")
     g.add_argument("--batch-size", type=int, default=256, help="images per forward pass and process")
     g.add_argument("--num-workers", type=int, default=4, help="DataLoader workers per process")
     g = p.add_argument_group("backbone")
     g.add_argument("--arch", type=str, default=None, help="override the checkpoint's arch "
                    "(required with --random-init)")
-    g.add_argument("--small-stem", action=argparse.BooleanOptionalAction, default=None,
-                   help="override the checkpoint's small-stem setting")
+    g.add_argument("--stem", type=str, default=None, choices=STEMS, help="override the checkpoint's stem "
+                   "(default with --random-init: imagenet)")
+    g.add_argument("--small-stem", action="store_const", dest="stem", const="small",
+                   help="deprecated alias of --stem small")
+    g.add_argument("--no-small-stem", action="store_const", dest="stem", const="imagenet",
+                   help="deprecated alias of --stem imagenet")
     g = p.add_argument_group("kNN")
     g.add_argument("--knn-k", type=int, nargs="+", default=[200], help="neighbours; several values share "
                    "one feature extraction (InstDisc: 200)")
@@ -106,10 +113,10 @@ def build_encoder(args: argparse.Namespace) -> tuple[nn.Module, dict]:
         return nn.Flatten(1), {"encoder": "raw pixels"}
     if args.random_init:
         torch.manual_seed(args.seed)
-        backbone, _ = build_backbone(args.arch, small_stem=bool(args.small_stem))
-        stem = " small-stem" if args.small_stem else ""
-        return backbone, {"encoder": f"random-init {args.arch}{stem} (seed {args.seed})"}
-    backbone, _, ckpt = load_pretrained_backbone(args.checkpoint, args.arch, args.small_stem)
+        stem = args.stem or "imagenet"
+        backbone, _ = build_backbone(args.arch, stem=stem)
+        return backbone, {"encoder": f"random-init {args.arch} {stem} stem (seed {args.seed})"}
+    backbone, _, ckpt = load_pretrained_backbone(args.checkpoint, args.arch, args.stem)
     config = ckpt.get("config") or {}
     info = {"model": config.get("model"), "epoch": ckpt.get("epoch"), "loop_epochs": config.get("loop_epochs"),
             "arch": args.arch or config.get("arch")}
@@ -134,7 +141,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     encoder, info = build_encoder(args)
     what = info["encoder"]
     encoder.to(device)
-    val_aug = build_augmentation("val", num_views=1, image_size=args.image_size)
+    val_aug = build_augmentation("val", num_views=1, image_size=args.image_size,
+                                 val_crop_fraction=args.val_crop_fraction)
     val_aug.device.to(device)
 
     start = time.time()

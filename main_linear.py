@@ -87,12 +87,13 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     batch = args.total_batch_size // env.world_size
 
     train_aug = build_augmentation(args.aug, 1, args.image_size, args.crop, fast=not args.plain_aug)
-    val_aug = build_augmentation("val", 1, args.image_size, fast=not args.plain_aug)
+    val_aug = build_augmentation("val", 1, args.image_size, fast=not args.plain_aug,
+                                 val_crop_fraction=args.val_crop_fraction)
     val_set = build_dataset(args.data_dir, "val", args.zip, "no" if args.cache_mode == "part" else args.cache_mode,
                             val_aug.cpu, env.rank, env.world_size, strict=args.strict_data)
     val_loader = engine.build_loader(val_set, ShardSampler(len(val_set), env.rank, env.world_size), batch,
                                      args.num_workers, env.device, train=False)
-    backbone, feat_dim = build_backbone(args.arch, args.small_stem)
+    backbone, feat_dim = build_backbone(args.arch, args.stem)
     model = LinearClassifier(backbone, feat_dim, val_set.num_classes)
     precision = engine.build_precision(args.amp_opt_level, env.device)
 

@@ -74,7 +74,7 @@ def _sync(device: torch.device) -> None:
 
 def bench_one(args, arch: str, name: str, precision: str, channels_last: bool) -> Dict:
     model, aug, sizes = CONFIGS[name]
-    flags = Namespace(model=model, arch=arch, small_stem=False, mlp_head=model != "InstDisc", feature_dim=128,
+    flags = Namespace(model=model, arch=arch, stem="imagenet", mlp_head=model != "InstDisc", feature_dim=128,
                       contrast_temperature=0.2, contrast_momentum=0.999 if model == "MoCo" else 0.5,
                       contrast_num_negative=args.num_negative, aug=aug)
     torch.manual_seed(0)

@@ -87,7 +87,7 @@ def load_model_state(model: nn.Module, state: Dict[str, torch.Tensor], path: str
             if items:
                 parts.append(f"{len(items)} {title} (e.g. {'; '.join(items[:3])})")
         raise CheckpointError(f"{path}: checkpoint does not fit this model (different --model/--arch/"
-                              f"--small-stem/--mlp-head/--feature-dim or dataset size?): " + ", ".join(parts))
+                              f"--stem/--mlp-head/--feature-dim or dataset size?): " + ", ".join(parts))
     model.load_state_dict(state)
 
 
@@ -101,7 +101,7 @@ def load_pretrained_backbone(backbone: nn.Module, path: str) -> int:
     """Load the backbone of any method's checkpoint into ``backbone``; returns the tensor count.
 
     Raises :class:`CheckpointError` naming ``path`` when the file holds no backbone tensors, or
-    when they do not match ``backbone`` (another ``--arch`` / ``--small-stem``).
+    when they do not match ``backbone`` (another ``--arch`` / ``--stem``).
     """
     ckpt = load_file(path)
     if "model" not in ckpt:

@@ -12,7 +12,7 @@ import argparse
 from typing import Dict, List, Optional
 
 from contrast.data.transforms import AUG_NAMES
-from contrast.models import ARCHS, METHODS
+from contrast.models import ARCHS, METHODS, STEMS
 from contrast.models.pic_sampled import STORAGES as PIC_STORAGES
 
 MODELS = METHODS  # MoCo v2 = --model MoCo --mlp-head --aug MoCov2 --contrast-temperature 0.2
@@ -48,14 +48,19 @@ def _common(parser: argparse.ArgumentParser, default_epochs: int, default_aug: s
     g.add_argument("--aug", type=str, default=default_aug, choices=AUGS, help="augmentation")
     g.add_argument("--crop", type=float, default=0.08, help="minimum scale of RandomResizedCrop")
     g.add_argument("--image-size", type=int, default=224, help="crop size (large crop for MultiCrop)")
+    g.add_argument("--val-crop-fraction", type=float, default=0.875, help="(new) evaluation transform: resize "
+                   "to image-size / fraction, centre-crop image-size; 1.0 keeps whole small images")
     g.add_argument("--plain-aug", action="store_true", help="(new) run the whole augmentation in the "
                    "DataLoader workers (seed style) instead of colour ops batched on the device")
     g.add_argument("--num-workers", type=int, default=4, help="DataLoader workers per process")
 
     g = parser.add_argument_group("model")
     g.add_argument("--arch", type=str, default="resnet50", choices=ARCHS, help="torchvision ResNet backbone")
-    g.add_argument("--small-stem", action="store_true", help="(new) 3x3 stride-1 conv1 and no max-pool, "
-                   "for 32 px images")
+    g.add_argument("--stem", type=str, default="imagenet", choices=STEMS, help="(new) layers before layer1: "
+                   "imagenet = 7x7 stride-2 conv1 + max-pool; small = 3x3 stride-1 conv1, no max-pool (28-32 px "
+                   "images); small-maxpool = 3x3 stride-1 conv1 + max-pool")
+    g.add_argument("--small-stem", action="store_const", dest="stem", const="small", default=argparse.SUPPRESS,
+                   help="deprecated alias of --stem small")
 
     g = parser.add_argument_group("optimisation")
     g.add_argument("--lr-scheduler", type=str, default="cosine", choices=["cosine", "step"],

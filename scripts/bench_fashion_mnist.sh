@@ -2,59 +2,73 @@
 # Fashion-MNIST benchmark on the CPU: every method pretrained under one budget, then kNN and
 # cached-feature linear evaluation, with raw-pixel and random-init baselines, in one markdown table.
 #
-#   bash scripts/bench_fashion_mnist.sh                       # defaults: ~20 min per method on 2 free cores
-#   BUDGET=600 TRAIN_LIMIT=300 VAL_LIMIT=200 NUM_NEGATIVE=128 WINDOW=256 STRIDE=64 LINEAR_EPOCHS=5 \
-#       OUT=/tmp/fm_smoke bash scripts/bench_fashion_mnist.sh                          # smoke run
+#   bash scripts/bench_fashion_mnist.sh                       # defaults: ~10 min per method on 2 free cores
+#   BUDGET=600 PRETRAIN_LIMIT=300 TRAIN_LIMIT=300 VAL_LIMIT=200 NUM_NEGATIVE=128 WINDOW=64 STRIDE=16 \
+#       LINEAR_EPOCHS=5 STANDARD_LINEAR="" OUT=/tmp/fm_smoke bash scripts/bench_fashion_mnist.sh   # smoke run
 #
+# Data: pretraining uses the first PRETRAIN_LIMIT training images; kNN memory and the linear
+# classifiers use the first TRAIN_LIMIT (default all 60000) and are scored on the first VAL_LIMIT
+# test images (default all 10000). Images stay at 28 px (evaluation: --val-crop-fraction 1.0).
 # Budget: BUDGET training views per method (BUDGET_UNIT=views, the PIC paper's "#aug/iter x #epoch":
 # MoCo v2 and SimCLR see 2 views per image, PIC multi-crop's 1 + 3 small crops count as 2, as the
-# PIC README says they cost about the same), so plain epochs = ceil(BUDGET / (TRAIN_LIMIT x views));
+# PIC README says they cost about the same), so plain epochs = ceil(BUDGET / (PRETRAIN_LIMIT x views));
 # BUDGET_UNIT=images gives every method the same number of images instead. (PIC's sliding window
 # maps plain epochs to window-epochs, ceil(e x N / WINDOW), so it may see up to one window more.)
 # MAX_MINUTES stops a pretraining run by wall time; it is then evaluated on its last per-epoch
-# checkpoint, and the table shows the epochs and images it reached. Measured on this shared 2-core
-# machine: ResNet-18 small stem at 32 px pretrains at ~5 images/s per view under heavy load; expect
-# ~20/s on 2 free cores, so the default 20000 views take ~17 min per method, evaluation ~3 min more.
-# Every setting below is a variable; EXTRA_FLAGS go to every main_pretrain.py run. Results:
-# $OUT/results.md (one JSON per row in $OUT/results/) and $OUT/curves.png.
+# checkpoint, and the table shows the epochs and images it reached.
+# Optimisation: the SGD methods share base lr LR (0.06 = 2x the papers' 0.03, for the short
+# schedule), SimCLR uses LARS at its paper's 0.3; MoCo's key encoder momentum is 0.99 instead of
+# 0.999 (a 0.999 average barely moves in a few hundred steps). STANDARD_LINEAR names the methods
+# whose checkpoint also gets the standard linear protocol (main_linear.py, augmented images,
+# STANDARD_EPOCHS epochs on the first STANDARD_LIMIT training images) next to the cached-feature one
+# on the same images. Every setting below is a variable; EXTRA_FLAGS go to every main_pretrain.py run.
+# Results: $OUT/results.md (one JSON per row in $OUT/results/), $OUT/linear_protocols.md, $OUT/curves.png.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SRC=${SRC:-/usr/share/datasets/fashion-mnist}   # IDX files (Debian package dataset-fashion-mnist)
 OUT=${OUT:-./output/bench_fmnist}
-DATA=${DATA:-$OUT/data}
-TRAIN_LIMIT=${TRAIN_LIMIT:-10000}       # training images (pretraining set and kNN memory)
-VAL_LIMIT=${VAL_LIMIT:-2000}            # test images evaluated
-BUDGET=${BUDGET:-20000}                 # views (or images) per method
+TRAIN_LIMIT=${TRAIN_LIMIT:-0}           # kNN memory / linear training images (0 = all 60000)
+VAL_LIMIT=${VAL_LIMIT:-0}               # test images evaluated (0 = all 10000)
+PRETRAIN_LIMIT=${PRETRAIN_LIMIT:-10000} # pretraining images (the first ones of the training set)
+BUDGET=${BUDGET:-60000}                 # views (or images) per method
 BUDGET_UNIT=${BUDGET_UNIT:-views}       # views | images
 MAX_MINUTES=${MAX_MINUTES:-20}          # wall-time cap per pretraining run
 METHODS=${METHODS:-"PIC PIC-multicrop InstDisc MoCov2 SimCLR"}
 ARCH=${ARCH:-resnet18}
-IMAGE_SIZE=${IMAGE_SIZE:-32}            # 28 px images resized (small stem: 3x3 conv1, no max-pool)
-IMAGE_SIZE2=${IMAGE_SIZE2:-16}          # multi-crop small crops
-BATCH=${BATCH:-64}
+STEM=${STEM:-small-maxpool}             # --stem: small-maxpool (3x3 conv1 + max-pool), small or imagenet
+IMAGE_SIZE=${IMAGE_SIZE:-28}
+IMAGE_SIZE2=${IMAGE_SIZE2:-14}          # multi-crop small crops
+CROP=${CROP:-0.2}                       # minimum RandomResizedCrop scale
+BATCH=${BATCH:-128}
+LR=${LR:-0.06}                          # base lr of the SGD methods (x BATCH / 256)
 WORKERS=${WORKERS:-1}
-NUM_NEGATIVE=${NUM_NEGATIVE:-4096}      # InstDisc negatives / MoCo queue (must stay below TRAIN_LIMIT)
-WINDOW=${WINDOW:-4096}                  # PIC sliding window (ImageNet: 131072 of 1.28M)
-STRIDE=${STRIDE:-512}
+NUM_NEGATIVE=${NUM_NEGATIVE:-4096}      # InstDisc negatives / MoCo queue (must stay below PRETRAIN_LIMIT)
+WINDOW=${WINDOW:-512}                   # PIC sliding window: W / S = 4 visits per instance, 4 steps apart
+STRIDE=${STRIDE:-128}
 KNN_K=${KNN_K:-"20 200"}
 LINEAR_EPOCHS=${LINEAR_EPOCHS:-100}
 LINEAR_COPIES=${LINEAR_COPIES:-0}       # 0: un-augmented train features; K: K NULL-augmented copies
+STANDARD_LINEAR=${STANDARD_LINEAR:-PIC} # methods also evaluated with the standard linear protocol
+STANDARD_LIMIT=${STANDARD_LIMIT:-10000}
+STANDARD_EPOCHS=${STANDARD_EPOCHS:-10}
 SEED=${SEED:-0}
-EXTRA_FLAGS=${EXTRA_FLAGS:-}            # e.g. "--base-learning-rate 0.06"
+EXTRA_FLAGS=${EXTRA_FLAGS:-}            # e.g. "--channels-last"
 PY=${PY:-python}
 
 case $BUDGET_UNIT in views|images) ;; *) echo "[bench] BUDGET_UNIT must be views or images" >&2; exit 2 ;; esac
 
+prepare() {  # output folder, train limit, val limit
+  [ -f "$1/val_map.txt" ] || $PY tools/prepare_fashion_mnist.py --src "$SRC" --out "$1" --layout zip \
+      --limit-train "$2" --limit-val "$3"
+}
 mkdir -p "$OUT/results"
-if [ ! -f "$DATA/val_map.txt" ]; then
-  $PY tools/prepare_fashion_mnist.py --src "$SRC" --out "$DATA" --layout zip \
-      --limit-train "$TRAIN_LIMIT" --limit-val "$VAL_LIMIT"
-fi
-n_train=$(wc -l < "$DATA/train_map.txt")
+DATA=$OUT/data; prepare "$DATA" "$TRAIN_LIMIT" "$VAL_LIMIT"
+PRETRAIN_DATA=$OUT/data_pretrain; prepare "$PRETRAIN_DATA" "$PRETRAIN_LIMIT" 1
+n_train=$(wc -l < "$PRETRAIN_DATA/train_map.txt")
 
-eval_args=(--data-dir "$DATA" --zip --cache-mode full --image-size "$IMAGE_SIZE" --batch-size 256
-           --num-workers "$WORKERS" --knn-k $KNN_K --linear-cached --linear-epochs "$LINEAR_EPOCHS"
+eval_args=(--data-dir "$DATA" --zip --cache-mode full --image-size "$IMAGE_SIZE" --val-crop-fraction 1.0
+           --batch-size 256 --num-workers "$WORKERS" --knn-k $KNN_K --linear-cached --linear-epochs "$LINEAR_EPOCHS"
            --linear-aug-copies "$LINEAR_COPIES" --seed "$SEED" --device cpu)
 
 run_eval() {  # name, then main_knn.py arguments
@@ -64,18 +78,21 @@ run_eval() {  # name, then main_knn.py arguments
 }
 
 run_eval "baseline-raw-pixels" --raw-pixels
-run_eval "baseline-random-init" --random-init --arch "$ARCH" --small-stem
+run_eval "baseline-random-init" --random-init --arch "$ARCH" --stem "$STEM"
 
 for method in $METHODS; do
   views=1
+  crop=(--crop "$CROP")
   case $method in
-    PIC)           flags=(--model PIC --aug SimCLR --mlp-head --use-sliding-window-sampler
-                          --window-size "$WINDOW" --window-stride "$STRIDE") ;;
-    PIC-multicrop) flags=(--model PIC --aug MultiCrop --mlp-head --image-size2 "$IMAGE_SIZE2"
-                          --use-sliding-window-sampler --window-size "$WINDOW" --window-stride "$STRIDE"); views=2 ;;
-    InstDisc)      flags=(--model InstDisc --aug InstDisc --crop 0.2 --contrast-num-negative "$NUM_NEGATIVE") ;;
-    MoCov2)        flags=(--model MoCo --aug MoCov2 --crop 0.2 --mlp-head --contrast-temperature 0.2
-                          --contrast-num-negative "$NUM_NEGATIVE"); views=2 ;;
+    PIC)           flags=(--model PIC --aug SimCLR --mlp-head --base-learning-rate "$LR"
+                          --use-sliding-window-sampler --window-size "$WINDOW" --window-stride "$STRIDE") ;;
+    PIC-multicrop) flags=(--model PIC --aug MultiCrop --mlp-head --base-learning-rate "$LR" --image-size2 "$IMAGE_SIZE2"
+                          --use-sliding-window-sampler --window-size "$WINDOW" --window-stride "$STRIDE"); views=2
+                   crop=(--crop 0.08 --crop2 "$CROP") ;;  # large crop (CROP, 1), small crops (0.08, CROP)
+    InstDisc)      flags=(--model InstDisc --aug InstDisc --base-learning-rate "$LR"
+                          --contrast-num-negative "$NUM_NEGATIVE") ;;
+    MoCov2)        flags=(--model MoCo --aug MoCov2 --mlp-head --base-learning-rate "$LR" --contrast-temperature 0.2
+                          --contrast-momentum 0.99 --contrast-num-negative "$NUM_NEGATIVE"); views=2 ;;
     SimCLR)        flags=(--model SimCLR --aug SimCLR --mlp-head --optimizer lars --base-learning-rate 0.3
                           --weight-decay 1e-6); views=2 ;;
     *) echo "[bench] unknown method '$method' in METHODS" >&2; exit 2 ;;
@@ -87,8 +104,9 @@ for method in $METHODS; do
   if [ ! -f "$dir/pretrain_seconds" ]; then
     start=$(date +%s)
     status=0
-    timeout "$((MAX_MINUTES * 60))" $PY main_pretrain.py "${flags[@]}" --data-dir "$DATA" --zip --cache-mode full \
-        --arch "$ARCH" --small-stem --image-size "$IMAGE_SIZE" --batch-size "$BATCH" --num-workers "$WORKERS" \
+    timeout "$((MAX_MINUTES * 60))" $PY main_pretrain.py "${flags[@]}" --data-dir "$PRETRAIN_DATA" --zip \
+        --cache-mode full --arch "$ARCH" --stem "$STEM" --image-size "$IMAGE_SIZE" "${crop[@]}" \
+        --batch-size "$BATCH" --num-workers "$WORKERS" \
         --epochs "$epochs" --warmup-epoch 0 --save-freq 1000000 --print-freq 20 --seed "$SEED" --device cpu \
         --output-dir "$dir" $EXTRA_FLAGS || status=$?
     if [ "$status" -ne 0 ] && [ "$status" -ne 124 ]; then
@@ -100,8 +118,43 @@ for method in $METHODS; do
   run_eval "$method" --checkpoint "$dir/current.pth"
 done
 
+# Standard linear protocol (augmented images through the frozen backbone, main_linear.py) next to the
+# cached-feature one, on the same checkpoint and the same STANDARD_LIMIT training images.
+if [ -n "$STANDARD_LINEAR" ]; then
+  STD_DATA=$OUT/data_standard; prepare "$STD_DATA" "$STANDARD_LIMIT" "$VAL_LIMIT"
+  table="$OUT/linear_protocols.md"
+  { echo "Linear evaluation of the same checkpoints on $(wc -l < "$STD_DATA/train_map.txt") training / $(wc -l < "$STD_DATA/val_map.txt") test images."
+    echo ""
+    echo "| method | cached features: top-1 | s | standard protocol, $STANDARD_EPOCHS epochs: top-1 (last) | best | s |"
+    echo "|---|---|---|---|---|---|"; } > "$table"
+  for method in $STANDARD_LINEAR; do
+    ckpt="$OUT/$method/current.pth"
+    [ -f "$ckpt" ] || { echo "[bench] STANDARD_LINEAR: $ckpt does not exist" >&2; exit 2; }
+    t0=$(date +%s)
+    $PY main_knn.py --data-dir "$STD_DATA" --zip --cache-mode full --image-size "$IMAGE_SIZE" --val-crop-fraction 1.0 \
+        --batch-size 256 --num-workers "$WORKERS" --knn-k 20 --linear-cached --linear-epochs "$LINEAR_EPOCHS" \
+        --linear-aug-copies "$LINEAR_COPIES" --seed "$SEED" --device cpu --checkpoint "$ckpt" --name "$method" \
+        --output "$OUT/linear_$method-cached.json"
+    t1=$(date +%s)
+    $PY main_linear.py --pretrained-model "$ckpt" --arch "$ARCH" --stem "$STEM" --data-dir "$STD_DATA" --zip --cache-mode full \
+        --image-size "$IMAGE_SIZE" --val-crop-fraction 1.0 --epochs "$STANDARD_EPOCHS" --warmup-epoch 0 \
+        --num-workers "$WORKERS" --print-freq 20 --seed "$SEED" --device cpu --no-tensorboard \
+        --output-dir "$OUT/linear_$method-standard"
+    t2=$(date +%s)
+    $PY - "$OUT/linear_$method-cached.json" "$OUT/linear_$method-standard/log.txt" "$method" \
+        "$((t1 - t0))" "$((t2 - t1))" >> "$table" <<'EOF'
+import json, re, sys
+cached, log, method, s_cached, s_standard = sys.argv[1:]
+done = [l for l in open(log) if "linear evaluation done" in l][-1]
+last, best = re.search(r"last top-1 ([\d.]+)", done).group(1), re.search(r"best top-1 ([\d.]+)", done).group(1)
+print(f"| {method} | {json.load(open(cached))['linear']['top1']:.2f} | {s_cached} | {last} | {best} | {s_standard} |")
+EOF
+  done
+  cat "$table"
+fi
+
 $PY tools/plot_curves.py --runs $(for m in $METHODS; do echo "$OUT/$m"; done) --labels $METHODS \
-    --output "$OUT/curves.png" --title "Fashion-MNIST, $ARCH small stem, $BUDGET $BUDGET_UNIT"
+    --output "$OUT/curves.png" --title "Fashion-MNIST, $ARCH $STEM stem, $BUDGET $BUDGET_UNIT"
 
 $PY - "$OUT" "$BUDGET" "$BUDGET_UNIT" "$KNN_K" "$LINEAR_EPOCHS" <<'EOF'
 import json, os, sys

@@ -54,7 +54,7 @@ def test_pretrained_backbone_loading(tmp_path):
     r34, _ = build_backbone("resnet34")
     with pytest.raises(ck.CheckpointError, match=r"m\.pth: checkpoint does not fit this model.*missing"):
         ck.load_pretrained_backbone(r34, path)
-    small, _ = build_backbone("resnet18", small_stem=True)
+    small, _ = build_backbone("resnet18", stem="small")
     with pytest.raises(ck.CheckpointError, match=r"m\.pth.*1 shape mismatch \(e\.g\. conv1\.weight"):
         ck.load_pretrained_backbone(small, path)
     torch.save({"model": {"fc.weight": torch.zeros(2, 2)}}, path)

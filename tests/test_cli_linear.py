@@ -36,6 +36,8 @@ def test_linear_trains_evaluates_and_keeps_backbone(pretrained, tmp_path):
     assert result["last_acc5"] == 100.0  # 2 classes: the top-5 always contains the label
     lin = load_file(str(out / "current.pth"))
     assert lin["epoch"] == 2 and lin["best"]["acc1"] == result["best_acc1"]
+    assert load_file(ckpt)["config"]["stem"] == lin["config"]["stem"] == "imagenet"
+    assert "small_stem" not in load_file(ckpt)["config"]
     pre = extract_backbone(load_file(ckpt)["model"])
     post = extract_backbone(lin["model"])
     assert pre.keys() == post.keys() and all(torch.equal(pre[k], post[k]) for k in pre)  # frozen, BN stats too
@@ -84,8 +86,9 @@ def test_bad_checkpoints(pretrained, tmp_path):
     data, ckpt = pretrained
     with pytest.raises(CheckpointError, match=r"current\.pth: checkpoint does not fit this model"):
         main_linear.main(linear_args(data, ckpt, tmp_path / "o", "--arch", "resnet34"))
-    with pytest.raises(CheckpointError, match=r"current\.pth: .*shape mismatch \(e\.g\. conv1\.weight"):
-        main_linear.main(linear_args(data, ckpt, tmp_path / "o", "--small-stem"))
+    for stem in (["--stem", "small-maxpool"], ["--small-stem"]):  # the pretraining used the imagenet stem
+        with pytest.raises(CheckpointError, match=r"current\.pth: .*shape mismatch \(e\.g\. conv1\.weight"):
+            main_linear.main(linear_args(data, ckpt, tmp_path / "o", *stem))
     junk = tmp_path / "junk.pth"
     junk.write_bytes(os.urandom(100))
     with pytest.raises(CheckpointError, match=r"junk\.pth: not a readable PyTorch checkpoint"):

@@ -17,10 +17,13 @@ export_backbone = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(export_backbone)
 
 
-def fake_checkpoint(path, arch="resnet18", small_stem=False, ddp=True):
-    """A method-like checkpoint: trained-looking backbone (non-trivial BN statistics) + a head."""
+def fake_checkpoint(path, arch="resnet18", stem="imagenet", ddp=True, config=None):
+    """A method-like checkpoint: trained-looking backbone (non-trivial BN statistics) + a head.
+
+    ``config`` replaces the recorded ``{"arch", "stem", "model"}`` (e.g. an older config).
+    """
     torch.manual_seed(11)
-    backbone, dim = build_backbone(arch, small_stem=small_stem)
+    backbone, dim = build_backbone(arch, stem=stem)
     for m in backbone.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-0.2, 0.2)
@@ -32,8 +35,8 @@ def fake_checkpoint(path, arch="resnet18", small_stem=False, ddp=True):
     method.backbone, method.head = backbone, nn.Linear(dim, 8)
     prefix = "module." if ddp else ""
     state = {prefix + k: v for k, v in method.state_dict().items()}
-    torch.save({"model": state, "config": {"arch": arch, "small_stem": small_stem, "model": "PIC"}, "epoch": 3},
-               path)
+    config = {"arch": arch, "stem": stem, "model": "PIC"} if config is None else config
+    torch.save({"model": state, "config": config, "epoch": 3}, path)
     return backbone.eval()
 
 
@@ -102,9 +105,12 @@ def test_detectron2_names_for_bottleneck_resnet50():
 
 
 def test_small_stem_export(tmp_path, capsys):
-    original = fake_checkpoint(tmp_path / "ckpt.pth", small_stem=True)
+    """An older checkpoint, whose config records ``small_stem: True`` instead of ``stem``."""
+    original = fake_checkpoint(tmp_path / "ckpt.pth", stem="small",
+                               config={"arch": "resnet18", "small_stem": True, "model": "PIC"})
     written = export_backbone.main(["--checkpoint", str(tmp_path / "ckpt.pth"), "--output", str(tmp_path / "s")])
-    assert "small-stem" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "small stem backbone" in out and "there is no max-pool" in out
     state = torch.load(written["torchvision"])
     assert tuple(state["conv1.weight"].shape) == (64, 3, 3, 3)
     net = torchvision.models.resnet18()
@@ -118,12 +124,38 @@ def test_small_stem_export(tmp_path, capsys):
         assert pickle.load(f)["model"]["stem.conv1.weight"].shape == (64, 3, 3, 3)
 
 
+def test_small_maxpool_stem_export(tmp_path, capsys):
+    original = fake_checkpoint(tmp_path / "ckpt.pth", stem="small-maxpool")
+    written = export_backbone.main(["--checkpoint", str(tmp_path / "ckpt.pth"), "--output", str(tmp_path / "m")])
+    out = capsys.readouterr().out
+    assert "small-maxpool stem backbone" in out and "the max-pool is kept" in out
+    state = torch.load(written["torchvision"])
+    assert tuple(state["conv1.weight"].shape) == (64, 3, 3, 3)
+    net = torchvision.models.resnet18()
+    net.fc = nn.Identity()
+    net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)  # torchvision's max-pool stays
+    net.load_state_dict(state, strict=True)
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(net.eval()(x), original(x), rtol=0, atol=1e-6)
+        no_pool = torchvision.models.resnet18()
+        no_pool.fc, no_pool.maxpool, no_pool.conv1 = nn.Identity(), nn.Identity(), nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        no_pool.load_state_dict(state, strict=True)  # same tensors, but another network: features differ
+        assert (no_pool.eval()(x) - original(x)).abs().max() > 1e-3
+    with open(written["d2"], "rb") as f:
+        back = export_backbone.from_detectron2(pickle.load(f))
+    assert all(torch.equal(back[k], v) for k, v in state.items())
+    with pytest.raises(Exception, match="ckpt.pth"):  # the override must fit the weights
+        export_backbone.main(["--checkpoint", str(tmp_path / "ckpt.pth"), "--output", str(tmp_path / "x"),
+                              "--stem", "imagenet"])
+
+
 def test_verification_rejects_a_wrong_export(tmp_path):
     original = fake_checkpoint(tmp_path / "ckpt.pth")
     state = export_backbone.torchvision_state(original)
     state["layer3.0.bn1.running_mean"] = state["layer3.0.bn1.running_mean"] + 0.5
     with pytest.raises(RuntimeError, match="differs from the original"):
-        export_backbone.check_export(original, state, "resnet18", False, "torchvision export", 1e-5, 32)
+        export_backbone.check_export(original, state, "resnet18", "imagenet", "torchvision export", 1e-5, 32)
 
 
 def test_bad_checkpoint_errors_name_the_file(tmp_path):

@@ -194,7 +194,8 @@ def test_main_knn_checkpoint_matches_reference(tmp_path):
     from contrast.models import build_backbone
     root = _folder(tmp_path)
     torch.manual_seed(3)
-    backbone, _ = build_backbone("resnet18", small_stem=True)
+    backbone, _ = build_backbone("resnet18", stem="small")
+    # An older config: ``small_stem: True`` and no ``stem`` is read as the "small" stem.
     torch.save({"model": {f"module.backbone.{k}": v for k, v in backbone.state_dict().items()},
                 "config": {"arch": "resnet18", "small_stem": True, "model": "MoCo"}, "epoch": 4}, tmp_path / "c.pth")
     result = main_knn.main(["--checkpoint", str(tmp_path / "c.pth"), "--data-dir", root, "--image-size", "16",
@@ -226,7 +227,7 @@ def test_main_knn_torchrun_two_processes_equals_one(tmp_path):
         shutil.rmtree(path)
     for path in sorted(glob.glob(os.path.join(root, "val", "*", "*")))[1:]:
         os.remove(path)
-    args = ["--random-init", "--arch", "resnet18", "--small-stem", "--data-dir", root, "--image-size", "8",
+    args = ["--random-init", "--arch", "resnet18", "--stem", "small", "--data-dir", root, "--image-size", "8",
             "--knn-k", "1", "4", "--num-workers", "0", "--batch-size", "3", "--device", "cpu"]
     single = main_knn.main(args + ["--save-features", str(tmp_path / "one.pt")])
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",

@@ -36,7 +36,7 @@ def test_backbone_state_dict_loads_into_torchvision(arch):
 
 
 def test_small_stem_keeps_names_and_works_at_32px():
-    small, feat_dim = build_backbone("resnet18", small_stem=True)
+    small, feat_dim = build_backbone("resnet18", stem="small")
     plain, _ = build_backbone("resnet18")
     assert small.state_dict().keys() == plain.state_dict().keys()
     assert small.conv1.weight.shape == (64, 3, 3, 3) and plain.conv1.weight.shape == (64, 3, 7, 7)
@@ -73,7 +73,7 @@ def test_encode_views_groups_equal_shapes():
 
 # ------------------------------------------------------------------------------ build_method
 def _args(model, **kw):
-    base = dict(model=model, arch="resnet18", small_stem=True, mlp_head=True, feature_dim=16,
+    base = dict(model=model, arch="resnet18", stem="small", mlp_head=True, feature_dim=16,
                 contrast_temperature=0.2, contrast_momentum=0.9, contrast_num_negative=8, aug="SimCLR")
     base.update(kw)
     return argparse.Namespace(**base)

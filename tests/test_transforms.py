@@ -191,3 +191,21 @@ def test_crop_box_distribution_matches_torchvision():
     # every try fails on a thin strip: both fall back to the same centre crop
     strip = torch.empty(3, 40, 400)
     assert random_resized_crop_box(400, 40, (0.9, 1.0)) == RandomResizedCrop.get_params(strip, [0.9, 1.0], [3 / 4, 4 / 3])
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_val_crop_fraction(fast):
+    """``val`` resizes to size / fraction and centre-crops: 1.0 keeps a square image whole."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)
+    img = Image.fromarray(pixels)
+    whole = build_augmentation("val", image_size=28, fast=fast, val_crop_fraction=1.0)
+    out = whole.device([torch.stack(v) for v in zip(whole.cpu(img))])[0][0]
+    expected = (torch.from_numpy(pixels).permute(2, 0, 1).float() / 255
+                - torch.tensor(B.IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(B.IMAGENET_STD).view(3, 1, 1)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+    cropped = build_augmentation("val", image_size=28, fast=fast)  # 0.875: resize to 32, crop 28
+    out = cropped.device([torch.stack(v) for v in zip(cropped.cpu(img))])[0][0]
+    assert out.shape == expected.shape and not torch.allclose(out, expected, atol=0.1)
+    with pytest.raises(ValueError, match="--val-crop-fraction"):
+        build_augmentation("val", image_size=28, val_crop_fraction=1.5)

@@ -1,7 +1,7 @@
 """Export a pretrained backbone for downstream use: torchvision state dict and detectron2 checkpoint.
 
 Reads any method's pretraining checkpoint (the ``backbone.`` tensors of
-``ckpt["model"]``, arch and small stem from ``ckpt["config"]``) and writes
+``ckpt["model"]``, arch and stem from ``ckpt["config"]``) and writes
 
 * ``<output>.pth``: a plain torchvision ResNet state dict without ``fc`` keys. It
   loads into ``torchvision.models.<arch>()`` with ``strict=True`` once ``fc`` is
@@ -20,10 +20,11 @@ Both exports are verified: they are loaded back into a torchvision ResNet and it
 features on a random batch (eval mode) are compared with the original backbone's;
 the tool fails when the max abs difference exceeds ``--tolerance`` (1e-5).
 
-Small-stem backbones (``--small-stem`` pretraining) export too, but their ``conv1``
-is 3x3 (64, 3, 3, 3) instead of 7x7 and they have no max-pool: torchvision needs the
-same stem swap (``conv1 = Conv2d(3, 64, 3, 1, 1, bias=False)``, ``maxpool = Identity()``)
-and detectron2's ``BasicStem`` (7x7 conv + max-pool) cannot take them as is.
+Small-stem backbones (``--stem small`` or ``small-maxpool`` pretraining) export too,
+but their ``conv1`` is 3x3 (64, 3, 3, 3) instead of 7x7: torchvision needs the same
+stem swap (``conv1 = Conv2d(3, 64, 3, 1, 1, bias=False)``, plus ``maxpool = Identity()``
+for ``small``; ``small-maxpool`` keeps the max-pool), and detectron2's ``BasicStem``
+(7x7 conv + max-pool) cannot take them as is.
 
 Usage::
 
@@ -46,7 +47,8 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from contrast.eval.features import load_pretrained_backbone  # noqa: E402
+from contrast.eval.features import backbone_spec, load_pretrained_backbone  # noqa: E402
+from contrast.models.backbones import STEMS, set_stem  # noqa: E402
 
 D2_AUTHOR = "contrast"
 
@@ -86,22 +88,19 @@ def from_detectron2(obj: dict) -> "OrderedDict[str, torch.Tensor]":
     return OrderedDict((d2_to_torchvision_name(k), torch.from_numpy(np.asarray(v))) for k, v in obj["model"].items())
 
 
-def torchvision_resnet(arch: str, small_stem: bool) -> nn.Module:
-    """``torchvision.models.<arch>()`` with ``fc = Identity`` (and the small stem when asked)."""
+def torchvision_resnet(arch: str, stem: str = "imagenet") -> nn.Module:
+    """``torchvision.models.<arch>()`` with ``fc = Identity`` and the stem ``stem`` (``set_stem``)."""
     net = getattr(torchvision.models, arch)(weights=None)
     net.fc = nn.Identity()
-    if small_stem:
-        net.conv1 = nn.Conv2d(3, net.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
-        net.maxpool = nn.Identity()
-    return net
+    return set_stem(net, stem)
 
 
 @torch.no_grad()
-def max_feature_difference(original: nn.Module, state: Dict[str, torch.Tensor], arch: str, small_stem: bool,
+def max_feature_difference(original: nn.Module, state: Dict[str, torch.Tensor], arch: str, stem: str,
                            image_size: int = 64, batch_size: int = 4, seed: int = 0) -> float:
     """Load ``state`` strictly into a fresh torchvision ResNet; max |features - original features|
     on a seeded random batch (3, ``image_size``) with both networks in eval mode."""
-    net = torchvision_resnet(arch, small_stem)
+    net = torchvision_resnet(arch, stem)
     net.load_state_dict(state, strict=True)
     x = torch.randn(batch_size, 3, image_size, image_size, generator=torch.Generator().manual_seed(seed))
     was_training = original.training
@@ -113,10 +112,10 @@ def max_feature_difference(original: nn.Module, state: Dict[str, torch.Tensor], 
     return (net.eval()(x) - ref).abs().max().item()
 
 
-def check_export(original: nn.Module, state: Dict[str, torch.Tensor], arch: str, small_stem: bool, what: str,
+def check_export(original: nn.Module, state: Dict[str, torch.Tensor], arch: str, stem: str, what: str,
                  tolerance: float, image_size: int) -> float:
     """:func:`max_feature_difference`, printed; ``RuntimeError`` above ``tolerance``."""
-    diff = max_feature_difference(original, state, arch, small_stem, image_size)
+    diff = max_feature_difference(original, state, arch, stem, image_size)
     print(f"[export] {what}: max abs feature difference to the original backbone {diff:.3e}", flush=True)
     if not diff <= tolerance:
         raise RuntimeError(f"{what}: exported backbone differs from the original by {diff:.3e} > {tolerance:.0e}")
@@ -130,11 +129,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--output", required=True, help="output prefix: writes <output>.pth and/or <output>.pkl")
     p.add_argument("--format", choices=["torchvision", "d2", "both"], default="both", help="what to write")
     p.add_argument("--arch", default=None, help="override the checkpoint's arch")
-    p.add_argument("--small-stem", action=argparse.BooleanOptionalAction, default=None,
-                   help="override the checkpoint's small-stem setting")
+    p.add_argument("--stem", default=None, choices=STEMS, help="override the checkpoint's stem")
+    p.add_argument("--small-stem", action="store_const", dest="stem", const="small",
+                   help="deprecated alias of --stem small")
+    p.add_argument("--no-small-stem", action="store_const", dest="stem", const="imagenet",
+                   help="deprecated alias of --stem imagenet")
     p.add_argument("--tolerance", type=float, default=1e-5, help="max abs feature difference allowed")
     p.add_argument("--verify-size", type=int, default=None,
-                   help="image side of the verification batch (default: 32 small stem, 64 otherwise)")
+                   help="image side of the verification batch (default: 32 small stems, 64 imagenet)")
     args = p.parse_args(argv)
     if not os.path.isfile(args.checkpoint):
         p.error(f"--checkpoint {args.checkpoint}: file does not exist")
@@ -143,31 +145,30 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, str]:
     args = parse_args(argv)
-    backbone, _, ckpt = load_pretrained_backbone(args.checkpoint, args.arch, args.small_stem)
-    config = ckpt.get("config") or {}
-    arch = args.arch or config.get("arch")
-    small_stem = bool(config.get("small_stem", False)) if args.small_stem is None else args.small_stem
-    size = args.verify_size or (32 if small_stem else 64)
-    if small_stem:
-        print("[export] small-stem backbone: conv1 is (64, 3, 3, 3) and there is no max-pool; load it into a "
-              "torchvision ResNet with the same stem swap (detectron2's BasicStem cannot take it)", flush=True)
+    backbone, _, ckpt = load_pretrained_backbone(args.checkpoint, args.arch, args.stem)
+    arch, stem = backbone_spec(ckpt, args.arch, args.stem, source=args.checkpoint)
+    size = args.verify_size or (64 if stem == "imagenet" else 32)
+    if stem != "imagenet":
+        pool = "the max-pool is kept" if stem == "small-maxpool" else "there is no max-pool"
+        print(f"[export] {stem} stem backbone: conv1 is (64, 3, 3, 3) and {pool}; load it into a torchvision "
+              f"ResNet with the same stem swap (detectron2's BasicStem cannot take it)", flush=True)
     state = torchvision_state(backbone)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     written: Dict[str, str] = {}
     if args.format in ("torchvision", "both"):
-        check_export(backbone, state, arch, small_stem, "torchvision export", args.tolerance, size)
+        check_export(backbone, state, arch, stem, "torchvision export", args.tolerance, size)
         path = args.output + ".pth"
         torch.save(state, path)
         written["torchvision"] = path
     if args.format in ("d2", "both"):
         obj = to_detectron2(state)
-        check_export(backbone, from_detectron2(obj), arch, small_stem, "detectron2 export", args.tolerance, size)
+        check_export(backbone, from_detectron2(obj), arch, stem, "detectron2 export", args.tolerance, size)
         path = args.output + ".pkl"
         with open(path, "wb") as f:
             pickle.dump(obj, f)
         written["d2"] = path
     for fmt, path in written.items():
-        print(f"[export] wrote {fmt}: {path} ({arch}{', small stem' if small_stem else ''}, "
+        print(f"[export] wrote {fmt}: {path} ({arch}, {stem} stem, "
               f"epoch {ckpt.get('epoch', '?')})", flush=True)
     return written
 

@@ -276,7 +276,7 @@ def _randaugment() -> v2.RandAugment:
 
 def build_augmentation(name: str, num_views: int = 1, image_size: int = 224, crop: float = 0.08,
                        image_size2: int = 96, crop2: float = 0.14, num_crop2: int = 3,
-                       fast: bool = True) -> Augmentation:
+                       fast: bool = True, val_crop_fraction: float = VAL_CROP_FRACTION) -> Augmentation:
     """Build the ``--aug name`` recipe (see the module docstring for each recipe).
 
     Args:
@@ -288,6 +288,8 @@ def build_augmentation(name: str, num_views: int = 1, image_size: int = 224, cro
             ``--num-crop2``).
         fast: CPU stage = decode/crop/flip to uint8 and colour ops batched on the device; else the
             seed-style PIL pipeline.
+        val_crop_fraction: ``val`` resizes the shorter side to ``image_size / val_crop_fraction``
+            before the centre crop (``--val-crop-fraction``; 1.0 for 28-32 px data).
     """
     if name not in AUG_NAMES:
         raise ValueError(f"--aug: unknown augmentation {name!r}; valid names: {', '.join(AUG_NAMES)}")
@@ -298,7 +300,9 @@ def build_augmentation(name: str, num_views: int = 1, image_size: int = 224, cro
     normalize = T.Normalize(B.IMAGENET_MEAN, B.IMAGENET_STD)
 
     if name == "val":
-        resize = round(image_size / VAL_CROP_FRACTION)
+        if not 0.0 < val_crop_fraction <= 1.0:
+            raise ValueError(f"--val-crop-fraction must be in (0, 1], got {val_crop_fraction}")
+        resize = round(image_size / val_crop_fraction)
         if fast:
             return Augmentation(name, FastResizeCenterCrop(resize, image_size),
                                 B.MultiViewDeviceStage([B.BatchedPipeline([B.Normalize()])], [0]), True)

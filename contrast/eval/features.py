@@ -7,7 +7,8 @@ indices, and every rank ends with the features of the whole dataset in dataset
 order.
 
 Also here: building the backbone of a pretraining checkpoint from its recorded
-``config`` (``arch``, ``small_stem``) and loading its ``backbone.`` weights.
+``config`` (``arch``, ``stem``; older configs' ``small_stem`` is read by
+:func:`contrast.models.stem_of`) and loading its ``backbone.`` weights.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from contrast import distributed as dist
 from contrast.checkpoint import CheckpointError, extract_backbone, load_file, load_model_state
-from contrast.models import build_backbone
+from contrast.models import build_backbone, stem_of
 
 
 class ShardSampler(Sampler[int]):
@@ -118,35 +119,35 @@ def _feature_dim(model, loader: DataLoader, device: torch.device, device_transfo
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def backbone_spec(ckpt: dict, arch: Optional[str] = None, small_stem: Optional[bool] = None,
-                  source: str = "checkpoint") -> Tuple[str, bool]:
-    """``(arch, small_stem)``: the explicit values, else those recorded in ``ckpt["config"]``."""
+def backbone_spec(ckpt: dict, arch: Optional[str] = None, stem: Optional[str] = None,
+                  source: str = "checkpoint") -> Tuple[str, str]:
+    """``(arch, stem)``: the explicit values, else those recorded in ``ckpt["config"]``."""
     config = ckpt.get("config") or {}
     if not isinstance(config, dict):
         config = vars(config)
     arch = arch or config.get("arch")
     if arch is None:
         raise ValueError(f"{source}: no 'arch' in the checkpoint's config; pass --arch")
-    if small_stem is None:
-        small_stem = bool(config.get("small_stem", False))
-    return arch, small_stem
+    if stem is None:
+        stem = stem_of(config)
+    return arch, stem
 
 
-def load_pretrained_backbone(path: str, arch: Optional[str] = None, small_stem: Optional[bool] = None,
+def load_pretrained_backbone(path: str, arch: Optional[str] = None, stem: Optional[str] = None,
                              ) -> Tuple[nn.Module, int, dict]:
     """Build the backbone a pretraining checkpoint was trained with and load its weights (strict).
 
-    Returns ``(backbone, feat_dim, ckpt)``. ``arch``/``small_stem`` override the
+    Returns ``(backbone, feat_dim, ckpt)``. ``arch``/``stem`` override the
     checkpoint's ``config``. Errors (:class:`contrast.checkpoint.CheckpointError`)
     name the file.
     """
     ckpt = load_file(path)
     if "model" not in ckpt:
         raise CheckpointError(f"{path}: no 'model' entry; is this a contrast pretraining checkpoint?")
-    arch, small_stem = backbone_spec(ckpt, arch, small_stem, source=path)
+    arch, stem = backbone_spec(ckpt, arch, stem, source=path)
     weights = extract_backbone(ckpt["model"])
     if not weights:
         raise CheckpointError(f"{path}: no 'backbone.' tensors in the checkpoint's model state")
-    backbone, feat_dim = build_backbone(arch, small_stem=small_stem)
+    backbone, feat_dim = build_backbone(arch, stem=stem)
     load_model_state(backbone, weights, path)
     return backbone, feat_dim, ckpt

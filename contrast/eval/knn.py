@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from contrast.data import build_dataset
-from contrast.data.transforms import build_augmentation
+from contrast.data.transforms import VAL_CROP_FRACTION, build_augmentation
 from contrast.eval.features import build_eval_loader, extract_features
 
 
@@ -127,13 +127,14 @@ class KNNMonitor:
 
     @classmethod
     def from_data_dir(cls, data_dir: str, device: torch.device, zip_mode: bool = False, cache_mode: str = "no",
-                      image_size: int = 224, **kwargs) -> "KNNMonitor":
+                      image_size: int = 224, val_crop_fraction: float = VAL_CROP_FRACTION,
+                      **kwargs) -> "KNNMonitor":
         """Build both splits of ``data_dir`` with the ``val`` transform (``build_dataset``).
 
         ``cache_mode="part"`` is read as ``"no"``: its rank shards do not match the
         contiguous evaluation blocks.
         """
-        aug = build_augmentation("val", num_views=1, image_size=image_size)
+        aug = build_augmentation("val", num_views=1, image_size=image_size, val_crop_fraction=val_crop_fraction)
         cache = "no" if cache_mode == "part" else cache_mode
         sets = [build_dataset(data_dir, split, zip_mode, cache, aug.cpu, 0, 1) for split in ("train", "val")]
         return cls(sets[0], sets[1], device, device_transform=aug.device, **kwargs)
@@ -144,7 +145,8 @@ class KNNMonitor:
         batch_size, num_workers``."""
         return cls.from_data_dir(args.data_dir, device, zip_mode=bool(getattr(args, "zip", False)),
                                  cache_mode=getattr(args, "cache_mode", "no"),
-                                 image_size=getattr(args, "image_size", 224), k=args.knn_k,
+                                 image_size=getattr(args, "image_size", 224),
+                                 val_crop_fraction=getattr(args, "val_crop_fraction", VAL_CROP_FRACTION), k=args.knn_k,
                                  temperature=args.knn_t, batch_size=getattr(args, "batch_size", 256),
                                  num_workers=getattr(args, "num_workers", 0))
 

@@ -3,7 +3,7 @@
 ``build_method(args, num_instances)`` maps the command-line flags to a method:
 
 =========  ==========================================================================
-model      flags used (besides ``arch``, ``small_stem``, ``mlp_head``, ``feature_dim``)
+model      flags used (besides ``arch``, ``stem``, ``mlp_head``, ``feature_dim``)
 =========  ==========================================================================
 PIC        contrast_temperature, pic_num_negative; for the sampled classifier
            (pic_num_negative > 0) also pic_weight_correction, pic_storage,
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 
-from contrast.models.backbones import ARCHS, build_backbone
+from contrast.models.backbones import ARCHS, STEMS, build_backbone, stem_of
 from contrast.models.base import BaseMethod
 from contrast.models.heads import build_head
 from contrast.models.instdisc import InstDisc
@@ -29,8 +29,9 @@ from contrast.models.simclr import SimCLR
 
 METHODS = ("PIC", "InstDisc", "MoCo", "SimCLR")
 
-__all__ = ["ARCHS", "METHODS", "BaseMethod", "DenseInstanceClassifier", "InstDisc", "MoCo", "PIC", "SimCLR",
-           "build_backbone", "build_head", "build_instance_classifier", "build_method", "num_views_for"]
+__all__ = ["ARCHS", "METHODS", "STEMS", "BaseMethod", "DenseInstanceClassifier", "InstDisc", "MoCo", "PIC", "SimCLR",
+           "build_backbone", "build_head", "build_instance_classifier", "build_method", "num_views_for",
+           "stem_of"]
 
 
 def num_views_for(model: str, aug: str, num_crop2: int = 3) -> int:
@@ -44,7 +45,7 @@ def build_method(args, num_instances: int) -> BaseMethod:
     """Build the method named by ``args.model`` for a training set of ``num_instances`` images."""
     if args.model not in METHODS:
         raise ValueError(f"--model {args.model!r} is not supported; choose one of: {', '.join(METHODS)}")
-    backbone, feat_dim = build_backbone(args.arch, small_stem=getattr(args, "small_stem", False))
+    backbone, feat_dim = build_backbone(args.arch, stem=stem_of(args))
     common = dict(backbone=backbone, feat_dim=feat_dim, feature_dim=args.feature_dim, mlp_head=args.mlp_head,
                   temperature=args.contrast_temperature)
     if args.model == "PIC":
