@@ -2,12 +2,12 @@
 # Fashion-MNIST benchmark on the CPU: every method pretrained under one budget, then kNN and
 # cached-feature linear evaluation, with raw-pixel and random-init baselines, in one markdown table.
 #
-#   bash scripts/bench_fashion_mnist.sh                       # defaults: ~10 min per method on 2 free cores
+#   bash scripts/bench_fashion_mnist.sh                       # defaults: ~70 min in all on 2 free cores
 #   BUDGET=600 PRETRAIN_LIMIT=300 TRAIN_LIMIT=300 VAL_LIMIT=200 NUM_NEGATIVE=128 WINDOW=64 STRIDE=16 \
 #       LINEAR_EPOCHS=5 STANDARD_LINEAR="" OUT=/tmp/fm_smoke bash scripts/bench_fashion_mnist.sh   # smoke run
 #
 # Data: pretraining uses the first PRETRAIN_LIMIT training images; kNN memory and the linear
-# classifiers use the first TRAIN_LIMIT (default all 60000) and are scored on the first VAL_LIMIT
+# classifiers use the first TRAIN_LIMIT (default 20000) and are scored on the first VAL_LIMIT
 # test images (default all 10000). Images stay at 28 px (evaluation: --val-crop-fraction 1.0).
 # Budget: BUDGET training views per method (BUDGET_UNIT=views, the PIC paper's "#aug/iter x #epoch":
 # MoCo v2 and SimCLR see 2 views per image, PIC multi-crop's 1 + 3 small crops count as 2, as the
@@ -20,18 +20,19 @@
 # schedule), SimCLR uses LARS at its paper's 0.3; MoCo's key encoder momentum is 0.99 instead of
 # 0.999 (a 0.999 average barely moves in a few hundred steps). STANDARD_LINEAR names the methods
 # whose checkpoint also gets the standard linear protocol (main_linear.py, augmented images,
-# STANDARD_EPOCHS epochs on the first STANDARD_LIMIT training images) next to the cached-feature one
-# on the same images. Every setting below is a variable; EXTRA_FLAGS go to every main_pretrain.py run.
+# STANDARD_EPOCHS epochs on the first STANDARD_LIMIT training images, scored on the first
+# STANDARD_VAL_LIMIT test images) next to the cached-feature one on the same images.
+# Every setting below is a variable; EXTRA_FLAGS go to every main_pretrain.py run.
 # Results: $OUT/results.md (one JSON per row in $OUT/results/), $OUT/linear_protocols.md, $OUT/curves.png.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SRC=${SRC:-/usr/share/datasets/fashion-mnist}   # IDX files (Debian package dataset-fashion-mnist)
 OUT=${OUT:-./output/bench_fmnist}
-TRAIN_LIMIT=${TRAIN_LIMIT:-0}           # kNN memory / linear training images (0 = all 60000)
+TRAIN_LIMIT=${TRAIN_LIMIT:-20000}       # kNN memory / linear training images (0 = all 60000)
 VAL_LIMIT=${VAL_LIMIT:-0}               # test images evaluated (0 = all 10000)
-PRETRAIN_LIMIT=${PRETRAIN_LIMIT:-10000} # pretraining images (the first ones of the training set)
-BUDGET=${BUDGET:-60000}                 # views (or images) per method
+PRETRAIN_LIMIT=${PRETRAIN_LIMIT:-7500}  # pretraining images (the first ones of the training set)
+BUDGET=${BUDGET:-30000}                 # views (or images) per method
 BUDGET_UNIT=${BUDGET_UNIT:-views}       # views | images
 MAX_MINUTES=${MAX_MINUTES:-20}          # wall-time cap per pretraining run
 METHODS=${METHODS:-"PIC PIC-multicrop InstDisc MoCov2 SimCLR"}
@@ -50,8 +51,10 @@ KNN_K=${KNN_K:-"20 200"}
 LINEAR_EPOCHS=${LINEAR_EPOCHS:-100}
 LINEAR_COPIES=${LINEAR_COPIES:-0}       # 0: un-augmented train features; K: K NULL-augmented copies
 STANDARD_LINEAR=${STANDARD_LINEAR:-PIC} # methods also evaluated with the standard linear protocol
-STANDARD_LIMIT=${STANDARD_LIMIT:-10000}
-STANDARD_EPOCHS=${STANDARD_EPOCHS:-10}
+STANDARD_LIMIT=${STANDARD_LIMIT:-5000}   # training images of the protocol comparison
+STANDARD_VAL_LIMIT=${STANDARD_VAL_LIMIT:-2000}
+STANDARD_EPOCHS=${STANDARD_EPOCHS:-5}
+STANDARD_BATCH=${STANDARD_BATCH:-256}
 SEED=${SEED:-0}
 EXTRA_FLAGS=${EXTRA_FLAGS:-}            # e.g. "--channels-last"
 PY=${PY:-python}
@@ -121,9 +124,10 @@ done
 # Standard linear protocol (augmented images through the frozen backbone, main_linear.py) next to the
 # cached-feature one, on the same checkpoint and the same STANDARD_LIMIT training images.
 if [ -n "$STANDARD_LINEAR" ]; then
-  STD_DATA=$OUT/data_standard; prepare "$STD_DATA" "$STANDARD_LIMIT" "$VAL_LIMIT"
+  STD_DATA=$OUT/data_standard; prepare "$STD_DATA" "$STANDARD_LIMIT" "$STANDARD_VAL_LIMIT"
   table="$OUT/linear_protocols.md"
-  { echo "Linear evaluation of the same checkpoints on $(wc -l < "$STD_DATA/train_map.txt") training / $(wc -l < "$STD_DATA/val_map.txt") test images."
+  n_std=$(wc -l < "$STD_DATA/train_map.txt"); n_std_val=$(wc -l < "$STD_DATA/val_map.txt")
+  { echo "Linear evaluation of the same checkpoints on $n_std training / $n_std_val test images."
     echo ""
     echo "| method | cached features: top-1 | s | standard protocol, $STANDARD_EPOCHS epochs: top-1 (last) | best | s |"
     echo "|---|---|---|---|---|---|"; } > "$table"
@@ -136,8 +140,9 @@ if [ -n "$STANDARD_LINEAR" ]; then
         --linear-aug-copies "$LINEAR_COPIES" --seed "$SEED" --device cpu --checkpoint "$ckpt" --name "$method" \
         --output "$OUT/linear_$method-cached.json"
     t1=$(date +%s)
-    $PY main_linear.py --pretrained-model "$ckpt" --arch "$ARCH" --stem "$STEM" --data-dir "$STD_DATA" --zip --cache-mode full \
-        --image-size "$IMAGE_SIZE" --val-crop-fraction 1.0 --epochs "$STANDARD_EPOCHS" --warmup-epoch 0 \
+    $PY main_linear.py --pretrained-model "$ckpt" --arch "$ARCH" --stem "$STEM" --data-dir "$STD_DATA" --zip \
+        --cache-mode full --image-size "$IMAGE_SIZE" --val-crop-fraction 1.0 --epochs "$STANDARD_EPOCHS" \
+        --warmup-epoch 0 --total-batch-size "$STANDARD_BATCH" \
         --num-workers "$WORKERS" --print-freq 20 --seed "$SEED" --device cpu --no-tensorboard \
         --output-dir "$OUT/linear_$method-standard"
     t2=$(date +%s)
