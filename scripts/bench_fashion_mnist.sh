@@ -14,7 +14,9 @@
 # PIC README says they cost about the same), so plain epochs = ceil(BUDGET / (PRETRAIN_LIMIT x views));
 # BUDGET_UNIT=images gives every method the same number of images instead. (PIC's sliding window
 # maps plain epochs to window-epochs, ceil(e x N / WINDOW), so it may see up to one window more.)
-# MAX_MINUTES stops a pretraining run by wall time; it is then evaluated on its last per-epoch
+# Every run has the kNN monitor (k=20, MONITOR_POINTS times per run): its memory is the pretraining
+# images, its queries the first MONITOR_VAL test images (0 = no monitor); the pretraining seconds
+# include it. MAX_MINUTES stops a pretraining run by wall time; it is then evaluated on its last per-epoch
 # checkpoint, and the table shows the epochs and images it reached.
 # Optimisation: the SGD methods share base lr LR (0.06 = 2x the papers' 0.03, for the short
 # schedule), SimCLR uses LARS at its paper's 0.3; MoCo's key encoder momentum is 0.99 instead of
@@ -47,6 +49,8 @@ WORKERS=${WORKERS:-1}
 NUM_NEGATIVE=${NUM_NEGATIVE:-4096}      # InstDisc negatives / MoCo queue (must stay below PRETRAIN_LIMIT)
 WINDOW=${WINDOW:-512}                   # PIC sliding window: W / S = 4 visits per instance, 4 steps apart
 STRIDE=${STRIDE:-128}
+MONITOR_VAL=${MONITOR_VAL:-2000}        # test images of the kNN monitor during pretraining (0 = off)
+MONITOR_POINTS=${MONITOR_POINTS:-4}     # monitor evaluations per run (and one at its end)
 KNN_K=${KNN_K:-"20 200"}
 LINEAR_EPOCHS=${LINEAR_EPOCHS:-100}
 LINEAR_COPIES=${LINEAR_COPIES:-0}       # 0: un-augmented train features; K: K NULL-augmented copies
@@ -67,7 +71,7 @@ prepare() {  # output folder, train limit, val limit
 }
 mkdir -p "$OUT/results"
 DATA=$OUT/data; prepare "$DATA" "$TRAIN_LIMIT" "$VAL_LIMIT"
-PRETRAIN_DATA=$OUT/data_pretrain; prepare "$PRETRAIN_DATA" "$PRETRAIN_LIMIT" 1
+PRETRAIN_DATA=$OUT/data_pretrain; prepare "$PRETRAIN_DATA" "$PRETRAIN_LIMIT" "$((MONITOR_VAL > 0 ? MONITOR_VAL : 1))"
 n_train=$(wc -l < "$PRETRAIN_DATA/train_map.txt")
 
 eval_args=(--data-dir "$DATA" --zip --cache-mode full --image-size "$IMAGE_SIZE" --val-crop-fraction 1.0
@@ -85,12 +89,14 @@ run_eval "baseline-random-init" --random-init --arch "$ARCH" --stem "$STEM"
 
 for method in $METHODS; do
   views=1
+  windowed=0
   crop=(--crop "$CROP")
   case $method in
     PIC)           flags=(--model PIC --aug SimCLR --mlp-head --base-learning-rate "$LR"
-                          --use-sliding-window-sampler --window-size "$WINDOW" --window-stride "$STRIDE") ;;
+                          --use-sliding-window-sampler --window-size "$WINDOW" --window-stride "$STRIDE"); windowed=1 ;;
     PIC-multicrop) flags=(--model PIC --aug MultiCrop --mlp-head --base-learning-rate "$LR" --image-size2 "$IMAGE_SIZE2"
                           --use-sliding-window-sampler --window-size "$WINDOW" --window-stride "$STRIDE"); views=2
+                   windowed=1
                    crop=(--crop 0.08 --crop2 "$CROP") ;;  # large crop (CROP, 1), small crops (0.08, CROP)
     InstDisc)      flags=(--model InstDisc --aug InstDisc --base-learning-rate "$LR"
                           --contrast-num-negative "$NUM_NEGATIVE") ;;
@@ -103,6 +109,11 @@ for method in $METHODS; do
   per_epoch=$n_train
   [ "$BUDGET_UNIT" = views ] && per_epoch=$((n_train * views))
   epochs=$(( (BUDGET + per_epoch - 1) / per_epoch ))
+  loop_epochs=$epochs
+  [ "$windowed" = 1 ] && loop_epochs=$(( (epochs * n_train + WINDOW - 1) / WINDOW ))
+  monitor=()
+  [ "$MONITOR_VAL" -gt 0 ] && monitor=(--knn-monitor --knn-k 20 --val-crop-fraction 1.0
+                                       --knn-freq "$(( (loop_epochs + MONITOR_POINTS - 1) / MONITOR_POINTS ))")
   dir="$OUT/$method"
   if [ ! -f "$dir/pretrain_seconds" ]; then
     start=$(date +%s)
@@ -111,7 +122,7 @@ for method in $METHODS; do
         --cache-mode full --arch "$ARCH" --stem "$STEM" --image-size "$IMAGE_SIZE" "${crop[@]}" \
         --batch-size "$BATCH" --num-workers "$WORKERS" \
         --epochs "$epochs" --warmup-epoch 0 --save-freq 1000000 --print-freq 20 --seed "$SEED" --device cpu \
-        --output-dir "$dir" $EXTRA_FLAGS || status=$?
+        "${monitor[@]}" --output-dir "$dir" $EXTRA_FLAGS || status=$?
     if [ "$status" -ne 0 ] && [ "$status" -ne 124 ]; then
       echo "[bench] $method: pretraining failed (exit $status), see $dir/log.txt" >&2; exit "$status"
     fi
@@ -159,7 +170,7 @@ EOF
 fi
 
 $PY tools/plot_curves.py --runs $(for m in $METHODS; do echo "$OUT/$m"; done) --labels $METHODS \
-    --output "$OUT/curves.png" --title "Fashion-MNIST, $ARCH $STEM stem, $BUDGET $BUDGET_UNIT"
+    --x progress --output "$OUT/curves.png" --title "Fashion-MNIST, $ARCH $STEM stem, $BUDGET $BUDGET_UNIT"
 
 $PY - "$OUT" "$BUDGET" "$BUDGET_UNIT" "$KNN_K" "$LINEAR_EPOCHS" <<'EOF'
 import json, os, sys

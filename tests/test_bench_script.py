@@ -27,7 +27,7 @@ def test_bench_script_writes_both_tables_and_curves(tmp_path):
     env = dict(os.environ, SRC=str(src), OUT=str(out), PY=sys.executable, METHODS="PIC SimCLR",
                PRETRAIN_LIMIT="64", BUDGET="128", BATCH="16", NUM_NEGATIVE="32", WINDOW="32", STRIDE="16",
                LINEAR_EPOCHS="2", STANDARD_LIMIT="300", STANDARD_EPOCHS="1", STANDARD_BATCH="100",
-               KNN_K="5 20", WORKERS="0")
+               KNN_K="5 20", WORKERS="0", MONITOR_VAL="20", MONITOR_POINTS="2")
     proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", "bench_fashion_mnist.sh")], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -46,6 +46,10 @@ def test_bench_script_writes_both_tables_and_curves(tmp_path):
     assert rows["PIC"][1] == "4/4" and rows["SimCLR"][1] == "1/1"
     pic = json.loads((out / "results" / "PIC.json").read_text())
     assert pic["num_train"] == 300 and pic["num_val"] == 40 and pic["images_seen"] == 4 * 32
+    # kNN monitor: PIC's 4 window-epochs every ceil(4 / 2) = 2 -> epochs 2 and 4; SimCLR at its only epoch
+    monitor = re.compile(r"knn epoch (\d+): top-1 [\d.]+")
+    assert [m.group(1) for m in monitor.finditer((out / "PIC" / "log.txt").read_text())] == ["2", "4"]
+    assert [m.group(1) for m in monitor.finditer((out / "SimCLR" / "log.txt").read_text())] == ["1"]
     raw = json.loads((out / "results" / "baseline-raw-pixels.json").read_text())
     assert raw["knn"]["5"]["top1"] > 50.0  # the bands make raw pixels easy to classify
 

@@ -81,3 +81,13 @@ def test_errors_name_the_run(tmp_path):
         plot_curves.load_run(str(tmp_path / "junk"))
     with pytest.raises(SystemExit):
         plot_curves.parse_args(["--runs", "a", "b", "--labels", "x"])
+
+
+def test_progress_axis_puts_runs_of_different_lengths_on_zero_to_one():
+    series = {"train/loss": [(1.0, 5.0), (50.0, 4.0), (200.0, 3.0)], "train/lr": [(1.0, 0.1), (200.0, 0.0)],
+              "knn/top1": [(15.0, 60.0), (59.0, 70.0)], "epoch/other": [(3.0, 1.0)]}
+    prog = plot_curves.as_progress(series)
+    assert prog["train/loss"] == [(1 / 200, 5.0), (0.25, 4.0), (1.0, 3.0)]
+    assert prog["train/lr"][-1] == (1.0, 0.0)
+    assert prog["knn/top1"] == [(15 / 59, 60.0), (1.0, 70.0)]   # epochs scale by the last epoch, not iteration
+    assert prog["epoch/other"] == [(3.0, 1.0)]                   # series not plotted are left alone

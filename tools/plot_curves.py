@@ -10,7 +10,10 @@ single file). Its scalars are read from the TensorBoard event files under it
   ``knn`` = the kNN monitor), at epoch ``e``.
 
 Panels: loss, lr and images/s against the iteration; accuracies against the
-epoch. Each run has its own colour; several series of one run (top-1 / top-5,
+epoch. ``--x progress`` puts every run on a common axis instead, the fraction of
+the run done (iterations / its last iteration, epochs / its last epoch), which
+compares runs of one budget whose epochs differ in length (PIC's sliding-window
+epochs against plain ones). Each run has its own colour; several series of one run (top-1 / top-5,
 kNN / linear) differ by line style. Per-epoch summaries (``epoch/*`` tags) are
 skipped when the per-iteration series exist.
 
@@ -111,14 +114,33 @@ def load_run(path: str) -> Series:
             if not (k.startswith("epoch/") and k.rsplit("/", 1)[-1] in leaves_per_iter)}
 
 
-def plot_runs(runs: List[Tuple[str, Series]], output: str, title: str = "") -> Dict[str, int]:
-    """Draw the four panels for all runs into ``output`` (PNG); returns lines drawn per panel."""
+def as_progress(series: Series) -> Series:
+    """The same series with x divided by the run's last x: iterations by the last iteration of the
+    iteration panels, epochs by the last epoch of the accuracy panel (so both end at 1.0)."""
+    last: Dict[bool, float] = {}
+    for name, points in series.items():
+        if points and panel_of(name) is not None:
+            per_epoch = panel_of(name) == "accuracy"
+            last[per_epoch] = max(last.get(per_epoch, 0.0), points[-1][0])
+    out: Series = {}
+    for name, points in series.items():
+        panel = panel_of(name)
+        end = last.get(panel == "accuracy", 0.0) if panel is not None else 0.0
+        out[name] = [(x / end, y) for x, y in points] if end > 0 else list(points)
+    return out
+
+
+def plot_runs(runs: List[Tuple[str, Series]], output: str, title: str = "", x_axis: str = "step") -> Dict[str, int]:
+    """Draw the four panels for all runs into ``output`` (PNG); returns lines drawn per panel.
+    ``x_axis``: ``step`` (iteration / epoch) or ``progress`` (see ``as_progress``)."""
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     axes_of = dict(zip(PANELS, axes.flat))
     styles = ["-", "--", ":", "-."]
     drawn = {p: 0 for p in PANELS}
     for colour, (label, series) in enumerate(runs):
         style_index: Dict[str, int] = {}
+        if x_axis == "progress":
+            series = as_progress(series)
         for name, points in sorted(series.items()):
             panel = panel_of(name)
             if panel is None or not points:
@@ -131,7 +153,10 @@ def plot_runs(runs: List[Tuple[str, Series]], output: str, title: str = "") -> D
             drawn[panel] += 1
     for panel, ax in axes_of.items():
         ax.set_title(panel)
-        ax.set_xlabel("epoch" if panel == "accuracy" else "iteration")
+        if x_axis == "progress":
+            ax.set_xlabel("fraction of the run")
+        else:
+            ax.set_xlabel("epoch" if panel == "accuracy" else "iteration")
         ax.grid(alpha=0.3)
         if drawn[panel]:
             ax.legend(fontsize=7)
@@ -155,6 +180,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--labels", nargs="+", default=None, help="one legend label per run (default: folder names)")
     p.add_argument("--output", default="curves.png", help="PNG file to write")
     p.add_argument("--title", default="", help="figure title")
+    p.add_argument("--x", choices=("step", "progress"), default="step",
+                   help="x axis: iteration / epoch, or the fraction of each run done (runs of one budget)")
     args = p.parse_args(argv)
     if args.labels is not None and len(args.labels) != len(args.runs):
         p.error(f"--labels: {len(args.labels)} labels for {len(args.runs)} runs")
@@ -165,7 +192,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, int]:
     args = parse_args(argv)
     labels = args.labels or [os.path.basename(os.path.normpath(r)) for r in args.runs]
     runs = [(label, load_run(path)) for label, path in zip(labels, args.runs)]
-    drawn = plot_runs(runs, args.output, args.title)
+    drawn = plot_runs(runs, args.output, args.title, args.x)
     print(f"[plot] {args.output}: " + ", ".join(f"{p} {n} line(s)" for p, n in drawn.items()), flush=True)
     return drawn
 
