@@ -25,7 +25,7 @@ def test_bench_script_writes_both_tables_and_curves(tmp_path):
         write(src / f"{prefix}-labels-idx1-ubyte", idx_bytes(labels))
     out = tmp_path / "bench"
     env = dict(os.environ, SRC=str(src), OUT=str(out), PY=sys.executable, METHODS="PIC SimCLR",
-               PRETRAIN_LIMIT="64", BUDGET="128", BATCH="16", NUM_NEGATIVE="32", WINDOW="32", STRIDE="16",
+               PRETRAIN_LIMIT="64", BUDGET="128", BATCH="16", NUM_NEGATIVE="32", PIC_NEGATIVE="24", WINDOW="32", STRIDE="16",
                LINEAR_EPOCHS="2", STANDARD_LIMIT="300", STANDARD_EPOCHS="1", STANDARD_BATCH="100",
                KNN_K="5 20", WORKERS="0", MONITOR_VAL="20", MONITOR_POINTS="2")
     proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", "bench_fashion_mnist.sh")], env=env, cwd=ROOT,
