@@ -2,7 +2,7 @@
 # Fashion-MNIST benchmark on the CPU: every method pretrained under one budget, then kNN and
 # cached-feature linear evaluation, with raw-pixel and random-init baselines, in one markdown table.
 #
-#   bash scripts/bench_fashion_mnist.sh                       # defaults: ~60 min in all on 2 free cores
+#   bash scripts/bench_fashion_mnist.sh                       # defaults: ~45 min in all on 2 free cores
 #   BUDGET=600 PRETRAIN_LIMIT=300 TRAIN_LIMIT=300 VAL_LIMIT=200 NUM_NEGATIVE=128 WINDOW=64 STRIDE=16 \
 #       LINEAR_EPOCHS=5 STANDARD_LINEAR="" OUT=/tmp/fm_smoke bash scripts/bench_fashion_mnist.sh   # smoke run
 #
