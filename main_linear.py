@@ -3,8 +3,9 @@
     python main_linear.py --pretrained-model OUT/current.pth --data-dir DATA --output-dir OUT/eval
     python main_linear.py -e --resume OUT/eval/current.pth --data-dir DATA     # evaluate only
 
-The backbone stays in eval mode (BatchNorm statistics frozen) and is checked to be unchanged after
-training. The lr is ``--learning-rate x --total-batch-size / 256``.
+Arch, stem, image size and the evaluation crop are those the checkpoint was pretrained with unless
+given. The backbone stays in eval mode (BatchNorm statistics frozen) and is checked to be unchanged
+after training. The lr is ``--learning-rate x --total-batch-size / 256``.
 """
 from __future__ import annotations
 
@@ -16,16 +17,17 @@ from torch import nn
 
 from contrast import distributed as cd
 from contrast import engine
-from contrast.checkpoint import list_state_differences, load_checkpoint, load_pretrained_backbone, resume_path
+from contrast.checkpoint import (LINEAR, list_state_differences, load_model_state, read_checkpoint,
+                                 restore_training_state, resume_path)
 from contrast.data import build_dataset, build_sampler
 from contrast.data.transforms import build_augmentation
 from contrast.eval.features import ShardSampler
-from contrast.models import build_backbone
+from contrast.models import TrainModule, build_backbone
 from contrast.optim import build_scheduler
-from contrast.option import parse_linear_args
+from contrast.option import parse_linear_args, resolve_from_config
 
 
-class LinearClassifier(nn.Module):
+class LinearClassifier(TrainModule):
     """Frozen backbone (eval mode, no grad) + ``fc``: Linear(feat_dim, num_classes), N(0, 0.01) init.
 
     ``forward(views, label)`` takes a one-view list of (B, 3, H, W) images and (B,) labels and
@@ -38,6 +40,9 @@ class LinearClassifier(nn.Module):
         self.fc = nn.Linear(feat_dim, num_classes)
         nn.init.normal_(self.fc.weight, std=0.01)
         nn.init.zeros_(self.fc.bias)
+
+    def target(self, index: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        return label
 
     def train(self, mode: bool = True) -> "LinearClassifier":
         super().train(mode)
@@ -80,11 +85,19 @@ def evaluate(model: LinearClassifier, loader, device_aug: nn.Module, run: engine
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     args = parse_linear_args(argv)
-    run = engine.setup_run(args, "linear")
+    run = engine.setup_run("linear", args.output_dir, args.device, args.local_rank, args.seed, args.tensorboard)
     env, logger = run.env, run.logger
     if args.total_batch_size % env.world_size:
         raise ValueError(f"--total-batch-size {args.total_batch_size} is not divisible by {env.world_size} processes")
     batch = args.total_batch_size // env.world_size
+
+    resume = resume_path(args.resume, args.auto_resume, args.output_dir)
+    if args.eval and resume is None:
+        raise FileNotFoundError(f"-e: no linear checkpoint in {args.output_dir} (current.pth)")
+    source = read_checkpoint(resume if args.eval else args.pretrained_model)
+    taken = resolve_from_config(args, source.config)
+    logger.info(f"backbone {args.arch} ({args.stem} stem), image size {args.image_size}, val crop fraction "
+                f"{args.val_crop_fraction}" + (f"; from {source.path}: {', '.join(taken)}" if taken else ""))
 
     train_aug = build_augmentation(args.aug, 1, args.image_size, args.crop, fast=not args.plain_aug)
     val_aug = build_augmentation("val", 1, args.image_size, fast=not args.plain_aug,
@@ -98,18 +111,15 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     precision = engine.build_precision(args.amp_opt_level, env.device)
 
     if args.eval:
-        path = resume_path(args.resume, args.auto_resume, args.output_dir)
-        if path is None:
-            raise FileNotFoundError(f"-e: no linear checkpoint in {args.output_dir} (current.pth)")
-        model = engine.prepare_model(model, args, env.device)
-        load_checkpoint(path, model, restore_rng=False)
+        load_model_state(model, source.model, source.path, source.config)
+        model = engine.prepare_model(model, env.device, channels_last=args.channels_last)
         result = evaluate(model, val_loader, val_aug.device, run, precision, args.channels_last)
-        logger.info(f"eval {path}: top-1 {result['acc1']:.2f} top-5 {result['acc5']:.2f}")
+        logger.info(f"eval {source.path}: top-1 {result['acc1']:.2f} top-5 {result['acc5']:.2f}")
         return result
 
-    n = load_pretrained_backbone(model.backbone, args.pretrained_model)
-    logger.info(f"loaded {n} backbone tensors from {args.pretrained_model}")
-    model = engine.prepare_model(model, args, env.device)
+    load_model_state(model.backbone, source.backbone_state(), source.path, source.config)
+    logger.info(f"loaded {len(source.backbone_state())} backbone tensors from {source.path}")
+    model = engine.prepare_model(model, env.device, channels_last=args.channels_last)
     frozen = {k: v.detach().clone() for k, v in model.backbone.state_dict().items()}
 
     train_set = build_dataset(args.data_dir, "train", args.zip, args.cache_mode, train_aug.cpu, env.rank,
@@ -121,21 +131,24 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     optimizer = torch.optim.SGD(model.fc.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
     scheduler = build_scheduler(optimizer, args.lr_scheduler, args.epochs, iters, args.warmup_epoch,
                                 args.warmup_multiplier, args.lr_decay_epochs, args.lr_decay_rate)
-    config = engine.write_config(run, args, effective_lr=lr, per_process_batch=batch, backbone_tensors=n)
+    config = engine.write_config(run, vars(args), effective_lr=lr, per_process_batch=batch,
+                                 backbone_tensors=len(frozen))
 
     state, start, best = engine.TrainState(), args.start_epoch, {"acc1": 0.0, "acc5": 0.0, "epoch": 0}
-    path = resume_path(args.resume, args.auto_resume, args.output_dir)
-    if path:
-        ckpt = load_checkpoint(path, model, optimizer, scheduler, precision.scaler, sampler)
-        start, state.step, best = ckpt["epoch"] + 1, ckpt["step"], ckpt.get("best", best)
-        logger.info(f"resumed from {path} (epoch {ckpt['epoch']})")
-    ddp_model = engine.wrap_ddp(model, env)
+    if resume:
+        ckpt = read_checkpoint(resume)
+        restore_training_state(ckpt, model, optimizer, scheduler, precision.scaler, sampler)
+        start, state.step, best = ckpt.epoch + 1, ckpt.step, ckpt.extra.get("best", best)
+        logger.info(f"resumed from {resume} (epoch {ckpt.epoch})")
+    trainer = engine.Trainer(engine.wrap_ddp(model, env), model, optimizer, scheduler, precision, run,
+                             engine.LoopOptions(args.print_freq, args.max_nonfinite, args.channels_last),
+                             train_aug.device, state)
+    trainer.start(args.epochs * iters, iters)
 
     result = best
     for epoch in range(start, args.epochs + 1):
         sampler.set_epoch(epoch)
-        engine.train_one_epoch(ddp_model, loader, optimizer, scheduler, precision, run, state, epoch, args.epochs,
-                               train_aug.device, "label", args.channels_last, args.print_freq, args.max_nonfinite)
+        trainer.train_epoch(loader, epoch, args.epochs)
         result = evaluate(model, val_loader, val_aug.device, run, precision, args.channels_last)
         if result["acc1"] >= best["acc1"]:
             best = {**result, "epoch": epoch}
@@ -144,7 +157,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
         run.tb.scalars(result, epoch, prefix="val/")
         engine.save_epoch(run, epoch, args.save_freq, args.epochs, model=model, optimizer=optimizer,
                           scheduler=scheduler, scaler=precision.scaler, sampler=sampler, step=state.step,
-                          config=config, effective_lr=lr, extra={"best": best})
+                          config=config, effective_lr=lr, kind=LINEAR, extra={"best": best})
 
     changed = list_state_differences(frozen, model.backbone.state_dict())
     if changed:

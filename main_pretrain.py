@@ -1,4 +1,4 @@
-"""Unsupervised pretraining: PIC, InstDisc, MoCo v1/v2, SimCLR.
+"""Unsupervised pretraining with any registered method (PIC, InstDisc, MoCo v1/v2, SimCLR, ...).
 
     python main_pretrain.py --model PIC --aug SimCLR --mlp-head --data-dir DATA ...      # one process
     torchrun --nproc_per_node=4 main_pretrain.py ...                                    # DDP
@@ -10,22 +10,24 @@ from __future__ import annotations
 from typing import List, Optional
 
 from contrast import engine
-from contrast.checkpoint import load_checkpoint, resume_path
+from contrast.checkpoint import read_checkpoint, restore_training_state, resume_path
 from contrast.data import build_dataset, build_sampler, window_epochs
 from contrast.data.transforms import build_augmentation
 from contrast.eval.knn import KNNMonitor
-from contrast.models import build_method, num_views_for
+from contrast.models import build_method, method_class
 from contrast.optim import build_optimizer, build_scheduler
-from contrast.option import parse_pretrain_args
+from contrast.option import method_config, parse_pretrain_args
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     args = parse_pretrain_args(argv)
-    run = engine.setup_run(args, "pretrain")
+    run = engine.setup_run("pretrain", args.output_dir, args.device, args.local_rank, args.seed, args.tensorboard)
     env, logger = run.env, run.logger
+    cfg = method_config(args)
+    views = method_class(args.model).views
 
-    aug = build_augmentation(args.aug, num_views_for(args.model, args.aug, args.num_crop2), args.image_size,
-                             args.crop, args.image_size2, args.crop2, args.num_crop2, fast=not args.plain_aug)
+    aug = build_augmentation(args.aug, views.count, args.image_size, args.crop, args.image_size2, args.crop2,
+                             args.num_crop2, fast=not args.plain_aug)
     dataset = build_dataset(args.data_dir, "train", args.zip, args.cache_mode, aug.cpu, env.rank, env.world_size,
                             strict=args.strict_data)
     sampler = build_sampler(dataset, args.use_sliding_window_sampler, args.window_size, args.window_stride,
@@ -39,42 +41,49 @@ def main(argv: Optional[List[str]] = None) -> None:
     epochs, warmup = to_loop(args.epochs), to_loop(args.warmup_epoch)
     decay = [to_loop(e) for e in args.lr_decay_epochs]
 
-    model = engine.prepare_model(build_method(args, len(dataset)), args, env.device)
+    method = build_method(cfg, len(dataset))
+    method = engine.prepare_model(method, env.device, method.sync_batchnorm, args.channels_last, args.compile)
     lr = args.base_learning_rate * args.batch_size * env.world_size / 256
-    optimizer = build_optimizer(model, args.optimizer, lr, args.momentum, args.weight_decay)
+    optimizer = build_optimizer(method, args.optimizer, lr, args.momentum, args.weight_decay)
     scheduler = build_scheduler(optimizer, args.lr_scheduler, epochs, iters, warmup, args.warmup_multiplier,
                                 decay, args.lr_decay_rate)
     precision = engine.build_precision(args.amp_opt_level, env.device)
-    config = engine.write_config(run, args, effective_lr=lr, num_instances=len(dataset), loop_epochs=epochs,
+    config = engine.write_config(run, vars(args), effective_lr=lr, num_instances=len(dataset), loop_epochs=epochs,
                                  iters_per_epoch=iters, warmup_loop_epochs=warmup, decay_loop_epochs=decay)
 
     state, start = engine.TrainState(), args.start_epoch
     path = resume_path(args.resume, args.auto_resume, args.output_dir)
     if path:
-        ckpt = load_checkpoint(path, model, optimizer, scheduler, precision.scaler, sampler)
-        start, state.step = ckpt["epoch"] + 1, ckpt["step"]
-        logger.info(f"resumed from {path} (epoch {ckpt['epoch']}, step {state.step})")
+        ckpt = read_checkpoint(path)
+        restore_training_state(ckpt, method, optimizer, scheduler, precision.scaler, sampler)
+        start, state.step = ckpt.epoch + 1, ckpt.step
+        logger.info(f"resumed from {path} (epoch {ckpt.epoch}, step {state.step})")
     elif start > 1:
         scheduler.last_epoch = (start - 1) * iters - 1
         scheduler.step()
         state.step = (start - 1) * iters
-    ddp_model = engine.wrap_ddp(model, env)
 
+    trainer = engine.Trainer(engine.wrap_ddp(method, env), method, optimizer, scheduler, precision, run,
+                             engine.LoopOptions(args.print_freq, args.max_nonfinite, args.channels_last),
+                             aug.device, state)
+    trainer.start(epochs * iters, iters)
     logger.info(f"{args.model}: {len(dataset)} images, {epochs} loop epochs x {iters} iterations, "
                 f"effective lr {lr:.4g} (total batch {args.batch_size * env.world_size})")
-    monitor = KNNMonitor.from_args(args, env.device) if args.knn_monitor else None
+    monitor = None
+    if args.knn_monitor:
+        monitor = KNNMonitor.from_data_dir(args.data_dir, env.device, args.zip, args.cache_mode, args.image_size,
+                                           args.val_crop_fraction, k=args.knn_k, temperature=args.knn_t,
+                                           batch_size=args.batch_size, num_workers=args.num_workers)
     for epoch in range(start, epochs + 1):
         sampler.set_epoch(epoch)
-        stats = engine.train_one_epoch(ddp_model, loader, optimizer, scheduler, precision, run, state, epoch,
-                                       epochs, aug.device, "index", args.channels_last, args.print_freq,
-                                       args.max_nonfinite)
+        stats = trainer.train_epoch(loader, epoch, epochs)
         run.tb.scalars(stats, epoch, prefix="epoch/")
         if monitor is not None and (epoch % args.knn_freq == 0 or epoch == epochs):
-            acc = monitor(model.backbone)   # collective: every rank extracts its share
+            acc = monitor(method.backbone)   # collective: every rank extracts its share
             logger.info(f"knn epoch {epoch}: top-1 {acc['top1']:.2f} top-5 {acc['top5']:.2f} "
                         f"(best top-1 {monitor.best['top1']:.2f})")
             run.tb.scalars(acc, epoch, prefix="knn/")
-        engine.save_epoch(run, epoch, args.save_freq, epochs, model=model, optimizer=optimizer,
+        engine.save_epoch(run, epoch, args.save_freq, epochs, model=method, optimizer=optimizer,
                           scheduler=scheduler, scaler=precision.scaler, sampler=sampler, step=state.step,
                           config=config, effective_lr=lr)
     run.tb.close()

@@ -17,13 +17,13 @@ import os
 import platform
 import sys
 import time
-from argparse import Namespace
 from typing import Dict, List
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from contrast.models import build_method  # noqa: E402
+from contrast.config import BackboneConfig, MethodConfig  # noqa: E402
+from contrast.models import build_method, method_class  # noqa: E402
 
 # name: (model, aug, [view sizes])
 CONFIGS: Dict[str, tuple] = {
@@ -74,11 +74,12 @@ def _sync(device: torch.device) -> None:
 
 def bench_one(args, arch: str, name: str, precision: str, channels_last: bool) -> Dict:
     model, aug, sizes = CONFIGS[name]
-    flags = Namespace(model=model, arch=arch, stem="imagenet", mlp_head=model != "InstDisc", feature_dim=128,
-                      contrast_temperature=0.2, contrast_momentum=0.999 if model == "MoCo" else 0.5,
-                      contrast_num_negative=args.num_negative, aug=aug)
+    cfg = MethodConfig(name=model, backbone=BackboneConfig(arch=arch), mlp_head=model != "InstDisc",
+                       momentum=0.999 if model == "MoCo" else 0.5, num_negative=args.num_negative,
+                       multi_crop=aug == "MultiCrop",
+                       options={f.dest: f.default for f in method_class(model).flags})
     torch.manual_seed(0)
-    method = build_method(flags, args.num_instances).to(args.device)
+    method = build_method(cfg, args.num_instances).to(args.device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     method = method.to(memory_format=fmt)
     opt = torch.optim.SGD(method.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)

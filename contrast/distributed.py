@@ -14,7 +14,6 @@ from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 
 
 @dataclass(frozen=True)
@@ -112,13 +111,49 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate ``x`` from all ranks along dim 0 with autograd support.
 
     The backward pass sums, over ranks, the gradients flowing into each rank's
-    slice and returns that sum to its owner (``torch.distributed.nn`` semantics).
+    slice and returns that sum to its owner (``torch.distributed.nn`` semantics, which
+    torch deprecates).
     Combined with DDP's gradient averaging this yields the gradient of the
     global mean loss.
     """
     if get_world_size() == 1:
         return x
-    return torch.cat(dist_nn.all_gather(x.contiguous()), dim=0)
+    return _AllGatherWithGrad.apply(x.contiguous())
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """all_gather along dim 0; backward: the gradient of the whole output summed over ranks, this
+    rank's slice kept (all_reduce rather than reduce_scatter, which gloo lacks)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.rows = x.shape[0]
+        out = [torch.empty_like(x) for _ in range(get_world_size())]
+        dist.all_gather(out, x)
+        return torch.cat(out, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = get_rank() * ctx.rows
+        return grad[start:start + ctx.rows]
+
+
+class _AllReduceSumWithGrad(torch.autograd.Function):
+    """all_reduce(SUM); backward: the incoming gradient summed over ranks."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        out = x.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
 
 
 def all_gather_variable(x: torch.Tensor) -> torch.Tensor:
@@ -159,7 +194,7 @@ def all_reduce_sum_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Sum over ranks with autograd (backward: the incoming gradient summed over ranks)."""
     if get_world_size() == 1:
         return x
-    return dist_nn.all_reduce(x, op=dist.ReduceOp.SUM)
+    return _AllReduceSumWithGrad.apply(x.contiguous())
 
 
 def broadcast(x: torch.Tensor, src: int = 0) -> torch.Tensor:
@@ -290,6 +325,11 @@ def _swap_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
     for name, child in module.named_children():
         setattr(module, name, _swap_batchnorm(child))
     return module
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a ``DistributedDataParallel`` wrapper (the module itself otherwise)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 def shard_range(n: int, rank: Optional[int] = None, world_size: Optional[int] = None) -> Tuple[int, int]:

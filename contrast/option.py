@@ -1,68 +1,151 @@
-"""Command-line options of ``main_pretrain.py`` and ``main_linear.py``.
+"""Command-line options of every entry script and tool: the only module that touches argparse.
 
-Flag names and meanings follow the PIC release (``contrast/option.py`` of
-github.com/zdaxie/PIC); the flags it did not have are marked "(new)" in ``--help``.
-Per-method defaults: when ``--contrast-temperature`` / ``--contrast-momentum`` are not
-given, the method's published value is used (see :data:`METHOD_DEFAULTS`) and the resolved
-value is written to ``config.json`` and to every checkpoint.
+Flag names and meanings follow the PIC release (``contrast/option.py`` of github.com/zdaxie/PIC);
+flags it did not have are marked "(new)" in ``--help``. Parsers are assembled from shared flag
+groups (``add_*_flags``), so one concept has one flag name everywhere (old names stay as aliases).
+
+Per-method defaults: the methods of :data:`contrast.models.METHODS` declare the defaults they give
+the shared flags (``--contrast-temperature``, ``--contrast-momentum``, ``--contrast-num-negative``,
+``--aug``, ...) and their own flags; here they become argparse arguments, and a flag the user did not
+give takes the method's value. The resolved values are written to ``config.json`` and to every
+checkpoint. :func:`method_config` turns the parsed flags into the typed
+:class:`~contrast.config.MethodConfig` the models are built from.
 """
 from __future__ import annotations
 
 import argparse
-from typing import Dict, List, Optional
+import os
+from typing import Any, Dict, List, Optional, Sequence
 
+from contrast.config import VIEW_BATCHING, BackboneConfig, Flag, MethodConfig
 from contrast.data.transforms import AUG_NAMES
 from contrast.models import ARCHS, METHODS, STEMS
-from contrast.models.pic_sampled import STORAGES as PIC_STORAGES
+from contrast.models.views import MULTI_CROP_AUG
 
-MODELS = METHODS  # MoCo v2 = --model MoCo --mlp-head --aug MoCov2 --contrast-temperature 0.2
 AUGS = tuple(a for a in AUG_NAMES if a != "val")
-
-#: Values used when the flag is not given: (temperature, momentum). ``momentum`` is the memory
-#: bank momentum for InstDisc (0.5, released script) and the key-encoder momentum for MoCo (0.999).
-METHOD_DEFAULTS: Dict[str, Dict[str, float]] = {
-    "PIC": {"contrast_temperature": 0.2, "contrast_momentum": 0.0},
-    "InstDisc": {"contrast_temperature": 0.07, "contrast_momentum": 0.5},
-    "MoCo": {"contrast_temperature": 0.07, "contrast_momentum": 0.999},
-    "SimCLR": {"contrast_temperature": 0.1, "contrast_momentum": 0.0},
-}
-
 AMP_HELP = ("mixed precision (torch.amp, replaces Apex): O0 = fp32; O1 = autocast, fp16 with a GradScaler "
             "on CUDA, bf16 on the CPU; O2 = bf16 autocast (no scaler). Logits and losses stay fp32.")
+#: Shared flags whose default depends on the method (``None`` at parse time, then resolved).
+_GLOBAL_DEFAULTS: Dict[str, Any] = {"contrast_temperature": 0.07, "contrast_momentum": 0.0,
+                                    "contrast_num_negative": 65536, "mlp_head": False}
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     pass
 
 
-def _common(parser: argparse.ArgumentParser, default_epochs: int, default_aug: str) -> None:
-    """Flags shared by pretraining and linear evaluation."""
-    g = parser.add_argument_group("data")
+def _parser(prog: str, description: str, epilog: Optional[str] = None) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog, formatter_class=_Formatter, description=description, epilog=epilog)
+
+
+# ---------------------------------------------------------------------------------------- groups
+def add_data_flags(p: argparse.ArgumentParser, *, train: bool, default_aug: Optional[str] = None,
+                   image_size: Optional[int] = 224, cache_modes: Sequence[str] = ("no", "full", "part"),
+                   eval_batch: bool = False) -> None:
+    """Dataset, augmentation and loader flags. ``train``: with the training augmentation flags
+    (``default_aug`` None: the method's); ``image_size`` None: taken from the checkpoint;
+    ``eval_batch``: a ``--batch-size`` for feature extraction."""
+    g = p.add_argument_group("data")
     g.add_argument("--data-dir", type=str, default="./data", help="dataset root: <dir>/train/<class>/<img> "
                    "(+ val), or with --zip train.zip, train_map.txt, val.zip, val_map.txt")
     g.add_argument("--zip", action="store_true", help="read the ImageNet-Zip layout")
-    g.add_argument("--cache-mode", type=str, default="no", choices=["no", "full", "part"],
+    g.add_argument("--cache-mode", type=str, default="no", choices=list(cache_modes),
                    help="keep encoded images in RAM: all of them, or only this rank's shard (part)")
     g.add_argument("--strict-data", action="store_true", help="(new) a corrupt image stops the run "
                    "instead of being replaced and counted")
-    g.add_argument("--aug", type=str, default=default_aug, choices=AUGS, help="augmentation")
+    size_help = "crop size (large crop for MultiCrop)" if image_size else \
+        "(new) crop size (default: the --image-size the checkpoint was pretrained with)"
+    g.add_argument("--image-size", type=int, default=image_size, help=size_help)
+    g.add_argument("--val-crop-fraction", type=float, default=None, help="(new) evaluation transform: resize "
+                   "to image-size / fraction, centre-crop image-size; 1.0 keeps whole small images (default "
+                   "0.875, or the checkpoint's)")
+    g.add_argument("--num-workers", type=int, default=default_num_workers(),
+                   help="DataLoader workers per process (default: the cores available to this process / local "
+                        "processes, at most 8)")
+    if eval_batch:
+        g.add_argument("--batch-size", type=int, default=256, help="images per forward pass and process")
+    if not train:
+        return
+    g.add_argument("--aug", type=str, default=default_aug, choices=AUGS,
+                   help="augmentation" + (" (default: the method's, see below)" if default_aug is None else ""))
     g.add_argument("--crop", type=float, default=0.08, help="minimum scale of RandomResizedCrop")
-    g.add_argument("--image-size", type=int, default=224, help="crop size (large crop for MultiCrop)")
-    g.add_argument("--val-crop-fraction", type=float, default=0.875, help="(new) evaluation transform: resize "
-                   "to image-size / fraction, centre-crop image-size; 1.0 keeps whole small images")
     g.add_argument("--plain-aug", action="store_true", help="(new) run the whole augmentation in the "
                    "DataLoader workers (seed style) instead of colour ops batched on the device")
-    g.add_argument("--num-workers", type=int, default=4, help="DataLoader workers per process")
 
-    g = parser.add_argument_group("model")
-    g.add_argument("--arch", type=str, default="resnet50", choices=ARCHS, help="torchvision ResNet backbone")
-    g.add_argument("--stem", type=str, default="imagenet", choices=STEMS, help="(new) layers before layer1: "
-                   "imagenet = 7x7 stride-2 conv1 + max-pool; small = 3x3 stride-1 conv1, no max-pool (28-32 px "
-                   "images); small-maxpool = 3x3 stride-1 conv1 + max-pool")
+
+def add_multicrop_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("multi-crop (--aug MultiCrop)")
+    g.add_argument("--image-size2", type=int, default=96, help="MultiCrop: small crop size")
+    g.add_argument("--crop2", type=float, default=0.14, help="MultiCrop: max scale of the small crops "
+                   "(and min scale of the large crops)")
+    g.add_argument("--num-crop2", type=int, default=3, help="MultiCrop: number of small crops")
+
+
+def add_sampler_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sliding-window data scheduler (PIC)")
+    g.add_argument("--use-sliding-window-sampler", action="store_true", help="PIC sliding-window data scheduler")
+    g.add_argument("--window-size", type=int, default=131072, help="sliding window size W (all ranks)")
+    g.add_argument("--window-stride", type=int, default=16384, help="sliding window stride S")
+    g.add_argument("--shuffle-per-epoch", action="store_true", help="sliding window: new permutation per pass")
+
+
+def add_backbone_flags(p: argparse.ArgumentParser, *, from_checkpoint: bool) -> None:
+    """``--arch`` / ``--stem``; with ``from_checkpoint`` they default to the checkpoint's values."""
+    g = p.add_argument_group("backbone")
+    suffix = " (default: the checkpoint's)" if from_checkpoint else ""
+    g.add_argument("--arch", type=str, default=None if from_checkpoint else "resnet50", choices=ARCHS,
+                   help="backbone (torchvision ResNet)" + suffix)
+    g.add_argument("--stem", type=str, default=None if from_checkpoint else "imagenet", choices=STEMS,
+                   help="(new) layers before layer1: imagenet = 7x7 stride-2 conv1 + max-pool; small = 3x3 "
+                        "stride-1 conv1, no max-pool (28-32 px images); small-maxpool = 3x3 stride-1 conv1 + "
+                        "max-pool" + suffix)
     g.add_argument("--small-stem", action="store_const", dest="stem", const="small", default=argparse.SUPPRESS,
                    help="deprecated alias of --stem small")
+    if from_checkpoint:
+        g.add_argument("--no-small-stem", action="store_const", dest="stem", const="imagenet",
+                       default=argparse.SUPPRESS, help="deprecated alias of --stem imagenet")
 
-    g = parser.add_argument_group("optimisation")
+
+def add_method_flags(p: argparse.ArgumentParser) -> None:
+    """``--model`` and the flags of every registered method (shared ones first)."""
+    g = p.add_argument_group("method")
+    g.add_argument("--model", type=str, required=True, choices=list(METHODS), help="method")
+    g.add_argument("--feature-dim", type=int, default=128, help="embedding dimension")
+    g.add_argument("--mlp-head", action=argparse.BooleanOptionalAction, default=None,
+                   help="2-layer MLP projection head (default: off, as the release)")
+    g.add_argument("--contrast-temperature", type=float, default=None, help="softmax temperature "
+                   "(default: per method, see below)")
+    g.add_argument("--contrast-momentum", type=float, default=None, help="InstDisc memory-bank momentum, MoCo "
+                   "key-encoder momentum (default: per method)")
+    g.add_argument("--contrast-num-negative", type=int, default=None, help="InstDisc negatives / MoCo queue "
+                   "length (default: per method)")
+    g.add_argument("--view-batching", type=str, default="separate", choices=VIEW_BATCHING,
+                   help="(new) separate: one forward pass per view, each view its own batch-norm batch (the "
+                        "release); joint: equal-sized views concatenated into one batch")
+    for cls in METHODS.values():
+        if cls.flags:
+            mg = p.add_argument_group(f"{cls.name} (--model {cls.name})")
+            for flag in cls.flags:
+                _add_flag(mg, flag)
+
+
+def _add_flag(group, flag: Flag) -> None:
+    kwargs: Dict[str, Any] = {"default": flag.default, "help": flag.help, "dest": flag.dest}
+    if flag.type is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    else:
+        kwargs["type"] = flag.type
+        if flag.choices is not None:
+            kwargs["choices"] = list(flag.choices)
+        if flag.nargs is not None:
+            kwargs["nargs"] = flag.nargs
+    group.add_argument(flag.name, **kwargs)
+
+
+def add_schedule_flags(p: argparse.ArgumentParser, *, default_epochs: int) -> None:
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=default_epochs, help="number of training epochs")
+    g.add_argument("--start-epoch", type=int, default=1, help="first epoch (overridden by a resumed checkpoint)")
     g.add_argument("--lr-scheduler", type=str, default="cosine", choices=["cosine", "step"],
                    help="per-iteration schedule after warm-up: cosine to 1e-6, or step decay")
     g.add_argument("--warmup-epoch", type=int, default=5, help="epochs of linear warm-up")
@@ -74,123 +157,196 @@ def _common(parser: argparse.ArgumentParser, default_epochs: int, default_aug: s
     g.add_argument("--lr-decay-rate", type=float, default=0.1, help="step schedule decay factor")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD / LARS momentum")
     g.add_argument("--amp-opt-level", type=str, default="O0", choices=["O0", "O1", "O2"], help=AMP_HELP)
-    g.add_argument("--epochs", type=int, default=default_epochs, help="number of training epochs")
-    g.add_argument("--start-epoch", type=int, default=1, help="first epoch (overridden by a resumed checkpoint)")
     g.add_argument("--max-nonfinite", type=int, default=10, help="(new) stop after this many consecutive "
                    "steps with a non-finite loss (each is skipped on all ranks)")
     g.add_argument("--channels-last", action="store_true", help="(new) channels-last memory format")
     g.add_argument("--compile", action="store_true", help="(new) torch.compile the backbone "
                    "(nn.Module.compile, checkpoint keys unchanged; needs a C compiler on the CPU)")
 
-    g = parser.add_argument_group("io and runtime")
-    g.add_argument("--output-dir", type=str, default="./output", help="logs, config.json and checkpoints")
-    g.add_argument("--auto-resume", action="store_true", help="continue from <output-dir>/current.pth if present")
-    g.add_argument("--resume", type=str, default="", help="checkpoint to resume from")
-    g.add_argument("--print-freq", type=int, default=100, help="log every N iterations")
-    g.add_argument("--save-freq", type=int, default=10, help="write ckpt_epoch_<e>.pth every N epochs "
-                   "(current.pth is written every epoch)")
-    g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True,
-                   help="(new) TensorBoard scalars in <output-dir>")
+
+def add_runtime_flags(p: argparse.ArgumentParser, *, output_dir: Optional[str] = "./output",
+                      checkpoints: bool = True) -> None:
+    """Output, device, seed, launcher and error-reporting flags (``checkpoints``: resume/save flags)."""
+    g = p.add_argument_group("io and runtime")
+    g.add_argument("--output-dir", type=str, default=output_dir, help="logs, config.json, results and checkpoints")
+    if checkpoints:
+        g.add_argument("--auto-resume", action="store_true", help="continue from <output-dir>/current.pth if present")
+        g.add_argument("--resume", type=str, default="", help="checkpoint to resume from")
+        g.add_argument("--print-freq", type=int, default=100, help="log every N iterations")
+        g.add_argument("--save-freq", type=int, default=10, help="write ckpt_epoch_<e>.pth every N epochs "
+                       "(current.pth is written every epoch)")
+        g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True,
+                       help="(new) TensorBoard scalars in <output-dir>")
     g.add_argument("--device", type=str, default="auto", help="(new) auto (cuda:<local_rank> if available, "
                    "else cpu), cpu, cuda or cuda:<i>")
     g.add_argument("--seed", "--rng-seed", dest="seed", type=int, default=0, help="(new) random seed")
     g.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=-1,
                    help="set by torch.distributed.launch; torchrun uses LOCAL_RANK")
+    g.add_argument("--debug", action="store_true", help="(new) show the full traceback of an error instead of "
+                   "one line (it is always written to the log file)")
 
 
-def _pretrain_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        "main_pretrain.py", formatter_class=_Formatter,
-        description="Unsupervised pretraining (PIC, InstDisc, MoCo v1/v2, SimCLR). Launch with plain python "
-                    "(one process), torchrun or python -m torch.distributed.launch.",
-        epilog="Per-method defaults when --contrast-temperature/--contrast-momentum are omitted: "
-               + "; ".join(f"{m}: T={d['contrast_temperature']}, m={d['contrast_momentum']}"
-                           for m, d in METHOD_DEFAULTS.items())
-               + ". The effective lr is --base-learning-rate x batch-size x world-size / 256. With "
-                 "--use-sliding-window-sampler, --epochs, --warmup-epoch and --lr-decay-epochs count plain "
-                 "epochs and are mapped to window-epochs ceil(e x N / window-size); --save-freq counts "
-                 "window-epochs.")
-    _common(p, default_epochs=100, default_aug="SimCLR")
-    g = p.add_argument_group("pretraining")
-    g.add_argument("--model", type=str, required=True, choices=MODELS, help="method")
+def add_pretrained_flag(p: argparse.ArgumentParser, *, required: bool) -> None:
+    p.add_argument("--pretrained-model", "--checkpoint", dest="pretrained_model", type=str, default="",
+                   required=required, help="pretraining checkpoint of any method (its backbone. tensors; arch, "
+                   "stem and image size from its config unless given); --checkpoint is an alias")
+
+
+def add_knn_flags(p: argparse.ArgumentParser, *, monitor: bool) -> None:
+    g = p.add_argument_group("kNN monitor (new)" if monitor else "kNN")
+    if monitor:
+        g.add_argument("--knn-monitor", action="store_true", help="(new) weighted kNN top-1/top-5 of the backbone "
+                       "on the val split every --knn-freq epochs (console, TensorBoard, best kept)")
+        g.add_argument("--knn-freq", type=int, default=1, help="(new) epochs between kNN monitor evaluations")
+        g.add_argument("--knn-k", type=int, default=200, help="(new) kNN monitor: neighbours")
+    else:
+        g.add_argument("--knn-k", type=int, nargs="+", default=[200], help="neighbours; several values share "
+                       "one feature extraction (InstDisc: 200)")
+        g.add_argument("--chunk-size", type=int, default=1024, help="queries per similarity block (memory bound)")
+    g.add_argument("--knn-t", type=float, default=0.07, help="temperature T of the exp(sim / T) weights")
+
+
+# ---------------------------------------------------------------------------------------- parsers
+def _method_epilog() -> str:
+    lines = []
+    for cls in METHODS.values():
+        d = {**_GLOBAL_DEFAULTS, **cls.defaults}
+        lines.append(f"{cls.name}: --aug {cls.views.aug}, {cls.views.count} view(s)"
+                     + (" (or MultiCrop)" if cls.views.multi_crop else "")
+                     + f", T={d['contrast_temperature']}, momentum={d['contrast_momentum']}, "
+                       f"negatives={d['contrast_num_negative']}")
+    return ("Per-method defaults when a flag is omitted: " + "; ".join(lines) + ". The effective lr is "
+            "--base-learning-rate x batch-size x world-size / 256. With --use-sliding-window-sampler, --epochs, "
+            "--warmup-epoch and --lr-decay-epochs count plain epochs and are mapped to window-epochs "
+            "ceil(e x N / window-size); --save-freq counts window-epochs.")
+
+
+def pretrain_parser() -> argparse.ArgumentParser:
+    p = _parser("main_pretrain.py", "Unsupervised pretraining (" + ", ".join(METHODS) + "). Launch with plain "
+                "python (one process), torchrun or python -m torch.distributed.launch.", _method_epilog())
+    add_data_flags(p, train=True)
+    add_multicrop_flags(p)
+    add_sampler_flags(p)
+    add_backbone_flags(p, from_checkpoint=False)
+    add_method_flags(p)
+    add_schedule_flags(p, default_epochs=100)
+    g = p.add_argument_group("pretraining optimiser")
     g.add_argument("--batch-size", type=int, default=64, help="batch size per process")
     g.add_argument("--base-learning-rate", "--base-lr", dest="base_learning_rate", type=float, default=0.03,
                    help="lr for a total batch of 256")
     g.add_argument("--optimizer", type=str, default="sgd", choices=["sgd", "lars"],
-                   help="LARS: no decay or adaptation on biases and BN parameters, trust coefficient 0.001")
+                   help="LARS: no decay or adaptation on biases and BN parameters, trust coefficient 0.001 (the "
+                        "sampled PIC table, --pic-num-negative > 0, always runs its own momentum SGD)")
     g.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay")
-    g.add_argument("--feature-dim", type=int, default=128, help="embedding dimension")
-    g.add_argument("--mlp-head", action="store_true", help="2-layer MLP projection head")
-    g.add_argument("--contrast-temperature", type=float, default=None, help="softmax temperature "
-                   "(default: per method, see below)")
-    g.add_argument("--contrast-momentum", type=float, default=None, help="InstDisc memory-bank momentum or "
-                   "MoCo key-encoder momentum (default: per method)")
-    g.add_argument("--contrast-num-negative", type=int, default=65536, help="InstDisc negatives / MoCo queue length")
-    g.add_argument("--pic-num-negative", type=int, default=0, help="(new) PIC recent negative sampling: "
-                   "number of negatives K (0 = full softmax over all instances)")
-    g.add_argument("--pic-weight-correction", action=argparse.BooleanOptionalAction, default=True,
-                   help="(new) PIC weight update correction for rows skipped by negative sampling")
-    g.add_argument("--pic-storage", type=str, default="memory", choices=PIC_STORAGES,
-                   help="(new) sampled PIC classifier: where each rank keeps its shard of the table "
-                        "(host memory, or memory-mapped files)")
-    g.add_argument("--pic-storage-dir", type=str, default="", help="(new) folder of the table files with "
-                   "--pic-storage disk (default: <output-dir>/pic_table)")
-    g.add_argument("--knn-monitor", action="store_true", help="(new) weighted kNN top-1/top-5 of the backbone "
-                   "on the val split every --knn-freq epochs (console, TensorBoard, best kept)")
-    g.add_argument("--knn-freq", type=int, default=1, help="(new) epochs between kNN monitor evaluations")
-    g.add_argument("--knn-k", type=int, default=200, help="(new) kNN monitor: neighbours")
-    g.add_argument("--knn-t", type=float, default=0.07, help="(new) kNN monitor: temperature of exp(sim / T)")
-    g.add_argument("--use-sliding-window-sampler", action="store_true", help="PIC sliding-window data scheduler")
-    g.add_argument("--window-size", type=int, default=131072, help="sliding window size W (all ranks)")
-    g.add_argument("--window-stride", type=int, default=16384, help="sliding window stride S")
-    g.add_argument("--shuffle-per-epoch", action="store_true", help="sliding window: new permutation per pass")
-    g.add_argument("--image-size2", type=int, default=96, help="MultiCrop: small crop size")
-    g.add_argument("--crop2", type=float, default=0.14, help="MultiCrop: max scale of the small crops "
-                   "(and min scale of the large crop)")
-    g.add_argument("--num-crop2", type=int, default=3, help="MultiCrop: number of small crops")
+    add_knn_flags(p, monitor=True)
+    add_runtime_flags(p)
     return p
 
 
-def _linear_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        "main_linear.py", formatter_class=_Formatter,
-        description="Linear evaluation: a linear classifier on the frozen (eval-mode) pretrained backbone.")
-    _common(p, default_epochs=100, default_aug="NULL")
+def linear_parser() -> argparse.ArgumentParser:
+    p = _parser("main_linear.py", "Linear evaluation: a linear classifier on the frozen (eval-mode) pretrained "
+                "backbone. Arch, stem, image size and evaluation crop come from the checkpoint unless given.")
+    add_pretrained_flag(p, required=False)
+    add_data_flags(p, train=True, default_aug="NULL", image_size=None)
+    add_backbone_flags(p, from_checkpoint=True)
+    add_schedule_flags(p, default_epochs=100)
     g = p.add_argument_group("linear evaluation")
-    g.add_argument("--pretrained-model", type=str, default="", help="pretraining checkpoint of any method "
-                   "(its backbone. tensors are loaded)")
     g.add_argument("--total-batch-size", type=int, default=256, help="batch size over all processes")
     g.add_argument("--learning-rate", type=float, default=30.0, help="lr for a total batch of 256")
     g.add_argument("--weight-decay", type=float, default=0.0, help="weight decay")
     g.add_argument("-e", "--eval", action="store_true", help="only evaluate the linear checkpoint given by "
                    "--resume (or <output-dir>/current.pth with --auto-resume)")
+    add_runtime_flags(p)
     return p
 
 
-def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    positive = ["epochs", "print_freq", "save_freq", "image_size"]
-    positive += ["batch_size"] if hasattr(args, "batch_size") else ["total_batch_size"]
+def knn_parser() -> argparse.ArgumentParser:
+    p = _parser("main_knn.py", "kNN and cached-feature linear evaluation of a pretrained backbone (any method), "
+                "or of the raw-pixel / random-init baselines.")
+    g = p.add_argument_group("what to evaluate (exactly one)")
+    add_pretrained_flag(g, required=False)
+    g.add_argument("--random-init", action="store_true", help="baseline: randomly initialised --arch backbone")
+    g.add_argument("--raw-pixels", action="store_true", help="baseline: the normalised pixels as features")
+    add_data_flags(p, train=False, image_size=None, cache_modes=("no", "full"), eval_batch=True)
+    add_backbone_flags(p, from_checkpoint=True)
+    add_knn_flags(p, monitor=False)
+    g = p.add_argument_group("cached-feature linear evaluation")
+    g.add_argument("--linear-cached", action="store_true", help="also train a linear classifier on cached features")
+    g.add_argument("--linear-aug-copies", type=int, default=0, help="training features: 0 = one un-augmented "
+                   "(val transform) copy, K > 0 = K copies under the NULL augmentation (crop + flip)")
+    g.add_argument("--linear-crop", type=float, default=0.08, help="NULL augmentation: minimum crop scale")
+    g.add_argument("--linear-epochs", type=int, default=100, help="epochs over the cached features")
+    g.add_argument("--linear-lr", type=float, default=0.1, help="initial lr (cosine to 0); features are "
+                   "standardised, so one value suits every method")
+    g.add_argument("--linear-batch-size", type=int, default=256, help="batch size")
+    g.add_argument("--linear-wd", type=float, default=0.0, help="weight decay")
+    add_runtime_flags(p, output_dir=None, checkpoints=False)
+    g = p.add_argument_group("results")
+    g.add_argument("--output-json", "--output", dest="output_json", type=str, default="",
+                   help="write the results as JSON to this file (default: <output-dir>/knn.json when --output-dir "
+                        "is given); --output is an alias")
+    g.add_argument("--save-features", type=str, default="", help="also torch.save the features and labels "
+                   "of both splits (dataset order) to this file")
+    g.add_argument("--name", type=str, default="", help="run name recorded in the JSON (default: derived)")
+    return p
+
+
+def export_parser() -> argparse.ArgumentParser:
+    p = _parser("export_backbone.py", "Export a pretrained backbone as a torchvision state dict and a "
+                "detectron2 checkpoint, and verify both by comparing features.")
+    add_pretrained_flag(p, required=True)
+    p.add_argument("--output", required=True, help="output prefix: writes <output>.pth and/or <output>.pkl")
+    p.add_argument("--format", choices=["torchvision", "d2", "both"], default="both", help="what to write")
+    add_backbone_flags(p, from_checkpoint=True)
+    p.add_argument("--tolerance", type=float, default=1e-5, help="max abs feature difference allowed")
+    p.add_argument("--verify-size", type=int, default=None,
+                   help="image side of the verification batch (default: 32 small stems, 64 imagenet)")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    return p
+
+
+# ---------------------------------------------------------------------------------------- checks
+def default_num_workers() -> int:
+    """DataLoader workers per process: the CPUs this process may use, shared by the processes of this
+    machine (``LOCAL_WORLD_SIZE``), at most 8 (the release used 4)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    local = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    return max(0, min(8, cpus // local - 1))
+
+
+def _check(p: argparse.ArgumentParser, args: argparse.Namespace, positive: Sequence[str]) -> None:
     for name in positive:
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.num_workers < 0:
         p.error(f"--num-workers must be >= 0, got {args.num_workers}")
-    if args.warmup_epoch < 0 or args.warmup_multiplier < 1:
+    if getattr(args, "val_crop_fraction", None) is not None and not 0 < args.val_crop_fraction <= 1:
+        p.error(f"--val-crop-fraction must be in (0, 1], got {args.val_crop_fraction}")
+    if hasattr(args, "warmup_epoch") and (args.warmup_epoch < 0 or args.warmup_multiplier < 1):
         p.error("--warmup-epoch must be >= 0 and --warmup-multiplier >= 1")
-    if args.max_nonfinite < 1:
-        p.error(f"--max-nonfinite must be >= 1, got {args.max_nonfinite}")
-    if not 0 < args.crop <= 1:
+    if hasattr(args, "crop") and not 0 < args.crop <= 1:
         p.error(f"--crop must be in (0, 1], got {args.crop}")
 
 
 def parse_pretrain_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     """Parse and resolve pretraining flags (fills the per-method defaults)."""
-    p = _pretrain_parser()
+    p = pretrain_parser()
     args = p.parse_args(argv)
-    _check(p, args)
-    for key, value in METHOD_DEFAULTS[args.model].items():
+    _check(p, args, ["epochs", "print_freq", "save_freq", "image_size", "batch_size", "max_nonfinite", "knn_freq"])
+    cls = METHODS[args.model]
+    for key, value in {**_GLOBAL_DEFAULTS, **cls.defaults}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.aug is None:
+        args.aug = cls.views.aug
+    if args.aug == MULTI_CROP_AUG and not cls.views.multi_crop:
+        p.error(f"--aug MultiCrop is not supported by --model {args.model}")
+    if args.val_crop_fraction is None:
+        args.val_crop_fraction = 0.875
     if args.model in ("InstDisc", "MoCo") and args.contrast_num_negative < 1:
         p.error(f"--contrast-num-negative must be >= 1 for {args.model}")
     if args.use_sliding_window_sampler and not 1 <= args.window_stride <= args.window_size:
@@ -199,12 +355,72 @@ def parse_pretrain_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 def parse_linear_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    """Parse linear-evaluation flags."""
-    p = _linear_parser()
+    """Parse linear-evaluation flags (arch, stem, image size: see :func:`resolve_from_config`)."""
+    p = linear_parser()
     args = p.parse_args(argv)
-    _check(p, args)
+    _check(p, args, ["epochs", "print_freq", "save_freq", "image_size", "total_batch_size", "max_nonfinite"])
     if not args.eval and not args.pretrained_model:
         p.error("--pretrained-model is required for linear training (or pass -e with a linear checkpoint)")
     if args.eval and not (args.resume or args.auto_resume):
         p.error("-e/--eval needs the linear checkpoint: --resume PATH or --auto-resume")
     return args
+
+
+def parse_knn_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = knn_parser()
+    args = p.parse_args(argv)
+    chosen = [bool(args.pretrained_model), args.random_init, args.raw_pixels]
+    if sum(chosen) != 1:
+        p.error("give exactly one of --pretrained-model PATH, --random-init, --raw-pixels")
+    if args.random_init and not args.arch:
+        p.error("--random-init needs --arch")
+    if args.pretrained_model and not os.path.isfile(args.pretrained_model):
+        p.error(f"--pretrained-model {args.pretrained_model}: file does not exist")
+    _check(p, args, ["image_size", "batch_size", "chunk_size", "linear_epochs", "linear_batch_size"])
+    if min(args.knn_k) < 1 or args.knn_t <= 0:
+        p.error(f"--knn-k must be >= 1 and --knn-t > 0, got {args.knn_k} and {args.knn_t}")
+    if args.linear_aug_copies < 0:
+        p.error("--linear-aug-copies must be >= 0")
+    if not args.output_json and args.output_dir:
+        args.output_json = os.path.join(args.output_dir, "knn.json")
+    return args
+
+
+def parse_export_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = export_parser()
+    args = p.parse_args(argv)
+    if not os.path.isfile(args.pretrained_model):
+        p.error(f"--pretrained-model {args.pretrained_model}: file does not exist")
+    return args
+
+
+# ---------------------------------------------------------------------------------------- resolved values
+def resolve_from_config(args: argparse.Namespace, config: Dict[str, Any],
+                        names: Sequence[str] = ("arch", "stem", "image_size", "val_crop_fraction")) -> List[str]:
+    """Fill the flags in ``names`` the user left unset (None) from a checkpoint's ``config``
+    (``stem`` also from older configs' ``small_stem``); returns the names taken from it."""
+    from contrast.models import stem_of
+    fallback = {"image_size": 224, "val_crop_fraction": 0.875, "stem": "imagenet"}
+    taken = []
+    for name in names:
+        if getattr(args, name, None) is not None:
+            continue
+        value = stem_of(config) if name == "stem" else config.get(name)
+        if value is None:
+            value = fallback.get(name)
+        else:
+            taken.append(name)
+        setattr(args, name, value)
+    return taken
+
+
+def method_config(args: argparse.Namespace) -> MethodConfig:
+    """The typed configuration of ``--model`` from parsed pretraining flags."""
+    cls = METHODS[args.model]
+    return MethodConfig(
+        name=args.model, backbone=BackboneConfig(arch=args.arch, stem=args.stem),
+        feature_dim=args.feature_dim, mlp_head=bool(args.mlp_head), temperature=args.contrast_temperature,
+        momentum=args.contrast_momentum, num_negative=args.contrast_num_negative,
+        view_batching=args.view_batching, multi_crop=args.aug == MULTI_CROP_AUG, seed=args.seed,
+        optimizer_momentum=args.momentum, weight_decay=args.weight_decay, output_dir=args.output_dir,
+        options={f.dest: getattr(args, f.dest) for f in cls.flags})

@@ -19,7 +19,7 @@ run_recipe() {
     done
     local data_dir=${DATA_DIR:-./data/ImageNet-Zip}
     local output_dir=${OUTPUT_DIR:-./output/${name}/epochs-${epochs}}
-    local launch=(torchrun --master_port "${MASTER_PORT:-12348}" --nproc_per_node="${NPROC:-4}")
+    local launch=("${PYTHON:-python}" -m torch.distributed.run --master_port "${MASTER_PORT:-12348}" --nproc_per_node="${NPROC:-4}")
     local data=(--data-dir "${data_dir}")
     if [ -f "${data_dir}/train.zip" ]; then data+=(--zip); fi
 

@@ -8,7 +8,7 @@ import torch
 
 import main_linear
 import main_pretrain
-from contrast.checkpoint import CheckpointError, extract_backbone, load_file
+from contrast.checkpoint import LINEAR, CheckpointError, read_checkpoint, write_pretrained_checkpoint
 from tests.dist_utils import free_port
 from tests.synthetic import make_image_folder
 from tests.test_cli_pretrain import ROOT, tiny_args
@@ -23,8 +23,9 @@ def pretrained(tmp_path_factory):
 
 
 def linear_args(data, ckpt, out, *extra, epochs=2):
-    return ["--data-dir", str(data), "--pretrained-model", str(ckpt), "--output-dir", str(out), "--arch", "resnet18",
-            "--image-size", "32", "--total-batch-size", "4", "--epochs", str(epochs), "--num-workers", "0",
+    """Arch, stem and image size are not given: they come from the checkpoint (resnet18, 32 px)."""
+    return ["--data-dir", str(data), "--pretrained-model", str(ckpt), "--output-dir", str(out),
+            "--total-batch-size", "4", "--epochs", str(epochs), "--num-workers", "0",
             "--print-freq", "1", "--warmup-epoch", "0", "--learning-rate", "5", "--no-tensorboard", *extra]
 
 
@@ -34,20 +35,21 @@ def test_linear_trains_evaluates_and_keeps_backbone(pretrained, tmp_path):
     result = main_linear.main(linear_args(data, ckpt, out))
     assert 0 <= result["last_acc1"] <= 100 and result["best_acc1"] >= result["last_acc1"]
     assert result["last_acc5"] == 100.0  # 2 classes: the top-5 always contains the label
-    lin = load_file(str(out / "current.pth"))
-    assert lin["epoch"] == 2 and lin["best"]["acc1"] == result["best_acc1"]
-    assert load_file(ckpt)["config"]["stem"] == lin["config"]["stem"] == "imagenet"
-    assert "small_stem" not in load_file(ckpt)["config"]
-    pre = extract_backbone(load_file(ckpt)["model"])
-    post = extract_backbone(lin["model"])
+    lin, pre_ckpt = read_checkpoint(str(out / "current.pth")), read_checkpoint(ckpt)
+    assert lin.kind == LINEAR and lin.epoch == 2 and lin.extra["best"]["acc1"] == result["best_acc1"]
+    assert pre_ckpt.config["stem"] == lin.config["stem"] == "imagenet"
+    assert (lin.config["arch"], lin.config["image_size"]) == (pre_ckpt.config["arch"], 32) == ("resnet18", 32)
+    assert "small_stem" not in pre_ckpt.config
+    pre, post = pre_ckpt.backbone_state(), lin.backbone_state()
     assert pre.keys() == post.keys() and all(torch.equal(pre[k], post[k]) for k in pre)  # frozen, BN stats too
-    assert not torch.equal(lin["model"]["fc.weight"], torch.zeros_like(lin["model"]["fc.weight"]))
+    assert not torch.equal(lin.model["fc.weight"], torch.zeros_like(lin.model["fc.weight"]))
     log = open(out / "log.txt").read()
     assert f"loaded {len(pre)} backbone tensors from {ckpt}" in log and "val epoch 2: top-1" in log
+    assert f"backbone resnet18 (imagenet stem), image size 32, val crop fraction 0.875; from {ckpt}: arch, stem, " \
+           f"image_size, val_crop_fraction" in log
 
     again = main_linear.main(["-e", "--resume", str(out / "current.pth"), "--data-dir", str(data), "--output-dir",
-                              str(tmp_path / "e"), "--arch", "resnet18", "--image-size", "32", "--num-workers", "0",
-                              "--total-batch-size", "4", "--no-tensorboard"])
+                              str(tmp_path / "e"), "--num-workers", "0", "--total-batch-size", "4", "--no-tensorboard"])
     assert again["acc1"] == pytest.approx(result["last_acc1"])
 
 
@@ -69,8 +71,8 @@ def test_linear_auto_resume_matches(pretrained, tmp_path, monkeypatch):
         with pytest.raises(Stop):
             main_linear.main(linear_args(data, ckpt, tmp_path / "c"))
     resumed = main_linear.main(linear_args(data, ckpt, tmp_path / "c", "--auto-resume"))
-    a, c = load_file(str(tmp_path / "a" / "current.pth")), load_file(str(tmp_path / "c" / "current.pth"))
-    assert all(torch.equal(a["model"][k], c["model"][k]) for k in a["model"])
+    a, c = read_checkpoint(str(tmp_path / "a" / "current.pth")), read_checkpoint(str(tmp_path / "c" / "current.pth"))
+    assert all(torch.equal(a.model[k], c.model[k]) for k in a.model)
     assert resumed["last_acc1"] == straight["last_acc1"]
 
 
@@ -84,7 +86,9 @@ def test_backbone_change_is_detected(pretrained, tmp_path, monkeypatch):
 
 def test_bad_checkpoints(pretrained, tmp_path):
     data, ckpt = pretrained
-    with pytest.raises(CheckpointError, match=r"current\.pth: checkpoint does not fit this model"):
+    with pytest.raises(CheckpointError, match=r"current\.pth: checkpoint does not fit this model \(the checkpoint "
+                                              r"holds model=MoCo, arch=resnet18, stem=imagenet, mlp_head=False, "
+                                              r"feature_dim=16, image_size=32\)"):
         main_linear.main(linear_args(data, ckpt, tmp_path / "o", "--arch", "resnet34"))
     for stem in (["--stem", "small-maxpool"], ["--small-stem"]):  # the pretraining used the imagenet stem
         with pytest.raises(CheckpointError, match=r"current\.pth: .*shape mismatch \(e\.g\. conv1\.weight"):
@@ -96,7 +100,7 @@ def test_bad_checkpoints(pretrained, tmp_path):
     with pytest.raises(CheckpointError, match=r"checkpoint file not found: .*absent\.pth"):
         main_linear.main(linear_args(data, tmp_path / "absent.pth", tmp_path / "o"))
     nobackbone = tmp_path / "nb.pth"
-    torch.save({"model": {"head.weight": torch.zeros(2)}}, nobackbone)
+    write_pretrained_checkpoint(str(nobackbone), {"head.weight": torch.zeros(2)}, {"arch": "resnet18"}, 1)
     with pytest.raises(CheckpointError, match=r"nb\.pth: no 'backbone\.' tensors"):
         main_linear.main(linear_args(data, nobackbone, tmp_path / "o"))
 
@@ -117,6 +121,6 @@ def test_linear_torchrun_two_processes(pretrained, tmp_path):
                         f"--master_port={free_port()}", "main_linear.py", *linear_args(data, ckpt, out, epochs=1)],
                        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
-    lin = load_file(str(out / "current.pth"))
-    assert lin["world_size"] == 2 and lin["config"]["per_process_batch"] == 2
+    lin = read_checkpoint(str(out / "current.pth"))
+    assert lin.world_size == 2 and lin.config["per_process_batch"] == 2
     assert "val epoch 1: top-1" in open(out / "log.txt").read()

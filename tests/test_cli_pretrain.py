@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import main_pretrain
-from contrast.checkpoint import load_file
+from contrast.checkpoint import read_checkpoint
 from contrast.engine import NonFiniteLossError, build_precision
 from tests.dist_utils import free_port
 from tests.synthetic import make_image_folder
@@ -68,15 +68,14 @@ def log_lines(out_dir, word="train epoch"):
 def test_every_method_pretrains_and_saves(method, data_dir, tmp_path):
     out = tmp_path / method
     main_pretrain.main(tiny_args(data_dir, out, *METHOD_FLAGS[method]))
-    ckpt = load_file(str(out / "current.pth"))
-    assert set(ckpt) >= {"model", "optimizer", "scheduler", "scaler", "sampler", "rng", "epoch", "step", "config",
-                         "world_size", "effective_lr", "version"}
-    assert ckpt["epoch"] == 1 and ckpt["world_size"] == 1
-    assert ckpt["step"] == 2  # 8 images (PIC: one window of 8), batch 4
-    assert ckpt["effective_lr"] == pytest.approx(0.5 * 4 / 256)
+    ckpt = read_checkpoint(str(out / "current.pth"))
+    assert ckpt.resumable and len(ckpt.sampler_states) == 1
+    assert ckpt.epoch == 1 and ckpt.world_size == 1
+    assert ckpt.step == 2  # 8 images (PIC: one window of 8), batch 4
+    assert ckpt.effective_lr == pytest.approx(0.5 * 4 / 256)
     assert os.path.isfile(out / "ckpt_epoch_1.pth")  # the last epoch is always kept
-    assert any(k.startswith("backbone.") for k in ckpt["model"])
-    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert any(k.startswith("backbone.") for k in ckpt.model)
+    assert all(torch.isfinite(v).all() for v in ckpt.model.values() if v.is_floating_point())
     cfg = json.load(open(out / "config.json"))
     assert cfg["model"] == METHOD_FLAGS[method][1] and cfg["world_size"] == 1
     assert cfg["effective_lr"] == pytest.approx(0.5 * 4 / 256)
@@ -94,7 +93,7 @@ def test_sliding_window_maps_epochs(data_dir, tmp_path):
     cfg = json.load(open(out / "config.json"))
     assert cfg["loop_epochs"] == 4 and cfg["warmup_loop_epochs"] == 2 and cfg["iters_per_epoch"] == 1
     assert sorted(p for p in os.listdir(out) if p.startswith("ckpt_")) == ["ckpt_epoch_2.pth", "ckpt_epoch_4.pth"]
-    assert load_file(str(out / "current.pth"))["step"] == 4
+    assert read_checkpoint(str(out / "current.pth")).step == 4
 
 
 def test_zip_dataset_and_tensorboard(data_dir, tmp_path):
@@ -103,7 +102,7 @@ def test_zip_dataset_and_tensorboard(data_dir, tmp_path):
     argv = tiny_args(zdir, out, "--model", "PIC", "--zip", "--cache-mode", "full")
     argv[argv.index("--no-tensorboard")] = "--tensorboard"
     main_pretrain.main(argv)
-    assert load_file(str(out / "current.pth"))["config"]["zip"] is True
+    assert read_checkpoint(str(out / "current.pth")).config["zip"] is True
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(out))
 
 
@@ -113,10 +112,10 @@ def test_step_options(extra, data_dir, tmp_path):
     argv = tiny_args(data_dir, out, "--model", "SimCLR", "--mlp-head", *extra)
     argv[argv.index("--image-size") + 1] = "16"  # bf16 convolutions are slow on CPUs without AMX
     main_pretrain.main(argv)
-    ckpt = load_file(str(out / "current.pth"))
-    assert ckpt["step"] == 2
-    assert all(v.dtype != torch.bfloat16 for v in ckpt["model"].values())  # weights stay fp32 under autocast
-    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    ckpt = read_checkpoint(str(out / "current.pth"))
+    assert ckpt.step == 2
+    assert all(v.dtype != torch.bfloat16 for v in ckpt.model.values())  # weights stay fp32 under autocast
+    assert all(torch.isfinite(v).all() for v in ckpt.model.values() if v.is_floating_point())
 
 
 def test_precision_levels():
@@ -149,9 +148,9 @@ def test_compile(data_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(main_pretrain, "build_method", tiny_pic)
     out = tmp_path / "c"
     main_pretrain.main(tiny_args(data_dir, out, "--model", "PIC", "--compile", epochs=2))
-    ckpt = load_file(str(out / "current.pth"))
-    assert ckpt["step"] == 4
-    assert "backbone.0.weight" in ckpt["model"] and not any("_orig_mod" in k for k in ckpt["model"])
+    ckpt = read_checkpoint(str(out / "current.pth"))
+    assert ckpt.step == 4
+    assert "backbone.0.weight" in ckpt.model and not any("_orig_mod" in k for k in ckpt.model)
 
 
 def _nan_after(build, bad_steps):
@@ -175,9 +174,9 @@ def test_nonfinite_step_is_skipped(data_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(main_pretrain, "build_method", _nan_after(main_pretrain.build_method, {0}))
     out = tmp_path / "n"
     main_pretrain.main(tiny_args(data_dir, out, "--model", "PIC"))
-    ckpt = load_file(str(out / "current.pth"))
-    assert ckpt["step"] == 1  # 2 iterations, the first skipped
-    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    ckpt = read_checkpoint(str(out / "current.pth"))
+    assert ckpt.step == 1  # 2 iterations, the first skipped
+    assert all(torch.isfinite(v).all() for v in ckpt.model.values() if v.is_floating_point())
     assert any("non-finite loss at epoch 1 iteration 1" in line for line in log_lines(out, "non-finite"))
 
 
@@ -186,8 +185,8 @@ def test_nonfinite_run_stops_and_keeps_last_checkpoint(data_dir, tmp_path, monke
     out = tmp_path / "n"
     with pytest.raises(NonFiniteLossError, match=r"2 consecutive non-finite losses \(--max-nonfinite 2\) at epoch 2"):
         main_pretrain.main(tiny_args(data_dir, out, "--model", "PIC", "--max-nonfinite", "2", epochs=2))
-    ckpt = load_file(str(out / "current.pth"))
-    assert ckpt["epoch"] == 1 and ckpt["step"] == 2
+    ckpt = read_checkpoint(str(out / "current.pth"))
+    assert ckpt.epoch == 1 and ckpt.step == 2
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -228,14 +227,13 @@ def test_torchrun_two_processes(method, data_dir, tmp_path):
                         f"--master_port={free_port()}", "main_pretrain.py", *argv],
                        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
-    ckpt = load_file(str(out / "current.pth"))
-    assert ckpt["world_size"] == 2 and ckpt["effective_lr"] == pytest.approx(0.5 * 4 / 256)
-    assert len(ckpt["rng"]) == 2 and len(ckpt["sampler"]) == 2
-    assert ckpt["sampler"][0]["rank"] == 0 and ckpt["sampler"][1]["rank"] == 1
-    assert ckpt["step"] == 2
+    ckpt = read_checkpoint(str(out / "current.pth"))
+    assert ckpt.world_size == 2 and ckpt.effective_lr == pytest.approx(0.5 * 4 / 256)
+    assert [state["rank"] for state in ckpt.sampler_states] == [0, 1]
+    assert ckpt.step == 2
     assert os.path.isfile(out / "log_rank1.txt") and log_lines(out)
     if method == "PIC_sampled":  # each rank wrote its shard of the classifier table
-        assert ckpt["rank_shards"] and os.path.isfile(out / "current.rank1-of-2.pth")
+        assert ckpt.rank_shards and os.path.isfile(out / "current.rank1-of-2.pth")
 
 
 def test_reproduction_script_runs(data_dir, tmp_path):
@@ -248,10 +246,10 @@ def test_reproduction_script_runs(data_dir, tmp_path):
     r = subprocess.run(["bash", "scripts/PIC.sh", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env=env)
     assert r.returncode == 0, r.stderr[-3000:]
-    pre = load_file(str(out / "current.pth"))
-    assert pre["config"]["use_sliding_window_sampler"] and pre["config"]["mlp_head"]
-    assert pre["config"]["contrast_temperature"] == 0.2 and pre["config"]["aug"] == "SimCLR"
-    assert load_file(str(out / "eval" / "current.pth"))["epoch"] == 1
+    pre = read_checkpoint(str(out / "current.pth"))
+    assert pre.config["use_sliding_window_sampler"] and pre.config["mlp_head"]
+    assert pre.config["contrast_temperature"] == 0.2 and pre.config["aug"] == "SimCLR"
+    assert read_checkpoint(str(out / "eval" / "current.pth")).epoch == 1
 
 
 def test_corrupt_images_are_counted_or_fatal(tmp_path):

@@ -9,7 +9,9 @@ import torch
 import torchvision
 from torch import nn
 
+from contrast.checkpoint import write_pretrained_checkpoint
 from contrast.models import build_backbone
+from tests.conftest import trained_looking_backbone
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location("export_backbone", os.path.join(ROOT, "tools", "export_backbone.py"))
@@ -17,30 +19,19 @@ export_backbone = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(export_backbone)
 
 
-def fake_checkpoint(path, arch="resnet18", stem="imagenet", ddp=True, config=None):
-    """A method-like checkpoint: trained-looking backbone (non-trivial BN statistics) + a head.
-
-    ``config`` replaces the recorded ``{"arch", "stem", "model"}`` (e.g. an older config).
-    """
-    torch.manual_seed(11)
-    backbone, dim = build_backbone(arch, stem=stem)
-    for m in backbone.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.1, 0.1)
-            m.num_batches_tracked.fill_(7)
-    method = nn.Module()
-    method.backbone, method.head = backbone, nn.Linear(dim, 8)
-    prefix = "module." if ddp else ""
-    state = {prefix + k: v for k, v in method.state_dict().items()}
-    config = {"arch": arch, "stem": stem, "model": "PIC"} if config is None else config
-    torch.save({"model": state, "config": config, "epoch": 3}, path)
-    return backbone.eval()
+@pytest.fixture
+def fake_checkpoint(pretrained_checkpoint):
+    """``make(path, arch, stem, ddp, config)``: a method-like checkpoint with a trained-looking backbone;
+    returns the backbone. ``config`` replaces the recorded ``{"arch", "stem", "model"}`` (e.g. an older config)."""
+    def make(path, arch="resnet18", stem="imagenet", ddp=True, config=None):
+        backbone = trained_looking_backbone(arch, stem)
+        config = {"arch": arch, "stem": stem, "model": "PIC"} if config is None else config
+        pretrained_checkpoint(path, backbone, config, prefix="module." if ddp else "")
+        return backbone
+    return make
 
 
-def test_torchvision_export_loads_strict_and_matches_features(tmp_path, capsys):
+def test_torchvision_export_loads_strict_and_matches_features(tmp_path, capsys, fake_checkpoint):
     original = fake_checkpoint(tmp_path / "ckpt.pth")
     written = export_backbone.main(["--checkpoint", str(tmp_path / "ckpt.pth"), "--output", str(tmp_path / "r18")])
     assert "max abs feature difference" in capsys.readouterr().out
@@ -73,7 +64,7 @@ def expected_d2_keys(blocks, bottleneck):
     return keys
 
 
-def test_detectron2_export_names_values_and_format(tmp_path):
+def test_detectron2_export_names_values_and_format(tmp_path, fake_checkpoint):
     fake_checkpoint(tmp_path / "ckpt.pth", ddp=False)
     written = export_backbone.main(["--checkpoint", str(tmp_path / "ckpt.pth"), "--output", str(tmp_path / "r18"),
                                     "--format", "d2"])
@@ -104,7 +95,7 @@ def test_detectron2_names_for_bottleneck_resnet50():
     assert list(back) == list(state)
 
 
-def test_small_stem_export(tmp_path, capsys):
+def test_small_stem_export(tmp_path, capsys, fake_checkpoint):
     """An older checkpoint, whose config records ``small_stem: True`` instead of ``stem``."""
     original = fake_checkpoint(tmp_path / "ckpt.pth", stem="small",
                                config={"arch": "resnet18", "small_stem": True, "model": "PIC"})
@@ -124,7 +115,7 @@ def test_small_stem_export(tmp_path, capsys):
         assert pickle.load(f)["model"]["stem.conv1.weight"].shape == (64, 3, 3, 3)
 
 
-def test_small_maxpool_stem_export(tmp_path, capsys):
+def test_small_maxpool_stem_export(tmp_path, capsys, fake_checkpoint):
     original = fake_checkpoint(tmp_path / "ckpt.pth", stem="small-maxpool")
     written = export_backbone.main(["--checkpoint", str(tmp_path / "ckpt.pth"), "--output", str(tmp_path / "m")])
     out = capsys.readouterr().out
@@ -150,7 +141,7 @@ def test_small_maxpool_stem_export(tmp_path, capsys):
                               "--stem", "imagenet"])
 
 
-def test_verification_rejects_a_wrong_export(tmp_path):
+def test_verification_rejects_a_wrong_export(tmp_path, fake_checkpoint):
     original = fake_checkpoint(tmp_path / "ckpt.pth")
     state = export_backbone.torchvision_state(original)
     state["layer3.0.bn1.running_mean"] = state["layer3.0.bn1.running_mean"] + 0.5
@@ -158,8 +149,8 @@ def test_verification_rejects_a_wrong_export(tmp_path):
         export_backbone.check_export(original, state, "resnet18", "imagenet", "torchvision export", 1e-5, 32)
 
 
-def test_bad_checkpoint_errors_name_the_file(tmp_path):
-    torch.save({"model": {"head.weight": torch.ones(1)}, "config": {"arch": "resnet18"}}, tmp_path / "nob.pth")
+def test_bad_checkpoint_errors_name_the_file(tmp_path, fake_checkpoint):
+    write_pretrained_checkpoint(str(tmp_path / "nob.pth"), {"head.weight": torch.ones(1)}, {"arch": "resnet18"}, 1)
     with pytest.raises(Exception, match="nob.pth.*backbone"):
         export_backbone.main(["--checkpoint", str(tmp_path / "nob.pth"), "--output", str(tmp_path / "x")])
     fake_checkpoint(tmp_path / "ckpt.pth")

@@ -11,6 +11,8 @@ from torch.utils.data import DataLoader, Dataset
 from contrast.eval.features import ShardSampler, build_eval_loader, extract_features
 from contrast.eval.knn import KNNMonitor, knn_evaluate, knn_predict, knn_predict_multi, topk_accuracy
 from contrast.eval.linear_cached import train_linear_cached
+from contrast.option import parse_knn_args
+from tests.conftest import trained_looking_backbone
 
 
 def reference_knn(train, labels, queries, k, temperature, num_classes):
@@ -189,16 +191,14 @@ def _split_tensors(root, split, image_size):
     return aug.device([x])[0], torch.tensor([ds[i][2] for i in range(len(ds))])
 
 
-def test_main_knn_checkpoint_matches_reference(tmp_path):
+def test_main_knn_checkpoint_matches_reference(tmp_path, pretrained_checkpoint):
     import main_knn
-    from contrast.models import build_backbone
     root = _folder(tmp_path)
-    torch.manual_seed(3)
-    backbone, _ = build_backbone("resnet18", stem="small")
+    backbone = trained_looking_backbone("resnet18", "small", seed=3)
     # An older config: ``small_stem: True`` and no ``stem`` is read as the "small" stem.
-    torch.save({"model": {f"module.backbone.{k}": v for k, v in backbone.state_dict().items()},
-                "config": {"arch": "resnet18", "small_stem": True, "model": "MoCo"}, "epoch": 4}, tmp_path / "c.pth")
-    result = main_knn.main(["--checkpoint", str(tmp_path / "c.pth"), "--data-dir", root, "--image-size", "16",
+    pretrained_checkpoint(tmp_path / "c.pth", backbone, {"arch": "resnet18", "small_stem": True, "model": "MoCo",
+                                                         "image_size": 16}, epoch=4)
+    result = main_knn.main(["--checkpoint", str(tmp_path / "c.pth"), "--data-dir", root,
                             "--knn-k", "3", "7", "--knn-t", "0.1", "--num-workers", "0", "--batch-size", "4",
                             "--device", "cpu", "--linear-cached", "--linear-epochs", "2", "--linear-aug-copies", "2",
                             "--output", str(tmp_path / "r.json")])
@@ -248,22 +248,19 @@ def test_main_knn_torchrun_two_processes_equals_one(tmp_path):
 
 
 def test_main_knn_flag_errors(tmp_path, capsys):
-    import main_knn
     for argv, message in [(["--data-dir", "x"], "exactly one"),
                           (["--data-dir", "x", "--random-init"], "--random-init needs --arch"),
                           (["--data-dir", "x", "--checkpoint", str(tmp_path / "none.pth")], "does not exist"),
                           (["--data-dir", "x", "--raw-pixels", "--knn-k", "0"], "--knn-k")]:
         with pytest.raises(SystemExit):
-            main_knn.parse_args(argv)
+            parse_knn_args(argv)
         assert message in capsys.readouterr().err
 
 
-def test_knn_monitor_from_args_on_folder(tmp_path):
-    import argparse
+def test_knn_monitor_on_folder(tmp_path):
     root = _folder(tmp_path)
-    args = argparse.Namespace(data_dir=root, zip=False, cache_mode="part", image_size=12, knn_k=4, knn_t=0.2,
-                              batch_size=4, num_workers=0)
-    monitor = KNNMonitor.from_args(args, torch.device("cpu"))
+    monitor = KNNMonitor.from_data_dir(root, torch.device("cpu"), zip_mode=False, cache_mode="part", image_size=12,
+                                       k=4, temperature=0.2, batch_size=4, num_workers=0)
     assert monitor.num_classes == 3 and len(monitor.train_set) == 15
     net = small_net()
     acc = monitor(net)

@@ -1,15 +1,13 @@
 """Backbones, heads and the four methods in one process."""
-import argparse
-
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from contrast.models import (ARCHS, InstDisc, MoCo, PIC, SimCLR, build_backbone, build_head,
-                             build_instance_classifier, build_method, num_views_for)
-from contrast.models.backbones import encode_views
+from contrast.config import BackboneConfig, MethodConfig
+from contrast.models import (ARCHS, METHODS, InstDisc, MoCo, PIC, SimCLR, build_backbone, build_head,
+                             build_instance_classifier, build_method, encode_views, method_class)
 
 
 def tiny_encoder():
@@ -61,30 +59,50 @@ def test_heads():
     assert isinstance(linear, nn.Linear) and linear.out_features == 3
 
 
-def test_encode_views_groups_equal_shapes():
+def test_encode_views_separate_or_joint():
     enc = tiny_encoder()
     views = [images(2, 8, 0), images(2, 4, 1), images(2, 4, 2), images(2, 8, 3)]
-    calls = []
-    outs = encode_views(lambda x: calls.append(x.shape[0]) or enc(x), views)
-    assert calls == [2, 4, 2]
-    for out, v in zip(outs, views):
-        assert torch.allclose(out, enc(v), atol=1e-6)
+    for batching, expected_calls in (("joint", [2, 4, 2]), ("separate", [2, 2, 2, 2])):
+        calls = []
+        outs = encode_views(lambda x: calls.append(x.shape[0]) or enc(x), views, batching)
+        assert calls == expected_calls
+        for out, v in zip(outs, views):
+            assert torch.allclose(out, enc(v), atol=1e-6)
+    with pytest.raises(ValueError, match="--view-batching"):
+        encode_views(enc, views, "together")
+
+
+def test_view_batching_changes_batch_norm_statistics():
+    """With batch norm, one pass per view normalises each view by its own statistics (the release);
+    the joint pass normalises both by the statistics of the concatenation."""
+    bn = nn.BatchNorm2d(3)
+    views = [images(4, 4, 0), images(4, 4, 1) * 3 + 1]
+    separate = encode_views(bn, views, "separate")
+    joint = encode_views(bn, views, "joint")
+    for v, out in zip(views, separate):
+        ref = (v - v.mean((0, 2, 3), keepdim=True)) / torch.sqrt(v.var((0, 2, 3), unbiased=False, keepdim=True) + 1e-5)
+        assert torch.allclose(out, ref, atol=1e-5)
+    both = torch.cat(views)
+    ref = (both - both.mean((0, 2, 3), keepdim=True)) / torch.sqrt(both.var((0, 2, 3), unbiased=False, keepdim=True)
+                                                                 + 1e-5)
+    assert torch.allclose(torch.cat(joint), ref, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------ build_method
-def _args(model, **kw):
-    base = dict(model=model, arch="resnet18", stem="small", mlp_head=True, feature_dim=16,
-                contrast_temperature=0.2, contrast_momentum=0.9, contrast_num_negative=8, aug="SimCLR")
-    base.update(kw)
-    return argparse.Namespace(**base)
+def _cfg(model, arch="resnet18", multi_crop=False, **options):
+    defaults = {f.dest: f.default for f in method_class(model).flags}
+    return MethodConfig(name=model, backbone=BackboneConfig(arch, "small"), mlp_head=True, feature_dim=16,
+                        temperature=0.2, momentum=0.9, num_negative=8, multi_crop=multi_crop,
+                        options={**defaults, **options})
 
 
 @pytest.mark.parametrize("model,aug", [("PIC", "MultiCrop"), ("PIC", "SimCLR"), ("InstDisc", "InstDisc"),
                                        ("MoCo", "MoCov2"), ("SimCLR", "SimCLR")])
 def test_each_method_trains_a_step_on_resnet18(model, aug):
-    method = build_method(_args(model, aug=aug), num_instances=10)
-    n = num_views_for(model, aug)
-    views = [images(4, 32 if i == 0 else 16 if aug == "MultiCrop" else 32, i) for i in range(n)]
+    method = build_method(_cfg(model, multi_crop=aug == "MultiCrop"), num_instances=10)
+    n = method_class(model).views.total(aug, num_crop2=3)
+    large = method_class(model).views.count
+    views = [images(4, 32 if i < large or aug != "MultiCrop" else 16, i) for i in range(n)]
     out = method(views, torch.tensor([0, 3, 5, 9]))
     assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])
     out["loss"].backward()
@@ -93,19 +111,24 @@ def test_each_method_trains_a_step_on_resnet18(model, aug):
     method.on_train_step_end(0, 0.1)
 
 
-def test_build_method_errors_and_views():
-    with pytest.raises(ValueError, match="--model 'BYOL'"):
-        build_method(_args("BYOL"), 10)
+def test_registry_errors_and_views():
+    with pytest.raises(ValueError, match="--model 'Barlow'.*PIC"):
+        build_method(_cfg("PIC").__class__(name="Barlow"), 10)
     with pytest.raises(ValueError, match="--pic-num-negative"):
         build_instance_classifier(10, 4, 0.2, num_negative=-1)
-    assert [num_views_for(m, "SimCLR") for m in ("PIC", "InstDisc", "MoCo", "SimCLR")] == [1, 1, 2, 2]
-    assert num_views_for("PIC", "MultiCrop") == 4 and num_views_for("MoCo", "MultiCrop", num_crop2=2) == 3
-    method = build_method(_args("PIC", arch="resnet18", pic_num_negative=0), 10)
+    assert {name: cls.name for name, cls in METHODS.items()} == {name: name for name in METHODS}
+    assert [METHODS[m].views.total("SimCLR", 3) for m in ("PIC", "InstDisc", "MoCo", "SimCLR")] == [1, 1, 2, 2]
+    assert METHODS["PIC"].views.total("MultiCrop", 3) == 4
+    method = build_method(_cfg("PIC"), 10)
     assert isinstance(method, PIC) and method.rank_state_dict() is None
-    sampled = build_method(_args("PIC", pic_num_negative=4, pic_storage="memory"), 10)
+    sampled = build_method(_cfg("PIC", pic_num_negative=4), 10)
     assert type(sampled.classifier).__name__ == "SampledInstanceClassifier"
-    with pytest.raises(ValueError, match="views"):
-        build_method(_args("MoCo"), 10)([images(2, 32, 0)], torch.arange(2))
+    with pytest.raises(ValueError, match=r"MoCo takes 2 view\(s\) per image, got 1"):
+        build_method(_cfg("MoCo"), 10)([images(2, 32, 0)], torch.arange(2))
+    with pytest.raises(ValueError, match="does not take --aug MultiCrop"):
+        build_method(_cfg("MoCo", multi_crop=True), 10)
+    with pytest.raises(KeyError, match="method option .pic_.* was not given to PIC"):
+        PIC.from_config(MethodConfig(name="PIC", backbone=BackboneConfig("resnet18")), 10)
 
 
 # ------------------------------------------------------------------------------ PIC
@@ -124,17 +147,6 @@ def test_pic_multicrop_weight_gradient_comes_from_large_crop_only():
     z_large = F.normalize(method.head(method.backbone(views[0])), dim=1).detach()
     (_pic_reference_ce(z_large, weight, index, 0.2) / 3).backward()
     assert torch.allclose(got, weight.grad, atol=1e-6) and got.abs().sum() > 0
-
-
-def test_pic_two_views_average_the_view_losses():
-    method = PIC(tiny_encoder(), 6, num_instances=5, feature_dim=4, mlp_head=True, temperature=0.3)
-    index = torch.tensor([1, 4])
-    views = [images(2, 8, 0), images(2, 8, 1)]
-    loss = method(views, index)["loss"]
-    w = method.classifier.weight
-    per_view = [_pic_reference_ce(F.normalize(method.head(method.backbone(v)), dim=1), w, index, 0.3)
-                for v in views]
-    assert torch.allclose(loss, (per_view[0] + per_view[1]) / 2, atol=1e-6)
 
 
 def test_pic_classifier_init():
@@ -178,34 +190,34 @@ def test_instdisc_negatives_are_seeded_and_uniform():
 # ------------------------------------------------------------------------------ MoCo
 def test_moco_momentum_update_math():
     method = MoCo(tiny_encoder(), 6, feature_dim=4, momentum=0.9, num_negative=8)
-    key_before = {n: p.clone() for n, p in method.backbone_k.named_parameters()}
+    key_before = {n: p.clone() for n, p in method.key_encoder.backbone.named_parameters()}
     assert all(torch.equal(p, dict(method.backbone.named_parameters())[n]) for n, p in key_before.items())
-    assert not any(p.requires_grad for p in method.backbone_k.parameters())
+    assert not any(p.requires_grad for p in method.key_encoder.parameters())
     with torch.no_grad():
         for p in method.backbone.parameters():
             p.add_(1.0)
     method.on_train_step_end(0, 0.1)
-    for n, p in method.backbone_k.named_parameters():
+    for n, p in method.key_encoder.backbone.named_parameters():
         expected = 0.9 * key_before[n] + 0.1 * (key_before[n] + 1.0)
         assert torch.allclose(p, expected, atol=1e-6)
 
 
 def test_moco_queue_enqueue_wraps_pointer():
     method = MoCo(tiny_encoder(), 6, feature_dim=4, momentum=1.0, num_negative=6)
-    assert torch.allclose(method.queue.norm(dim=1), torch.ones(6))
-    initial = method.queue.clone()
+    assert torch.allclose(method.queue.features.norm(dim=1), torch.ones(6))
+    initial = method.queue.features.clone()
     keys = []
     for step in range(2):
         x = [images(4, 8, 2 * step), images(4, 8, 2 * step + 1)]
         method(x, torch.arange(4))
-        keys.append(F.normalize(method.head_k(method.backbone_k(x[1])), dim=1).detach())
+        keys.append(F.normalize(method.key_encoder(x[1]), dim=1).detach())
         method.on_train_step_end(step, 0.1)
-        assert int(method.queue_ptr) == [4, 2][step]
+        assert int(method.queue.ptr) == [4, 2][step]
     expected = torch.cat([keys[1][2:], keys[0][2:], keys[1][:2]])
-    assert torch.allclose(method.queue, expected, atol=1e-6)
-    assert not torch.allclose(method.queue, initial)
-    with pytest.raises(ValueError, match="shorter than the global batch"):
-        method.enqueue(torch.zeros(7, 4))
+    assert torch.allclose(method.queue.features, expected, atol=1e-6)
+    assert not torch.allclose(method.queue.features, initial)
+    with pytest.raises(ValueError, match="shorter than the batch"):
+        method.queue.enqueue(torch.zeros(7, 4))
 
 
 def test_moco_loss_uses_current_queue():
@@ -213,8 +225,8 @@ def test_moco_loss_uses_current_queue():
     x = [images(3, 8, 0), images(3, 8, 1)]
     loss = method(x, torch.arange(3))["loss"]
     q = F.normalize(method.head(method.backbone(x[0])), dim=1)
-    k = F.normalize(method.head_k(method.backbone_k(x[1])), dim=1)
-    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ method.queue.t()], 1) / 0.2
+    k = F.normalize(method.key_encoder(x[1]), dim=1)
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ method.queue.features.t()], 1) / 0.2
     assert torch.allclose(loss, F.cross_entropy(logits, torch.zeros(3, dtype=torch.long)), atol=1e-6)
 
 

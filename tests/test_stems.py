@@ -7,9 +7,11 @@ import pytest
 import torch
 from torch import nn
 
+from contrast.checkpoint import read_checkpoint, write_pretrained_checkpoint
 from contrast.eval.features import backbone_spec
-from contrast.models import STEMS, build_backbone, build_method, stem_of
-from contrast.option import parse_linear_args, parse_pretrain_args
+from contrast.models import STEMS, build_backbone, stem_of
+from contrast.option import (method_config, parse_export_args, parse_knn_args, parse_linear_args,
+                             parse_pretrain_args, resolve_from_config)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,28 +61,32 @@ def test_stem_of_reads_new_and_old_configs(config, stem):
     assert stem_of(config) == stem
 
 
-def test_old_checkpoint_config_builds_the_small_stem():
-    assert backbone_spec({"config": {"arch": "resnet18", "small_stem": True}}) == ("resnet18", "small")
-    assert backbone_spec({"config": {"arch": "resnet18", "small_stem": True}}, stem="imagenet")[1] == "imagenet"
-    old_flags = argparse.Namespace(model="SimCLR", arch="resnet18", small_stem=True, mlp_head=False, feature_dim=8,
-                                   contrast_temperature=0.1)
-    assert isinstance(build_method(old_flags, num_instances=4).backbone.maxpool, nn.Identity)
+def test_old_checkpoint_config_builds_the_small_stem(tmp_path):
+    path = str(tmp_path / "old.pth")
+    write_pretrained_checkpoint(path, {"backbone.x": torch.ones(1)}, {"arch": "resnet18", "small_stem": True}, 1)
+    ckpt = read_checkpoint(path)
+    assert backbone_spec(ckpt) == ("resnet18", "small")
+    assert backbone_spec(ckpt, stem="imagenet")[1] == "imagenet"
+    args = argparse.Namespace(arch=None, stem=None, image_size=None, val_crop_fraction=None)
+    assert resolve_from_config(args, ckpt.config) == ["arch", "stem"]
+    assert (args.arch, args.stem, args.image_size, args.val_crop_fraction) == ("resnet18", "small", 224, 0.875)
 
 
 def test_stem_flags_and_the_small_stem_alias():
-    import main_knn
     pre = ["--model", "PIC"]
     lin = ["--pretrained-model", "x.pth"]
+    assert parse_pretrain_args(pre).stem == "imagenet"
+    assert parse_linear_args(lin).stem is None  # None: the checkpoint's stem
     for parse, base in ((parse_pretrain_args, pre), (parse_linear_args, lin)):
-        assert parse(base).stem == "imagenet"
         assert parse(base + ["--small-stem"]).stem == "small"
         assert parse(base + ["--stem", "small-maxpool"]).stem == "small-maxpool"
         assert "small_stem" not in vars(parse(base + ["--small-stem"]))  # configs record only ``stem``
+    assert method_config(parse_pretrain_args(pre + ["--small-stem"])).backbone.stem == "small"
     knn = ["--data-dir", "d", "--raw-pixels"]
-    assert main_knn.parse_args(knn).stem is None  # None: the checkpoint's stem
-    assert main_knn.parse_args(knn + ["--small-stem"]).stem == "small"
-    assert main_knn.parse_args(knn + ["--no-small-stem"]).stem == "imagenet"
-    assert main_knn.parse_args(knn + ["--stem", "small-maxpool"]).stem == "small-maxpool"
+    assert parse_knn_args(knn).stem is None  # None: the checkpoint's stem
+    assert parse_knn_args(knn + ["--small-stem"]).stem == "small"
+    assert parse_knn_args(knn + ["--no-small-stem"]).stem == "imagenet"
+    assert parse_knn_args(knn + ["--stem", "small-maxpool"]).stem == "small-maxpool"
 
 
 def test_bad_stem_flag_is_rejected(capsys):
@@ -94,10 +100,10 @@ def test_export_stem_flags(tmp_path):
     ckpt = tmp_path / "c.pth"
     ckpt.write_bytes(b"")
     base = ["--checkpoint", str(ckpt), "--output", str(tmp_path / "o")]
-    assert export_backbone.parse_args(base).stem is None
-    assert export_backbone.parse_args(base + ["--small-stem"]).stem == "small"
-    assert export_backbone.parse_args(base + ["--no-small-stem"]).stem == "imagenet"
-    assert export_backbone.parse_args(base + ["--stem", "small-maxpool"]).stem == "small-maxpool"
+    assert parse_export_args(base).stem is None
+    assert parse_export_args(base + ["--small-stem"]).stem == "small"
+    assert parse_export_args(base + ["--no-small-stem"]).stem == "imagenet"
+    assert parse_export_args(base + ["--stem", "small-maxpool"]).stem == "small-maxpool"
     for stem in STEMS:
         net, _ = build_backbone("resnet18", stem=stem)
         export_backbone.torchvision_resnet("resnet18", stem).load_state_dict(net.state_dict(), strict=True)

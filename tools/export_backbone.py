@@ -1,7 +1,7 @@
 """Export a pretrained backbone for downstream use: torchvision state dict and detectron2 checkpoint.
 
-Reads any method's pretraining checkpoint (the ``backbone.`` tensors of
-``ckpt["model"]``, arch and stem from ``ckpt["config"]``) and writes
+Reads any method's pretraining checkpoint (its backbone weights, arch and stem from its
+recorded configuration) and writes
 
 * ``<output>.pth``: a plain torchvision ResNet state dict without ``fc`` keys. It
   loads into ``torchvision.models.<arch>()`` with ``strict=True`` once ``fc`` is
@@ -28,11 +28,10 @@ for ``small``; ``small-maxpool`` keeps the max-pool), and detectron2's ``BasicSt
 
 Usage::
 
-    python tools/export_backbone.py --checkpoint output/PIC/current.pth --output output/PIC/r50
+    python tools/export_backbone.py --pretrained-model output/PIC/current.pth --output output/PIC/r50
 """
 from __future__ import annotations
 
-import argparse
 import os
 import pickle
 import re
@@ -47,8 +46,10 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from contrast.eval.features import backbone_spec, load_pretrained_backbone  # noqa: E402
-from contrast.models.backbones import STEMS, set_stem  # noqa: E402
+from contrast import engine  # noqa: E402
+from contrast.eval.features import backbone_from_checkpoint, backbone_spec  # noqa: E402
+from contrast.models.backbones import set_stem  # noqa: E402
+from contrast.option import parse_export_args  # noqa: E402
 
 D2_AUTHOR = "contrast"
 
@@ -122,31 +123,10 @@ def check_export(original: nn.Module, state: Dict[str, torch.Tensor], arch: str,
     return diff
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser("export_backbone.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="pretraining checkpoint of any method")
-    p.add_argument("--output", required=True, help="output prefix: writes <output>.pth and/or <output>.pkl")
-    p.add_argument("--format", choices=["torchvision", "d2", "both"], default="both", help="what to write")
-    p.add_argument("--arch", default=None, help="override the checkpoint's arch")
-    p.add_argument("--stem", default=None, choices=STEMS, help="override the checkpoint's stem")
-    p.add_argument("--small-stem", action="store_const", dest="stem", const="small",
-                   help="deprecated alias of --stem small")
-    p.add_argument("--no-small-stem", action="store_const", dest="stem", const="imagenet",
-                   help="deprecated alias of --stem imagenet")
-    p.add_argument("--tolerance", type=float, default=1e-5, help="max abs feature difference allowed")
-    p.add_argument("--verify-size", type=int, default=None,
-                   help="image side of the verification batch (default: 32 small stems, 64 imagenet)")
-    args = p.parse_args(argv)
-    if not os.path.isfile(args.checkpoint):
-        p.error(f"--checkpoint {args.checkpoint}: file does not exist")
-    return args
-
-
 def main(argv: Optional[List[str]] = None) -> Dict[str, str]:
-    args = parse_args(argv)
-    backbone, _, ckpt = load_pretrained_backbone(args.checkpoint, args.arch, args.stem)
-    arch, stem = backbone_spec(ckpt, args.arch, args.stem, source=args.checkpoint)
+    args = parse_export_args(argv)
+    backbone, _, ckpt = backbone_from_checkpoint(args.pretrained_model, args.arch, args.stem)
+    arch, stem = backbone_spec(ckpt, args.arch, args.stem)
     size = args.verify_size or (64 if stem == "imagenet" else 32)
     if stem != "imagenet":
         pool = "the max-pool is kept" if stem == "small-maxpool" else "there is no max-pool"
@@ -169,9 +149,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, str]:
         written["d2"] = path
     for fmt, path in written.items():
         print(f"[export] wrote {fmt}: {path} ({arch}, {stem} stem, "
-              f"epoch {ckpt.get('epoch', '?')})", flush=True)
+              f"epoch {ckpt.epoch})", flush=True)
     return written
 
 
 if __name__ == "__main__":
-    main()
+    engine.run_cli(main)

@@ -25,7 +25,7 @@ Recipes (parameters from the PIC release, ``get_transform``):
 InstDisc    RRC(scale (crop, 1)), flip, ColorJitter(0.4, 0.4, 0.4, 0.4), grayscale p 0.2 [Wu 2018]
 MoCov2      RRC, flip, ColorJitter(0.4, 0.4, 0.4, 0.1) p 0.8, grayscale 0.2, blur p 0.5 [Chen 2020]
 SimCLR      RRC, flip, ColorJitter(0.8, 0.8, 0.8, 0.2) p 0.8, grayscale 0.2, blur p 0.5 [Chen 2020]
-MultiCrop   SimCLR colours; 1 crop ``image_size`` scale (crop2, 1) + ``num_crop2`` crops
+MultiCrop   SimCLR colours; ``num_views`` crops ``image_size`` scale (crop2, 1) + ``num_crop2`` crops
             ``image_size2`` scale (crop, crop2) [Caron 2020, PIC]
 RandAug     RRC, flip, RandAugment(2 ops, magnitude 10, fill = ImageNet mean) on uint8, then the
             MoCov2 colour path. (The release, after InfoMin, applies ColorJitter 0.8 + blur *before*
@@ -261,7 +261,7 @@ def _views_and_colors(name: str, num_views: int, image_size: int, crop: float, i
     if name == "MultiCrop":
         if not 0 < crop < crop2 <= 1:
             raise ValueError(f"MultiCrop needs 0 < --crop < --crop2 <= 1, got crop={crop}, crop2={crop2}")
-        views = [ViewSpec(image_size, (crop2, 1.0))] + [ViewSpec(image_size2, (crop, crop2))] * num_crop2
+        views = [ViewSpec(image_size, (crop2, 1.0))] * num_views + [ViewSpec(image_size2, (crop, crop2))] * num_crop2
         return views, [COLOR_RECIPES["SimCLR"]] * len(views)
     if not 0 < crop <= 1:
         raise ValueError(f"--crop must be in (0, 1], got {crop}")
@@ -281,8 +281,8 @@ def build_augmentation(name: str, num_views: int = 1, image_size: int = 224, cro
 
     Args:
         name: one of ``AUG_NAMES``.
-        num_views: independent views per image for InstDisc/MoCov2/SimCLR/RandAug (MultiCrop gives
-            ``1 + num_crop2``, NULL and val give 1).
+        num_views: independent views per image for InstDisc/MoCov2/SimCLR/RandAug, large crops for
+            MultiCrop (which adds ``num_crop2`` small ones); NULL and val give 1.
         image_size, crop: output side and minimum crop area fraction (``--image-size``, ``--crop``).
         image_size2, crop2, num_crop2: MultiCrop small crops (``--image-size2``, ``--crop2``,
             ``--num-crop2``).

@@ -7,8 +7,7 @@ indices, and every rank ends with the features of the whole dataset in dataset
 order.
 
 Also here: building the backbone of a pretraining checkpoint from its recorded
-``config`` (``arch``, ``stem``; older configs' ``small_stem`` is read by
-:func:`contrast.models.stem_of`) and loading its ``backbone.`` weights.
+configuration (``arch``, ``stem``) and loading its weights (:func:`backbone_from_checkpoint`).
 """
 from __future__ import annotations
 
@@ -19,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from contrast import distributed as dist
-from contrast.checkpoint import CheckpointError, extract_backbone, load_file, load_model_state
+from contrast import distributed as cd
+from contrast.checkpoint import Checkpoint, CheckpointError, load_model_state, read_checkpoint
 from contrast.models import build_backbone, stem_of
 
 
@@ -33,7 +32,7 @@ class ShardSampler(Sampler[int]):
     """
 
     def __init__(self, num_samples: int, rank: Optional[int] = None, world_size: Optional[int] = None) -> None:
-        self.start, self.stop = dist.shard_range(num_samples, rank, world_size)
+        self.start, self.stop = cd.shard_range(num_samples, rank, world_size)
 
     def __iter__(self) -> Iterator[int]:
         return iter(range(self.start, self.stop))
@@ -100,9 +99,9 @@ def extract_features(model: Callable[[torch.Tensor], torch.Tensor], loader: Data
     if isinstance(loader.sampler, ShardSampler):
         # Slots, not returned indices: a corrupt image the dataset replaced by the next one keeps its slot.
         index_t = torch.arange(loader.sampler.start, loader.sampler.stop, device=device)[: len(feats_t)]
-    feats_t = dist.all_gather_variable(feats_t)
-    labels_t = dist.all_gather_variable(labels_t)
-    index_t = dist.all_gather_variable(index_t)
+    feats_t = cd.all_gather_variable(feats_t)
+    labels_t = cd.all_gather_variable(labels_t)
+    index_t = cd.all_gather_variable(index_t)
     if index_t.numel() != n or not torch.equal(torch.sort(index_t).values, torch.arange(n, device=device)):
         raise RuntimeError(f"feature extraction covered {index_t.numel()} items with "
                            f"{torch.unique(index_t).numel()} distinct indices, expected each of 0..{n - 1} once")
@@ -119,35 +118,23 @@ def _feature_dim(model, loader: DataLoader, device: torch.device, device_transfo
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def backbone_spec(ckpt: dict, arch: Optional[str] = None, stem: Optional[str] = None,
-                  source: str = "checkpoint") -> Tuple[str, str]:
-    """``(arch, stem)``: the explicit values, else those recorded in ``ckpt["config"]``."""
-    config = ckpt.get("config") or {}
-    if not isinstance(config, dict):
-        config = vars(config)
-    arch = arch or config.get("arch")
+def backbone_spec(ckpt: Checkpoint, arch: Optional[str] = None, stem: Optional[str] = None) -> Tuple[str, str]:
+    """``(arch, stem)``: the explicit values, else those recorded in the checkpoint's config."""
+    arch = arch or ckpt.config.get("arch")
     if arch is None:
-        raise ValueError(f"{source}: no 'arch' in the checkpoint's config; pass --arch")
-    if stem is None:
-        stem = stem_of(config)
-    return arch, stem
+        raise CheckpointError(f"{ckpt.path}: no 'arch' in the checkpoint's config; pass --arch")
+    return arch, stem or stem_of(ckpt.config)
 
 
-def load_pretrained_backbone(path: str, arch: Optional[str] = None, stem: Optional[str] = None,
-                             ) -> Tuple[nn.Module, int, dict]:
+def backbone_from_checkpoint(path: str, arch: Optional[str] = None, stem: Optional[str] = None,
+                             ) -> Tuple[nn.Module, int, Checkpoint]:
     """Build the backbone a pretraining checkpoint was trained with and load its weights (strict).
 
-    Returns ``(backbone, feat_dim, ckpt)``. ``arch``/``stem`` override the
-    checkpoint's ``config``. Errors (:class:`contrast.checkpoint.CheckpointError`)
-    name the file.
+    Returns ``(backbone, feat_dim, checkpoint)``. ``arch``/``stem`` override the checkpoint's
+    config. Errors (:class:`contrast.checkpoint.CheckpointError`) name the file and what it holds.
     """
-    ckpt = load_file(path)
-    if "model" not in ckpt:
-        raise CheckpointError(f"{path}: no 'model' entry; is this a contrast pretraining checkpoint?")
-    arch, stem = backbone_spec(ckpt, arch, stem, source=path)
-    weights = extract_backbone(ckpt["model"])
-    if not weights:
-        raise CheckpointError(f"{path}: no 'backbone.' tensors in the checkpoint's model state")
+    ckpt = read_checkpoint(path)
+    arch, stem = backbone_spec(ckpt, arch, stem)
     backbone, feat_dim = build_backbone(arch, stem=stem)
-    load_model_state(backbone, weights, path)
+    load_model_state(backbone, ckpt.backbone_state(), path, ckpt.config)
     return backbone, feat_dim, ckpt

@@ -7,7 +7,6 @@ top-1/top-5. InstDisc uses ``k = 200, T = 0.07`` on ImageNet.
 """
 from __future__ import annotations
 
-import argparse
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -109,8 +108,8 @@ class KNNMonitor:
 
     Usage in a training loop (the caller logs the returned values)::
 
-        monitor = KNNMonitor.from_args(args, device)       # once
-        if (epoch + 1) % args.knn_freq == 0:
+        monitor = KNNMonitor.from_data_dir(data_dir, device, k=20)   # once
+        if epoch % knn_freq == 0:
             acc = monitor(model_without_ddp.backbone)      # {"top1": %, "top5": %}
     """
 
@@ -138,17 +137,6 @@ class KNNMonitor:
         cache = "no" if cache_mode == "part" else cache_mode
         sets = [build_dataset(data_dir, split, zip_mode, cache, aug.cpu, 0, 1) for split in ("train", "val")]
         return cls(sets[0], sets[1], device, device_transform=aug.device, **kwargs)
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace, device: torch.device) -> "KNNMonitor":
-        """From the pretraining flags ``data_dir, zip, cache_mode, image_size, knn_k, knn_t,
-        batch_size, num_workers``."""
-        return cls.from_data_dir(args.data_dir, device, zip_mode=bool(getattr(args, "zip", False)),
-                                 cache_mode=getattr(args, "cache_mode", "no"),
-                                 image_size=getattr(args, "image_size", 224),
-                                 val_crop_fraction=getattr(args, "val_crop_fraction", VAL_CROP_FRACTION), k=args.knn_k,
-                                 temperature=args.knn_t, batch_size=getattr(args, "batch_size", 256),
-                                 num_workers=getattr(args, "num_workers", 0))
 
     def _features(self, backbone: nn.Module, dataset: Dataset):
         loader = build_eval_loader(dataset, self.batch_size, self.num_workers)

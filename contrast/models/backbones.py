@@ -24,9 +24,8 @@ Configs written before ``--stem`` existed record the boolean ``small_stem``;
 """
 from __future__ import annotations
 
-from typing import Any, Callable, List, Mapping, Tuple, Union
+from typing import Any, Mapping, Tuple, Union
 
-import torch
 import torchvision
 from torch import nn
 
@@ -91,24 +90,3 @@ def build_backbone(arch: str, stem: str = "imagenet") -> Tuple[nn.Module, int]:
     set_stem(net, stem)
     return net, feat_dim
 
-
-def encode_views(encoder: Callable[[torch.Tensor], torch.Tensor],
-                 views: List[torch.Tensor]) -> List[torch.Tensor]:
-    """Apply ``encoder`` to each view, batching consecutive views of equal shape.
-
-    Views of the same resolution (e.g. SimCLR's two 224 px views, or multi-crop's
-    small crops) go through the network as one concatenated batch, as in SimCLR
-    and SwAV; BatchNorm statistics are then computed over all of them. Returns
-    one (B, ...) output per view, in the order of ``views``.
-    """
-    out: List[torch.Tensor] = []
-    start = 0
-    while start < len(views):
-        stop = start + 1
-        while stop < len(views) and views[stop].shape == views[start].shape:
-            stop += 1
-        group = views[start:stop]
-        y = encoder(torch.cat(group) if len(group) > 1 else group[0])
-        out.extend(y.chunk(len(group)) if len(group) > 1 else [y])
-        start = stop
-    return out

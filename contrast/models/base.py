@@ -1,48 +1,120 @@
-"""The shared base of every pretraining method (solo-learn style).
+"""The bases of everything the training loop drives (solo-learn style: the base owns the plumbing).
 
-A method is an ``nn.Module`` that owns its backbone, head(s) and any state
-(memory bank, queue, classifier table). The training loop only ever calls
+:class:`TrainModule` is the loop's whole view of a model: ``forward(views, target) -> dict`` with
+an fp32 scalar ``"loss"`` (plus scalars to log), the choice of target (:meth:`TrainModule.target`)
+and the hooks below, which the loop always calls (the defaults do nothing)::
 
-* ``method(views, index) -> dict`` with a scalar ``"loss"`` (fp32) and optional
-  extra scalars for logging (Python floats or 0-d tensors), and
-* ``method.on_train_step_end(step, lr, grad_scale)`` after the optimiser step, for updates
-  that are not gradient steps (momentum encoders, queues, banks, sampled rows).
+    on_train_start(total_steps, steps_per_epoch)   once, before the first step (also after a resume)
+    forward(views, target)                         every step, under autocast
+    on_before_optimizer_step(step)                 after backward, before optimizer.step()
+    on_train_step_end(step, lr, grad_scale)        after a real optimizer.step() (not on skipped steps)
+    rank_state_dict() / load_rank_state_dicts()    per-rank state saved next to the checkpoint
 
-``views`` is a list of float tensors (B, 3, H, W), already normalised and on the
-method's device; ``index`` (B,) holds the dataset indices of this rank's batch.
+:class:`BaseMethod` adds what every pretraining method declares: its registry ``name``, its
+:class:`~contrast.models.views.Views`, the defaults it gives the shared flags and its own
+:class:`~contrast.config.Flag` declarations, and :meth:`BaseMethod.from_config`. Subclasses
+implement :meth:`BaseMethod.training_loss`; ``forward`` checks the number of views first.
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Any, ClassVar, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
 
+from contrast.config import Flag, MethodConfig
+from contrast.models.backbones import build_backbone
+from contrast.models.views import Views, encode_views
 
-class BaseMethod(nn.Module):
-    """Backbone + method-specific parts. Subclasses implement :meth:`forward`.
 
-    Attributes:
-        backbone: a torchvision ResNet whose ``fc`` is ``nn.Identity``; its
-            state dict (prefix ``backbone.``) is what linear evaluation and the
-            export tool read.
-        feat_dim: width of the backbone's pooled feature.
-        sync_batchnorm: the training loop converts batch norm to its cross-rank form
-            (``contrast.distributed.convert_sync_batchnorm``) when world size > 1.
-    """
+class TrainModule(nn.Module):
+    """A module trained by :class:`contrast.engine.Trainer` (see the module docstring)."""
 
-    backbone: nn.Module
-    feat_dim: int
-    #: batch norm statistics over the global batch when distributed (SimCLR); the loop converts.
-    sync_batchnorm: bool = False
+    def target(self, index: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """The second input of ``forward``: the dataset ``index`` (self-supervised) or the class ``label``."""
+        return index
 
-    def forward(self, views: List[torch.Tensor], index: torch.Tensor) -> Dict[str, torch.Tensor]:
-        raise NotImplementedError
+    def on_train_start(self, total_steps: int, steps_per_epoch: int) -> None:
+        """Called once before the first step of a run (and of a resumed run) with the schedule length."""
+
+    def on_before_optimizer_step(self, step: int) -> None:
+        """Called after backward and before ``optimizer.step()`` (gradients may be edited here)."""
 
     @torch.no_grad()
     def on_train_step_end(self, step: int, lr: float, grad_scale: float = 1.0) -> None:
-        """Called once per iteration after a real ``optimizer.step()`` (default: nothing).
+        """Called after a real ``optimizer.step()`` (not after a skipped one).
 
-        ``grad_scale`` is the AMP loss scale (1 without a GradScaler), for state
-        updated from gradients outside the optimiser (the sampled PIC table).
+        ``grad_scale`` is the AMP loss scale (1 without a GradScaler), for state updated from
+        gradients outside the optimiser (the sampled PIC table).
         """
+
+    def rank_state_dict(self) -> Optional[dict]:
+        """This rank's own state (saved by every rank next to the checkpoint), or None."""
+        return None
+
+    def load_rank_state_dicts(self, shards: List[dict]) -> None:
+        """Restore from the per-rank states of all ranks of the saving run (any world size)."""
+        raise ValueError(f"{type(self).__name__} keeps no per-rank state, but the checkpoint holds rank shards")
+
+
+class BaseMethod(TrainModule):
+    """A pretraining method: backbone + method-specific parts (heads, banks, queues, tables).
+
+    Class attributes each method declares:
+        name: the ``--model`` value (registry key).
+        views: :class:`Views` (count, default ``--aug``, multi-crop support).
+        defaults: values the shared flags take for this method when not given on the command line
+            (flag dests, e.g. ``{"contrast_temperature": 0.2}``).
+        flags: the method's own command-line flags.
+        sync_batchnorm: batch norm over the global batch when distributed (the loop converts).
+
+    Attributes:
+        backbone: a torchvision-compatible ResNet whose ``fc`` is ``nn.Identity``; its state dict
+            (prefix ``backbone.``) is what linear evaluation and the export tool read.
+        feat_dim: width of the backbone's pooled feature.
+    """
+
+    name: ClassVar[str] = ""
+    views: ClassVar[Views] = Views(count=1, aug="SimCLR")
+    defaults: ClassVar[Mapping[str, Any]] = {}
+    flags: ClassVar[Tuple[Flag, ...]] = ()
+    sync_batchnorm: ClassVar[bool] = False
+
+    def __init__(self, backbone: nn.Module, feat_dim: int, view_batching: str = "separate",
+                 multi_crop: bool = False) -> None:
+        super().__init__()
+        if multi_crop and not self.views.multi_crop:
+            raise ValueError(f"{self.name or type(self).__name__} does not take --aug MultiCrop")
+        self.backbone = backbone
+        self.feat_dim = feat_dim
+        self.view_batching = view_batching
+        self.multi_crop = multi_crop
+
+    @classmethod
+    def from_config(cls, cfg: MethodConfig, num_instances: int) -> "BaseMethod":
+        """Build the method from its configuration for a training set of ``num_instances`` images."""
+        raise NotImplementedError
+
+    @staticmethod
+    def build_backbone(cfg: MethodConfig) -> Tuple[nn.Module, int]:
+        """``(backbone, feat_dim)`` of ``cfg.backbone``."""
+        b = cfg.backbone
+        return build_backbone(b.arch, stem=b.stem)
+
+    def forward(self, views: List[torch.Tensor], index: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Check the number of views, then :meth:`training_loss`."""
+        count = self.views.count
+        ok = len(views) > count if self.multi_crop else len(views) == count
+        if not ok:
+            want = f"{count} large + >= 1 small crops" if self.multi_crop else f"{count}"
+            raise ValueError(f"{self.name} takes {want} view(s) per image, got {len(views)} "
+                             f"(--aug {self.views.aug}{' or MultiCrop' if self.views.multi_crop else ''})")
+        return self.training_loss(views, index)
+
+    def training_loss(self, views: List[torch.Tensor], index: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """``{"loss": fp32 scalar, ...scalars to log}`` for a batch of (B, 3, H, W) ``views`` and (B,) ``index``."""
+        raise NotImplementedError
+
+    def encode(self, encoder, views: List[torch.Tensor]) -> List[torch.Tensor]:
+        """``encoder`` applied to every view, batched as ``--view-batching`` says."""
+        return encode_views(encoder, views, self.view_batching)

@@ -8,14 +8,15 @@ State kept identical on every rank:
   rows normalised with a generator seeded by ``seed`` (the same on every rank).
 * negatives: for a step, K ids per sample are drawn uniformly (with
   replacement, the positive may occur) for the whole global batch (G, K) from a
-  ``torch.Generator`` on the bank's device seeded by ``seed``, and each rank takes
-  its own rows. Every rank thus draws the same numbers, and the negatives do
+  ``torch.Generator`` on the bank's device, and each rank takes its own rows. Every rank thus draws the same numbers, and the negatives do
   not depend on the world size (requires equal per-rank batches, i.e. drop_last).
 * update: ``forward`` gathers the detached embeddings and indices of all ranks;
   ``on_train_step_end`` (after the optimiser step, so skipped steps leave the
   bank alone) applies ``M[i] <- normalize(m M[i] + (1 - m) z_i)``. When an index
   occurs several times in the gathered batch, its last occurrence in rank order
   is used.
+* the negatives of the d-th draw come from a generator seeded by ``(seed, d)``; the draw count
+  ``neg_draws`` is a buffer, so a resumed run draws the same negatives as an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -26,9 +27,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from contrast import distributed as cd
+from contrast.config import MethodConfig
 from contrast.models.base import BaseMethod
 from contrast.models.heads import build_head, normalize_fp32
 from contrast.models.losses import instdisc_loss
+from contrast.models.views import Views
+
+
+def draw_seed(seed: int, draw: int) -> int:
+    """A 63-bit seed for draw ``draw`` of the run seeded ``seed`` (splitmix-style mixing)."""
+    x = (seed * 0x9E3779B97F4A7C15 + (draw + 1) * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
+    x ^= x >> 31
+    return x & ((1 << 63) - 1)
 
 
 def last_occurrence(index: torch.Tensor) -> torch.Tensor:
@@ -43,18 +53,20 @@ def last_occurrence(index: torch.Tensor) -> torch.Tensor:
 class InstDisc(BaseMethod):
     """Backbone + head + memory bank (see the module docstring for the state)."""
 
+    name = "InstDisc"
+    views = Views(count=1, aug="InstDisc")
+    defaults = {"contrast_temperature": 0.07, "contrast_momentum": 0.5, "contrast_num_negative": 65536}
+
     def __init__(self, backbone: nn.Module, feat_dim: int, num_instances: int, feature_dim: int = 128,
                  mlp_head: bool = False, temperature: float = 0.07, num_negative: int = 4096,
-                 bank_momentum: float = 0.5, seed: int = 0) -> None:
-        super().__init__()
+                 bank_momentum: float = 0.5, seed: int = 0, view_batching: str = "separate") -> None:
+        super().__init__(backbone, feat_dim, view_batching)
         if num_instances <= 0:
             raise ValueError(f"InstDisc needs a non-empty training set, got num_instances={num_instances}")
         if num_negative <= 0:
             raise ValueError(f"--contrast-num-negative must be > 0 for InstDisc, got {num_negative}")
         if not 0.0 <= bank_momentum < 1.0:
             raise ValueError(f"--contrast-momentum (bank momentum) must be in [0, 1), got {bank_momentum}")
-        self.backbone = backbone
-        self.feat_dim = feat_dim
         self.head = build_head(feat_dim, feature_dim, mlp_head)
         self.temperature = temperature
         self.num_negative = num_negative
@@ -62,23 +74,27 @@ class InstDisc(BaseMethod):
         self.seed = seed
         gen = torch.Generator().manual_seed(seed)
         self.register_buffer("bank", F.normalize(torch.randn(num_instances, feature_dim, generator=gen), dim=1))
-        self._neg_generator: Optional[torch.Generator] = None
+        self.register_buffer("neg_draws", torch.zeros((), dtype=torch.long))
         self._pending: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+
+    @classmethod
+    def from_config(cls, cfg: MethodConfig, num_instances: int) -> "InstDisc":
+        backbone, feat_dim = cls.build_backbone(cfg)
+        return cls(backbone, feat_dim, num_instances, cfg.feature_dim, cfg.mlp_head, cfg.temperature,
+                   cfg.num_negative, cfg.momentum, cfg.seed, cfg.view_batching)
 
     def draw_negatives(self, batch_size: int) -> torch.Tensor:
         """(B, K) uniform negative ids for this rank's B samples (see module docstring)."""
         device = self.bank.device
-        if self._neg_generator is None or self._neg_generator.device != device:
-            self._neg_generator = torch.Generator(device=device).manual_seed(self.seed)
+        gen = torch.Generator(device=device).manual_seed(draw_seed(self.seed, int(self.neg_draws)))
+        self.neg_draws += 1
         world = cd.get_world_size()
-        ids = torch.randint(self.bank.shape[0], (batch_size * world, self.num_negative),
-                            generator=self._neg_generator, device=device)
+        ids = torch.randint(self.bank.shape[0], (batch_size * world, self.num_negative), generator=gen,
+                            device=device)
         rank = cd.get_rank()
         return ids[rank * batch_size:(rank + 1) * batch_size]
 
-    def forward(self, views: List[torch.Tensor], index: torch.Tensor) -> Dict[str, torch.Tensor]:
-        if len(views) != 1:
-            raise ValueError(f"InstDisc takes one view per image, got {len(views)} (use --aug InstDisc)")
+    def training_loss(self, views: List[torch.Tensor], index: torch.Tensor) -> Dict[str, torch.Tensor]:
         z = normalize_fp32(self.head(self.backbone(views[0])))
         neg_idx = self.draw_negatives(z.shape[0])
         with torch.autocast(device_type=z.device.type, enabled=False):

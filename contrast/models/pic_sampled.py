@@ -31,10 +31,10 @@ import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch import nn
 
-from contrast import distributed as cdist
+from contrast import distributed as cd
 from contrast.models.heads import normalize_fp32
+from contrast.models.instance_classifier import InstanceClassifier
 from contrast.models.losses import pic_loss
 
 STORAGES = ("memory", "disk")
@@ -220,7 +220,7 @@ class RowShard:
 
 
 # ----------------------------------------------------------------------------- the classifier
-class SampledInstanceClassifier(nn.Module):
+class SampledInstanceClassifier(InstanceClassifier):
     """PIC classifier with recent negative sampling, weight update correction and sharded storage.
 
     Each step the candidates are ``unique(global batch ids U last K visited ids)``
@@ -258,8 +258,8 @@ class SampledInstanceClassifier(nn.Module):
         self.num_instances, self.dim, self.temperature = num_instances, dim, temperature
         self.num_negative, self.momentum, self.weight_decay = num_negative, momentum, weight_decay
         self.weight_correction, self.seed = weight_correction, seed
-        self.rank, self.world_size = cdist.get_rank(), cdist.get_world_size()
-        start, stop = cdist.shard_range(num_instances, self.rank, self.world_size)
+        self.rank, self.world_size = cd.get_rank(), cd.get_world_size()
+        start, stop = cd.shard_range(num_instances, self.rank, self.world_size)
         self.shard = RowShard(start, stop, dim, storage, storage_dir, dtype, self.rank)
         self.log = MotionLog(momentum, weight_decay)
         self.queue = torch.full((min(num_negative, num_instances),), -1, dtype=torch.int64)
@@ -333,7 +333,7 @@ class SampledInstanceClassifier(nn.Module):
         """(C,) sorted global ids -> (C, D) float32 rows on ``device``, assembled from their owners."""
         lo, hi = self._own_slice(candidates)
         self._own_rows = self.read_rows(candidates[lo:hi] - self.shard.start)
-        rows = cdist.all_gather_variable(self._own_rows[:, 0].to(device, torch.float32, copy=True))
+        rows = cd.all_gather_variable(self._own_rows[:, 0].to(device, torch.float32, copy=True))
         if rows.shape[0] != candidates.shape[0]:
             raise RuntimeError(f"ranks disagree on the PIC candidate set ({rows.shape[0]} rows gathered, "
                                f"{candidates.shape[0]} expected)")
@@ -346,7 +346,7 @@ class SampledInstanceClassifier(nn.Module):
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.num_instances):
             raise ValueError(f"PIC index out of range [0, {self.num_instances}): "
                              f"min {int(index.min())}, max {int(index.max())}")
-        batch_ids = cdist.all_gather_variable(index.detach()).cpu().unique()
+        batch_ids = cd.all_gather_variable(index.detach()).cpu().unique()
         candidates = self._candidates(batch_ids)
         weight = self.gather_rows(candidates, z_large.device).requires_grad_(torch.is_grad_enabled())
         target = torch.searchsorted(candidates, index.detach().cpu()).to(z_large.device)
@@ -392,7 +392,7 @@ class SampledInstanceClassifier(nn.Module):
             return
         candidates, weight, batch_ids = self._pending
         grad = weight.grad if weight.grad is not None else torch.zeros_like(weight)
-        grad = cdist.all_reduce_sum(grad.detach().clone()).div_(self.world_size * grad_scale).cpu()
+        grad = cd.all_reduce_sum(grad.detach().clone()).div_(self.world_size * grad_scale).cpu()
         lo, hi = self._own_slice(candidates)
         self.sgd_step(candidates[lo:hi] - self.shard.start, grad[lo:hi], lr, self._own_rows)
         self.enqueue(batch_ids)
