@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Sampler
 from contrast import distributed as cd
 from contrast.checkpoint import CURRENT, CheckpointError, save_checkpoint, unwrap
 from contrast.logger import AverageMeter, TensorBoard, format_eta, peak_memory_mb, setup_logger
+from contrast.precision import Precision, build_precision  # noqa: F401  (re-exported for the entry scripts)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -55,28 +56,6 @@ class TrainState:
     step: int = 0
     nonfinite_run: int = 0
     nonfinite_total: int = 0
-
-
-@dataclass
-class Precision:
-    """``--amp-opt-level`` resolved for a device: autocast dtype (None = fp32) and GradScaler."""
-
-    dtype: Optional[torch.dtype]
-    scaler: Optional[torch.amp.GradScaler]
-
-    def autocast(self, device: torch.device):
-        return torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype is not None)
-
-
-def build_precision(opt_level: str, device: torch.device) -> Precision:
-    """O0: fp32. O1: fp16 autocast + GradScaler on CUDA, bf16 autocast on the CPU. O2: bf16 autocast."""
-    if opt_level == "O0":
-        return Precision(None, None)
-    if opt_level == "O1" and device.type == "cuda":
-        return Precision(torch.float16, torch.amp.GradScaler("cuda"))
-    if opt_level in ("O1", "O2"):
-        return Precision(torch.bfloat16, None)
-    raise ValueError(f"--amp-opt-level {opt_level!r} is not supported; choose O0, O1 or O2")
 
 
 def seed_everything(seed: int) -> None:
