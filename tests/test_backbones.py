@@ -6,7 +6,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from contrast.models.backbones import ARCHS, RESNET_D, build_backbone
+from contrast.models.backbones import ARCHS, RESNET_D, build_backbone, encode_views
 
 # Structure of the release's ResNet-D, written out here from the release's checkpoint format:
 # arch -> (plain torchvision twin, bottleneck?, blocks per stage)
@@ -208,3 +208,16 @@ def test_plain_archs_keep_their_stems_with_zero_init(stem):
     net, _ = build_backbone("resnet18", stem=stem, zero_init_residual=True)
     assert net.conv1.kernel_size == ((7, 7) if stem == "imagenet" else (3, 3))
     assert torch.all(net.layer4[1].bn2.weight == 0)
+
+
+def test_encode_views_one_forward_per_view_when_not_grouped():
+    """grouped=False: the release's one forward per view (own BatchNorm statistics per view)."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten()).train()
+    views = [torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    calls = []
+    outs = encode_views(lambda x: calls.append(x.shape[0]) or net(x), views, grouped=False)
+    assert calls == [3, 3, 3]
+    for out, v in zip(outs, views):
+        torch.testing.assert_close(out, net(v))   # batch statistics of that view alone
+    grouped = encode_views(net, views)            # default: one forward over the 3 equal-shape views
+    assert not torch.allclose(grouped[0], outs[0])
