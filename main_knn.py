@@ -45,7 +45,7 @@ def build_encoder(args) -> tuple[nn.Module, dict]:
     if args.random_init:
         torch.manual_seed(args.seed)
         stem = args.stem or "imagenet"
-        backbone, _ = build_backbone(args.arch, stem=stem)
+        backbone, _ = build_backbone(args.arch, stem=stem, zero_init_residual=False)  # torchvision's own init
         return backbone, {"encoder": f"random-init {args.arch} {stem} stem (seed {args.seed})"}
     backbone, _, ckpt = backbone_from_checkpoint(args.pretrained_model, args.arch, args.stem)
     resolve_from_config(args, ckpt.config, ("image_size", "val_crop_fraction"))

@@ -24,6 +24,7 @@ from contrast.data.transforms import build_augmentation
 from contrast.eval.features import ShardSampler
 from contrast.models import TrainModule, build_backbone
 from contrast.optim import build_scheduler
+from contrast.precision import resolve_precision
 from contrast.option import parse_linear_args, resolve_from_config
 
 
@@ -108,7 +109,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
                                      args.num_workers, env.device, train=False)
     backbone, feat_dim = build_backbone(args.arch, args.stem)
     model = LinearClassifier(backbone, feat_dim, val_set.num_classes)
-    precision = engine.build_precision(args.amp_opt_level, env.device)
+    precision, precision_note = resolve_precision(args.amp_opt_level, env.device)
+    logger.info(f"precision: {precision_note}")
 
     if args.eval:
         load_model_state(model, source.model, source.path, source.config)
@@ -130,7 +132,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     lr = args.learning_rate * args.total_batch_size / 256
     optimizer = torch.optim.SGD(model.fc.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
     scheduler = build_scheduler(optimizer, args.lr_scheduler, args.epochs, iters, args.warmup_epoch,
-                                args.warmup_multiplier, args.lr_decay_epochs, args.lr_decay_rate)
+                                args.warmup_multiplier, args.lr_decay_epochs, args.lr_decay_rate,
+                                cosine_form=args.cosine_form)
     config = engine.write_config(run, vars(args), effective_lr=lr, per_process_batch=batch,
                                  backbone_tensors=len(frozen))
 

@@ -16,6 +16,7 @@ from contrast.data.transforms import build_augmentation
 from contrast.eval.knn import KNNMonitor
 from contrast.models import build_method, method_class
 from contrast.optim import build_optimizer, build_scheduler
+from contrast.precision import resolve_precision
 from contrast.option import method_config, parse_pretrain_args
 
 
@@ -44,10 +45,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     method = build_method(cfg, len(dataset))
     method = engine.prepare_model(method, env.device, method.sync_batchnorm, args.channels_last, args.compile)
     lr = args.base_learning_rate * args.batch_size * env.world_size / 256
-    optimizer = build_optimizer(method, args.optimizer, lr, args.momentum, args.weight_decay)
+    optimizer = build_optimizer(method, args.optimizer, lr, args.momentum, args.weight_decay, args.lars_form,
+                                args.lars_trust_coefficient, args.lars_eps)
     scheduler = build_scheduler(optimizer, args.lr_scheduler, epochs, iters, warmup, args.warmup_multiplier,
-                                decay, args.lr_decay_rate)
-    precision = engine.build_precision(args.amp_opt_level, env.device)
+                                decay, args.lr_decay_rate, cosine_form=args.cosine_form)
+    precision, precision_note = resolve_precision(args.amp_opt_level, env.device)
+    logger.info(f"precision: {precision_note}")
     config = engine.write_config(run, vars(args), effective_lr=lr, num_instances=len(dataset), loop_epochs=epochs,
                                  iters_per_epoch=iters, warmup_loop_epochs=warmup, decay_loop_epochs=decay)
 

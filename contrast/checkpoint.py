@@ -89,7 +89,10 @@ def _v1_to_v2(raw: Dict[str, Any]) -> Dict[str, Any]:
         model["neg_draws"] = torch.zeros((), dtype=torch.long)
     kind = LINEAR if "fc.weight" in model and not any(k.startswith("head") for k in model) else PRETRAIN
     extra = {"best": raw["best"]} if "best" in raw else {}
-    return {**raw, "model": model, "kind": kind, "extra": extra, "version": 2}
+    config = dict(raw.get("config") or {})
+    if "head.0.weight" in model and "mlp_hidden_dim" not in config:  # version 1: hidden width = backbone width
+        config["mlp_hidden_dim"] = int(model["head.0.weight"].shape[0])
+    return {**raw, "model": model, "kind": kind, "extra": extra, "config": config, "version": 2}
 
 
 #: ``MIGRATIONS[v]`` turns a version-``v`` checkpoint dict into version ``v + 1``.

@@ -1,7 +1,7 @@
 """The training loop and the pieces the entry scripts share.
 
 ``main_pretrain.py`` and ``main_linear.py`` are thin: they parse flags, build data and model, and
-use :func:`setup_run`, :func:`build_loader`, :func:`build_precision`, :func:`wrap_ddp`,
+use :func:`setup_run`, :func:`build_loader`, :func:`wrap_ddp`,
 :class:`Trainer` and :func:`save_epoch` from here.
 
 One iteration of :meth:`Trainer.train_epoch` (``module`` is the :class:`TrainModule`)::
@@ -37,6 +37,7 @@ from contrast.checkpoint import CURRENT, CheckpointError, save_training_checkpoi
 from contrast.data import DatasetError
 from contrast.logger import AverageMeter, TensorBoard, format_eta, peak_memory_mb, setup_logger
 from contrast.models.base import TrainModule
+from contrast.precision import Precision
 
 
 class NonFiniteLossError(RuntimeError):
@@ -60,28 +61,6 @@ class TrainState:
     step: int = 0
     nonfinite_run: int = 0
     nonfinite_total: int = 0
-
-
-@dataclass
-class Precision:
-    """``--amp-opt-level`` resolved for a device: autocast dtype (None = fp32) and GradScaler."""
-
-    dtype: Optional[torch.dtype]
-    scaler: Optional[torch.amp.GradScaler]
-
-    def autocast(self, device: torch.device):
-        return torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype is not None)
-
-
-def build_precision(opt_level: str, device: torch.device) -> Precision:
-    """O0: fp32. O1: fp16 autocast + GradScaler on CUDA, bf16 autocast on the CPU. O2: bf16 autocast."""
-    if opt_level == "O0":
-        return Precision(None, None)
-    if opt_level == "O1" and device.type == "cuda":
-        return Precision(torch.float16, torch.amp.GradScaler("cuda"))
-    if opt_level in ("O1", "O2"):
-        return Precision(torch.bfloat16, None)
-    raise ValueError(f"--amp-opt-level {opt_level!r} is not supported; choose O0, O1 or O2")
 
 
 def seed_everything(seed: int) -> None:

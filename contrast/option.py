@@ -21,10 +21,14 @@ from contrast.config import VIEW_BATCHING, BackboneConfig, Flag, MethodConfig
 from contrast.data.transforms import AUG_NAMES
 from contrast.models import ARCHS, METHODS, STEMS
 from contrast.models.views import MULTI_CROP_AUG
+from contrast.optim import COSINE_FORMS, LARS_FORMS
+from contrast.precision import OPT_LEVELS
 
 AUGS = tuple(a for a in AUG_NAMES if a != "val")
-AMP_HELP = ("mixed precision (torch.amp, replaces Apex): O0 = fp32; O1 = autocast, fp16 with a GradScaler "
-            "on CUDA, bf16 on the CPU; O2 = bf16 autocast (no scaler). Logits and losses stay fp32.")
+AMP_HELP = ("mixed precision (torch.amp, replaces Apex): auto = O1 on CUDA (the release's default), on a CPU bf16 "
+            "when it has fast bf16 (AMX / AVX512-BF16) and fp32 otherwise (the log says which); O0 = fp32; O1 = "
+            "autocast, fp16 with a GradScaler on CUDA, bf16 on the CPU; O2 = bf16 autocast (no scaler). Logits and "
+            "losses stay fp32.")
 #: Shared flags whose default depends on the method (``None`` at parse time, then resolved).
 _GLOBAL_DEFAULTS: Dict[str, Any] = {"contrast_temperature": 0.07, "contrast_momentum": 0.0,
                                     "contrast_num_negative": 65536, "mlp_head": False}
@@ -101,6 +105,9 @@ def add_backbone_flags(p: argparse.ArgumentParser, *, from_checkpoint: bool) -> 
                         "max-pool" + suffix)
     g.add_argument("--small-stem", action="store_const", dest="stem", const="small", default=argparse.SUPPRESS,
                    help="deprecated alias of --stem small")
+    if not from_checkpoint:
+        g.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction, default=True,
+                       help="(new flag, the release's init) zero the last batch-norm gamma of every residual block")
     if from_checkpoint:
         g.add_argument("--no-small-stem", action="store_const", dest="stem", const="imagenet",
                        default=argparse.SUPPRESS, help="deprecated alias of --stem imagenet")
@@ -113,6 +120,8 @@ def add_method_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--feature-dim", type=int, default=128, help="embedding dimension")
     g.add_argument("--mlp-head", action=argparse.BooleanOptionalAction, default=None,
                    help="2-layer MLP projection head (default: off, as the release)")
+    g.add_argument("--mlp-hidden-dim", type=int, default=2048, help="(new flag, the release's width) hidden width "
+                   "of the MLP head, for every backbone")
     g.add_argument("--contrast-temperature", type=float, default=None, help="softmax temperature "
                    "(default: per method, see below)")
     g.add_argument("--contrast-momentum", type=float, default=None, help="InstDisc memory-bank momentum, MoCo "
@@ -147,7 +156,10 @@ def add_schedule_flags(p: argparse.ArgumentParser, *, default_epochs: int) -> No
     g.add_argument("--epochs", type=int, default=default_epochs, help="number of training epochs")
     g.add_argument("--start-epoch", type=int, default=1, help="first epoch (overridden by a resumed checkpoint)")
     g.add_argument("--lr-scheduler", type=str, default="cosine", choices=["cosine", "step"],
-                   help="per-iteration schedule after warm-up: cosine to 1e-6, or step decay")
+                   help="per-iteration schedule after warm-up: cosine towards 1e-6, or step decay")
+    g.add_argument("--cosine-form", type=str, default="release", choices=list(COSINE_FORMS),
+                   help="(new) release: cosine over (epochs - warm-up) x iterations, the last step stays just above "
+                        "1e-6 (the release); reach-min: the last step uses exactly 1e-6")
     g.add_argument("--warmup-epoch", type=int, default=5, help="epochs of linear warm-up")
     g.add_argument("--warmup-multiplier", type=float, default=100,
                    help="warm-up starts at lr / multiplier and reaches lr after --warmup-epoch "
@@ -156,7 +168,7 @@ def add_schedule_flags(p: argparse.ArgumentParser, *, default_epochs: int) -> No
                    help="step schedule: epochs at which the lr is multiplied by --lr-decay-rate")
     g.add_argument("--lr-decay-rate", type=float, default=0.1, help="step schedule decay factor")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD / LARS momentum")
-    g.add_argument("--amp-opt-level", type=str, default="O0", choices=["O0", "O1", "O2"], help=AMP_HELP)
+    g.add_argument("--amp-opt-level", type=str, default="auto", choices=list(OPT_LEVELS), help=AMP_HELP)
     g.add_argument("--max-nonfinite", type=int, default=10, help="(new) stop after this many consecutive "
                    "steps with a non-finite loss (each is skipped on all ranks)")
     g.add_argument("--channels-last", action="store_true", help="(new) channels-last memory format")
@@ -238,6 +250,12 @@ def pretrain_parser() -> argparse.ArgumentParser:
                    help="LARS: no decay or adaptation on biases and BN parameters, trust coefficient 0.001 (the "
                         "sampled PIC table, --pic-num-negative > 0, always runs its own momentum SGD)")
     g.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay")
+    g.add_argument("--lars-form", type=str, default="release", choices=list(LARS_FORMS),
+                   help="(new) release: SGD momentum on the trust-scaled gradient, w -= lr * v, eps 1e-8 (the "
+                        "release); fold-lr: the lr folded into the momentum buffer (SimCLR's TensorFlow LARS)")
+    g.add_argument("--lars-trust-coefficient", type=float, default=0.001, help="(new) LARS trust coefficient")
+    g.add_argument("--lars-eps", type=float, default=None, help="(new) LARS: added to the trust-ratio denominator "
+                   "(default: 1e-8 for the release form, 0 for fold-lr)")
     add_knn_flags(p, monitor=True)
     add_runtime_flags(p)
     return p
@@ -418,8 +436,9 @@ def method_config(args: argparse.Namespace) -> MethodConfig:
     """The typed configuration of ``--model`` from parsed pretraining flags."""
     cls = METHODS[args.model]
     return MethodConfig(
-        name=args.model, backbone=BackboneConfig(arch=args.arch, stem=args.stem),
-        feature_dim=args.feature_dim, mlp_head=bool(args.mlp_head), temperature=args.contrast_temperature,
+        name=args.model, backbone=BackboneConfig(args.arch, args.stem, args.zero_init_residual),
+        feature_dim=args.feature_dim, mlp_head=bool(args.mlp_head), head_hidden_dim=args.mlp_hidden_dim,
+        temperature=args.contrast_temperature,
         momentum=args.contrast_momentum, num_negative=args.contrast_num_negative,
         view_batching=args.view_batching, multi_crop=args.aug == MULTI_CROP_AUG, seed=args.seed,
         optimizer_momentum=args.momentum, weight_decay=args.weight_decay, output_dir=args.output_dir,

@@ -92,8 +92,9 @@ def test_version_1_checkpoints_load_after_migration():
     raw = {name: torch.load(os.path.join(V1, f"{name}.pth"), weights_only=False) for name in ("MoCo", "InstDisc", "PIC")}
     assert all(r["version"] == 1 for r in raw.values())
 
-    moco = MoCo(_tiny_encoder(), 4, feature_dim=3, mlp_head=True, num_negative=8, momentum=0.9)
     ckpt = ck.read_checkpoint(os.path.join(V1, "MoCo.pth"))
+    assert ckpt.config["mlp_hidden_dim"] == 4  # version 1 heads were as wide as the backbone
+    moco = MoCo(_tiny_encoder(), 4, feature_dim=3, mlp_head=True, num_negative=8, momentum=0.9, hidden_dim=4)
     ck.restore_training_state(ckpt, moco, torch.optim.SGD(moco.parameters(), lr=0.1, momentum=0.9), restore_rng=False)
     old = raw["MoCo"]["model"]
     assert torch.equal(moco.key_encoder.backbone[0].weight, old["backbone_k.0.weight"])
@@ -107,7 +108,7 @@ def test_version_1_checkpoints_load_after_migration():
     ck.restore_training_state(ckpt, instdisc, restore_rng=False)
     assert torch.equal(instdisc.bank, raw["InstDisc"]["model"]["bank"]) and int(instdisc.neg_draws) == 0
 
-    pic = PIC(_tiny_encoder(), 4, num_instances=6, feature_dim=3, mlp_head=True)
+    pic = PIC(_tiny_encoder(), 4, num_instances=6, feature_dim=3, mlp_head=True, hidden_dim=4)
     ckpt = ck.read_checkpoint(os.path.join(V1, "PIC.pth"))
     ck.restore_training_state(ckpt, pic, restore_rng=False)
     assert torch.equal(pic.classifier.weight, raw["PIC"]["model"]["classifier.weight"])

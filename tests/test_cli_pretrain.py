@@ -15,7 +15,8 @@ import torch
 
 import main_pretrain
 from contrast.checkpoint import read_checkpoint
-from contrast.engine import NonFiniteLossError, build_precision
+from contrast.engine import NonFiniteLossError
+from contrast.precision import build_precision
 from tests.dist_utils import free_port
 from tests.synthetic import make_image_folder
 

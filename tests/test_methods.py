@@ -48,13 +48,13 @@ def test_small_stem_keeps_names_and_works_at_32px():
 def test_unknown_arch_lists_choices():
     with pytest.raises(ValueError, match="--arch 'resnet5'.*resnet18.*wide_resnet101_2"):
         build_backbone("resnet5")
-    assert len(ARCHS) == 7
+    assert len(ARCHS) == 12  # 7 torchvision ResNets + the release's 5 ResNet-D
 
 
 def test_heads():
     mlp = build_head(8, 3, mlp=True)
     assert [type(m) for m in mlp] == [nn.Linear, nn.ReLU, nn.Linear]
-    assert (mlp[0].in_features, mlp[0].out_features, mlp[2].out_features) == (8, 8, 3)
+    assert (mlp[0].in_features, mlp[0].out_features, mlp[2].out_features) == (8, 2048, 3)  # the release's width
     linear = build_head(8, 3)
     assert isinstance(linear, nn.Linear) and linear.out_features == 3
 

@@ -1,4 +1,5 @@
-"""LARS against a direct formula, parameter groups, and the per-iteration lr schedules."""
+"""LARS (release and fold-lr forms) against slow references, parameter groups, and the per-iteration
+lr schedules (release and reach-min cosine) against their formulas and torch's CosineAnnealingLR."""
 import math
 
 import pytest
@@ -8,47 +9,126 @@ from torch import nn
 from contrast.optim import LARS, build_optimizer, build_scheduler, split_decay_groups
 
 
-def _lars_reference(w, grads, lr, m, wd, eta, exclude):
-    """SimCLR's LARS written out per step in plain float64 tensor maths (independent of the class)."""
+LRS = [0.7, 0.2, 1.1, 0.05]   # a changing lr: where the two LARS forms differ
+
+
+def _fold_lr_reference(w, grads, lrs, m, wd, eta, exclude, eps=0.0):
+    """SimCLR's LARS (lr folded into the buffer) written out per step in plain float64 tensor maths."""
     w, v = w.double().clone(), torch.zeros_like(w, dtype=torch.float64)
-    for g in grads:
+    for g, lr in zip(grads, lrs):
         g = g.double()
         if exclude:
             d = g
         else:
             d = g + wd * w
             wn, dn = math.sqrt(float((w * w).sum())), math.sqrt(float((d * d).sum()))
-            d = d * (eta * wn / dn if wn > 0 and dn > 0 else 1.0)
+            d = d * (eta * wn / (dn + eps) if wn > 0 and dn > 0 else 1.0)
         v = m * v + lr * d
         w = w - v
     return w
 
 
-def test_lars_matches_formula():
+def _release_reference(w, grads, lrs, m, wd, eta, exclude, eps=1e-8):
+    """The release's LARS: the trust-scaled gradient handed to torch.optim.SGD(momentum=m), in float64."""
+    p = nn.Parameter(w.double().clone())
+    sgd = torch.optim.SGD([p], lr=lrs[0], momentum=m)
+    for g, lr in zip(grads, lrs):
+        g = g.double()
+        with torch.no_grad():
+            if exclude:
+                d = g
+            else:
+                d = g + wd * p
+                wn, dn = math.sqrt(float((p * p).sum())), math.sqrt(float((d * d).sum()))
+                d = d * (eta * wn / (dn + eps) if wn > 0 and dn > 0 else 1.0)
+        p.grad = d.clone()
+        sgd.param_groups[0]["lr"] = lr
+        sgd.step()
+    return p.detach()
+
+
+def _run_lars(form, lrs, **kwargs):
+    if form != "release":   # the release's form is build_optimizer's default
+        kwargs["lars_form"] = form
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4))
     init = {n: p.detach().clone() for n, p in model.named_parameters()}
-    grads = {n: [torch.randn_like(p) for _ in range(3)] for n, p in model.named_parameters()}
-    opt = build_optimizer(model, "lars", lr=0.7, momentum=0.9, weight_decay=0.05)
-    assert isinstance(opt, LARS)
-    for step in range(3):
+    grads = {n: [torch.randn_like(p) for _ in lrs] for n, p in model.named_parameters()}
+    opt = build_optimizer(model, "lars", lr=lrs[0], momentum=0.9, weight_decay=0.05, **kwargs)
+    assert isinstance(opt, LARS) and opt.form == form
+    for step, lr in enumerate(lrs):
+        for group in opt.param_groups:
+            group["lr"] = lr
         for n, p in model.named_parameters():
             p.grad = grads[n][step].clone()
         opt.step()
+    return model, init, grads
+
+
+@pytest.mark.parametrize("form,reference", [("release", _release_reference), ("fold-lr", _fold_lr_reference)])
+def test_lars_matches_reference_with_changing_lr(form, reference):
+    model, init, grads = _run_lars(form, LRS)
     for n, p in model.named_parameters():
         exclude = p.ndim < 2  # biases and BN weight/bias: no decay, no adaptation
-        ref = _lars_reference(init[n], grads[n], 0.7, 0.9, 0.05, 0.001, exclude)
+        ref = reference(init[n], grads[n], LRS, 0.9, 0.05, 0.001, exclude)
         torch.testing.assert_close(p.detach().double(), ref, rtol=1e-5, atol=1e-7, msg=n)
-    # the adapted weight moved by a tiny trust-scaled amount, the excluded bias by a plain SGD step
+    # the adapted weight moved by a tiny trust-scaled amount, the excluded bias by plain SGD steps
     assert (model[0].weight - init["0.weight"]).abs().max() < 0.01 < (model[0].bias - init["0.bias"]).abs().max()
 
 
-def test_lars_zero_weight_uses_ratio_one():
+def test_lars_forms_agree_at_constant_lr_and_differ_when_it_changes():
+    const = [0.3] * 4
+    a, _, _ = _run_lars("release", const, lars_eps=0.0)
+    b, _, _ = _run_lars("fold-lr", const)
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-8, msg=n)
+    a, init, _ = _run_lars("release", LRS, lars_eps=0.0)
+    b, _, _ = _run_lars("fold-lr", LRS)
+    moved = (a[0].bias - init["0.bias"]).abs().max()
+    assert (a[0].bias - b[0].bias).abs().max() > 1e-2 * moved
+
+
+def test_lars_eps_sits_in_the_denominator():
+    p = nn.Parameter(torch.full((2, 2), 3.0))   # ||w|| = 6
+    opt = LARS([p], lr=1.0, momentum=0.0, weight_decay=0.0, trust_coefficient=0.5, eps=1.0)
+    p.grad = torch.full((2, 2), 1.5)           # ||g|| = 3: ratio = 0.5 * 6 / (3 + 1) = 0.75
+    opt.step()
+    torch.testing.assert_close(p.detach(), torch.full((2, 2), 3.0 - 0.75 * 1.5))
+    assert LARS([p], lr=0.1).defaults["eps"] == 1e-8 and LARS([p], lr=0.1, form="fold-lr").defaults["eps"] == 0.0
+    with pytest.raises(ValueError, match="LARS form 'tf'"):
+        LARS([p], lr=0.1, form="tf")
+
+
+@pytest.mark.parametrize("form", ["release", "fold-lr"])
+def test_lars_zero_weight_uses_ratio_one(form):
     p = nn.Parameter(torch.zeros(3, 2))
-    opt = LARS([p], lr=0.1, momentum=0.0, weight_decay=0.0)
+    opt = LARS([p], lr=0.1, momentum=0.0, weight_decay=0.0, form=form)
     p.grad = torch.ones(3, 2)
     opt.step()
     torch.testing.assert_close(p.detach(), torch.full((3, 2), -0.1))
+
+
+def test_lars_resumes_from_its_state_dict():
+    torch.manual_seed(1)
+    w0, grads = torch.randn(4, 3), [torch.randn(4, 3) for _ in range(4)]
+
+    def run(steps, opt=None, p=None):
+        for i in steps:
+            p.grad = grads[i].clone()
+            opt.param_groups[0]["lr"] = LRS[i]
+            opt.step()
+
+    p = nn.Parameter(w0.clone())
+    full = LARS([p], lr=1.0, weight_decay=0.01)
+    run(range(4), full, p)
+    q = nn.Parameter(w0.clone())
+    first = LARS([q], lr=1.0, weight_decay=0.01)
+    run(range(2), first, q)
+    r = nn.Parameter(q.detach().clone())
+    second = LARS([r], lr=1.0, weight_decay=0.01)
+    second.load_state_dict(first.state_dict())
+    run(range(2, 4), second, r)
+    torch.testing.assert_close(r, p, rtol=0, atol=0)
 
 
 def test_decay_groups():
@@ -75,10 +155,10 @@ def _opt(lr=1.0):
     return torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=lr)
 
 
-def test_cosine_with_warmup():
+def test_cosine_reach_min_form():
     opt = _opt(2.0)
-    lrs = _lrs(build_scheduler(opt, "cosine", epochs=5, iters_per_epoch=4, warmup_epochs=2, warmup_multiplier=100),
-               opt, 20)
+    lrs = _lrs(build_scheduler(opt, "cosine", epochs=5, iters_per_epoch=4, warmup_epochs=2, warmup_multiplier=100,
+                               cosine_form="reach-min"), opt, 20)
     warm = 8
     for it in range(warm):  # linear from lr/100 to lr
         assert lrs[it] == pytest.approx(2.0 / 100 + (2.0 - 2.0 / 100) * it / warm)
@@ -86,6 +166,66 @@ def test_cosine_with_warmup():
         t = (it - warm) / (20 - warm - 1)
         assert lrs[it] == pytest.approx(1e-6 + (2.0 - 1e-6) * 0.5 * (1 + math.cos(math.pi * t)))
     assert lrs[warm] == pytest.approx(2.0) and lrs[-1] == pytest.approx(1e-6)
+
+
+def _release_lr(it, base, epochs, warmup_epochs, iters, multiplier, eta_min=1e-6):
+    """The release's lr at iteration ``it``: GradualWarmupScheduler(multiplier, warmup iters) around
+    CosineAnnealingLR(T_max=(epochs - warmup) * iters, eta_min), both stepped once per iteration."""
+    warm = warmup_epochs * iters
+    if warm > 0 and it <= warm:
+        return base / multiplier * ((multiplier - 1) * it / warm + 1)
+    t_max = (epochs - warmup_epochs) * iters
+    return eta_min + (base - eta_min) * (1 + math.cos(math.pi * (it - warm) / t_max)) / 2
+
+
+@pytest.mark.parametrize("warmup_epochs", [0, 2])
+def test_cosine_release_form_every_iteration(warmup_epochs):
+    opt = _opt(2.0)
+    lrs = _lrs(build_scheduler(opt, "cosine", epochs=5, iters_per_epoch=4, warmup_epochs=warmup_epochs,
+                               warmup_multiplier=100), opt, 20)   # the release form is the default
+    assert lrs == pytest.approx([_release_lr(it, 2.0, 5, warmup_epochs, 4, 100) for it in range(20)], rel=1e-12)
+    assert lrs[-1] > 1e-3   # the release never reaches the floor: the last step is one iteration short
+
+
+def test_cosine_release_form_equals_torch_cosine_annealing_after_warmup():
+    """After the warm-up (written here), the lr equals torch's own CosineAnnealingLR stepped per iteration."""
+    epochs, warmup_epochs, iters, base, mult = 6, 2, 5, 0.4, 100
+    opt = _opt(base)
+    lrs = _lrs(build_scheduler(opt, "cosine", epochs, iters, warmup_epochs, mult), opt, epochs * iters)
+    warm = warmup_epochs * iters
+    for it in range(warm + 1):
+        assert lrs[it] == pytest.approx(base / mult * ((mult - 1) * it / warm + 1), rel=1e-12)
+    ref_opt = _opt(base)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(ref_opt, T_max=(epochs - warmup_epochs) * iters, eta_min=1e-6)
+    torch_lrs = _lrs(cosine, ref_opt, epochs * iters - warm)
+    assert lrs[warm:] == pytest.approx(torch_lrs, rel=1e-9)
+
+
+def test_release_cosine_long_run_and_resume_have_no_drift():
+    """400 epochs x 50 iterations: every lr equals the closed form, also after a resume in mid-run."""
+    epochs, iters, warmup_epochs, base = 400, 50, 10, 0.03
+    total = epochs * iters
+    expected = [_release_lr(it, base, epochs, warmup_epochs, iters, 100) for it in range(total)]
+    opt = _opt(base)
+    sched = build_scheduler(opt, "cosine", epochs, iters, warmup_epochs, 100)
+    lrs = _lrs(sched, opt, 12345)
+    resumed_opt = _opt(base)
+    resumed = build_scheduler(resumed_opt, "cosine", epochs, iters, warmup_epochs, 100)
+    resumed_opt.load_state_dict(opt.state_dict())
+    resumed.load_state_dict(sched.state_dict())
+    lrs += _lrs(resumed, resumed_opt, total - 12345)
+    assert lrs == pytest.approx(expected, rel=1e-12, abs=0)
+    jumped_opt = _opt(base)   # --start-epoch: jump straight to an iteration
+    jumped = build_scheduler(jumped_opt, "cosine", epochs, iters, warmup_epochs, 100)
+    jumped_opt.step()
+    jumped.last_epoch = 300 * iters - 1
+    jumped.step()
+    assert jumped_opt.param_groups[0]["lr"] == pytest.approx(expected[300 * iters], rel=1e-12)
+
+
+def test_bad_cosine_form():
+    with pytest.raises(ValueError, match="cosine form 'tf'"):
+        build_scheduler(_opt(), "cosine", 2, 2, cosine_form="tf")
 
 
 def test_step_schedule():

@@ -1,12 +1,36 @@
-"""Backbones: torchvision ResNets with the classifier removed.
+"""Backbones: torchvision ResNets (and the release's ResNet-D) with the classifier removed.
 
 ``build_backbone(arch)`` returns ``torchvision.models.<arch>(weights=None)`` with
 ``fc = nn.Identity()``, so the backbone maps images (B, 3, H, W) to pooled
 features (B, feat_dim) and its state dict loads into a plain torchvision model
 (whose ``fc`` was removed) with ``strict=True``.
 
-``stem`` (``--stem``, one of :data:`STEMS`) chooses the layers before ``layer1``;
-the spatial size they leave for a 28 px / 224 px input is given in brackets:
+``zero_init_residual`` (default True, as the PIC release) zeroes the gamma of the
+last BatchNorm of every residual block (``bn2`` of a BasicBlock, ``bn3`` of a
+Bottleneck), so each block starts as the identity (Goyal et al. 2017, "Accurate,
+Large Minibatch SGD"); the downsample BatchNorms keep gamma 1.
+
+ResNet-D (``resnet18_d`` ... ``resnet152_d``; He et al. 2019, "Bag of Tricks for
+Image Classification", ResNet-D) is the release's variant, built from torchvision's
+``ResNet``/``BasicBlock``/``Bottleneck`` so every other name stays torchvision's:
+
+* ``conv1`` is a deep stem ``Sequential(Sequential(conv3x3(3, 32, stride 2), BN, ReLU),
+  Sequential(conv3x3(32, 32), BN, ReLU), conv3x3(32, 64))``, followed as usual by
+  ``bn1``, ReLU and the 3x3 stride-2 max-pool (keys ``conv1.0.0.weight``,
+  ``conv1.0.1.*``, ``conv1.1.0.weight``, ``conv1.1.1.*``, ``conv1.2.weight``);
+* the projection shortcut of a block with stride s is ``Sequential(AvgPool2d(s),
+  conv1x1 stride 1, BN)`` (keys ``downsample.1.weight``, ``downsample.2.*``); with
+  s = 1 (``layer1`` of a Bottleneck ResNet) the pool is ``nn.Identity``. The block's
+  own stride sits where torchvision puts it (the 3x3 conv), as in the release.
+
+The release pools with ``AvgPool2d(s, s)`` (floor mode), which breaks the residual
+sum when a stage's input side is odd (the strided 3x3 conv rounds up). Here the pool
+uses ``ceil_mode=True, count_include_pad=False``: identical values wherever the
+release runs (even sides) and the mean of the in-bounds pixels at an odd edge.
+
+``stem`` (``--stem``, one of :data:`STEMS`) chooses the layers before ``layer1``
+of the plain ResNets; the spatial size they leave for a 28 px / 224 px input is
+given in brackets:
 
 * ``"imagenet"``: torchvision's 7x7 stride-2 ``conv1`` and 3x3 stride-2
   ``maxpool`` (7 / 56 px).
@@ -16,6 +40,9 @@ the spatial size they leave for a 28 px / 224 px input is given in brackets:
   kept (14 / 112 px): a quarter of the cost of ``"small"``, twice the
   resolution of ``"imagenet"``.
 
+A ResNet-D has its own deep stem and accepts only ``stem="imagenet"`` (its default
+meaning: the release's stem, 7 / 56 px like torchvision's); a small stem is an error.
+
 Parameter names are the same for every stem, but with a small stem
 ``conv1.weight`` is (64, 3, 3, 3) instead of (64, 3, 7, 7), so such a backbone
 only loads into a torchvision ResNet given the same stem (:func:`set_stem`).
@@ -24,13 +51,23 @@ Configs written before ``--stem`` existed record the boolean ``small_stem``;
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Tuple, Union
+from typing import Any, Dict, Mapping, Sequence, Tuple, Union
 
 import torchvision
 from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet, conv1x1, conv3x3
+
+#: ResNet-D variants of the release: name -> (block, blocks per stage).
+RESNET_D: Dict[str, Tuple[type, Tuple[int, int, int, int]]] = {
+    "resnet18_d": (BasicBlock, (2, 2, 2, 2)),
+    "resnet34_d": (BasicBlock, (3, 4, 6, 3)),
+    "resnet50_d": (Bottleneck, (3, 4, 6, 3)),
+    "resnet101_d": (Bottleneck, (3, 4, 23, 3)),
+    "resnet152_d": (Bottleneck, (3, 8, 36, 3)),
+}
 
 ARCHS: Tuple[str, ...] = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
-                          "wide_resnet50_2", "wide_resnet101_2")
+                          "wide_resnet50_2", "wide_resnet101_2") + tuple(RESNET_D)
 
 #: Stems (``--stem``); see the module docstring.
 STEMS: Tuple[str, ...] = ("imagenet", "small", "small-maxpool")
@@ -74,17 +111,67 @@ def stem_of(config: Union[Mapping[str, Any], Any, None]) -> str:
     return stem
 
 
-def build_backbone(arch: str, stem: str = "imagenet") -> Tuple[nn.Module, int]:
-    """Return ``(backbone, feat_dim)`` for a torchvision ResNet named ``arch`` (``--arch``)
-    with the stem ``stem`` (``--stem``, one of :data:`STEMS`).
+def _conv_bn_relu(in_planes: int, out_planes: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(conv3x3(in_planes, out_planes, stride), nn.BatchNorm2d(out_planes), nn.ReLU(inplace=True))
 
-    ``feat_dim`` is the width of the pooled feature: 512 for ResNet-18/34, 2048
+
+class ResNetD(ResNet):
+    """torchvision ``ResNet`` with the release's deep stem and average-pool shortcuts (module docstring).
+
+    Initialisation is torchvision's (Kaiming-normal fan-out convolutions, BN gamma 1 and beta 0,
+    optional zero-init of the last BN gamma per block), which is also the release's.
+    """
+
+    def __init__(self, block: type, layers: Sequence[int], num_classes: int = 1000,
+                 zero_init_residual: bool = False) -> None:
+        super().__init__(block, list(layers), num_classes=num_classes, zero_init_residual=zero_init_residual)
+        self.conv1 = nn.Sequential(_conv_bn_relu(3, 32, 2), _conv_bn_relu(32, 32, 1), conv3x3(32, 64))
+        for m in self.conv1.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def _make_layer(self, block: type, planes: int, blocks: int, stride: int = 1,
+                    dilate: bool = False) -> nn.Sequential:
+        in_planes = self.inplanes
+        layer = super()._make_layer(block, planes, blocks, stride, dilate)
+        first = layer[0]
+        if first.downsample is not None:
+            out_planes = planes * block.expansion
+            pool = nn.Identity() if stride == 1 else \
+                nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False)
+            first.downsample = nn.Sequential(pool, conv1x1(in_planes, out_planes), nn.BatchNorm2d(out_planes))
+        return layer   # initialised by ResNet.__init__'s loop, which runs after every _make_layer
+
+
+def resnet_d(arch: str, zero_init_residual: bool = False, num_classes: int = 1000) -> ResNetD:
+    """The ResNet-D named ``arch`` (a key of :data:`RESNET_D`), with a ``num_classes`` classifier ``fc``."""
+    if arch not in RESNET_D:
+        raise ValueError(f"{arch!r} is not a ResNet-D; choose one of: {', '.join(RESNET_D)}")
+    block, layers = RESNET_D[arch]
+    return ResNetD(block, layers, num_classes=num_classes, zero_init_residual=zero_init_residual)
+
+
+def build_backbone(arch: str, stem: str = "imagenet", zero_init_residual: bool = True) -> Tuple[nn.Module, int]:
+    """Return ``(backbone, feat_dim)`` for the ResNet named ``arch`` (``--arch``, one of :data:`ARCHS`)
+    with the stem ``stem`` (``--stem``, one of :data:`STEMS`; ResNet-D: ``"imagenet"`` only).
+
+    ``zero_init_residual`` zeroes the last BN gamma of every residual block (the release does).
+    ``feat_dim`` is the width of the pooled feature: 512 for ResNet-18/34 (and their -D), 2048
     for the others.
     """
     if arch not in ARCHS:
         raise ValueError(f"--arch {arch!r} is not supported; choose one of: {', '.join(ARCHS)}")
     check_stem(stem)
-    net = getattr(torchvision.models, arch)(weights=None)
+    if arch in RESNET_D:
+        if stem != "imagenet":
+            raise ValueError(f"--stem {stem!r} cannot be combined with --arch {arch}: a ResNet-D has the "
+                             f"release's deep 3x3 stem (stride 2 + max-pool); use --stem imagenet or a plain ResNet")
+        net = resnet_d(arch, zero_init_residual=zero_init_residual)
+    else:
+        net = getattr(torchvision.models, arch)(weights=None, zero_init_residual=zero_init_residual)
     feat_dim = net.fc.in_features
     net.fc = nn.Identity()
     set_stem(net, stem)

@@ -99,7 +99,7 @@ class BaseMethod(TrainModule):
     def build_backbone(cfg: MethodConfig) -> Tuple[nn.Module, int]:
         """``(backbone, feat_dim)`` of ``cfg.backbone``."""
         b = cfg.backbone
-        return build_backbone(b.arch, stem=b.stem)
+        return build_backbone(b.arch, stem=b.stem, zero_init_residual=b.zero_init_residual)
 
     def forward(self, views: List[torch.Tensor], index: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Check the number of views, then :meth:`training_loss`."""

@@ -29,7 +29,7 @@ from torch import nn
 from contrast import distributed as cd
 from contrast.config import MethodConfig
 from contrast.models.base import BaseMethod
-from contrast.models.heads import build_head, normalize_fp32
+from contrast.models.heads import MLP_HIDDEN_DIM, build_head, normalize_fp32
 from contrast.models.losses import instdisc_loss
 from contrast.models.views import Views
 
@@ -59,7 +59,8 @@ class InstDisc(BaseMethod):
 
     def __init__(self, backbone: nn.Module, feat_dim: int, num_instances: int, feature_dim: int = 128,
                  mlp_head: bool = False, temperature: float = 0.07, num_negative: int = 4096,
-                 bank_momentum: float = 0.5, seed: int = 0, view_batching: str = "separate") -> None:
+                 bank_momentum: float = 0.5, seed: int = 0, view_batching: str = "separate",
+                 hidden_dim: int = MLP_HIDDEN_DIM) -> None:
         super().__init__(backbone, feat_dim, view_batching)
         if num_instances <= 0:
             raise ValueError(f"InstDisc needs a non-empty training set, got num_instances={num_instances}")
@@ -67,7 +68,7 @@ class InstDisc(BaseMethod):
             raise ValueError(f"--contrast-num-negative must be > 0 for InstDisc, got {num_negative}")
         if not 0.0 <= bank_momentum < 1.0:
             raise ValueError(f"--contrast-momentum (bank momentum) must be in [0, 1), got {bank_momentum}")
-        self.head = build_head(feat_dim, feature_dim, mlp_head)
+        self.head = build_head(feat_dim, feature_dim, mlp_head, hidden_dim)
         self.temperature = temperature
         self.num_negative = num_negative
         self.bank_momentum = bank_momentum
@@ -81,7 +82,7 @@ class InstDisc(BaseMethod):
     def from_config(cls, cfg: MethodConfig, num_instances: int) -> "InstDisc":
         backbone, feat_dim = cls.build_backbone(cfg)
         return cls(backbone, feat_dim, num_instances, cfg.feature_dim, cfg.mlp_head, cfg.temperature,
-                   cfg.num_negative, cfg.momentum, cfg.seed, cfg.view_batching)
+                   cfg.num_negative, cfg.momentum, cfg.seed, cfg.view_batching, cfg.head_hidden_dim)
 
     def draw_negatives(self, batch_size: int) -> torch.Tensor:
         """(B, K) uniform negative ids for this rank's B samples (see module docstring)."""

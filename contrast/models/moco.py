@@ -20,7 +20,7 @@ from torch import nn
 from contrast import distributed as cd
 from contrast.config import MethodConfig
 from contrast.models.base import BaseMethod
-from contrast.models.heads import build_head, normalize_fp32
+from contrast.models.heads import MLP_HIDDEN_DIM, build_head, normalize_fp32
 from contrast.models.losses import moco_loss
 from contrast.models.momentum import MomentumEncoder
 from contrast.models.queue import FeatureQueue
@@ -36,13 +36,13 @@ class MoCo(BaseMethod):
 
     def __init__(self, backbone: nn.Module, feat_dim: int, feature_dim: int = 128, mlp_head: bool = False,
                  temperature: float = 0.07, momentum: float = 0.999, num_negative: int = 65536,
-                 seed: int = 0, view_batching: str = "separate") -> None:
+                 seed: int = 0, view_batching: str = "separate", hidden_dim: int = MLP_HIDDEN_DIM) -> None:
         super().__init__(backbone, feat_dim, view_batching)
         if num_negative <= 0:
             raise ValueError(f"--contrast-num-negative (MoCo queue length) must be > 0, got {num_negative}")
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"--contrast-momentum must be in [0, 1], got {momentum}")
-        self.head = build_head(feat_dim, feature_dim, mlp_head)
+        self.head = build_head(feat_dim, feature_dim, mlp_head, hidden_dim)
         self.key_encoder = MomentumEncoder(self.backbone, self.head)
         self.queue = FeatureQueue(num_negative, (feature_dim,), seed=seed)
         self.temperature = temperature
@@ -53,7 +53,7 @@ class MoCo(BaseMethod):
     def from_config(cls, cfg: MethodConfig, num_instances: int) -> "MoCo":
         backbone, feat_dim = cls.build_backbone(cfg)
         return cls(backbone, feat_dim, cfg.feature_dim, cfg.mlp_head, cfg.temperature, cfg.momentum,
-                   cfg.num_negative, cfg.seed, cfg.view_batching)
+                   cfg.num_negative, cfg.seed, cfg.view_batching, cfg.head_hidden_dim)
 
     @torch.no_grad()
     def encode_keys(self, x: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from torch import nn
 
 from contrast.config import Flag, MethodConfig
 from contrast.models.base import BaseMethod
-from contrast.models.heads import build_head, normalize_fp32
+from contrast.models.heads import MLP_HIDDEN_DIM, build_head, normalize_fp32
 from contrast.models.instance_classifier import InstanceClassifier
 from contrast.models.losses import pic_loss
 from contrast.models.pic_sampled import STORAGES, SampledInstanceClassifier
@@ -92,9 +92,10 @@ class PIC(BaseMethod):
 
     def __init__(self, backbone: nn.Module, feat_dim: int, num_instances: int, feature_dim: int = 128,
                  mlp_head: bool = True, temperature: float = 0.2, multi_crop: bool = False,
-                 classifier: InstanceClassifier | None = None, view_batching: str = "separate") -> None:
+                 classifier: InstanceClassifier | None = None, view_batching: str = "separate",
+                 hidden_dim: int = MLP_HIDDEN_DIM) -> None:
         super().__init__(backbone, feat_dim, view_batching, multi_crop)
-        self.head = build_head(feat_dim, feature_dim, mlp_head)
+        self.head = build_head(feat_dim, feature_dim, mlp_head, hidden_dim)
         self.classifier = classifier if classifier is not None else \
             DenseInstanceClassifier(num_instances, feature_dim, temperature)
 
@@ -109,7 +110,7 @@ class PIC(BaseMethod):
             storage_dir=storage_dir, seed=cfg.seed)
         backbone, feat_dim = cls.build_backbone(cfg)
         return cls(backbone, feat_dim, num_instances, cfg.feature_dim, cfg.mlp_head, cfg.temperature,
-                   cfg.multi_crop, classifier, cfg.view_batching)
+                   cfg.multi_crop, classifier, cfg.view_batching, cfg.head_hidden_dim)
 
     def training_loss(self, views: List[torch.Tensor], index: torch.Tensor) -> Dict[str, torch.Tensor]:
         zs = [normalize_fp32(y) for y in self.encode(lambda x: self.head(self.backbone(x)), views)]

@@ -17,7 +17,7 @@ from torch import nn
 from contrast import distributed as cd
 from contrast.config import MethodConfig
 from contrast.models.base import BaseMethod
-from contrast.models.heads import build_head, normalize_fp32
+from contrast.models.heads import MLP_HIDDEN_DIM, build_head, normalize_fp32
 from contrast.models.losses import nt_xent_loss
 from contrast.models.views import Views
 
@@ -31,15 +31,16 @@ class SimCLR(BaseMethod):
     sync_batchnorm = True
 
     def __init__(self, backbone: nn.Module, feat_dim: int, feature_dim: int = 128, mlp_head: bool = True,
-                 temperature: float = 0.1, view_batching: str = "separate") -> None:
+                 temperature: float = 0.1, view_batching: str = "separate", hidden_dim: int = MLP_HIDDEN_DIM) -> None:
         super().__init__(backbone, feat_dim, view_batching)
-        self.head = build_head(feat_dim, feature_dim, mlp_head)
+        self.head = build_head(feat_dim, feature_dim, mlp_head, hidden_dim)
         self.temperature = temperature
 
     @classmethod
     def from_config(cls, cfg: MethodConfig, num_instances: int) -> "SimCLR":
         backbone, feat_dim = cls.build_backbone(cfg)
-        return cls(backbone, feat_dim, cfg.feature_dim, cfg.mlp_head, cfg.temperature, cfg.view_batching)
+        return cls(backbone, feat_dim, cfg.feature_dim, cfg.mlp_head, cfg.temperature, cfg.view_batching,
+                   cfg.head_hidden_dim)
 
     def training_loss(self, views: List[torch.Tensor], index: torch.Tensor) -> Dict[str, torch.Tensor]:
         z1, z2 = [normalize_fp32(y) for y in self.encode(lambda x: self.head(self.backbone(x)), views)]

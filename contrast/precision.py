@@ -1,0 +1,97 @@
+"""Mixed precision: ``--amp-opt-level`` resolved for a device (``torch.amp``; replaces Apex).
+
+=========  ===================================================================================
+level      meaning
+=========  ===================================================================================
+``O0``     fp32, no autocast, no GradScaler
+``O1``     autocast; fp16 + ``GradScaler`` on CUDA (Apex O1's dynamic loss scaling), bf16 on a CPU
+``O2``     bf16 autocast, no GradScaler (Apex O2's fp16 master-weight mode has no torch.amp twin)
+``auto``   the release's default O1 where it pays: O1 on CUDA (fp16 + GradScaler); on a CPU bf16
+           autocast when the CPU has native bf16 matrix instructions (AMX or AVX512-BF16), else
+           fp32 (O0): without them bf16 is emulated and slower than fp32, and buys nothing
+=========  ===================================================================================
+
+Logits and losses stay fp32 in every mode (the methods disable autocast around them).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Tuple
+
+import torch
+
+OPT_LEVELS = ("O0", "O1", "O2", "auto")
+#: /proc/cpuinfo flags that mean native bf16 arithmetic (Intel AMX, AVX512-BF16 on Intel and AMD Zen 4+).
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+@dataclass
+class Precision:
+    """``--amp-opt-level`` resolved for a device: autocast dtype (None = fp32) and GradScaler."""
+
+    dtype: Optional[torch.dtype]
+    scaler: Optional[torch.amp.GradScaler]
+
+    def autocast(self, device: torch.device):
+        return torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype is not None)
+
+
+def _cpuinfo_flags(path: str = "/proc/cpuinfo") -> set:
+    """The CPU feature flags listed in ``path`` (empty where the file does not exist, e.g. macOS)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_has_fast_bf16() -> Tuple[bool, str]:
+    """Whether this CPU computes bf16 natively, and the evidence (for the log).
+
+    Asks torch's own CPU probes (``torch.cpu._is_amx_tile_supported``,
+    ``_is_avx512_bf16_supported``, which read CPUID) when this torch has them, else the flags of
+    ``/proc/cpuinfo`` (:data:`BF16_CPU_FLAGS`).
+    """
+    probes = [(name, getattr(torch.cpu, name, None)) for name in ("_is_amx_tile_supported",
+                                                                  "_is_avx512_bf16_supported")]
+    if all(fn is not None for _, fn in probes):
+        found = [name.strip("_").replace("is_", "").replace("_supported", "") for name, fn in probes if fn()]
+        return bool(found), f"torch CPU probe: {', '.join(found) if found else 'no AMX, no AVX512-BF16'}"
+    flags = _cpuinfo_flags()
+    found = [f for f in BF16_CPU_FLAGS if f in flags]
+    return bool(found), f"/proc/cpuinfo flags: {', '.join(found) if found else 'no amx_bf16, no avx512_bf16'}"
+
+
+def resolve_precision(opt_level: str, device: torch.device,
+                      bf16_probe: Callable[[], Tuple[bool, str]] = cpu_has_fast_bf16) -> Tuple[Precision, str]:
+    """``(Precision, description)`` for ``--amp-opt-level opt_level`` on ``device``.
+
+    The description says what was picked and, for ``auto``, why (logged by the entry scripts).
+    ``bf16_probe`` is :func:`cpu_has_fast_bf16` (a parameter so tests can stand in for the CPU).
+    """
+    if opt_level not in OPT_LEVELS:
+        raise ValueError(f"--amp-opt-level {opt_level!r} is not supported; choose one of: {', '.join(OPT_LEVELS)}")
+    device = torch.device(device)
+    if opt_level == "auto":
+        if device.type == "cuda":
+            return Precision(torch.float16, torch.amp.GradScaler("cuda")), \
+                "auto -> O1 on CUDA: fp16 autocast + GradScaler (the release's default, Apex O1)"
+        if device.type == "cpu":
+            fast, evidence = bf16_probe()
+            if fast:
+                return Precision(torch.bfloat16, None), f"auto -> bf16 autocast on the CPU ({evidence})"
+            return Precision(None, None), f"auto -> fp32 (O0) on the CPU: bf16 would be emulated ({evidence})"
+        return Precision(None, None), f"auto -> fp32 (O0) on {device.type}"
+    if opt_level == "O0":
+        return Precision(None, None), "O0: fp32"
+    if opt_level == "O1" and device.type == "cuda":
+        return Precision(torch.float16, torch.amp.GradScaler("cuda")), "O1: fp16 autocast + GradScaler"
+    return Precision(torch.bfloat16, None), f"{opt_level}: bf16 autocast, no GradScaler"
+
+
+def build_precision(opt_level: str, device: torch.device) -> Precision:
+    """The :class:`Precision` of :func:`resolve_precision` (without the description)."""
+    return resolve_precision(opt_level, device)[0]
