@@ -31,7 +31,7 @@ AMP_HELP = ("mixed precision (torch.amp, replaces Apex): auto = O1 on CUDA (the 
             "losses stay fp32.")
 #: Shared flags whose default depends on the method (``None`` at parse time, then resolved).
 _GLOBAL_DEFAULTS: Dict[str, Any] = {"contrast_temperature": 0.07, "contrast_momentum": 0.0,
-                                    "contrast_num_negative": 65536, "mlp_head": False}
+                                    "contrast_num_negative": 65536, "mlp_head": False, "view_batching": "separate"}
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -128,9 +128,10 @@ def add_method_flags(p: argparse.ArgumentParser) -> None:
                    "key-encoder momentum (default: per method)")
     g.add_argument("--contrast-num-negative", type=int, default=None, help="InstDisc negatives / MoCo queue "
                    "length (default: per method)")
-    g.add_argument("--view-batching", type=str, default="separate", choices=VIEW_BATCHING,
+    g.add_argument("--view-batching", type=str, default=None, choices=VIEW_BATCHING,
                    help="(new) separate: one forward pass per view, each view its own batch-norm batch (the "
-                        "release); joint: equal-sized views concatenated into one batch")
+                        "release, and the default unless the method says otherwise); joint: equal-sized views "
+                        "concatenated into one batch")
     for cls in METHODS.values():
         if cls.flags:
             mg = p.add_argument_group(f"{cls.name} (--model {cls.name})")
