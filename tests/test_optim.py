@@ -12,18 +12,20 @@ from contrast.optim import LARS, build_optimizer, build_scheduler, split_decay_g
 LRS = [0.7, 0.2, 1.1, 0.05]   # a changing lr: where the two LARS forms differ
 
 
+def _trust_scaled(g, w, wd, eta, exclude, eps):
+    """LARS's update direction: ``g`` (excluded groups), else ``(g + wd w) * eta ||w|| / (||g + wd w|| + eps)``."""
+    if exclude:
+        return g
+    d = g + wd * w
+    wn, dn = math.sqrt(float((w * w).sum())), math.sqrt(float((d * d).sum()))
+    return d * (eta * wn / (dn + eps) if wn > 0 and dn > 0 else 1.0)
+
+
 def _fold_lr_reference(w, grads, lrs, m, wd, eta, exclude, eps=0.0):
     """SimCLR's LARS (lr folded into the buffer) written out per step in plain float64 tensor maths."""
     w, v = w.double().clone(), torch.zeros_like(w, dtype=torch.float64)
     for g, lr in zip(grads, lrs):
-        g = g.double()
-        if exclude:
-            d = g
-        else:
-            d = g + wd * w
-            wn, dn = math.sqrt(float((w * w).sum())), math.sqrt(float((d * d).sum()))
-            d = d * (eta * wn / (dn + eps) if wn > 0 and dn > 0 else 1.0)
-        v = m * v + lr * d
+        v = m * v + lr * _trust_scaled(g.double(), w, wd, eta, exclude, eps)
         w = w - v
     return w
 
@@ -33,14 +35,8 @@ def _release_reference(w, grads, lrs, m, wd, eta, exclude, eps=1e-8):
     p = nn.Parameter(w.double().clone())
     sgd = torch.optim.SGD([p], lr=lrs[0], momentum=m)
     for g, lr in zip(grads, lrs):
-        g = g.double()
         with torch.no_grad():
-            if exclude:
-                d = g
-            else:
-                d = g + wd * p
-                wn, dn = math.sqrt(float((p * p).sum())), math.sqrt(float((d * d).sum()))
-                d = d * (eta * wn / (dn + eps) if wn > 0 and dn > 0 else 1.0)
+            d = _trust_scaled(g.double(), p, wd, eta, exclude, eps)
         p.grad = d.clone()
         sgd.param_groups[0]["lr"] = lr
         sgd.step()
