@@ -6,9 +6,11 @@ level      meaning
 ``O0``     fp32, no autocast, no GradScaler
 ``O1``     autocast; fp16 + ``GradScaler`` on CUDA (Apex O1's dynamic loss scaling), bf16 on a CPU
 ``O2``     bf16 autocast, no GradScaler (Apex O2's fp16 master-weight mode has no torch.amp twin)
-``auto``   the release's default O1 where it pays: O1 on CUDA (fp16 + GradScaler); on a CPU bf16
-           autocast when the CPU has native bf16 matrix instructions (AMX or AVX512-BF16), else
-           fp32 (O0): without them bf16 is emulated and slower than fp32, and buys nothing
+``auto``   the release's default O1 on CUDA (fp16 + GradScaler); fp32 (O0) on a CPU. Without native
+           bf16 instructions (AMX, AVX512-BF16) CPU bf16 is emulated and slower than fp32; with
+           them it is ~1.5x faster (benchmarks/precision_cpu.py), but torch 2.14.1's CPU bf16
+           convolution backward gave garbage weight gradients (~1e33) for ResNet-18's layer4 at
+           16 px inputs in 10 of 20 passes on this project's AMX machine, so it stays opt-in (O1)
 =========  ===================================================================================
 
 Logits and losses stay fp32 in every mode (the methods disable autocast around them).
@@ -82,7 +84,9 @@ def resolve_precision(opt_level: str, device: torch.device,
         if device.type == "cpu":
             fast, evidence = bf16_probe()
             if fast:
-                return Precision(torch.bfloat16, None), f"auto -> bf16 autocast on the CPU ({evidence})"
+                return Precision(None, None), (f"auto -> fp32 (O0) on the CPU ({evidence}: bf16 would be faster, but "
+                                               f"CPU bf16 convolution gradients are not trusted, see "
+                                               f"docs/deviations.md; --amp-opt-level O1 opts in)")
             return Precision(None, None), f"auto -> fp32 (O0) on the CPU: bf16 would be emulated ({evidence})"
         return Precision(None, None), f"auto -> fp32 (O0) on {device.type}"
     if opt_level == "O0":

@@ -22,11 +22,13 @@ def test_auto_on_cuda_is_the_releases_o1():
     assert "O1" in why and "GradScaler" in why
 
 
-def test_auto_on_a_cpu_with_native_bf16_is_bf16_autocast():
+def test_auto_on_a_cpu_with_native_bf16_stays_fp32_and_says_why():
+    """bf16 autocast on the CPU is opt-in: torch 2.14.1's CPU bf16 convolution backward returned garbage
+    weight gradients (~1e33) for ResNet-18's layer4 at 16 px inputs in 10 of 20 passes here."""
     p, why = resolve_precision("auto", CPU, bf16_probe=lambda: (True, "flags: amx_bf16"))
-    assert p.dtype is torch.bfloat16 and p.scaler is None and "amx_bf16" in why
+    assert p.dtype is None and p.scaler is None and "amx_bf16" in why and "O1 opts in" in why
     with p.autocast(CPU):
-        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype is torch.bfloat16
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype is torch.float32
 
 
 def test_auto_on_a_cpu_without_native_bf16_is_fp32():
