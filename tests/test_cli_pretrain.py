@@ -31,6 +31,10 @@ METHOD_FLAGS = {
     "InstDisc": ["--model", "InstDisc", "--aug", "InstDisc", "--crop", "0.2", "--contrast-num-negative", "16"],
     "MoCo": ["--model", "MoCo", "--aug", "MoCov2", "--mlp-head", "--contrast-num-negative", "16"],
     "SimCLR": ["--model", "SimCLR", "--aug", "SimCLR", "--mlp-head", "--optimizer", "lars"],
+    "BYOL": ["--model", "BYOL", "--optimizer", "lars", "--mlp-hidden-dim", "64"],
+    "SwAV": ["--model", "SwAV", "--aug", "MultiCrop", "--image-size2", "24", "--num-crop2", "2", "--crop", "0.08",
+             "--crop2", "0.3", "--mlp-hidden-dim", "64", "--swav-num-prototypes", "10", "--swav-queue-length", "4",
+             "--swav-queue-start-epoch", "0", "--swav-freeze-prototypes-iters", "1", "--optimizer", "lars"],
 }
 
 
@@ -191,7 +195,7 @@ def test_nonfinite_run_stops_and_keeps_last_checkpoint(data_dir, tmp_path, monke
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--model", "BYOL"], "argument --model: invalid choice: 'BYOL'"),
+    (["--model", "Barlow"], "argument --model: invalid choice: 'Barlow'"),
     (["--model", "PIC", "--aug", "Foo"], "argument --aug: invalid choice: 'Foo'"),
     (["--model", "PIC", "--batch-size", "0"], "--batch-size must be >= 1"),
 ])
@@ -217,7 +221,7 @@ def test_batch_larger_than_data(data_dir, tmp_path):
         main_pretrain.main(argv)
 
 
-@pytest.mark.parametrize("method", ["PIC", "PIC_sampled", "InstDisc", "MoCo", "SimCLR"])
+@pytest.mark.parametrize("method", ["PIC", "PIC_sampled", "InstDisc", "MoCo", "SimCLR", "BYOL", "SwAV"])
 def test_torchrun_two_processes(method, data_dir, tmp_path):
     """``python -m torch.distributed.run --nproc_per_node=2`` on the CPU (gloo), batch 2 per process."""
     out = tmp_path / "ddp"
@@ -233,7 +237,7 @@ def test_torchrun_two_processes(method, data_dir, tmp_path):
     assert [state["rank"] for state in ckpt.sampler_states] == [0, 1]
     assert ckpt.step == 2
     assert os.path.isfile(out / "log_rank1.txt") and log_lines(out)
-    if method == "PIC_sampled":  # each rank wrote its shard of the classifier table
+    if method in ("PIC_sampled", "SwAV"):  # each rank wrote its shard of the classifier table / its queue
         assert ckpt.rank_shards and os.path.isfile(out / "current.rank1-of-2.pth")
 
 

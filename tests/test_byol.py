@@ -1,0 +1,194 @@
+"""BYOL: loss and gradients against a slow reference, the target's cosine EMA schedule, the network,
+2 gloo ranks x B/2 == 1 process x B, and the command line (pretraining, then kNN and linear)."""
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from contrast import distributed as cd
+from contrast.checkpoint import read_checkpoint
+from contrast.config import BackboneConfig, MethodConfig
+from contrast.models import build_method
+from contrast.models.byol import BYOL
+from contrast.models.losses import byol_loss
+from tests.dist_utils import run_distributed
+from tests.synthetic import make_image_folder
+
+DTYPE = torch.float64
+
+
+def _rand(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=DTYPE)
+
+
+# ------------------------------------------------------------------------------ loss
+def _byol_reference(p1, p2, z1, z2):
+    """sum over both view pairs of ||p / |p| - z / |z|||^2, per sample, with Python loops."""
+    total = 0
+    for b in range(p1.shape[0]):
+        for p, z in ((p1[b], z2[b].detach()), (p2[b], z1[b].detach())):
+            p_norm = torch.sqrt(sum(p[i] * p[i] for i in range(p.shape[0])))
+            z_norm = torch.sqrt(sum(z[i] * z[i] for i in range(z.shape[0])))
+            total = total + sum((p[i] / p_norm - z[i] / z_norm) ** 2 for i in range(p.shape[0]))
+    return total / p1.shape[0]
+
+
+def test_byol_loss_and_gradients_match_reference():
+    p1, p2 = _rand(4, 5, seed=1).requires_grad_(), (3 * _rand(4, 5, seed=2)).requires_grad_()
+    z1, z2 = _rand(4, 5, seed=3).requires_grad_(), _rand(4, 5, seed=4).requires_grad_()
+    got = byol_loss(p1, p2, z1, z2)
+    ref = _byol_reference(p1, p2, z1, z2)
+    assert got.dtype == torch.float32 and 0 <= got <= 8
+    assert torch.allclose(got.double(), ref, atol=1e-5)
+    for g, r in zip(torch.autograd.grad(got, [p1, p2]), torch.autograd.grad(ref, [p1, p2])):
+        assert torch.allclose(g.double(), r, atol=1e-5) and r.abs().sum() > 0
+    assert torch.autograd.grad(byol_loss(p1, p2, z1, z2), [z1, z2], allow_unused=True) == (None, None)
+    assert byol_loss(z1, z2, 2 * z2, 3 * z1) < 1e-6   # aligned directions: no loss, whatever the norms
+
+
+# ------------------------------------------------------------------------------ network and EMA
+def _encoder():
+    """BN-free. No bias: the projector's batch norm would cancel its gradient, leaving float noise."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 6, bias=False))
+
+
+def test_network_shapes_and_defaults():
+    cfg = MethodConfig(name="BYOL", backbone=BackboneConfig("resnet18", "small"), mlp_head=True, feature_dim=256,
+                       head_hidden_dim=4096, momentum=0.996)
+    method = build_method(cfg, num_instances=10)
+    for mlp, dims in ((method.head, (512, 4096, 256)), (method.predictor, (256, 4096, 256))):
+        assert [type(m) for m in mlp] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
+        assert (mlp[0].in_features, mlp[0].out_features, mlp[3].out_features) == dims
+        assert mlp[0].bias is not None and mlp[3].bias is None   # the reference code's output layer has no bias
+    assert method.sync_batchnorm and BYOL.views.count == 2 and BYOL.views.aug == "BYOL"
+    assert not any(p.requires_grad for p in method.target_encoder.parameters())
+    assert not any(k.startswith("target_encoder.predictor") for k in method.state_dict())
+    with pytest.raises(ValueError, match="--no-mlp-head"):
+        build_method(MethodConfig(name="BYOL", mlp_head=False), 10)
+
+
+def test_cosine_momentum_schedule_and_ema_update():
+    method = BYOL(_encoder(), 6, feature_dim=4, hidden_dim=8, base_momentum=0.9)
+    total = 7
+    method.on_train_start(total, steps_per_epoch=7)
+    for k in range(total):
+        expected = 1 - (1 - 0.9) * (math.cos(math.pi * k / total) + 1) / 2
+        assert method.momentum_at(k) == pytest.approx(expected, abs=1e-12)
+    assert method.momentum_at(0) == pytest.approx(0.9) and method.momentum_at(total) == pytest.approx(1.0)
+
+    online = dict(method.backbone.named_parameters()) | {"h" + n: p for n, p in method.head.named_parameters()}
+    target = dict(method.target_encoder.backbone.named_parameters()) | \
+        {"h" + n: p for n, p in method.target_encoder.head.named_parameters()}
+    assert all(torch.equal(online[n], target[n]) for n in online)   # the target starts as a copy
+    before = {n: p.detach().clone() for n, p in target.items()}
+    with torch.no_grad():
+        for i, p in enumerate(online.values()):
+            p.add_(0.5 + i)
+    method.on_train_step_end(3, lr=0.1)
+    tau = 1 - 0.1 * (math.cos(math.pi * 3 / total) + 1) / 2
+    for n, p in target.items():
+        assert torch.allclose(p, tau * before[n] + (1 - tau) * online[n], atol=1e-6), n
+
+
+def test_target_outputs_are_constants():
+    """Only the online network gets gradients; the target changes only through the EMA."""
+    method = BYOL(_encoder(), 6, feature_dim=4, hidden_dim=8)
+    views = [_rand(4, 3, 4, 4, seed=s).float() for s in (1, 2)]
+    method(views, torch.arange(4))["loss"].backward()
+    assert all(p.grad is None for p in method.target_encoder.parameters())
+    online = [(n, p) for n, p in method.named_parameters() if not n.startswith("target_encoder")]
+    assert all(p.grad is not None for _, p in online) and all(p.grad.abs().sum() > 0 for _, p in online
+                                                              if p.ndim > 1)
+    # the method's loss is byol_loss of online predictions against target projections of the other view
+    with torch.no_grad():
+        p = [method.predictor(method.head(method.backbone(v))) for v in views]
+        z = [method.target_encoder(v) for v in views]
+        ref = _byol_reference(*[t.double() for t in p + z])
+        assert torch.allclose(method(views, torch.arange(4))["loss"].double(), ref, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ 2 ranks x B/2 == 1 x B
+GLOBAL_BATCH = 8
+
+
+def _train(rank, world, steps=2):
+    torch.manual_seed(0)
+    method = cd.convert_sync_batchnorm(BYOL(_encoder(), 6, feature_dim=4, hidden_dim=8, base_momentum=0.9),
+                                       torch.device("cpu"))
+    method.on_train_start(total_steps=4, steps_per_epoch=2)
+    opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.5)
+    b = GLOBAL_BATCH // world
+    record = {"loss": [], "grads": []}
+    for step in range(steps):
+        g = torch.Generator().manual_seed(100 + step)
+        views = [torch.randn(GLOBAL_BATCH, 3, 4, 4, generator=g)[rank * b:(rank + 1) * b] for _ in range(2)]
+        opt.zero_grad()
+        loss = method(views, torch.arange(b))["loss"]
+        loss.backward()
+        grads = {n: cd.all_reduce_mean(p.grad.clone()) for n, p in method.named_parameters() if p.grad is not None}
+        for n, p in method.named_parameters():
+            if n in grads:
+                p.grad.copy_(grads[n])
+        method.on_before_optimizer_step(step)
+        opt.step()
+        method.on_train_step_end(step, 0.5)
+        record["loss"].append(cd.all_reduce_mean(loss.detach().clone()))
+        record["grads"].append(grads)
+    record["state"] = {n: t.detach().clone() for n, t in method.state_dict().items()}
+    return record
+
+
+def _worker(rank, world, out_dir):
+    torch.save(_train(rank, world), os.path.join(out_dir, f"{rank}.pt"))
+
+
+def _close(a, b):
+    return torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_two_ranks_match_one_process():
+    """Global batch norm in the projector and predictor, EMA target (online weights and target BN
+    statistics after 2 steps)."""
+    ref = _train(0, 1)
+    for got in run_distributed(_worker, 2):
+        for step in range(2):
+            assert _close(got["loss"][step], ref["loss"][step]), step
+            assert got["grads"][step].keys() == ref["grads"][step].keys()
+            for n, g in ref["grads"][step].items():
+                if n in ("head.0.bias", "predictor.0.bias"):   # feed batch norm: zero up to float noise
+                    assert max(g.abs().max(), got["grads"][step][n].abs().max()) < 1e-4
+                else:
+                    assert g.abs().sum() > 0 and _close(got["grads"][step][n], g), (step, n)
+        assert any(k.startswith("target_encoder.head.1.running") for k in ref["state"])
+        for n, t in ref["state"].items():
+            assert torch.equal(got["state"][n], t) if t.dtype == torch.long else _close(got["state"][n], t), n
+    initial = BYOL(_encoder(), 6, feature_dim=4, hidden_dim=8).state_dict()
+    assert not _close(ref["state"]["target_encoder.backbone.1.weight"], initial["target_encoder.backbone.1.weight"])
+
+
+# ------------------------------------------------------------------------------ command line
+def test_pretrain_then_knn_and_linear(tmp_path):
+    import main_knn
+    import main_linear
+    import main_pretrain
+    from tests.test_cli_pretrain import METHOD_FLAGS, tiny_args   # imported here: spawned ranks skip them
+    data = make_image_folder(str(tmp_path / "data"), num_classes=2, per_class=4, size=(36, 36))
+    main_pretrain.main(tiny_args(data, tmp_path / "pre", *METHOD_FLAGS["BYOL"]))
+    ckpt = read_checkpoint(str(tmp_path / "pre" / "current.pth"))
+    assert ckpt.config["contrast_momentum"] == 0.996 and ckpt.config["aug"] == "BYOL"
+    assert ckpt.config["mlp_head"] is True and ckpt.config["mlp_hidden_dim"] == 64
+    assert any(k.startswith("target_encoder.") for k in ckpt.model)
+    path = str(tmp_path / "pre" / "current.pth")
+    knn = main_knn.main(["--checkpoint", path, "--data-dir", data, "--knn-k", "3", "--num-workers", "0",
+                         "--batch-size", "4", "--device", "cpu"])
+    assert knn["model"] == "BYOL" and 0 <= knn["knn"]["3"]["top1"] <= 100
+    lin = main_linear.main(["--data-dir", data, "--pretrained-model", path, "--output-dir", str(tmp_path / "lin"),
+                            "--total-batch-size", "4", "--epochs", "1", "--num-workers", "0", "--warmup-epoch", "0",
+                            "--no-tensorboard"])
+    assert 0 <= lin["last_acc1"] <= 100
+    pre = ckpt.backbone_state()
+    post = read_checkpoint(str(tmp_path / "lin" / "current.pth")).backbone_state()
+    assert pre.keys() == post.keys() and all(torch.equal(pre[k], post[k]) for k in pre)
