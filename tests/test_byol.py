@@ -5,17 +5,14 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from contrast import distributed as cd
-from contrast.checkpoint import read_checkpoint
 from contrast.config import BackboneConfig, MethodConfig
 from contrast.models import build_method
 from contrast.models.byol import BYOL
 from contrast.models.losses import byol_loss
-from tests.dist_utils import run_distributed
-from tests.synthetic import make_image_folder
+from tests.dist_utils import assert_same_training, run_distributed, train_like_ddp
 
 DTYPE = torch.float64
 
@@ -111,42 +108,18 @@ def test_target_outputs_are_constants():
 
 
 # ------------------------------------------------------------------------------ 2 ranks x B/2 == 1 x B
-GLOBAL_BATCH = 8
-
-
-def _train(rank, world, steps=2):
+def _train(rank, world):
     torch.manual_seed(0)
     method = cd.convert_sync_batchnorm(BYOL(_encoder(), 6, feature_dim=4, hidden_dim=8, base_momentum=0.9),
                                        torch.device("cpu"))
     method.on_train_start(total_steps=4, steps_per_epoch=2)
     opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.5)
-    b = GLOBAL_BATCH // world
-    record = {"loss": [], "grads": []}
-    for step in range(steps):
-        g = torch.Generator().manual_seed(100 + step)
-        views = [torch.randn(GLOBAL_BATCH, 3, 4, 4, generator=g)[rank * b:(rank + 1) * b] for _ in range(2)]
-        opt.zero_grad()
-        loss = method(views, torch.arange(b))["loss"]
-        loss.backward()
-        grads = {n: cd.all_reduce_mean(p.grad.clone()) for n, p in method.named_parameters() if p.grad is not None}
-        for n, p in method.named_parameters():
-            if n in grads:
-                p.grad.copy_(grads[n])
-        method.on_before_optimizer_step(step)
-        opt.step()
-        method.on_train_step_end(step, 0.5)
-        record["loss"].append(cd.all_reduce_mean(loss.detach().clone()))
-        record["grads"].append(grads)
-    record["state"] = {n: t.detach().clone() for n, t in method.state_dict().items()}
-    return record
+    views = [[_rand(8, 3, 4, 4, seed=100 + 2 * step + i).float() for i in range(2)] for step in range(2)]
+    return train_like_ddp(method, opt, views, rank, world)
 
 
 def _worker(rank, world, out_dir):
     torch.save(_train(rank, world), os.path.join(out_dir, f"{rank}.pt"))
-
-
-def _close(a, b):
-    return torch.allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_two_ranks_match_one_process():
@@ -154,41 +127,18 @@ def test_two_ranks_match_one_process():
     statistics after 2 steps)."""
     ref = _train(0, 1)
     for got in run_distributed(_worker, 2):
-        for step in range(2):
-            assert _close(got["loss"][step], ref["loss"][step]), step
-            assert got["grads"][step].keys() == ref["grads"][step].keys()
-            for n, g in ref["grads"][step].items():
-                if n in ("head.0.bias", "predictor.0.bias"):   # feed batch norm: zero up to float noise
-                    assert max(g.abs().max(), got["grads"][step][n].abs().max()) < 1e-4
-                else:
-                    assert g.abs().sum() > 0 and _close(got["grads"][step][n], g), (step, n)
-        assert any(k.startswith("target_encoder.head.1.running") for k in ref["state"])
-        for n, t in ref["state"].items():
-            assert torch.equal(got["state"][n], t) if t.dtype == torch.long else _close(got["state"][n], t), n
+        assert_same_training(got, ref, zero_grads=("head.0.bias", "predictor.0.bias"))   # biases feeding BN
+    assert any(k.startswith("target_encoder.head.1.running") for k in ref["state"])
     initial = BYOL(_encoder(), 6, feature_dim=4, hidden_dim=8).state_dict()
-    assert not _close(ref["state"]["target_encoder.backbone.1.weight"], initial["target_encoder.backbone.1.weight"])
+    assert not torch.allclose(ref["state"]["target_encoder.backbone.1.weight"],
+                              initial["target_encoder.backbone.1.weight"])
 
 
 # ------------------------------------------------------------------------------ command line
 def test_pretrain_then_knn_and_linear(tmp_path):
-    import main_knn
-    import main_linear
-    import main_pretrain
-    from tests.test_cli_pretrain import METHOD_FLAGS, tiny_args   # imported here: spawned ranks skip them
-    data = make_image_folder(str(tmp_path / "data"), num_classes=2, per_class=4, size=(36, 36))
-    main_pretrain.main(tiny_args(data, tmp_path / "pre", *METHOD_FLAGS["BYOL"]))
-    ckpt = read_checkpoint(str(tmp_path / "pre" / "current.pth"))
+    from tests.test_cli_pretrain import pretrain_then_evaluate   # imported here: spawned ranks skip it
+    ckpt, _ = pretrain_then_evaluate(tmp_path, "BYOL")
     assert ckpt.config["contrast_momentum"] == 0.996 and ckpt.config["aug"] == "BYOL"
     assert ckpt.config["mlp_head"] is True and ckpt.config["mlp_hidden_dim"] == 64
+    assert ckpt.config["feature_dim"] == 16   # given on the command line, over BYOL's 256
     assert any(k.startswith("target_encoder.") for k in ckpt.model)
-    path = str(tmp_path / "pre" / "current.pth")
-    knn = main_knn.main(["--checkpoint", path, "--data-dir", data, "--knn-k", "3", "--num-workers", "0",
-                         "--batch-size", "4", "--device", "cpu"])
-    assert knn["model"] == "BYOL" and 0 <= knn["knn"]["3"]["top1"] <= 100
-    lin = main_linear.main(["--data-dir", data, "--pretrained-model", path, "--output-dir", str(tmp_path / "lin"),
-                            "--total-batch-size", "4", "--epochs", "1", "--num-workers", "0", "--warmup-epoch", "0",
-                            "--no-tensorboard"])
-    assert 0 <= lin["last_acc1"] <= 100
-    pre = ckpt.backbone_state()
-    post = read_checkpoint(str(tmp_path / "lin" / "current.pth")).backbone_state()
-    assert pre.keys() == post.keys() and all(torch.equal(pre[k], post[k]) for k in pre)

@@ -45,6 +45,28 @@ def tiny_args(data_dir, out_dir, *extra, epochs=1):
             *extra]
 
 
+def pretrain_then_evaluate(tmp_path, method: str):
+    """Pretrain ``METHOD_FLAGS[method]`` on a tiny folder, then evaluate its checkpoint with main_knn.py and
+    one epoch of main_linear.py (they read the ``backbone.`` tensors only); checks the linear run kept the
+    backbone. Returns the pretraining checkpoint and the kNN result."""
+    import main_knn
+    import main_linear
+    data = make_image_folder(str(tmp_path / "data"), num_classes=2, per_class=4, size=(36, 36))
+    path = str(tmp_path / "pre" / "current.pth")
+    main_pretrain.main(tiny_args(data, tmp_path / "pre", *METHOD_FLAGS[method]))
+    knn = main_knn.main(["--checkpoint", path, "--data-dir", data, "--knn-k", "3", "--num-workers", "0",
+                         "--batch-size", "4", "--device", "cpu"])
+    assert knn["model"] == METHOD_FLAGS[method][1] and 0 <= knn["knn"]["3"]["top1"] <= 100
+    lin = main_linear.main(["--data-dir", data, "--pretrained-model", path, "--output-dir", str(tmp_path / "lin"),
+                            "--total-batch-size", "4", "--epochs", "1", "--num-workers", "0", "--warmup-epoch", "0",
+                            "--no-tensorboard"])
+    assert 0 <= lin["last_acc1"] <= 100
+    ckpt = read_checkpoint(path)
+    pre, post = ckpt.backbone_state(), read_checkpoint(str(tmp_path / "lin" / "current.pth")).backbone_state()
+    assert pre.keys() == post.keys() and all(torch.equal(pre[k], post[k]) for k in pre)
+    return ckpt, knn
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     return make_image_folder(str(tmp_path_factory.mktemp("data")), num_classes=2, per_class=4, size=(36, 36))

@@ -13,7 +13,7 @@ from contrast.config import BackboneConfig, MethodConfig
 from contrast.models import build_method
 from contrast.models.losses import sinkhorn_knopp, swav_loss
 from contrast.models.swav import SwAV
-from tests.dist_utils import run_distributed
+from tests.dist_utils import assert_same_training, run_distributed, train_like_ddp
 from tests.synthetic import make_image_folder
 
 DTYPE = torch.float64
@@ -239,24 +239,7 @@ def _train(rank, world):
                                        torch.device("cpu"))
     method.on_train_start(total_steps=4, steps_per_epoch=2)
     opt = torch.optim.SGD(method.parameters(), lr=0.5)
-    b = GLOBAL_BATCH // world
-    record = {"loss": [], "grads": [], "queue_used": []}
-    for step in range(2):
-        views = [v[rank * b:(rank + 1) * b] for v in _views(GLOBAL_BATCH, 100 + step)]
-        opt.zero_grad()
-        out = method(views, torch.arange(b))
-        out["loss"].backward()
-        grads = {n: cd.all_reduce_mean(p.grad.clone()) for n, p in method.named_parameters() if p.grad is not None}
-        for n, p in method.named_parameters():
-            if n in grads:
-                p.grad.copy_(grads[n])
-        method.on_before_optimizer_step(step)
-        record["grads"].append({n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None})
-        opt.step()
-        method.on_train_step_end(step, 0.5)
-        record["loss"].append(cd.all_reduce_mean(out["loss"].detach().clone()))
-        record["queue_used"].append(float(out["queue_used"]))
-    record["state"] = {n: t.detach().clone() for n, t in method.state_dict().items()}
+    record = train_like_ddp(method, opt, [_views(GLOBAL_BATCH, 100 + step) for step in range(2)], rank, world)
     record["queue"] = method.queue.features.clone()
     return record
 
@@ -265,55 +248,29 @@ def _worker(rank, world, out_dir):
     torch.save(_train(rank, world), os.path.join(out_dir, f"{rank}.pt"))
 
 
-def _close(a, b):
-    return torch.allclose(a, b, atol=1e-5, rtol=1e-4)
-
-
 def test_two_ranks_match_one_process():
     ref = _train(0, 1)
     ranks = run_distributed(_worker, 2)
-    assert ref["queue_used"] == [0.0, 1.0]
+    assert [o["queue_used"] for o in ref["out"]] == [0.0, 1.0]
     assert "prototypes.weight" not in ref["grads"][0] and "prototypes.weight" in ref["grads"][1]
     for got in ranks:
-        assert got["queue_used"] == ref["queue_used"]
-        for step in range(2):
-            assert _close(got["loss"][step], ref["loss"][step]), step
-            assert got["grads"][step].keys() == ref["grads"][step].keys()
-            for n, g in ref["grads"][step].items():
-                if n == "head.0.bias":   # feeds batch norm: zero gradient up to float noise
-                    assert max(g.abs().max(), got["grads"][step][n].abs().max()) < 1e-4
-                else:
-                    assert g.abs().sum() > 0 and _close(got["grads"][step][n], g), (step, n)
-        for n, t in ref["state"].items():
-            assert torch.equal(got["state"][n], t) if t.dtype == torch.long else _close(got["state"][n], t), n
+        assert [o["queue_used"] for o in got["out"]] == [0.0, 1.0]
+        assert_same_training(got, ref, zero_grads=("head.0.bias",))   # a bias feeding batch norm
     # each rank holds its half of the global batch's embeddings; together, the one process's queue
     half = GLOBAL_BATCH // 2
     for rank, got in enumerate(ranks):
         assert got["queue"].shape == (half, 2, 4)
-        assert _close(got["queue"], ref["queue"][rank * half:(rank + 1) * half])
+        assert torch.allclose(got["queue"], ref["queue"][rank * half:(rank + 1) * half], atol=1e-5, rtol=1e-4)
 
 
 # ------------------------------------------------------------------------------ command line
 def test_pretrain_then_knn_and_linear(tmp_path):
-    import main_knn
-    import main_linear
-    import main_pretrain
-    from contrast.checkpoint import read_checkpoint, shard_path
-    from tests.test_cli_pretrain import METHOD_FLAGS, tiny_args   # imported here: spawned ranks skip them
-    data = make_image_folder(str(tmp_path / "data"), num_classes=2, per_class=4, size=(36, 36))
-    path = str(tmp_path / "pre" / "current.pth")
-    main_pretrain.main(tiny_args(data, tmp_path / "pre", *METHOD_FLAGS["SwAV"]))
-    ckpt = read_checkpoint(path)
+    from contrast.checkpoint import shard_path
+    from tests.test_cli_pretrain import pretrain_then_evaluate   # imported here: spawned ranks skip it
+    ckpt, _ = pretrain_then_evaluate(tmp_path, "SwAV")
     assert ckpt.config["view_batching"] == "joint" and ckpt.config["contrast_temperature"] == 0.1
-    assert ckpt.rank_shards and torch.load(shard_path(path, 0, 1))["filled"] == 4
-    assert "queue_used" in open(tmp_path / "pre" / "log.txt").read()
-    knn = main_knn.main(["--checkpoint", path, "--data-dir", data, "--knn-k", "3", "--num-workers", "0",
-                         "--batch-size", "4", "--device", "cpu"])
-    assert knn["model"] == "SwAV" and 0 <= knn["knn"]["3"]["top1"] <= 100
-    lin = main_linear.main(["--data-dir", data, "--pretrained-model", path, "--output-dir", str(tmp_path / "lin"),
-                            "--total-batch-size", "4", "--epochs", "1", "--num-workers", "0", "--warmup-epoch", "0",
-                            "--no-tensorboard"])
-    assert 0 <= lin["last_acc1"] <= 100
+    assert ckpt.rank_shards and torch.load(shard_path(ckpt.path, 0, 1))["filled"] == 4
+    assert "queue_used 1" in open(tmp_path / "pre" / "log.txt").read()
 
 
 def test_auto_resume_restores_the_queue(tmp_path, monkeypatch):
