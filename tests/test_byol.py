@@ -115,7 +115,9 @@ def _train(rank, world):
     method.on_train_start(total_steps=4, steps_per_epoch=2)
     opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.5)
     views = [[_rand(8, 3, 4, 4, seed=100 + 2 * step + i).float() for i in range(2)] for step in range(2)]
-    return train_like_ddp(method, opt, views, rank, world)
+    record = train_like_ddp(method, opt, views, rank, world)
+    record["trainable"] = sorted(n for n, p in method.named_parameters() if p.requires_grad)
+    return record
 
 
 def _worker(rank, world, out_dir):
@@ -128,6 +130,8 @@ def test_two_ranks_match_one_process():
     ref = _train(0, 1)
     for got in run_distributed(_worker, 2):
         assert_same_training(got, ref, zero_grads=("head.0.bias", "predictor.0.bias"))   # biases feeding BN
+        # the global batch norm swapped in on 2 ranks keeps the target frozen (DDP would stop on it)
+        assert got["trainable"] == ref["trainable"] and not any("target" in n for n in got["trainable"])
     assert any(k.startswith("target_encoder.head.1.running") for k in ref["state"])
     initial = BYOL(_encoder(), 6, feature_dim=4, hidden_dim=8).state_dict()
     assert not torch.allclose(ref["state"]["target_encoder.backbone.1.weight"],
