@@ -320,6 +320,8 @@ def _swap_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
         bn = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
                              module.track_running_stats)
         bn.load_state_dict(module.state_dict())
+        if module.affine:   # the same Parameters, as torch's convert: a frozen copy (BYOL's target) stays frozen
+            bn.weight, bn.bias = module.weight, module.bias
         bn.train(module.training)
         return bn
     for name, child in module.named_children():

@@ -31,7 +31,8 @@ AMP_HELP = ("mixed precision (torch.amp, replaces Apex): auto = O1 on CUDA (the 
             "losses stay fp32.")
 #: Shared flags whose default depends on the method (``None`` at parse time, then resolved).
 _GLOBAL_DEFAULTS: Dict[str, Any] = {"contrast_temperature": 0.07, "contrast_momentum": 0.0,
-                                    "contrast_num_negative": 65536, "mlp_head": False, "view_batching": "separate"}
+                                    "contrast_num_negative": 65536, "mlp_head": False, "view_batching": "separate",
+                                    "feature_dim": 128, "mlp_hidden_dim": 2048}
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -117,15 +118,16 @@ def add_method_flags(p: argparse.ArgumentParser) -> None:
     """``--model`` and the flags of every registered method (shared ones first)."""
     g = p.add_argument_group("method")
     g.add_argument("--model", type=str, required=True, choices=list(METHODS), help="method")
-    g.add_argument("--feature-dim", type=int, default=128, help="embedding dimension")
+    g.add_argument("--feature-dim", type=int, default=None, help="embedding dimension (default: 128, or the "
+                   "method's)")
     g.add_argument("--mlp-head", action=argparse.BooleanOptionalAction, default=None,
                    help="2-layer MLP projection head (default: off, as the release)")
-    g.add_argument("--mlp-hidden-dim", type=int, default=2048, help="(new flag, the release's width) hidden width "
-                   "of the MLP head, for every backbone")
+    g.add_argument("--mlp-hidden-dim", type=int, default=None, help="(new flag, the release's width) hidden width "
+                   "of the MLP head, for every backbone (default: 2048, or the method's)")
     g.add_argument("--contrast-temperature", type=float, default=None, help="softmax temperature "
                    "(default: per method, see below)")
     g.add_argument("--contrast-momentum", type=float, default=None, help="InstDisc memory-bank momentum, MoCo "
-                   "key-encoder momentum (default: per method)")
+                   "key-encoder momentum, BYOL base target decay (default: per method)")
     g.add_argument("--contrast-num-negative", type=int, default=None, help="InstDisc negatives / MoCo queue "
                    "length (default: per method)")
     g.add_argument("--view-batching", type=str, default=None, choices=VIEW_BATCHING,
@@ -223,12 +225,13 @@ def add_knn_flags(p: argparse.ArgumentParser, *, monitor: bool) -> None:
 def _method_epilog() -> str:
     lines = []
     for cls in METHODS.values():
-        d = {**_GLOBAL_DEFAULTS, **cls.defaults}
-        lines.append(f"{cls.name}: --aug {cls.views.aug}, {cls.views.count} view(s)"
-                     + (" (or MultiCrop)" if cls.views.multi_crop else "")
-                     + f", T={d['contrast_temperature']}, momentum={d['contrast_momentum']}, "
-                       f"negatives={d['contrast_num_negative']}")
-    return ("Per-method defaults when a flag is omitted: " + "; ".join(lines) + ". The effective lr is "
+        crops = " large + --num-crop2 small crops" if cls.views.aug == MULTI_CROP_AUG else " view(s)"
+        lines.append(f"{cls.name}: --aug {cls.views.aug}, {cls.views.count}{crops}"
+                     + (" (or MultiCrop)" if cls.views.multi_crop and cls.views.aug != MULTI_CROP_AUG else "")
+                     + "".join(f", --{k.replace('_', '-')} {v}" for k, v in cls.defaults.items()))
+    return ("Per-method defaults when a flag is omitted (otherwise " + ", ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in _GLOBAL_DEFAULTS.items()) + "): " + "; ".join(lines)
+        + ". The effective lr is "
             "--base-learning-rate x batch-size x world-size / 256. With --use-sliding-window-sampler, --epochs, "
             "--warmup-epoch and --lr-decay-epochs count plain epochs and are mapped to window-epochs "
             "ceil(e x N / window-size); --save-freq counts window-epochs.")

@@ -7,6 +7,10 @@ Usage::
         torch.save(result, os.path.join(out_dir, f"{rank}.pt"))
 
     results = run_distributed(_worker, world_size=2, args=(...))   # list, one per rank
+
+:func:`train_like_ddp` runs a method through the loop's hooks on this rank's slice of each global
+batch with gradients averaged over ranks (what DDP does); :func:`assert_same_training` compares its
+records of 2 ranks x B/2 with 1 process x B.
 """
 from __future__ import annotations
 
@@ -51,3 +55,53 @@ def run_distributed(fn: Callable, world_size: int, args: Sequence = ()) -> List:
             path = os.path.join(out_dir, f"{r}.pt")
             results.append(torch.load(path, weights_only=False) if os.path.exists(path) else None)
         return results
+
+
+def train_like_ddp(method, optimizer, global_views: Sequence[Sequence[torch.Tensor]], rank: int,
+                   world_size: int) -> dict:
+    """The training loop's steps on this rank's slice of each global batch, gradients averaged over
+    ranks as DDP does: forward, backward, mean of every gradient over ranks, ``on_before_optimizer_step``,
+    ``optimizer.step()``, ``on_train_step_end``.
+
+    ``global_views[s]`` are the (G, ...) views of step s. Returns ``loss`` (per step, averaged over
+    ranks), ``grads`` (per step, name -> averaged gradient after the pre-step hook), ``out`` (per
+    step, this rank's other outputs as floats) and ``state`` (the state dict at the end).
+    """
+    from contrast import distributed as cd
+    record: dict = {"loss": [], "grads": [], "out": []}
+    for step, views in enumerate(global_views):
+        b = views[0].shape[0] // world_size
+        optimizer.zero_grad()
+        out = method([v[rank * b:(rank + 1) * b] for v in views], torch.arange(b))
+        out["loss"].backward()
+        for p in method.parameters():
+            if p.grad is not None:
+                cd.all_reduce_mean(p.grad)
+        method.on_before_optimizer_step(step)
+        record["grads"].append({n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None})
+        optimizer.step()
+        method.on_train_step_end(step, optimizer.param_groups[0]["lr"])
+        record["loss"].append(cd.all_reduce_mean(out["loss"].detach().clone()))
+        record["out"].append({k: float(v) for k, v in out.items() if k != "loss"})
+    record["state"] = {n: t.detach().clone() for n, t in method.state_dict().items()}
+    return record
+
+
+def assert_same_training(got: dict, ref: dict, zero_grads: Sequence[str] = (), atol: float = 1e-5,
+                         rtol: float = 1e-4) -> None:
+    """``got`` and ``ref`` (records of :func:`train_like_ddp`) agree: losses, gradients (non-zero, except
+    ``zero_grads``: parameters whose true gradient is zero, e.g. a bias feeding batch norm, compared as
+    both below 1e-4) and the final state."""
+    def close(a, b):
+        return torch.allclose(a, b, atol=atol, rtol=rtol)
+
+    for step, (loss, grads) in enumerate(zip(ref["loss"], ref["grads"])):
+        assert close(got["loss"][step], loss), step
+        assert got["grads"][step].keys() == grads.keys(), step
+        for n, g in grads.items():
+            if n in zero_grads:
+                assert max(g.abs().max(), got["grads"][step][n].abs().max()) < 1e-4, (step, n)
+            else:
+                assert g.abs().sum() > 0 and close(got["grads"][step][n], g), (step, n)
+    for n, t in ref["state"].items():
+        assert torch.equal(got["state"][n], t) if t.dtype == torch.long else close(got["state"][n], t), n

@@ -31,6 +31,10 @@ METHOD_FLAGS = {
     "InstDisc": ["--model", "InstDisc", "--aug", "InstDisc", "--crop", "0.2", "--contrast-num-negative", "16"],
     "MoCo": ["--model", "MoCo", "--aug", "MoCov2", "--mlp-head", "--contrast-num-negative", "16"],
     "SimCLR": ["--model", "SimCLR", "--aug", "SimCLR", "--mlp-head", "--optimizer", "lars"],
+    "BYOL": ["--model", "BYOL", "--optimizer", "lars", "--mlp-hidden-dim", "64"],
+    "SwAV": ["--model", "SwAV", "--aug", "MultiCrop", "--image-size2", "24", "--num-crop2", "2", "--crop", "0.08",
+             "--crop2", "0.3", "--mlp-hidden-dim", "64", "--swav-num-prototypes", "10", "--swav-queue-length", "4",
+             "--swav-queue-start-epoch", "0", "--swav-freeze-prototypes-iters", "1", "--optimizer", "lars"],
 }
 
 
@@ -39,6 +43,28 @@ def tiny_args(data_dir, out_dir, *extra, epochs=1):
             "--batch-size", "4", "--epochs", str(epochs), "--num-workers", "0", "--print-freq", "1",
             "--feature-dim", "16", "--warmup-epoch", "0", "--no-tensorboard", "--base-learning-rate", "0.5",
             *extra]
+
+
+def pretrain_then_evaluate(tmp_path, method: str):
+    """Pretrain ``METHOD_FLAGS[method]`` on a tiny folder, then evaluate its checkpoint with main_knn.py and
+    one epoch of main_linear.py (they read the ``backbone.`` tensors only); checks the linear run kept the
+    backbone. Returns the pretraining checkpoint and the kNN result."""
+    import main_knn
+    import main_linear
+    data = make_image_folder(str(tmp_path / "data"), num_classes=2, per_class=4, size=(36, 36))
+    path = str(tmp_path / "pre" / "current.pth")
+    main_pretrain.main(tiny_args(data, tmp_path / "pre", *METHOD_FLAGS[method]))
+    knn = main_knn.main(["--checkpoint", path, "--data-dir", data, "--knn-k", "3", "--num-workers", "0",
+                         "--batch-size", "4", "--device", "cpu"])
+    assert knn["model"] == METHOD_FLAGS[method][1] and 0 <= knn["knn"]["3"]["top1"] <= 100
+    lin = main_linear.main(["--data-dir", data, "--pretrained-model", path, "--output-dir", str(tmp_path / "lin"),
+                            "--total-batch-size", "4", "--epochs", "1", "--num-workers", "0", "--warmup-epoch", "0",
+                            "--no-tensorboard"])
+    assert 0 <= lin["last_acc1"] <= 100
+    ckpt = read_checkpoint(path)
+    pre, post = ckpt.backbone_state(), read_checkpoint(str(tmp_path / "lin" / "current.pth")).backbone_state()
+    assert pre.keys() == post.keys() and all(torch.equal(pre[k], post[k]) for k in pre)
+    return ckpt, knn
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +217,7 @@ def test_nonfinite_run_stops_and_keeps_last_checkpoint(data_dir, tmp_path, monke
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--model", "BYOL"], "argument --model: invalid choice: 'BYOL'"),
+    (["--model", "Barlow"], "argument --model: invalid choice: 'Barlow'"),
     (["--model", "PIC", "--aug", "Foo"], "argument --aug: invalid choice: 'Foo'"),
     (["--model", "PIC", "--batch-size", "0"], "--batch-size must be >= 1"),
 ])
@@ -217,7 +243,7 @@ def test_batch_larger_than_data(data_dir, tmp_path):
         main_pretrain.main(argv)
 
 
-@pytest.mark.parametrize("method", ["PIC", "PIC_sampled", "InstDisc", "MoCo", "SimCLR"])
+@pytest.mark.parametrize("method", ["PIC", "PIC_sampled", "InstDisc", "MoCo", "SimCLR", "BYOL", "SwAV"])
 def test_torchrun_two_processes(method, data_dir, tmp_path):
     """``python -m torch.distributed.run --nproc_per_node=2`` on the CPU (gloo), batch 2 per process."""
     out = tmp_path / "ddp"
@@ -233,7 +259,7 @@ def test_torchrun_two_processes(method, data_dir, tmp_path):
     assert [state["rank"] for state in ckpt.sampler_states] == [0, 1]
     assert ckpt.step == 2
     assert os.path.isfile(out / "log_rank1.txt") and log_lines(out)
-    if method == "PIC_sampled":  # each rank wrote its shard of the classifier table
+    if method in ("PIC_sampled", "SwAV"):  # each rank wrote its shard of the classifier table / its queue
         assert ckpt.rank_shards and os.path.isfile(out / "current.rank1-of-2.pth")
 
 

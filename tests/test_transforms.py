@@ -8,6 +8,7 @@ from PIL import Image
 
 from contrast.data import batched_ops as B
 from scipy import stats
+from torchvision import transforms as T
 from torchvision.transforms import RandomResizedCrop
 
 from contrast.data.transforms import (AUG_NAMES, blur_kernel_size, build_augmentation, draft_decode,
@@ -42,7 +43,7 @@ def _open(data=JPEG) -> Image.Image:
     return Image.open(io.BytesIO(data))
 
 
-EXPECTED_VIEWS = {"InstDisc": [32] * 2, "MoCov2": [32] * 2, "SimCLR": [32] * 2, "RandAug": [32] * 2,
+EXPECTED_VIEWS = {"InstDisc": [32] * 2, "MoCov2": [32] * 2, "SimCLR": [32] * 2, "RandAug": [32] * 2, "BYOL": [32] * 2,
                   "MultiCrop": [32, 32, 16, 16, 16], "NULL": [32], "val": [32]}  # MultiCrop: num_views large crops
 
 
@@ -73,7 +74,7 @@ def test_output_contract(name, fast):
 
 
 def test_unknown_name_lists_valid_names():
-    with pytest.raises(ValueError, match="--aug.*'Foo'.*InstDisc, MoCov2, SimCLR, MultiCrop, RandAug, NULL, val"):
+    with pytest.raises(ValueError, match="--aug.*'Foo'.*InstDisc, MoCov2, SimCLR, MultiCrop, RandAug, BYOL, NULL, val"):
         build_augmentation("Foo")
     with pytest.raises(ValueError, match="MultiCrop needs 0 < --crop < --crop2"):
         build_augmentation("MultiCrop", crop=0.2, crop2=0.14)
@@ -125,11 +126,12 @@ def test_fast_crop_uses_draft_and_matches_full_decode():
         assert (d.float() - r.float()).abs().mean() < 3.0
 
 
-def test_fast_and_plain_paths_have_similar_statistics():
+@pytest.mark.parametrize("name", ["SimCLR", "BYOL"])
+def test_fast_and_plain_paths_have_similar_statistics(name):
     images = [_jpeg(_photo(96, 72, seed=s)) for s in range(4)]
     stats = {}
     for fast in (True, False):
-        aug = build_augmentation("SimCLR", num_views=2, image_size=24, fast=fast)
+        aug = build_augmentation(name, num_views=2, image_size=24, fast=fast)
         torch.manual_seed(0)
         samples = [aug.cpu(_open(images[i % 4])) for i in range(128)]
         out = torch.cat(aug.device([torch.stack(v) for v in zip(*samples)]))
@@ -165,6 +167,42 @@ def test_recipe_parameters():
 
     val = build_augmentation("val", image_size=224, fast=False).cpu.transforms[0].transforms
     assert val[0].size == 256 and val[1].size == (224, 224)
+
+
+def test_byol_recipe_is_asymmetric():
+    """Grill et al. 2020, Table 6: both views jitter (0.4, 0.4, 0.2, 0.1) p 0.8 and grayscale 0.2; view 1
+    blur p 1.0, no solarize; view 2 blur p 0.1, solarize p 0.2 (threshold 0.5); views alternate."""
+    aug = build_augmentation("BYOL", num_views=2, image_size=224)
+    assert aug.device.view_pipeline == [0, 1] and [(v.size, v.scale) for v in aug.cpu.views] == [(224, (0.08, 1.0))] * 2
+    for pipe, blur_p, solarize_p in zip(aug.device.pipelines, (1.0, 0.1), (None, 0.2)):
+        ops = pipe.ops
+        jit, gray, blur = ops[:3]
+        assert (jit.brightness, jit.contrast, jit.saturation, jit.hue, jit.p) == (0.4, 0.4, 0.2, 0.1, 0.8)
+        assert gray.p == 0.2 and (blur.kernel_size, blur.sigma, blur.p) == (23, (0.1, 2.0), blur_p)
+        solarize = [op for op in ops if isinstance(op, B.RandomSolarize)]
+        assert [(op.threshold, op.p) for op in solarize] == ([] if solarize_p is None else [(0.5, solarize_p)])
+        assert isinstance(ops[-1], B.Normalize)
+    assert build_augmentation("BYOL", num_views=3, image_size=32).device.view_pipeline == [0, 1, 0]
+
+    plain = [t.transforms for t in build_augmentation("BYOL", num_views=2, fast=False).cpu.transforms]
+    assert plain[0][2].transforms[0].saturation == (0.8, 1.2) and plain[0][2].p == 0.8
+    assert plain[0][4].p == 1.0 and plain[1][4].p == 0.1
+    assert not any(isinstance(t, T.RandomSolarize) for t in plain[0])
+    (sol,) = [t for t in plain[1] if isinstance(t, T.RandomSolarize)]
+    assert sol.threshold == 128 and sol.p == 0.2   # uint8 pixels >= 128 <=> >= 0.5 on [0, 1]
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_byol_second_view_is_solarized(fast):
+    """On a bright image whose colours the jitter cannot pull below 0.5, view 2 shows solarized (dark)
+    pixels in about 20% of the samples and view 1 never does."""
+    bright = Image.fromarray(np.full((40, 40, 3), 250, dtype=np.uint8))
+    aug = build_augmentation("BYOL", num_views=2, image_size=16, fast=fast)
+    torch.manual_seed(0)
+    samples = [aug.cpu(bright) for _ in range(300)]
+    views = aug.device([torch.stack(v) for v in zip(*samples)])
+    dark = [((v * STD + MEAN) < 0.45).flatten(1).any(dim=1).float().mean().item() for v in views]
+    assert dark[0] == 0.0 and 0.13 < dark[1] < 0.27
 
 
 def test_device_stage_is_reproducible_with_a_generator():

@@ -30,6 +30,8 @@ MultiCrop   SimCLR colours; ``num_views`` crops ``image_size`` scale (crop2, 1) 
 RandAug     RRC, flip, RandAugment(2 ops, magnitude 10, fill = ImageNet mean) on uint8, then the
             MoCov2 colour path. (The release, after InfoMin, applies ColorJitter 0.8 + blur *before*
             RandAugment; here RandAugment must run first because colour runs on the device.)
+BYOL        RRC, flip, ColorJitter(0.4, 0.4, 0.2, 0.1) p 0.8, grayscale 0.2, then per view: blur p 1.0
+            and no solarize (odd views), blur p 0.1 and solarize p 0.2 (even views) [Grill 2020]
 NULL        RRC(scale (crop, 1)), flip (linear-evaluation training; ``crop`` defaults to 0.08)
 val         resize shorter side to ``round(image_size / 0.875)``, centre crop ``image_size``
 ==========  =====================================================================================
@@ -52,7 +54,7 @@ from torchvision.transforms import v2
 
 from contrast.data import batched_ops as B
 
-AUG_NAMES = ("InstDisc", "MoCov2", "SimCLR", "MultiCrop", "RandAug", "NULL", "val")
+AUG_NAMES = ("InstDisc", "MoCov2", "SimCLR", "MultiCrop", "RandAug", "BYOL", "NULL", "val")
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
 VAL_CROP_FRACTION = 0.875
 RANDAUG_FILL = [round(255 * m) for m in B.IMAGENET_MEAN]
@@ -87,15 +89,17 @@ def blur_kernel_size(image_size: int) -> int:
 
 @dataclass(frozen=True)
 class ColorRecipe:
-    """Colour part of a recipe, applied as jitter -> grayscale -> blur.
+    """Colour part of a recipe, applied as jitter -> grayscale -> blur -> solarize.
 
-    ``jitter = (brightness, contrast, saturation, hue)`` or None; ``blur_p = 0`` means no blur.
+    ``jitter = (brightness, contrast, saturation, hue)`` or None; ``blur_p = 0`` means no blur,
+    ``solarize_p = 0`` no solarisation (threshold 0.5 of the [0, 1] range, BYOL's).
     """
 
     jitter: Optional[tuple[float, float, float, float]]
     jitter_p: float
     gray_p: float
     blur_p: float
+    solarize_p: float = 0.0
 
 
 COLOR_RECIPES = {
@@ -104,6 +108,13 @@ COLOR_RECIPES = {
     "SimCLR": ColorRecipe(jitter=(0.8, 0.8, 0.8, 0.2), jitter_p=0.8, gray_p=0.2, blur_p=0.5),
     "NONE": ColorRecipe(jitter=None, jitter_p=0.0, gray_p=0.0, blur_p=0.0),
 }
+#: Recipes whose views differ in colour: view i gets ``PER_VIEW_COLORS[name][i % len(...)]``.
+PER_VIEW_COLORS = {
+    "BYOL": (ColorRecipe(jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=1.0, solarize_p=0.0),
+             ColorRecipe(jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=0.1, solarize_p=0.2)),
+}
+#: Solarisation threshold on the [0, 1] scale (BYOL); PIL images get the uint8 equivalent 128.
+SOLARIZE_THRESHOLD = 0.5
 
 
 def plain_color_transforms(recipe: ColorRecipe, size: int) -> list[Callable]:
@@ -116,6 +127,8 @@ def plain_color_transforms(recipe: ColorRecipe, size: int) -> list[Callable]:
         ops.append(T.RandomGrayscale(p=recipe.gray_p))
     if recipe.blur_p > 0:
         ops.append(T.RandomApply([T.GaussianBlur(blur_kernel_size(size), sigma=(0.1, 2.0))], p=recipe.blur_p))
+    if recipe.solarize_p > 0:
+        ops.append(T.RandomSolarize(threshold=math.ceil(255 * SOLARIZE_THRESHOLD), p=recipe.solarize_p))
     return ops
 
 
@@ -128,6 +141,8 @@ def batched_color_pipeline(recipe: ColorRecipe, size: int) -> B.BatchedPipeline:
         ops.append(B.RandomGrayscale(p=recipe.gray_p))
     if recipe.blur_p > 0:
         ops.append(B.RandomGaussianBlur(blur_kernel_size(size), sigma=(0.1, 2.0), p=recipe.blur_p))
+    if recipe.solarize_p > 0:
+        ops.append(B.RandomSolarize(SOLARIZE_THRESHOLD, p=recipe.solarize_p))
     ops.append(B.Normalize())
     return B.BatchedPipeline(ops)
 
@@ -265,9 +280,10 @@ def _views_and_colors(name: str, num_views: int, image_size: int, crop: float, i
         return views, [COLOR_RECIPES["SimCLR"]] * len(views)
     if not 0 < crop <= 1:
         raise ValueError(f"--crop must be in (0, 1], got {crop}")
-    color = {"RandAug": COLOR_RECIPES["MoCov2"], "NULL": COLOR_RECIPES["NONE"]}.get(name) or COLOR_RECIPES[name]
     n = 1 if name == "NULL" else num_views
-    return [ViewSpec(image_size, (crop, 1.0))] * n, [color] * n
+    cycle = PER_VIEW_COLORS.get(name) or \
+        ({"RandAug": COLOR_RECIPES["MoCov2"], "NULL": COLOR_RECIPES["NONE"]}.get(name) or COLOR_RECIPES[name],)
+    return [ViewSpec(image_size, (crop, 1.0))] * n, [cycle[i % len(cycle)] for i in range(n)]
 
 
 def _randaugment() -> v2.RandAugment:
@@ -281,7 +297,7 @@ def build_augmentation(name: str, num_views: int = 1, image_size: int = 224, cro
 
     Args:
         name: one of ``AUG_NAMES``.
-        num_views: independent views per image for InstDisc/MoCov2/SimCLR/RandAug, large crops for
+        num_views: independent views per image for InstDisc/MoCov2/SimCLR/RandAug/BYOL, large crops for
             MultiCrop (which adds ``num_crop2`` small ones); NULL and val give 1.
         image_size, crop: output side and minimum crop area fraction (``--image-size``, ``--crop``).
         image_size2, crop2, num_crop2: MultiCrop small crops (``--image-size2``, ``--crop2``,

@@ -9,6 +9,9 @@ the release. The methods L2-normalise the output.
 
 State-dict names: ``0.weight``/``0.bias`` and ``2.weight``/``2.bias`` for the MLP (the
 release's ``fc1.*`` and ``fc2.*``), ``weight``/``bias`` for the linear head (``fc.*``).
+
+:func:`build_mlp` is the general 2-layer MLP behind it; ``batch_norm=True`` inserts BatchNorm1d
+after the hidden Linear (BYOL's projector and predictor, SwAV's projection head).
 """
 from __future__ import annotations
 
@@ -20,19 +23,37 @@ from torch import nn
 MLP_HIDDEN_DIM = 2048
 
 
+def _check_dims(in_dim: int, out_dim: int) -> None:
+    if in_dim <= 0 or out_dim <= 0:
+        raise ValueError(f"head dimensions must be positive, got in_dim={in_dim}, "
+                         f"out_dim={out_dim} (--feature-dim)")
+
+
+def build_mlp(in_dim: int, hidden_dim: int, out_dim: int, batch_norm: bool = False,
+              last_bias: bool = True) -> nn.Sequential:
+    """Linear(in_dim, hidden_dim) -> [BatchNorm1d(hidden_dim)] -> ReLU -> Linear(hidden_dim, out_dim).
+
+    Maps (B, in_dim) to (B, out_dim). ``batch_norm``: BYOL (Grill et al. 2020, Sec. 3.3) and SwAV
+    (Caron et al. 2020, its ``projection_head``); ``last_bias=False``: BYOL's output layer has no
+    bias (its reference code). Without batch norm the keys are ``0.*`` and ``2.*``, the release's head.
+    """
+    _check_dims(in_dim, out_dim)
+    if hidden_dim <= 0:
+        raise ValueError(f"the MLP head's hidden width must be positive, got {hidden_dim}")
+    norm = [nn.BatchNorm1d(hidden_dim)] if batch_norm else []
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), *norm, nn.ReLU(inplace=True),
+                         nn.Linear(hidden_dim, out_dim, bias=last_bias))
+
+
 def build_head(in_dim: int, out_dim: int = 128, mlp: bool = False, hidden_dim: int = MLP_HIDDEN_DIM) -> nn.Module:
     """Head mapping (B, in_dim) to (B, out_dim) (``--mlp-head``, ``--feature-dim``).
 
     ``hidden_dim`` is the MLP's hidden width (default 2048 as the release, also for
     ResNet-18/34 whose ``in_dim`` is 512); ignored without ``mlp``.
     """
-    if in_dim <= 0 or out_dim <= 0:
-        raise ValueError(f"head dimensions must be positive, got in_dim={in_dim}, "
-                         f"out_dim={out_dim} (--feature-dim)")
     if mlp:
-        if hidden_dim <= 0:
-            raise ValueError(f"the MLP head's hidden width must be positive, got {hidden_dim}")
-        return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
+        return build_mlp(in_dim, hidden_dim, out_dim)
+    _check_dims(in_dim, out_dim)
     return nn.Linear(in_dim, out_dim)
 
 

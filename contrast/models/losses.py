@@ -1,13 +1,15 @@
-"""Pure loss functions of the four methods.
+"""Pure loss functions of the methods.
 
 No process group and no state: every tensor a loss needs is an argument, and the
-caller gathers across ranks where needed. All losses are computed in fp32
+caller gathers across ranks where needed (:func:`sinkhorn_knopp` takes the
+cross-rank sum as a function argument). All losses are computed in fp32
 (inputs are cast with ``.float()``) and are means over the anchors given.
-Embeddings ``z``/``q``/``k`` are expected to be L2-normalised already.
+Embeddings ``z``/``q``/``k`` of the contrastive losses are expected to be
+L2-normalised already; :func:`byol_loss` normalises its inputs itself.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -127,3 +129,85 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, z1_all: torch.Tensor, z2_al
     rows = torch.arange(2 * b, device=z1.device)
     logits = logits.index_put((rows, self_idx), logits.new_tensor(float("-inf")))
     return F.cross_entropy(logits, pos_idx)
+
+
+def byol_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+    """Symmetric normalised MSE of BYOL (Grill et al., "Bootstrap Your Own Latent", NeurIPS 2020,
+    Eq. 2 and its symmetrisation): ``||p1/|p1| - z2/|z2|||^2 + ||p2/|p2| - z1/|z1|||^2``, i.e.
+    ``(2 - 2 cos(p1, z2)) + (2 - 2 cos(p2, z1))``, averaged over the batch. No negatives.
+
+    Args:
+        p1, p2: (B, D) online predictions of view 1 and view 2 (not normalised).
+        z1, z2: (B, D) target projections of view 1 and view 2 (treated as constants).
+    Returns:
+        fp32 scalar in [0, 8].
+    """
+    def regression(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return 2.0 - 2.0 * (F.normalize(p.float(), dim=1) * F.normalize(z.detach().float(), dim=1)).sum(dim=1)
+
+    return (regression(p1, z2) + regression(p2, z1)).mean()
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+@torch.no_grad()
+def sinkhorn_knopp(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3,
+                   all_reduce: Callable[[torch.Tensor], torch.Tensor] = _identity) -> torch.Tensor:
+    """SwAV's codes (Caron et al., "Unsupervised Learning of Visual Features by Contrasting Cluster
+    Assignments", NeurIPS 2020, Sec. 3.1 and its ``distributed_sinkhorn``): the equipartitioned
+    soft assignment of the samples of the *global* batch to K prototypes.
+
+    ``Q = exp(scores / eps).T`` (K x B_local) is scaled to sum 1, then ``iterations`` times its rows
+    are scaled to sum 1/K each and its columns to 1/B each (B = the global number of samples);
+    the result is multiplied by B so that every sample's code sums to 1. Row sums, the total and B
+    are summed over ranks with ``all_reduce`` (``contrast.distributed.all_reduce_sum`` on several
+    ranks; the identity in one process): 2 ranks holding B/2 samples each get the rows one process
+    holding all B would.
+
+    Args:
+        scores: (B_local, K) prototype scores ``z . c_k`` (no gradient flows).
+        epsilon: entropy regularisation eps.
+        iterations: Sinkhorn iterations.
+        all_reduce: in-place sum over ranks of a tensor, returning it.
+    Returns:
+        (B_local, K) fp32 codes; each row sums to 1.
+    """
+    q = torch.exp(scores.float() / epsilon).t()
+    num_prototypes = q.shape[0]
+    num_samples = all_reduce(q.new_tensor(float(q.shape[1])))
+    q /= all_reduce(q.sum())
+    for _ in range(iterations):
+        q /= all_reduce(q.sum(dim=1, keepdim=True))
+        q /= num_prototypes
+        q /= q.sum(dim=0, keepdim=True)
+        q /= num_samples
+    return (q * num_samples).t()
+
+
+def swav_loss(scores: Sequence[torch.Tensor], codes: Sequence[torch.Tensor], temperature: float) -> torch.Tensor:
+    """SwAV's swapped prediction loss (Caron et al., NeurIPS 2020, Eq. 1-2 and ``main_swav.py``).
+
+    The first ``len(codes)`` crops are the crops used for assignment (SwAV: the two large crops).
+    For each of them, its code ``q_i`` is predicted from every *other* crop v:
+    ``l_i = sum_{v != i} -mean_b sum_k q_i[b, k] log softmax(scores_v[b] / T)_k``; the loss is
+    ``mean_i l_i / (V - 1)`` with V crops.
+
+    Args:
+        scores: V tensors (B, K), ``z_v . c_k`` of each crop (with gradient).
+        codes: (B, K) codes of the first ``len(codes)`` crops (constants, rows sum to 1).
+        temperature: T.
+    Returns:
+        fp32 scalar.
+    """
+    num_crops = len(scores)
+    if not 0 < len(codes) <= num_crops or num_crops < 2:
+        raise ValueError(f"swav_loss needs >= 2 crops and 1..{num_crops} codes, got {num_crops} and {len(codes)}")
+    log_p = [F.log_softmax(s.float() / temperature, dim=1) for s in scores]
+    loss = scores[0].new_zeros((), dtype=torch.float32)
+    for i, q in enumerate(codes):
+        q = q.detach().float()
+        subloss = sum(-(q * log_p[v]).sum(dim=1).mean() for v in range(num_crops) if v != i)
+        loss = loss + subloss / (num_crops - 1)
+    return loss / len(codes)

@@ -9,16 +9,20 @@ from typing import Dict, Type
 
 from contrast.config import MethodConfig
 from contrast.models.base import BaseMethod
+from contrast.models.byol import BYOL
 from contrast.models.instdisc import InstDisc
 from contrast.models.moco import MoCo
 from contrast.models.pic import PIC
 from contrast.models.simclr import SimCLR
+from contrast.models.swav import SwAV
 
 METHODS: Dict[str, Type[BaseMethod]] = {cls.name: cls for cls in (
     PIC,
     InstDisc,
     MoCo,
     SimCLR,
+    BYOL,
+    SwAV,
 )}
 
 

@@ -1,0 +1,75 @@
+"""BYOL (Grill et al., "Bootstrap Your Own Latent: A New Approach to Self-Supervised Learning",
+NeurIPS 2020).
+
+* online network: backbone -> projector -> predictor, both MLPs Linear -> BatchNorm1d -> ReLU ->
+  Linear (hidden 4096, output 256, no bias on the output layer, as the reference code).
+* target network: a :class:`~contrast.models.momentum.MomentumEncoder` copy of backbone +
+  projector, updated after each optimiser step with ``tau_k = 1 - (1 - tau_base)(cos(pi k / K) + 1) / 2``
+  (``--contrast-momentum`` = tau_base, K = the run's total number of steps from ``on_train_start``).
+* loss: :func:`~contrast.models.losses.byol_loss`, symmetric normalised MSE between the online
+  prediction of one view and the target projection of the other; no negatives, so nothing is
+  gathered: each rank's loss is a mean over its samples, DDP averages the gradients.
+* batch norm over the global batch on several ranks (``sync_batchnorm``), as the paper.
+"""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+from torch import nn
+
+from contrast.config import MethodConfig
+from contrast.models.base import BaseMethod
+from contrast.models.heads import build_mlp
+from contrast.models.losses import byol_loss
+from contrast.models.momentum import MomentumEncoder, cosine_momentum
+from contrast.models.views import Views
+
+
+class BYOL(BaseMethod):
+    """Online ``backbone``, ``head`` (projector), ``predictor``; EMA ``target_encoder``."""
+
+    name = "BYOL"
+    views = Views(count=2, aug="BYOL")
+    defaults = {"contrast_momentum": 0.996, "mlp_head": True, "feature_dim": 256, "mlp_hidden_dim": 4096}
+    sync_batchnorm = True
+
+    def __init__(self, backbone: nn.Module, feat_dim: int, feature_dim: int = 256, hidden_dim: int = 4096,
+                 base_momentum: float = 0.996, view_batching: str = "separate") -> None:
+        super().__init__(backbone, feat_dim, view_batching)
+        if not 0.0 <= base_momentum <= 1.0:
+            raise ValueError(f"--contrast-momentum (BYOL's base target decay) must be in [0, 1], got {base_momentum}")
+        self.head = build_mlp(feat_dim, hidden_dim, feature_dim, batch_norm=True, last_bias=False)
+        self.predictor = build_mlp(feature_dim, hidden_dim, feature_dim, batch_norm=True, last_bias=False)
+        # not "target": TrainModule.target(index, label) is a hook of the loop
+        self.target_encoder = MomentumEncoder(self.backbone, self.head)
+        self.base_momentum = base_momentum
+        self.total_steps = 0
+
+    @classmethod
+    def from_config(cls, cfg: MethodConfig, num_instances: int) -> "BYOL":
+        if not cfg.mlp_head:
+            raise ValueError("BYOL's projector is always an MLP; --no-mlp-head is not supported")
+        backbone, feat_dim = cls.build_backbone(cfg)
+        return cls(backbone, feat_dim, cfg.feature_dim, cfg.head_hidden_dim, cfg.momentum, cfg.view_batching)
+
+    def on_train_start(self, total_steps: int, steps_per_epoch: int) -> None:
+        self.total_steps = total_steps
+
+    def momentum_at(self, step: int) -> float:
+        """tau of the update after ``step`` (the constant base before ``on_train_start`` gave K)."""
+        if self.total_steps <= 0:
+            return self.base_momentum
+        return cosine_momentum(step, self.total_steps, self.base_momentum)
+
+    def training_loss(self, views: List[torch.Tensor], index: torch.Tensor) -> Dict[str, torch.Tensor]:
+        p1, p2 = self.encode(lambda x: self.predictor(self.head(self.backbone(x))), views)
+        with torch.no_grad():
+            z1, z2 = self.encode(self.target_encoder, views)
+        with torch.autocast(device_type=p1.device.type, enabled=False):
+            loss = byol_loss(p1, p2, z1, z2)
+        return {"loss": loss}
+
+    @torch.no_grad()
+    def on_train_step_end(self, step: int, lr: float, grad_scale: float = 1.0) -> None:
+        self.target_encoder.update(self.backbone, self.head, self.momentum_at(step))
