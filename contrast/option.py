@@ -329,6 +329,20 @@ def export_parser() -> argparse.ArgumentParser:
     return p
 
 
+def convert_parser() -> argparse.ArgumentParser:
+    p = _parser("convert_release_checkpoint.py", "Convert a pretraining checkpoint written by the PIC release "
+                "(github.com/bl0/PIC) into this project's checkpoint format (for main_linear.py, main_knn.py and "
+                "tools/export_backbone.py; weights only, not resumable) and a backbone state dict.")
+    p.add_argument("--release-checkpoint", type=str, required=True, help="the release's ckpt_epoch_<e>.pth or "
+                   "current.pth (a dict with 'opt' and 'model')")
+    p.add_argument("--output-dir", type=str, required=True, help="writes converted.pth (our format) and "
+                   "backbone.pth (a torchvision state dict; ResNet-D: ours, with the release's key names)")
+    p.add_argument("--tolerance", type=float, default=1e-5, help="max abs feature difference allowed between "
+                   "the converted backbone and the torchvision one")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    return p
+
+
 # ---------------------------------------------------------------------------------------- checks
 def default_num_workers() -> int:
     """DataLoader workers per process: the CPUs this process may use, shared by the processes of this
@@ -422,6 +436,14 @@ def parse_export_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not os.path.isfile(args.pretrained_model):
         p.error(f"--pretrained-model {args.pretrained_model}: file does not exist")
+    return args
+
+
+def parse_convert_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = convert_parser()
+    args = p.parse_args(argv)
+    if not os.path.isfile(args.release_checkpoint):
+        p.error(f"--release-checkpoint {args.release_checkpoint}: file does not exist")
     return args
 
 
