@@ -9,8 +9,6 @@ against code that shares nothing with the converter or our models.
 import argparse
 import importlib.util
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -248,31 +246,31 @@ def test_converted_checkpoint_runs_in_knn_linear_and_export(tmp_path):
         net.fc = nn.Identity()
         net.load_state_dict(lin_ckpt.backbone_state(), strict=True)
         assert torch.allclose(net.eval()(x), release_features(enc, "resnet18", x), atol=1e-5)
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "export_backbone.py"), "--checkpoint",
-                        out["checkpoint"], "--output", str(tmp_path / "exp" / "r18"), "--format", "torchvision"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert r.returncode == 0, r.stderr
+    spec = importlib.util.spec_from_file_location("export_backbone", os.path.join(ROOT, "tools", "export_backbone.py"))
+    export_backbone = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(export_backbone)
+    export_backbone.main(["--checkpoint", out["checkpoint"], "--output", str(tmp_path / "exp" / "r18"),
+                          "--format", "torchvision"])
     exported = torch.load(tmp_path / "exp" / "r18.pth")
     assert exported.keys() == torch.load(out["backbone"]).keys()
 
 
-def _run_tool(*args):
-    return subprocess.run([sys.executable, TOOL, *map(str, args)], capture_output=True, text=True, cwd=ROOT,
-                          timeout=120)
-
-
-def test_non_release_files_get_one_clear_line(tmp_path):
+def test_non_release_files_get_one_clear_line(tmp_path, capsys):
     other = tmp_path / "other.pth"
     torch.save({"state_dict": {"conv1.weight": torch.zeros(1)}}, other)
-    r = _run_tool("--release-checkpoint", other, "--output-dir", tmp_path / "o")
-    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1
-    assert "other.pth" in r.stderr and "not a PIC release pretraining checkpoint" in r.stderr
+    with pytest.raises(SystemExit) as e:   # what `python tools/convert_release_checkpoint.py ...` runs
+        convert_tool.engine.run_cli(convert_tool.main, ["--release-checkpoint", str(other), "--output-dir",
+                                                        str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and len(err.strip().splitlines()) == 1
+    assert "other.pth" in err and "not a PIC release pretraining checkpoint" in err
     text = tmp_path / "notes.txt"
     text.write_text("hello")
-    r = _run_tool("--release-checkpoint", text, "--output-dir", tmp_path / "o")
-    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "notes.txt" in r.stderr
-    r = _run_tool("--release-checkpoint", tmp_path / "missing.pth", "--output-dir", tmp_path / "o")
-    assert r.returncode == 2 and "missing.pth: file does not exist" in r.stderr
+    with pytest.raises(CheckpointError, match="notes.txt: not a readable PyTorch checkpoint"):
+        convert_tool.main(["--release-checkpoint", str(text), "--output-dir", str(tmp_path / "o")])
+    with pytest.raises(SystemExit) as e:
+        convert_tool.main(["--release-checkpoint", str(tmp_path / "missing.pth"), "--output-dir", str(tmp_path / "o")])
+    assert e.value.code == 2 and "missing.pth: file does not exist" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
