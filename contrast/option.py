@@ -121,7 +121,7 @@ def add_backbone_flags(p: argparse.ArgumentParser, *, from_checkpoint: bool) -> 
 def add_method_flags(p: argparse.ArgumentParser) -> None:
     """``--model`` and the flags of every registered method (shared ones first)."""
     g = p.add_argument_group("method")
-    g.add_argument("--model", type=str, default="PIC", choices=list(METHODS), help="method")
+    g.add_argument("--model", type=str, default="PIC", choices=list(METHODS), help="method (PIC, as the release)")
     g.add_argument("--feature-dim", type=int, default=128, help="embedding dimension")
     g.add_argument("--mlp-head", action=argparse.BooleanOptionalAction, default=None,
                    help="2-layer MLP projection head (default: off, as the release)")
@@ -390,6 +390,9 @@ def parse_pretrain_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         args.num_crop = cls.views.count if args.aug == MULTI_CROP_AUG else 1
     if args.num_crop < 1 or args.num_crop2 < 0:
         p.error(f"need --num-crop >= 1 and --num-crop2 >= 0, got {args.num_crop} and {args.num_crop2}")
+    if args.aug == MULTI_CROP_AUG and not args.crop < args.crop2:
+        p.error(f"--aug MultiCrop needs --crop (small crops' minimum scale) < --crop2, got {args.crop} and "
+                f"{args.crop2}; the release's recipe (scripts/PIC.sh) uses --crop 0.08 --crop2 0.14")
     if args.val_crop_fraction is None:
         args.val_crop_fraction = 0.875
     if args.model in ("InstDisc", "MoCo") and args.contrast_num_negative < 1:

@@ -325,3 +325,23 @@ def test_every_allowed_difference_is_a_row_of_the_deviation_table():
     for flag in ("--view-batching", "--zero-init-residual", "--mlp-hidden-dim", "--cosine-form", "--lars-form",
                  "--num-crop"):
         assert f"`{flag}" in text, flag
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--model", "MoCo", "--num-crop", "3"], "--num-crop counts the large crops of --aug MultiCrop"),
+    (["--aug", "MultiCrop"], "--aug MultiCrop needs --crop (small crops' minimum scale) < --crop2, got 0.2 and 0.14"),
+    (["--aug", "MultiCrop", "--crop", "0.08", "--num-crop", "0"], "need --num-crop >= 1"),
+])
+def test_multicrop_flag_errors(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        parse_pretrain_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_num_crop_resolution():
+    assert parse_pretrain_args(["--aug", "MultiCrop", "--crop", "0.08"]).num_crop == 1   # PIC's view count
+    assert parse_pretrain_args(["--aug", "MultiCrop", "--crop", "0.08", "--num-crop", "2"]).num_crop == 2
+    assert parse_pretrain_args(["--model", "SimCLR"]).num_crop == 1   # unused without MultiCrop (the release's 1)
+    from contrast.option import method_config
+    assert method_config(parse_pretrain_args(["--model", "SimCLR"])).num_crop == 2   # the views the data makes
+    assert method_config(parse_pretrain_args(["--aug", "MultiCrop", "--crop", "0.08", "--num-crop", "2"])).num_crop == 2
