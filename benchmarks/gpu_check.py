@@ -241,7 +241,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--check-steps", type=int, default=None, help="steps compared between the device and the CPU "
                    "(default 3, --tiny 2)")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max abs loss difference device vs CPU (fp32)")
-    p.add_argument("--time-budget", type=float, default=420.0, help="seconds after which no new speed run starts")
+    p.add_argument("--time-budget", type=float, default=360.0, help="seconds after which no new speed run starts")
     p.add_argument("--methods", nargs="*", default=None, help="only these settings (default: all)")
     args = p.parse_args(argv)
     mode = TINY if args.tiny else FULL
