@@ -18,7 +18,8 @@ The table is printed and written as JSON (``--out``, a relative path by default)
 1 when a check fails or a run errors. ``--time-budget`` (seconds) stops starting new speed runs once
 exceeded, so the full mode stays under 8 minutes (see ``benchmarks/gpu_check.sh`` for the estimate).
 
-``--tiny`` runs the same code on the CPU in seconds (ResNet-18 at 32 px, multi-crop 22 + 2 x 13,
+``--tiny`` runs the same code on the CPU in seconds (ResNet-18 at 32 px, multi-crop 32 + 2 x 24 (not
+smaller: torch 2.14.1's CPU bf16 convolution backward is unreliable at 16 px),
 batch 8, 2 iterations, fp32 and bf16 + channels-last, compile off, 2 steps compared), for CI.
 
     bash benchmarks/gpu_check.sh            # full mode on the GPU
@@ -54,13 +55,15 @@ from contrast.precision import resolve_precision  # noqa: E402
 #: precision name -> --amp-opt-level on CUDA (on a CPU, O1 and O2 are both bf16)
 PRECISIONS = {"fp32": "O0", "fp16": "O1", "bf16": "O2"}
 #: optimiser per method where its recipe (scripts/<method>.sh) differs from SGD
-OPTIMIZER = {"SimCLR": "lars"}
+OPTIMIZER = {"SimCLR": "lars", "BYOL": "lars", "SwAV": "lars"}
 
 
 @dataclass(frozen=True)
 class Mode:
     arch: str
     size: int
+    #: multi-crop: large and small crop sides (the release: 160 and 96 for 224 px training)
+    multi_crop_sizes: Tuple[int, int]
     num_crop2: int
     batch: int
     iters: int
@@ -71,17 +74,18 @@ class Mode:
     combos: Tuple[Tuple[str, bool, bool], ...]
     check_arch: str
     check_size: int
+    check_multi_crop_sizes: Tuple[int, int]
     check_batch: int
     check_instances: int
 
 
-FULL = Mode("resnet50", 224, 3, 64, 20, 5, 1281167, 65536,
+FULL = Mode("resnet50", 224, (160, 96), 3, 64, 20, 5, 1281167, 65536,
             (("fp32", False, False), ("fp32", True, False), ("fp16", False, False), ("fp16", True, False),
              ("bf16", False, False), ("bf16", True, False), ("fp16", True, True)),
-            "resnet18", 64, 16, 4096)
-TINY = Mode("resnet18", 32, 2, 8, 2, 1, 64, 16,
+            "resnet18", 64, (48, 32), 16, 4096)
+TINY = Mode("resnet18", 32, (32, 24), 2, 8, 2, 1, 64, 16,
             (("fp32", False, False), ("bf16", True, False)),
-            "resnet18", 32, 8, 64)
+            "resnet18", 32, (32, 24), 8, 64)
 
 
 @dataclass(frozen=True)
@@ -101,15 +105,16 @@ def settings() -> List[Setting]:
     return out
 
 
-def flags(setting: Setting, mode: Mode, arch: str, size: int, batch: int) -> List[str]:
+def flags(setting: Setting, mode: Mode, arch: str, size: int, multi_crop_sizes: Tuple[int, int],
+          batch: int) -> List[str]:
     """The command line of this setting (parsed by ``contrast.option`` like ``main_pretrain.py``'s):
-    views of ``size`` px; multi-crop: ``size`` x 160 / 224 large and ``size`` x 96 / 224 small crops
-    (160 + 3 x 96 at 224, the release's recipe)."""
+    views of ``size`` px; multi-crop: ``multi_crop_sizes`` (large, small) with the release's crop
+    scales (``--crop 0.08 --crop2 0.14``)."""
     argv = ["--model", setting.model, "--arch", arch, "--mlp-head", "--batch-size", str(batch),
             "--contrast-num-negative", str(mode.num_negative), "--optimizer", OPTIMIZER.get(setting.model, "sgd")]
     if setting.multi_crop:
-        argv += ["--aug", MULTI_CROP_AUG, "--image-size", str(size * 160 // 224), "--image-size2",
-                 str(size * 96 // 224), "--num-crop2", str(mode.num_crop2)]
+        argv += ["--aug", MULTI_CROP_AUG, "--image-size", str(multi_crop_sizes[0]), "--image-size2",
+                 str(multi_crop_sizes[1]), "--num-crop2", str(mode.num_crop2), "--crop", "0.08", "--crop2", "0.14"]
     else:
         argv += ["--image-size", str(size)]
     return argv
@@ -186,7 +191,7 @@ def losses_of(setting: Setting, argv, mode: Mode, device: torch.device, run: eng
 
 def check_against_cpu(setting: Setting, mode: Mode, device: torch.device, run: engine.Run, steps: int,
                       tolerance: float) -> Dict:
-    argv = flags(setting, mode, mode.check_arch, mode.check_size, mode.check_batch)
+    argv = flags(setting, mode, mode.check_arch, mode.check_size, mode.check_multi_crop_sizes, mode.check_batch)
     _, ref_method, _, _ = build(setting, argv, mode.check_instances, torch.device("cpu"), False, False, steps)
     state = copy.deepcopy(ref_method.state_dict())
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
@@ -208,7 +213,7 @@ def sync(device: torch.device) -> None:
 
 def throughput(setting: Setting, mode: Mode, combo, device: torch.device, run: engine.Run) -> Dict:
     precision_name, channels_last, compile_backbone = combo
-    argv = flags(setting, mode, mode.arch, mode.size, mode.batch)
+    argv = flags(setting, mode, mode.arch, mode.size, mode.multi_crop_sizes, mode.batch)
     steps = mode.warmup_iters + mode.iters
     args, method, opt, sched = build(setting, argv, mode.num_instances, device, channels_last, compile_backbone, steps)
     precision, note = resolve_precision(PRECISIONS[precision_name], device)
@@ -263,7 +268,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     for s in chosen:
         try:
             c = check_against_cpu(s, mode, device, run, args.check_steps, args.tolerance)
-        except Exception as e:  # noqa: BLE001  report and go on
+        except (Exception, SystemExit) as e:  # noqa: BLE001  report and go on (SystemExit: a flag error)
             c = {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
         results["checks"][s.name] = c
         if not c["ok"]:
@@ -282,7 +287,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 r = throughput(s, mode, combo, device, run)
                 if not r["finite"]:
                     failures.append(f"{s.name} {name}: non-finite loss")
-            except Exception as e:  # noqa: BLE001
+            except (Exception, SystemExit) as e:  # noqa: BLE001
                 r = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
                 failures.append(f"{s.name} {name}: {r['error']}")
             row[name] = r
@@ -305,7 +310,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     doc = {"mode": "tiny" if args.tiny else "full", "device": str(device), "gpu": gpu,
            "cpu": platform.processor() or platform.machine(), "torch": torch.__version__, "arch": mode.arch,
-           "image_size": mode.size, "multi_crop": f"{mode.size * 160 // 224}+{mode.num_crop2}x{mode.size * 96 // 224}",
+           "image_size": mode.size, "multi_crop": f"{mode.multi_crop_sizes[0]}+{mode.num_crop2}x{mode.multi_crop_sizes[1]}",
            "batch": mode.batch, "iters": mode.iters,
            "warmup_iters": mode.warmup_iters, "check": {"arch": mode.check_arch, "size": mode.check_size,
                                                         "batch": mode.check_batch, "steps": args.check_steps,

@@ -32,7 +32,8 @@ AMP_HELP = ("mixed precision (torch.amp, replaces Apex): auto = O1 on CUDA (the 
 #: Shared flags whose default depends on the method (``None`` at parse time, then resolved): the
 #: release's option.py defaults, unless the method declares its own (docs/deviations.md lists those).
 _GLOBAL_DEFAULTS: Dict[str, Any] = {"contrast_temperature": 0.07, "contrast_momentum": 0.999,
-                                    "contrast_num_negative": 65536, "mlp_head": False, "view_batching": "separate"}
+                                    "contrast_num_negative": 65536, "mlp_head": False, "view_batching": "separate",
+                                    "crop": 0.2}
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -46,11 +47,11 @@ def _parser(prog: str, description: str, epilog: Optional[str] = None) -> argpar
 # ---------------------------------------------------------------------------------------- groups
 def add_data_flags(p: argparse.ArgumentParser, *, train: bool, default_aug: Optional[str] = None,
                    image_size: Optional[int] = 224, cache_modes: Sequence[str] = ("no", "full", "part"),
-                   eval_batch: bool = False, crop: float = 0.08) -> None:
+                   eval_batch: bool = False, crop: Optional[float] = 0.08) -> None:
     """Dataset, augmentation and loader flags. ``train``: with the training augmentation flags
     (``default_aug`` None: the method's); ``image_size`` None: taken from the checkpoint;
-    ``eval_batch``: a ``--batch-size`` for feature extraction; ``crop``: the default ``--crop`` (the
-    release: 0.2 for pretraining, 0.08 for linear evaluation)."""
+    ``eval_batch``: a ``--batch-size`` for feature extraction; ``crop``: the default ``--crop`` (None:
+    the method's, else the release's pretraining 0.2; linear evaluation: 0.08 as the release)."""
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", type=str, default="./data", help="dataset root: <dir>/train/<class>/<img> "
                    "(+ val), or with --zip train.zip, train_map.txt, val.zip, val_map.txt")
@@ -75,7 +76,7 @@ def add_data_flags(p: argparse.ArgumentParser, *, train: bool, default_aug: Opti
     g.add_argument("--aug", type=str, default=default_aug, choices=AUGS,
                    help="augmentation" + (" (default: the method's, see below)" if default_aug is None else ""))
     g.add_argument("--crop", type=float, default=crop, help="minimum scale of RandomResizedCrop (MultiCrop: of "
-                   "the small crops)")
+                   "the small crops)" + (" (default: the method's, else 0.2 as the release)" if crop is None else ""))
     g.add_argument("--plain-aug", action="store_true", help="(new) run the whole augmentation in the "
                    "DataLoader workers (seed style) instead of colour ops batched on the device")
 
@@ -242,7 +243,7 @@ def _method_epilog() -> str:
 def pretrain_parser() -> argparse.ArgumentParser:
     p = _parser("main_pretrain.py", "Unsupervised pretraining (" + ", ".join(METHODS) + "). Launch with plain "
                 "python (one process), torchrun or python -m torch.distributed.launch.", _method_epilog())
-    add_data_flags(p, train=True, crop=0.2)
+    add_data_flags(p, train=True, crop=None)
     add_multicrop_flags(p)
     add_sampler_flags(p)
     add_backbone_flags(p, from_checkpoint=False)
@@ -366,7 +367,7 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace, positive: Seque
         p.error(f"--val-crop-fraction must be in (0, 1], got {args.val_crop_fraction}")
     if hasattr(args, "warmup_epoch") and (args.warmup_epoch < 0 or args.warmup_multiplier < 1):
         p.error("--warmup-epoch must be >= 0 and --warmup-multiplier >= 1")
-    if hasattr(args, "crop") and not 0 < args.crop <= 1:
+    if getattr(args, "crop", None) is not None and not 0 < args.crop <= 1:
         p.error(f"--crop must be in (0, 1], got {args.crop}")
 
 
@@ -381,6 +382,8 @@ def parse_pretrain_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.aug is None:
         args.aug = cls.views.aug
+    if not 0 < args.crop <= 1:
+        p.error(f"--crop must be in (0, 1], got {args.crop}")
     if args.aug == MULTI_CROP_AUG and not cls.views.multi_crop:
         p.error(f"--aug MultiCrop is not supported by --model {args.model}")
     if args.num_crop is not None and args.num_crop != 1 and args.aug != MULTI_CROP_AUG:

@@ -285,10 +285,13 @@ def test_environment_overrides_still_work(stub, tmp_path):
     assert (lin["epochs"], lin["pretrained_model"]) == (5, "/tmp/x/current.pth")
 
 
-@pytest.mark.parametrize("model", list(METHODS))
+RELEASE_MODELS = ("PIC", "InstDisc", "MoCo", "SimCLR")   # the release's --model choices
+
+
+@pytest.mark.parametrize("model", RELEASE_MODELS)
 def test_defaults_equal_the_release_except_documented(model):
     """Every pretraining default that no script overrides equals the release's option.py, except the
-    documented per-method and option deviations."""
+    documented per-method and option deviations (methods the release did not have are not compared)."""
     ours = vars(parse_pretrain_args(["--model", model]))
     compare(ours, {**RELEASE_PRETRAIN_DEFAULTS, "model": model}, "pretraining defaults", model,
             set(ALLOWED) | set(ALLOWED_DEFAULTS))
