@@ -96,10 +96,12 @@ class Setting:
 
 
 def settings() -> List[Setting]:
-    """One setting per registered method, plus a multi-crop one for methods that take it."""
+    """One setting per registered method with its own --aug, plus a multi-crop one for methods that take
+    it (a method whose own --aug is MultiCrop gets the multi-crop one only)."""
     out = []
     for name, cls in METHODS.items():
-        out.append(Setting(name, name, False))
+        if cls.views.aug != MULTI_CROP_AUG:
+            out.append(Setting(name, name, False))
         if cls.views.multi_crop:
             out.append(Setting(f"{name} multi-crop", name, True))
     return out
