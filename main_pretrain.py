@@ -14,7 +14,7 @@ from contrast.checkpoint import read_checkpoint, restore_training_state, resume_
 from contrast.data import build_dataset, build_sampler, window_epochs
 from contrast.data.transforms import build_augmentation
 from contrast.eval.knn import KNNMonitor
-from contrast.models import build_method, method_class
+from contrast.models import build_method
 from contrast.optim import build_optimizer, build_scheduler
 from contrast.precision import resolve_precision
 from contrast.option import method_config, parse_pretrain_args
@@ -25,9 +25,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     run = engine.setup_run("pretrain", args.output_dir, args.device, args.local_rank, args.seed, args.tensorboard)
     env, logger = run.env, run.logger
     cfg = method_config(args)
-    views = method_class(args.model).views
 
-    aug = build_augmentation(args.aug, views.count, args.image_size, args.crop, args.image_size2, args.crop2,
+    aug = build_augmentation(args.aug, cfg.num_crop, args.image_size, args.crop, args.image_size2, args.crop2,
                              args.num_crop2, fast=not args.plain_aug)
     dataset = build_dataset(args.data_dir, "train", args.zip, args.cache_mode, aug.cpu, env.rank, env.world_size,
                             strict=args.strict_data)

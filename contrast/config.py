@@ -54,9 +54,12 @@ class MethodConfig:
     ``temperature``, ``momentum`` and ``num_negative`` are the release's shared flags
     (``--contrast-temperature``, ``--contrast-momentum``, ``--contrast-num-negative``), already
     resolved to the method's own defaults when not given. ``options`` holds the values of the
-    method's own :class:`Flag` declarations. ``optimizer_momentum`` / ``weight_decay`` are the
-    optimiser's (the sampled PIC table runs its own SGD with them); ``output_dir`` is where a
-    method may keep files (the sampled PIC table on disk).
+    method's own :class:`Flag` declarations. ``num_crop`` is the number of full-size views per image:
+    the large crops with multi-crop (``--num-crop``; the small crops follow them in the view list),
+    otherwise the method's view count.
+    ``optimizer_momentum`` / ``weight_decay`` are the optimiser's (the sampled PIC table runs its
+    own SGD with them); ``output_dir`` is where a method may keep files (the sampled PIC table on
+    disk).
     """
 
     name: str
@@ -69,6 +72,7 @@ class MethodConfig:
     num_negative: int = 65536
     view_batching: str = "separate"
     multi_crop: bool = False
+    num_crop: int = 1
     seed: int = 0
     optimizer_momentum: float = 0.9
     weight_decay: float = 1e-4

@@ -29,10 +29,11 @@ AMP_HELP = ("mixed precision (torch.amp, replaces Apex): auto = O1 on CUDA (the 
             "when it has fast bf16 (AMX / AVX512-BF16) and fp32 otherwise (the log says which); O0 = fp32; O1 = "
             "autocast, fp16 with a GradScaler on CUDA, bf16 on the CPU; O2 = bf16 autocast (no scaler). Logits and "
             "losses stay fp32.")
-#: Shared flags whose default depends on the method (``None`` at parse time, then resolved).
-_GLOBAL_DEFAULTS: Dict[str, Any] = {"contrast_temperature": 0.07, "contrast_momentum": 0.0,
+#: Shared flags whose default depends on the method (``None`` at parse time, then resolved): the
+#: release's option.py defaults, unless the method declares its own (docs/deviations.md lists those).
+_GLOBAL_DEFAULTS: Dict[str, Any] = {"contrast_temperature": 0.07, "contrast_momentum": 0.999,
                                     "contrast_num_negative": 65536, "mlp_head": False, "view_batching": "separate",
-                                    "feature_dim": 128, "mlp_hidden_dim": 2048}
+                                    "feature_dim": 128, "mlp_hidden_dim": 2048, "crop": 0.2}
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -46,10 +47,11 @@ def _parser(prog: str, description: str, epilog: Optional[str] = None) -> argpar
 # ---------------------------------------------------------------------------------------- groups
 def add_data_flags(p: argparse.ArgumentParser, *, train: bool, default_aug: Optional[str] = None,
                    image_size: Optional[int] = 224, cache_modes: Sequence[str] = ("no", "full", "part"),
-                   eval_batch: bool = False) -> None:
+                   eval_batch: bool = False, crop: Optional[float] = 0.08) -> None:
     """Dataset, augmentation and loader flags. ``train``: with the training augmentation flags
     (``default_aug`` None: the method's); ``image_size`` None: taken from the checkpoint;
-    ``eval_batch``: a ``--batch-size`` for feature extraction."""
+    ``eval_batch``: a ``--batch-size`` for feature extraction; ``crop``: the default ``--crop`` (None:
+    the method's, else the release's pretraining 0.2; linear evaluation: 0.08 as the release)."""
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", type=str, default="./data", help="dataset root: <dir>/train/<class>/<img> "
                    "(+ val), or with --zip train.zip, train_map.txt, val.zip, val_map.txt")
@@ -73,13 +75,16 @@ def add_data_flags(p: argparse.ArgumentParser, *, train: bool, default_aug: Opti
         return
     g.add_argument("--aug", type=str, default=default_aug, choices=AUGS,
                    help="augmentation" + (" (default: the method's, see below)" if default_aug is None else ""))
-    g.add_argument("--crop", type=float, default=0.08, help="minimum scale of RandomResizedCrop")
+    g.add_argument("--crop", type=float, default=crop, help="minimum scale of RandomResizedCrop (MultiCrop: of "
+                   "the small crops)" + (" (default: the method's, else 0.2 as the release)" if crop is None else ""))
     g.add_argument("--plain-aug", action="store_true", help="(new) run the whole augmentation in the "
                    "DataLoader workers (seed style) instead of colour ops batched on the device")
 
 
 def add_multicrop_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("multi-crop (--aug MultiCrop)")
+    g.add_argument("--num-crop", type=int, default=None, help="MultiCrop: number of large crops (--image-size, "
+                   "scale --crop2..1; default: the method's, 1 for PIC as in the release)")
     g.add_argument("--image-size2", type=int, default=96, help="MultiCrop: small crop size")
     g.add_argument("--crop2", type=float, default=0.14, help="MultiCrop: max scale of the small crops "
                    "(and min scale of the large crops)")
@@ -117,7 +122,7 @@ def add_backbone_flags(p: argparse.ArgumentParser, *, from_checkpoint: bool) -> 
 def add_method_flags(p: argparse.ArgumentParser) -> None:
     """``--model`` and the flags of every registered method (shared ones first)."""
     g = p.add_argument_group("method")
-    g.add_argument("--model", type=str, required=True, choices=list(METHODS), help="method")
+    g.add_argument("--model", type=str, default="PIC", choices=list(METHODS), help="method (PIC, as the release)")
     g.add_argument("--feature-dim", type=int, default=None, help="embedding dimension (default: 128, or the "
                    "method's)")
     g.add_argument("--mlp-head", action=argparse.BooleanOptionalAction, default=None,
@@ -240,7 +245,7 @@ def _method_epilog() -> str:
 def pretrain_parser() -> argparse.ArgumentParser:
     p = _parser("main_pretrain.py", "Unsupervised pretraining (" + ", ".join(METHODS) + "). Launch with plain "
                 "python (one process), torchrun or python -m torch.distributed.launch.", _method_epilog())
-    add_data_flags(p, train=True)
+    add_data_flags(p, train=True, crop=None)
     add_multicrop_flags(p)
     add_sampler_flags(p)
     add_backbone_flags(p, from_checkpoint=False)
@@ -327,6 +332,20 @@ def export_parser() -> argparse.ArgumentParser:
     return p
 
 
+def convert_parser() -> argparse.ArgumentParser:
+    p = _parser("convert_release_checkpoint.py", "Convert a pretraining checkpoint written by the PIC release "
+                "(github.com/bl0/PIC) into this project's checkpoint format (for main_linear.py, main_knn.py and "
+                "tools/export_backbone.py; weights only, not resumable) and a backbone state dict.")
+    p.add_argument("--release-checkpoint", type=str, required=True, help="the release's ckpt_epoch_<e>.pth or "
+                   "current.pth (a dict with 'opt' and 'model')")
+    p.add_argument("--output-dir", type=str, required=True, help="writes converted.pth (our format) and "
+                   "backbone.pth (a torchvision state dict; ResNet-D: ours, with the release's key names)")
+    p.add_argument("--tolerance", type=float, default=1e-5, help="max abs feature difference allowed between "
+                   "the converted backbone and the torchvision one")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    return p
+
+
 # ---------------------------------------------------------------------------------------- checks
 def default_num_workers() -> int:
     """DataLoader workers per process: the CPUs this process may use, shared by the processes of this
@@ -350,7 +369,7 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace, positive: Seque
         p.error(f"--val-crop-fraction must be in (0, 1], got {args.val_crop_fraction}")
     if hasattr(args, "warmup_epoch") and (args.warmup_epoch < 0 or args.warmup_multiplier < 1):
         p.error("--warmup-epoch must be >= 0 and --warmup-multiplier >= 1")
-    if hasattr(args, "crop") and not 0 < args.crop <= 1:
+    if getattr(args, "crop", None) is not None and not 0 < args.crop <= 1:
         p.error(f"--crop must be in (0, 1], got {args.crop}")
 
 
@@ -365,8 +384,20 @@ def parse_pretrain_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.aug is None:
         args.aug = cls.views.aug
+    if not 0 < args.crop <= 1:
+        p.error(f"--crop must be in (0, 1], got {args.crop}")
     if args.aug == MULTI_CROP_AUG and not cls.views.multi_crop:
         p.error(f"--aug MultiCrop is not supported by --model {args.model}")
+    if args.num_crop is not None and args.num_crop != 1 and args.aug != MULTI_CROP_AUG:
+        p.error(f"--num-crop counts the large crops of --aug MultiCrop; --model {args.model} with --aug {args.aug} "
+                f"takes {cls.views.count} view(s)")
+    if args.num_crop is None:  # the method's view count with MultiCrop; else unused (the release's 1)
+        args.num_crop = cls.views.count if args.aug == MULTI_CROP_AUG else 1
+    if args.num_crop < 1 or args.num_crop2 < 0:
+        p.error(f"need --num-crop >= 1 and --num-crop2 >= 0, got {args.num_crop} and {args.num_crop2}")
+    if args.aug == MULTI_CROP_AUG and not args.crop < args.crop2:
+        p.error(f"--aug MultiCrop needs --crop (small crops' minimum scale) < --crop2, got {args.crop} and "
+                f"{args.crop2}; the release's recipe (scripts/PIC.sh) uses --crop 0.08 --crop2 0.14")
     if args.val_crop_fraction is None:
         args.val_crop_fraction = 0.875
     if args.model in ("InstDisc", "MoCo") and args.contrast_num_negative < 1:
@@ -416,6 +447,14 @@ def parse_export_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
+def parse_convert_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = convert_parser()
+    args = p.parse_args(argv)
+    if not os.path.isfile(args.release_checkpoint):
+        p.error(f"--release-checkpoint {args.release_checkpoint}: file does not exist")
+    return args
+
+
 # ---------------------------------------------------------------------------------------- resolved values
 def resolve_from_config(args: argparse.Namespace, config: Dict[str, Any],
                         names: Sequence[str] = ("arch", "stem", "image_size", "val_crop_fraction")) -> List[str]:
@@ -444,6 +483,7 @@ def method_config(args: argparse.Namespace) -> MethodConfig:
         feature_dim=args.feature_dim, mlp_head=bool(args.mlp_head), head_hidden_dim=args.mlp_hidden_dim,
         temperature=args.contrast_temperature,
         momentum=args.contrast_momentum, num_negative=args.contrast_num_negative,
-        view_batching=args.view_batching, multi_crop=args.aug == MULTI_CROP_AUG, seed=args.seed,
+        view_batching=args.view_batching, multi_crop=args.aug == MULTI_CROP_AUG,
+        num_crop=args.num_crop if args.aug == MULTI_CROP_AUG else cls.views.count, seed=args.seed,
         optimizer_momentum=args.momentum, weight_decay=args.weight_decay, output_dir=args.output_dir,
         options={f.dest: getattr(args, f.dest) for f in cls.flags})

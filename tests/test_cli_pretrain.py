@@ -27,6 +27,8 @@ METHOD_FLAGS = {
             "--window-size", "8", "--window-stride", "4"],
     "PIC_multicrop": ["--model", "PIC", "--aug", "MultiCrop", "--image-size2", "16", "--num-crop2", "2",
                       "--crop", "0.08", "--crop2", "0.3"],
+    "PIC_multicrop_2_large": ["--model", "PIC", "--aug", "MultiCrop", "--num-crop", "2", "--image-size2", "16",
+                              "--num-crop2", "1", "--crop", "0.08"],
     "PIC_sampled": ["--model", "PIC", "--aug", "SimCLR", "--mlp-head", "--pic-num-negative", "4"],
     "InstDisc": ["--model", "InstDisc", "--aug", "InstDisc", "--crop", "0.2", "--contrast-num-negative", "16"],
     "MoCo": ["--model", "MoCo", "--aug", "MoCov2", "--mlp-head", "--contrast-num-negative", "16"],
@@ -268,14 +270,16 @@ def test_reproduction_script_runs(data_dir, tmp_path):
     out = tmp_path / "script"
     tiny = "--arch resnet18 --image-size 32 --num-workers 0 --no-tensorboard --warmup-epoch 0"
     env = {**os.environ, "DATA_DIR": str(data_dir), "NPROC": "1", "OUTPUT_DIR": str(out), "OMP_NUM_THREADS": "1",
-           "MASTER_PORT": str(free_port()), "EXTRA_ARGS": f"{tiny} --batch-size 4 --window-size 8 --window-stride 4 --feature-dim 16",
+           "MASTER_PORT": str(free_port()), "PYTHON": sys.executable,
+           "EXTRA_ARGS": f"{tiny} --image-size2 16 --batch-size 4 --window-size 8 --window-stride 4 --feature-dim 16",
            "LINEAR_EXTRA_ARGS": f"{tiny} --total-batch-size 4 --epochs 1"}
     r = subprocess.run(["bash", "scripts/PIC.sh", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     pre = read_checkpoint(str(out / "current.pth"))
     assert pre.config["use_sliding_window_sampler"] and pre.config["mlp_head"]
-    assert pre.config["contrast_temperature"] == 0.2 and pre.config["aug"] == "SimCLR"
+    assert pre.config["contrast_temperature"] == 0.2 and pre.config["aug"] == "MultiCrop"
+    assert (pre.config["num_crop"], pre.config["num_crop2"], pre.config["shuffle_per_epoch"]) == (1, 3, True)
     assert read_checkpoint(str(out / "eval" / "current.pth")).epoch == 1
 
 

@@ -149,6 +149,35 @@ def test_pic_multicrop_weight_gradient_comes_from_large_crop_only():
     assert torch.allclose(got, weight.grad, atol=1e-6) and got.abs().sum() > 0
 
 
+def test_pic_several_large_crops_match_the_release_formula():
+    """--num-crop 2: the release concatenates the logits of the k large crops (against W) and the small
+    crops (against a detached W) and takes one cross-entropy over all (k + k_small) B rows."""
+    method = PIC(tiny_encoder(), 6, num_instances=7, feature_dim=4, mlp_head=False, temperature=0.2,
+                 multi_crop=True, num_crop=2)
+    index = torch.tensor([6, 2, 0])
+    views = [images(3, 8, 0), images(3, 8, 1), images(3, 4, 2), images(3, 4, 3), images(3, 4, 4)]
+    loss = method(views, index)["loss"]
+    loss.backward()
+    got_w, got_conv = method.classifier.weight.grad.clone(), method.backbone[0].weight.grad.clone()
+
+    enc = method.backbone
+    head = method.head
+    w = method.classifier.weight.detach().clone().requires_grad_()
+    conv = enc[0].weight
+    conv.grad = None
+    wn = F.normalize(w, dim=1)
+    logits = [F.normalize(head(enc(v)), dim=1) @ (wn if i < 2 else wn.detach()).t() / 0.2 for i, v in enumerate(views)]
+    ref = F.cross_entropy(torch.cat(logits), index.repeat(5))
+    ref.backward()
+    assert torch.allclose(loss, ref, atol=1e-6)
+    assert torch.allclose(got_w, w.grad, atol=1e-6) and torch.allclose(got_conv, conv.grad, atol=1e-6)
+    with pytest.raises(ValueError, match="needs --aug MultiCrop"):
+        PIC(tiny_encoder(), 6, num_instances=7, feature_dim=4, mlp_head=False, num_crop=2)
+    with pytest.raises(ValueError, match="dense classifier"):
+        PIC(tiny_encoder(), 6, num_instances=7, feature_dim=4, mlp_head=False, multi_crop=True, num_crop=2,
+            classifier=build_instance_classifier(7, 4, 0.2, num_negative=2))
+
+
 def test_pic_classifier_init():
     torch.manual_seed(1)
     clf = build_instance_classifier(4000, 32, 0.2)

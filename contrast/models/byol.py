@@ -31,7 +31,7 @@ class BYOL(BaseMethod):
 
     name = "BYOL"
     views = Views(count=2, aug="BYOL")
-    defaults = {"contrast_momentum": 0.996, "mlp_head": True, "feature_dim": 256, "mlp_hidden_dim": 4096}
+    defaults = {"contrast_momentum": 0.996, "mlp_head": True, "feature_dim": 256, "mlp_hidden_dim": 4096, "crop": 0.08}
     sync_batchnorm = True
 
     def __init__(self, backbone: nn.Module, feat_dim: int, feature_dim: int = 256, hidden_dim: int = 4096,

@@ -8,8 +8,11 @@ trained by the optimiser like any parameter), or, with ``--pic-num-negative K``,
 :mod:`contrast.models.pic_sampled` (recent negative sampling + weight update correction + sharded
 storage).
 
-Views: with ``--aug MultiCrop`` ``views[0]`` is the large crop and the rest are small crops
-(classified against a detached W); otherwise the single view is classified.
+Views: with ``--aug MultiCrop`` the first ``--num-crop`` views (1 by default) are the large crops,
+classified against W, and the rest are small crops, classified against a detached W; the loss is
+the mean cross-entropy over all crops, every crop weighing the same (the release's single
+cross-entropy over the concatenated logits of the k + k_small crops). Otherwise the single view is
+classified.
 """
 from __future__ import annotations
 
@@ -93,11 +96,16 @@ class PIC(BaseMethod):
     def __init__(self, backbone: nn.Module, feat_dim: int, num_instances: int, feature_dim: int = 128,
                  mlp_head: bool = True, temperature: float = 0.2, multi_crop: bool = False,
                  classifier: InstanceClassifier | None = None, view_batching: str = "separate",
-                 hidden_dim: int = MLP_HIDDEN_DIM) -> None:
+                 hidden_dim: int = MLP_HIDDEN_DIM, num_crop: int = 1) -> None:
         super().__init__(backbone, feat_dim, view_batching, multi_crop)
         self.head = build_head(feat_dim, feature_dim, mlp_head, hidden_dim)
         self.classifier = classifier if classifier is not None else \
             DenseInstanceClassifier(num_instances, feature_dim, temperature)
+        if num_crop < 1 or (num_crop > 1 and not multi_crop):
+            raise ValueError(f"PIC: --num-crop {num_crop} needs --aug MultiCrop (it counts its large crops)")
+        if num_crop > 1 and not isinstance(self.classifier, DenseInstanceClassifier):
+            raise ValueError("PIC: --num-crop > 1 needs the dense classifier (--pic-num-negative 0)")
+        self.num_crop = num_crop
 
     @classmethod
     def from_config(cls, cfg: MethodConfig, num_instances: int) -> "PIC":
@@ -110,13 +118,34 @@ class PIC(BaseMethod):
             storage_dir=storage_dir, seed=cfg.seed)
         backbone, feat_dim = cls.build_backbone(cfg)
         return cls(backbone, feat_dim, num_instances, cfg.feature_dim, cfg.mlp_head, cfg.temperature,
-                   cfg.multi_crop, classifier, cfg.view_batching, cfg.head_hidden_dim)
+                   cfg.multi_crop, classifier, cfg.view_batching, cfg.head_hidden_dim,
+                   cfg.num_crop if cfg.multi_crop else 1)
 
     def training_loss(self, views: List[torch.Tensor], index: torch.Tensor) -> Dict[str, torch.Tensor]:
+        k = self.num_crop
+        if len(views) <= k and self.multi_crop:
+            raise ValueError(f"PIC: --num-crop {k} large crops need at least one small crop, got {len(views)} views")
         zs = [normalize_fp32(y) for y in self.encode(lambda x: self.head(self.backbone(x)), views)]
-        loss = self.classifier(zs[0], index, zs[1:])
+        if k == 1:
+            loss = self.classifier(zs[0], index, zs[1:])
+        else:
+            loss = self.several_large_crops_loss(zs[:k], zs[k:], index)
         return {"loss": loss, "pos_sim": self.classifier.positive_similarity(zs[0].detach(), index),
                 **self.classifier.stats()}
+
+    def several_large_crops_loss(self, z_large: List[torch.Tensor], z_small: List[torch.Tensor],
+                                 index: torch.Tensor) -> torch.Tensor:
+        """``--num-crop k > 1`` (dense table only): mean cross-entropy over the k large crops (against
+        W) and the small crops (against a detached W), every crop weighing the same:
+        ``(k CE_large + s CE_small) / (k + s)``, each CE a mean over its crops' rows."""
+        clf = self.classifier
+        k, s = len(z_large), len(z_small)
+        with torch.autocast(device_type=index.device.type, enabled=False):
+            loss = k * pic_loss(torch.cat(z_large), clf.weight, index.repeat(k), clf.temperature)
+            if s:
+                loss = loss + s * pic_loss(torch.cat(z_small), clf.weight.detach(), index.repeat(s),
+                                           clf.temperature)
+        return loss / (k + s)
 
     @torch.no_grad()
     def on_train_step_end(self, step: int, lr: float, grad_scale: float = 1.0) -> None:

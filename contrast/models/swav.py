@@ -110,7 +110,7 @@ class SwAV(BaseMethod):
     name = "SwAV"
     views = Views(count=2, aug="MultiCrop", multi_crop=True)
     defaults = {"contrast_temperature": 0.1, "mlp_head": True, "feature_dim": 128, "mlp_hidden_dim": 2048,
-                "view_batching": "joint"}
+                "view_batching": "joint", "crop": 0.05}
     flags = (
         Flag("--swav-num-prototypes", int, 3000, "(new) SwAV: number of prototypes K"),
         Flag("--swav-epsilon", float, 0.05, "(new) SwAV: entropy regularisation of Sinkhorn-Knopp"),

@@ -1,0 +1,151 @@
+"""How much ``--view-batching joint`` changes a training step compared with ``separate`` (the release).
+
+``separate`` encodes every view in its own forward pass, so each view is its own batch-norm batch
+(the release: PIC encodes the large crop and each small crop separately, SimCLR its two views);
+``joint`` concatenates views of equal shape into one forward pass (PIC multi-crop: the 3 small crops
+together; SimCLR: both views together), so their batch-norm statistics are shared. The large crop
+of PIC is encoded alone in both modes, so the table's gradient is identical; the backbone's is not.
+
+For each seed: one model (ResNet-50 by default), one batch of views cut from synthetic images
+(smooth random fields, so crops of different scales have different statistics), then the loss and
+the gradient of every backbone and head parameter in both modes from the same weights, in fp32 on
+the CPU. Two initialisations: the release's (the last batch-norm gamma of every residual block is 0,
+so at step 0 each residual branch adds nothing and batch-norm statistics matter least), and the
+same with those gammas at 1, a stand-in for a network some way into training. Reported per method: the ratio of the gradient norms joint / separate,
+the cosine between the two gradients, and the relative loss difference (mean, min and max over the
+seeds). The measurement is single-process: per-GPU batch B on one GPU (with several GPUs the release
+synchronises SimCLR's batch norm over all of them, so the batch-norm batch is B x GPUs per view).
+
+    OMP_NUM_THREADS=2 python benchmarks/view_batching.py      # --batch 8 --seeds 3 --arch resnet50
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Dict, List
+
+import torch
+import torchvision.transforms.v2.functional as TF
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from contrast.config import BackboneConfig, MethodConfig  # noqa: E402
+from contrast.models import build_method, method_class  # noqa: E402
+
+#: method -> (model, view sizes, crop scales per view, build options)
+SETTINGS = {
+    "PIC multi-crop 160+3x96": ("PIC", [160, 96, 96, 96], [(0.14, 1.0)] + [(0.08, 0.14)] * 3,
+                                dict(multi_crop=True, temperature=0.2)),
+    "SimCLR 2x224": ("SimCLR", [224, 224], [(0.08, 1.0)] * 2, dict(temperature=0.1)),
+}
+
+
+def synthetic_images(batch: int, size: int, gen: torch.Generator) -> torch.Tensor:
+    """(B, 3, size, size) smooth random fields (sums of upsampled noise at 4 scales), normalised
+    per channel like ImageNet inputs."""
+    img = torch.zeros(batch, 3, size, size)
+    for cells, weight in ((4, 1.0), (16, 0.5), (64, 0.25), (size, 0.1)):
+        noise = torch.randn(batch, 3, cells, cells, generator=gen)
+        img += weight * torch.nn.functional.interpolate(noise, size=(size, size), mode="bilinear",
+                                                        align_corners=False)
+    return (img - img.mean((0, 2, 3), keepdim=True)) / img.std((0, 2, 3), keepdim=True)
+
+
+def random_resized_crops(images: torch.Tensor, size: int, scale, gen: torch.Generator) -> torch.Tensor:
+    """One RandomResizedCrop (aspect 3/4..4/3, area fraction in ``scale``) per image, resized to ``size``."""
+    out = []
+    side = images.shape[-1]
+    for img in images:
+        area = side * side * (scale[0] + (scale[1] - scale[0]) * torch.rand((), generator=gen).item())
+        ratio = math.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * torch.rand((), generator=gen).item())
+        w = min(side, max(1, round(math.sqrt(area * ratio))))
+        h = min(side, max(1, round(math.sqrt(area / ratio))))
+        top = int(torch.randint(0, side - h + 1, (), generator=gen))
+        left = int(torch.randint(0, side - w + 1, (), generator=gen))
+        out.append(TF.resized_crop(img, top, left, h, w, [size, size], antialias=True))
+    return torch.stack(out)
+
+
+def gradients(method, views: List[torch.Tensor], index: torch.Tensor):
+    """(loss, flat gradient of backbone + head) of one step from ``method``'s current weights."""
+    method.zero_grad(set_to_none=True)
+    loss = method(views, index)["loss"]
+    loss.backward()
+    params = list(method.backbone.parameters()) + list(method.head.parameters())
+    return loss.item(), torch.cat([p.grad.flatten() for p in params if p.grad is not None])
+
+
+INITS = {"release init (residual gamma 0)": True, "residual gamma 1": False}
+
+
+def measure(name: str, arch: str, batch: int, seed: int, zero_init_residual: bool) -> Dict[str, float]:
+    model, sizes, scales, opts = SETTINGS[name]
+    gen = torch.Generator().manual_seed(seed)
+    images = synthetic_images(batch, 256, gen)
+    views = [random_resized_crops(images, s, sc, gen) for s, sc in zip(sizes, scales)]
+    index = torch.randint(0, 1000, (batch,), generator=gen)
+    torch.manual_seed(seed)
+    defaults = {f.dest: f.default for f in method_class(model).flags}
+    results = {}
+    base = None
+    for batching in ("separate", "joint"):
+        cfg = MethodConfig(name=model, backbone=BackboneConfig(arch, "imagenet", zero_init_residual), mlp_head=True,
+                           view_batching=batching, options=defaults, **opts)
+        if base is None:
+            base = build_method(cfg, num_instances=1000).train()
+            method = base
+            state = copy.deepcopy(base.state_dict())
+        else:
+            method = build_method(cfg, num_instances=1000).train()
+            method.load_state_dict(state)
+        t = time.perf_counter()
+        results[batching] = (*gradients(method, views, index), time.perf_counter() - t)
+    (loss_s, g_s, t_s), (loss_j, g_j, t_j) = results["separate"], results["joint"]
+    return {"grad_norm_separate": g_s.norm().item(), "grad_norm_joint": g_j.norm().item(),
+            "grad_norm_ratio_joint_over_separate": (g_j.norm() / g_s.norm()).item(),
+            "grad_cosine": torch.nn.functional.cosine_similarity(g_j, g_s, dim=0).item(),
+            "loss_separate": loss_s, "loss_joint": loss_j, "loss_rel_diff": abs(loss_j - loss_s) / abs(loss_s),
+            "seconds_separate": t_s, "seconds_joint": t_j}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", default="resnet50")
+    p.add_argument("--batch", type=int, default=8, help="images per view (the per-GPU batch)")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
+    p.add_argument("--out", default="benchmarks/results/view_batching.json")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = {}
+    for init, zero in INITS.items():
+        for name in SETTINGS:
+            runs = [measure(name, args.arch, args.batch, seed, zero) for seed in range(args.seeds)]
+            summary = {}
+            for key in ("grad_norm_ratio_joint_over_separate", "grad_cosine", "loss_rel_diff"):
+                values = [r[key] for r in runs]
+                summary[key] = {"mean": statistics.mean(values), "min": min(values), "max": max(values)}
+            rows[f"{name}, {init}"] = {"summary": summary, "runs": runs}
+            s, r = summary, summary["grad_norm_ratio_joint_over_separate"]
+            print(f"{name}, {init}, batch {args.batch}: grad-norm ratio joint/separate {r['mean']:.3f} "
+                  f"[{r['min']:.3f}, {r['max']:.3f}], gradient cosine {s['grad_cosine']['mean']:.3f} "
+                  f"[{s['grad_cosine']['min']:.3f}, {s['grad_cosine']['max']:.3f}], loss rel. diff "
+                  f"{s['loss_rel_diff']['mean']:.2e}", flush=True)
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    out = {"arch": args.arch, "batch": args.batch, "seeds": args.seeds, "precision": "fp32", "device": "cpu",
+           "threads": args.threads, "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+           "load_avg": load, "command": "python benchmarks/view_batching.py " + " ".join(sys.argv[1:]), "results": rows}
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=2)
+    print(f"wrote {args.out} (load average {load})")
+
+
+if __name__ == "__main__":
+    main()
