@@ -157,3 +157,11 @@ def test_bad_checkpoint_errors_name_the_file(tmp_path, fake_checkpoint):
     with pytest.raises(Exception, match="ckpt.pth"):  # weights do not fit another arch
         export_backbone.main(["--checkpoint", str(tmp_path / "ckpt.pth"), "--output", str(tmp_path / "x"),
                               "--arch", "resnet34"])
+
+
+def test_resnet_d_is_refused_in_one_line(tmp_path, pretrained_checkpoint):
+    from contrast.models import build_backbone
+    backbone, _ = build_backbone("resnet18_d")
+    pretrained_checkpoint(tmp_path / "d.pth", backbone.eval(), {"arch": "resnet18_d", "stem": "imagenet"})
+    with pytest.raises(ValueError, match=r"d\.pth: resnet18_d is the release's ResNet-D, not a torchvision"):
+        export_backbone.main(["--checkpoint", str(tmp_path / "d.pth"), "--output", str(tmp_path / "x")])

@@ -48,7 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from contrast import engine  # noqa: E402
 from contrast.eval.features import backbone_from_checkpoint, backbone_spec  # noqa: E402
-from contrast.models.backbones import set_stem  # noqa: E402
+from contrast.models.backbones import RESNET_D, set_stem  # noqa: E402
 from contrast.option import parse_export_args  # noqa: E402
 
 D2_AUTHOR = "contrast"
@@ -127,6 +127,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, str]:
     args = parse_export_args(argv)
     backbone, _, ckpt = backbone_from_checkpoint(args.pretrained_model, args.arch, args.stem)
     arch, stem = backbone_spec(ckpt, args.arch, args.stem)
+    if arch in RESNET_D:
+        raise ValueError(f"{args.pretrained_model}: {arch} is the release's ResNet-D, not a torchvision architecture; "
+                         f"its backbone state dict (release key names) is the checkpoint's 'backbone.' tensors, and "
+                         f"detectron2's ResNet has no ResNet-D stem")
     size = args.verify_size or (64 if stem == "imagenet" else 32)
     if stem != "imagenet":
         pool = "the max-pool is kept" if stem == "small-maxpool" else "there is no max-pool"
