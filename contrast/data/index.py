@@ -62,7 +62,7 @@ def write_index(path: str, meta: dict, arrays: Dict[str, np.ndarray]) -> None:
         specs[name] = {"dtype": a.dtype.descr if a.dtype.names else a.dtype.str, "shape": list(a.shape),
                        "offset": offset}
         offset += -(-a.nbytes // _ALIGN) * _ALIGN
-    header = json.dumps({"meta": meta, "arrays": specs}).encode()
+    header = json.dumps({"meta": meta, "arrays": specs, "end": offset}).encode()
     base = -(-(len(_MAGIC) + 8 + len(header)) // _ALIGN) * _ALIGN
     tmp = f"{path}.tmp{os.getpid()}"
     try:
@@ -71,7 +71,9 @@ def write_index(path: str, meta: dict, arrays: Dict[str, np.ndarray]) -> None:
             for name, a in arrays.items():
                 f.seek(base + specs[name]["offset"])
                 f.write(memoryview(np.ascontiguousarray(a)).cast("B"))
-            f.truncate(base + offset)
+            f.seek(base + offset)
+            f.write(_MAGIC)  # trailer: a file cut short anywhere fails the size check
+            f.truncate()
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -98,6 +100,8 @@ def read_index(path: str) -> Tuple[dict, Dict[str, np.ndarray]]:
         raise ValueError("truncated header")
     header = json.loads(mm[len(_MAGIC) + 8: len(_MAGIC) + 8 + hlen])
     base = -(-(len(_MAGIC) + 8 + hlen) // _ALIGN) * _ALIGN
+    if size != base + header["end"] + len(_MAGIC) or mm[size - len(_MAGIC):] != _MAGIC:
+        raise ValueError(f"truncated ({size} bytes, {base + header['end'] + len(_MAGIC)} expected)")
     arrays = {}
     for name, spec in header["arrays"].items():
         d = spec["dtype"]
@@ -195,9 +199,9 @@ def load_or_build(root: str, name: str, kind: str, split: str, build: Callable[[
         found, notes = fresh()  # another rank may have built it while we waited
         if found:
             return found
-        meta, arrays = build()
         for note in notes:
             warnings.warn(f"{note}; rebuilding it", RuntimeWarning, stacklevel=3)
+        meta, arrays = build()
         errors = []
         for p in paths:
             try:
