@@ -9,9 +9,11 @@ a fresh forked process:
 * dataset init: baseline = a copy of the previous ``ZipImageDataset`` (Python map parsing,
   ``zipfile.ZipFile(...).infolist()`` dict); ours = ``ZipImageDataset`` with the index present
   (and, reported separately, the one-off index build when it is missing);
-* a DataLoader worker as it starts: fork after the dataset is built, then the first read in the
-  child: its latency and the child's extra RSS (``VmRSS``; ``RssAnon`` = private memory) after
-  the first read and after 1000 random reads;
+* a DataLoader worker as it starts: fork after the dataset is built (and read once) in the parent,
+  then the first read in the child (after a ``gc.collect()``, which privatises the interpreter's
+  own objects in any design): its latency and the child's extra private memory (Private_Dirty,
+  what each additional worker costs; see :func:`proc_status`) and VmRSS after the first read and
+  after 1000 random reads;
 * random-read throughput in one process (entries/s, 20k uniformly random entries, page cache warm);
 * samplers: peak extra RSS of a process that builds the sampler, calls ``set_epoch`` and draws
   its whole share (rank 0 of 8, W = 131072, S = 16384, epoch 5), and the time of ``set_epoch`` +
@@ -20,11 +22,13 @@ a fresh forked process:
 Results go to ``--out`` (JSON) and a Markdown table on stdout.
 
     python benchmarks/data_scale.py [--sizes 1281167 10000000] [--sampler-sizes 1281167 10000000 100000000]
-        [--baseline-max 10000000] [--shards 16] [--workdir /tmp] [--out benchmarks/results/data_scale.json]
+        [--baseline-max 10000000] [--sampler-baseline-max 100000000] [--shards 16] [--workdir /tmp]
+        [--out benchmarks/results/data_scale.json]
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -206,13 +210,24 @@ class BaselineDistributed(torch.utils.data.DistributedSampler):
 # ------------------------------------------------------------------------------------------------
 
 def proc_status() -> Dict[str, float]:
-    """VmRSS, RssAnon, RssFile, VmHWM of this process in MB."""
+    """VmRSS, VmHWM and Private_Dirty of this process in MB.
+
+    After a fork every page is shared with the parent; what a worker writes (new objects, even
+    in memory the parent had freed) becomes private and dirty: Private_Dirty is the memory each
+    extra worker adds. (VmRSS also counts pages of memory-mapped files the worker reads: page
+    cache, shared with every process that maps the file.)
+    """
     out = {}
     with open("/proc/self/status") as f:
         for line in f:
             key, _, rest = line.partition(":")
-            if key in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
+            if key in ("VmRSS", "VmHWM"):
                 out[key] = int(rest.split()[0]) / 1024
+    with open("/proc/self/smaps_rollup") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key == "Private_Dirty":
+                out["private"] = int(rest.split()[0]) / 1024
     return out
 
 
@@ -248,6 +263,7 @@ def worker_probe(ds, n: int, reads: int = 1000) -> dict:
     """What a DataLoader worker forked now pays: first-read latency and extra RSS."""
     def child() -> dict:
         rng = random.Random(1)
+        gc.collect()  # privatises the interpreter's own objects, as any worker's first collection does
         before = proc_status()
         t = time.perf_counter()
         data = ds.read_bytes(rng.randrange(n))
@@ -258,8 +274,9 @@ def worker_probe(ds, n: int, reads: int = 1000) -> dict:
             ds.read_bytes(rng.randrange(n))
         after = proc_status()
         return {"first_read_ms": first * 1e3,
-                "rss_first_mb": after1["VmRSS"] - before["VmRSS"], "anon_first_mb": after1["RssAnon"] - before["RssAnon"],
-                "rss_1000_mb": after["VmRSS"] - before["VmRSS"], "anon_1000_mb": after["RssAnon"] - before["RssAnon"]}
+                "private_first_mb": after1["private"] - before["private"],
+                "private_1000_mb": after["private"] - before["private"],
+                "rss_first_mb": after1["VmRSS"] - before["VmRSS"], "rss_1000_mb": after["VmRSS"] - before["VmRSS"]}
     return in_child(child)
 
 
@@ -338,6 +355,17 @@ def run_datasets(n: int, workdir: str, shards: int, baseline: bool) -> dict:
     res["ours_index"] = build(single)
     print(f"  ours index build: {res['ours_index']}", flush=True)
     res["ours"] = measure_dataset(lambda: ZipImageDataset(single, "train"), "ours")
+    shuffled = os.path.join(workdir, f"shuffled-{n}")  # the map in another order than the zip
+    os.makedirs(shuffled)
+    os.link(os.path.join(single, "train.zip"), os.path.join(shuffled, "train.zip"))
+    with open(os.path.join(single, "train_map.txt")) as f:
+        lines = f.readlines()
+    with open(os.path.join(shuffled, "train_map.txt"), "w") as f:
+        f.writelines(lines[i] for i in np.random.default_rng(0).permutation(len(lines)))
+    del lines
+    res["ours_index_shuffled_map"] = build(shuffled)
+    print(f"  ours index build, shuffled map: {res['ours_index_shuffled_map']}", flush=True)
+    shutil.rmtree(shuffled)
     shutil.rmtree(single)
     if shards:
         t = time.perf_counter()
@@ -365,8 +393,9 @@ def run_samplers(n: int, baseline: bool, world: int = 8, w: int = 131072, s: int
 
 
 def table(results: dict) -> str:
-    rows = ["| N | layout | init (s) | worker: first read (ms) | worker: extra RSS after 1 / 1000 reads (MB) | "
-            "worker: private (RssAnon) after 1000 reads (MB) | reads/s (1 process) | index build (s) |",
+    rows = ["| N | layout | init (s) | worker: first read (ms) | worker: extra private memory after 1 / 1000 "
+            "reads (MB) | worker: extra VmRSS after 1000 reads (MB) | reads/s (1 process) | index build (s) (map "
+            "in zip order / shuffled) |",
             "|---|---|---|---|---|---|---|---|"]
     for d in results["datasets"]:
         for key, name, build in (("baseline", "previous (zipfile)", None), ("ours", "one zip, index", "ours_index"),
@@ -374,8 +403,10 @@ def table(results: dict) -> str:
             if key in d:
                 r = d[key]
                 b = f"{d[build]['build_s']:.1f}" if build else "-"
+                if key == "ours" and "ours_index_shuffled_map" in d:
+                    b += f" / {d['ours_index_shuffled_map']['build_s']:.1f}"
                 rows.append(f"| {d['n']:,} | {name} | {r['init_s']:.2f} | {r['first_read_ms']:.1f} | "
-                            f"{r['rss_first_mb']:.1f} / {r['rss_1000_mb']:.1f} | {r['anon_1000_mb']:.1f} | "
+                            f"{r['private_first_mb']:.1f} / {r['private_1000_mb']:.1f} | {r['rss_1000_mb']:.1f} | "
                             f"{r['reads_per_s']:,.0f} | {b} |")
     rows += ["", "| N | sampler | set_epoch + first index (s) | whole share (s) | peak extra RSS (MB) |",
              "|---|---|---|---|---|"]
@@ -393,7 +424,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=int, nargs="*", default=[1281167, 10000000])
     p.add_argument("--sampler-sizes", type=int, nargs="*", default=[1281167, 10000000, 100000000])
-    p.add_argument("--baseline-max", type=int, default=10000000, help="largest N measured with the baseline")
+    p.add_argument("--baseline-max", type=int, default=10000000, help="largest N of the baseline dataset")
+    p.add_argument("--sampler-baseline-max", type=int, default=100000000, help="largest N of the baseline samplers")
     p.add_argument("--shards", type=int, default=16, help="shards of the sharded set (0: skip it)")
     p.add_argument("--workdir", default=None, help="where the synthetic zips go (default: a temp dir)")
     p.add_argument("--out", default="benchmarks/results/data_scale.json")
@@ -407,7 +439,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         for n in args.sizes:
             results["datasets"].append(run_datasets(n, workdir, args.shards, n <= args.baseline_max))
         for n in args.sampler_sizes:
-            results["samplers"].append(run_samplers(n, n <= args.baseline_max * 10))
+            results["samplers"].append(run_samplers(n, n <= args.sampler_baseline_max))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     results["load_after"] = os.getloadavg()

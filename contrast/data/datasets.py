@@ -50,6 +50,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import struct
 import warnings
 import zipfile
 from collections import OrderedDict
@@ -60,8 +61,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from contrast.data.index import (DatasetError, build_folder_index, build_zip_index, find_folder_classes,  # noqa: F401
-                                 is_image_file, load_or_build, parse_map, read_index, scan_folder)
+from contrast.data.index import (ZIP_RECORD, DatasetError, RowReader, build_folder_index,  # noqa: F401
+                                 build_zip_index, find_folder_classes, is_image_file, load_or_build, parse_map,
+                                 read_index, scan_folder)
 from contrast.data.transforms import seeded_rng, to_rgb
 from contrast.data.zipformat import BadZip, read_entry
 
@@ -119,8 +121,8 @@ class NumberedClasses(Sequence):
 class _EncodedImageDataset(Dataset):
     """Shared machinery: encoded-bytes cache, decoding, corrupt-image policy, item format.
 
-    Subclasses set ``self._labels`` (integer array), ``classes``, and implement
-    ``_read_storage(i) -> bytes``, ``_storage_sizes(indices)`` and ``describe(i) -> str``.
+    Subclasses set ``classes`` and ``_size``, and implement ``_read_storage(i) -> bytes``,
+    ``_label(i)``, ``_all_labels()``, ``_storage_sizes(indices)`` and ``describe(i) -> str``.
     """
 
     def __init__(self, transform: Optional[Callable], cache_mode: str, rank: int, world_size: int,
@@ -144,6 +146,12 @@ class _EncodedImageDataset(Dataset):
     def _read_storage(self, index: int) -> bytes:
         raise NotImplementedError
 
+    def _label(self, index: int) -> int:
+        raise NotImplementedError
+
+    def _all_labels(self) -> np.ndarray:
+        raise NotImplementedError
+
     def _storage_sizes(self, indices: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
@@ -158,7 +166,7 @@ class _EncodedImageDataset(Dataset):
     # -- public -------------------------------------------------------------------------------
     @property
     def targets(self) -> List[int]:
-        return self._labels.tolist()
+        return self._all_labels().tolist()
 
     @property
     def num_classes(self) -> int:
@@ -170,7 +178,7 @@ class _EncodedImageDataset(Dataset):
         return int(self._corrupt.item())
 
     def __len__(self) -> int:
-        return len(self._labels)
+        return self._size
 
     def read_bytes(self, index: int) -> bytes:
         """Encoded bytes of item ``index``, from the RAM cache when it holds them."""
@@ -219,7 +227,7 @@ class _EncodedImageDataset(Dataset):
                 self._corrupt += 1
                 warnings.warn(f"{message}; using the next index instead", RuntimeWarning, stacklevel=2)
                 continue
-            return sample, j, int(self._labels[j])
+            return sample, j, self._label(j)
         raise DatasetError(f"{self.describe(index)}: no image of the dataset can be decoded")
 
     # -- cache --------------------------------------------------------------------------------
@@ -249,33 +257,32 @@ class _EncodedImageDataset(Dataset):
 
 
 class _IndexedDataset(_EncodedImageDataset):
-    """An :class:`_EncodedImageDataset` whose metadata is a (memory-mapped) index file."""
+    """An :class:`_EncodedImageDataset` described by an index file (:mod:`contrast.data.index`):
+    bulk work (caching, ``targets``) uses its memory map, per-sample reads ``os.pread``."""
 
     _index_name: str
     _index_kind: str
 
     def _load_index(self, root: str, split: str, build: Callable, lock_path: str, index_dir: Optional[str]) -> None:
-        self._meta, self._arrays, self.index_path = load_or_build(root, f"{split}{self._index_name}",
-                                                                  self._index_kind, split, build, lock_path,
-                                                                  index_dir)
+        self._index = load_or_build(root, f"{split}{self._index_name}", self._index_kind, split, build, lock_path,
+                                    index_dir)
+        self.index_path = self._index.path
         self._bind()
 
     def _bind(self) -> None:
-        """Set the attributes that view the index arrays (again after unpickling)."""
+        """Set the attributes derived from the index (again after unpickling)."""
         raise NotImplementedError
 
     def __getstate__(self):
         state = self.__dict__.copy()
         if self.index_path is not None:  # a spawned worker maps the file instead of receiving a copy
-            for key in ("_arrays", "_labels", "_records", "_names", "_name_offsets"):
-                state.pop(key, None)
+            state["_index"] = None
         return state
 
     def __setstate__(self, state) -> None:
         self.__dict__.update(state)
-        if self.index_path is not None:
-            self._meta, self._arrays = read_index(self.index_path)
-        self._bind()
+        if self._index is None:
+            self._index = read_index(self.index_path)
 
 
 class ImageFolderInstance(_IndexedDataset):
@@ -298,13 +305,21 @@ class ImageFolderInstance(_IndexedDataset):
         self._build_cache()
 
     def _bind(self) -> None:
-        self.classes = self._meta["classes"]
-        self._names, self._name_offsets = self._arrays["names"], self._arrays["name_offsets"]
-        self._labels = self._arrays["labels"]
+        self.classes = self._index.meta["classes"]
+        self._size = self._index.meta["size"]
+        self._names = RowReader(self._index, "names")
+        self._name_offsets = RowReader(self._index, "name_offsets")
+        self._labels = RowReader(self._index, "labels")
+
+    def _label(self, index: int) -> int:
+        return int(self._labels(index)[0])
+
+    def _all_labels(self) -> np.ndarray:
+        return self._index.arrays["labels"]
 
     def describe(self, index: int) -> str:
-        name = self._names[self._name_offsets[index]: self._name_offsets[index + 1]].tobytes().decode("utf-8")
-        return os.path.join(self.root, name)
+        lo, hi = self._name_offsets(index, 2).tolist()
+        return os.path.join(self.root, self._names.raw(lo, hi - lo).decode("utf-8"))
 
     def _storage_sizes(self, indices: np.ndarray) -> np.ndarray:
         return np.array([os.path.getsize(self.describe(int(i))) for i in indices], dtype=np.int64)
@@ -312,6 +327,10 @@ class ImageFolderInstance(_IndexedDataset):
     def _read_storage(self, index: int) -> bytes:
         with open(self.describe(index), "rb") as f:
             return f.read()
+
+
+_RECORD = struct.Struct("<qqIIIiHHHBB")  # one ZIP_RECORD, field by field
+assert _RECORD.size == ZIP_RECORD.itemsize
 
 
 class ZipImageDataset(_IndexedDataset):
@@ -323,8 +342,9 @@ class ZipImageDataset(_IndexedDataset):
     when all shards share it, else None), ``index_path`` (None when the index is in memory).
 
     Each process opens the zips lazily and reads an entry with one ``os.pread`` at the offset
-    the index gives; descriptors inherited across a fork are safe to use (``pread`` has no shared
-    file position) and are not pickled to spawned workers.
+    its index record gives (the record itself is one 40-byte ``pread`` of the index file);
+    descriptors inherited across a fork are safe to use (``pread`` has no shared file position)
+    and are not pickled to spawned workers.
     """
 
     _index_name, _index_kind = "_map.idx", "zip"
@@ -346,39 +366,41 @@ class ZipImageDataset(_IndexedDataset):
         self._build_cache()
         self.close()
 
-    def close(self) -> None:
-        """Close this process' zip descriptors (they reopen on the next read)."""
-        while self._fds:
-            try:
-                os.close(self._fds.popitem()[1])
-            except OSError:
-                pass
-
     def _bind(self) -> None:
-        meta = self._meta
+        meta = self._index.meta
         self.classes = NumberedClasses(meta["num_classes"])
+        self._size = meta["size"]
         self.shards = [os.path.join(self.root, s) for s in meta["shards"]]
         self.prefixes = meta["prefixes"]
         self.prefix = self.prefixes[0] if len(set(self.prefixes)) == 1 else None
-        self._records = self._arrays["records"]
-        self._labels = self._records["label"]
+        self._records = RowReader(self._index, "records")
+
+    def _record(self, index: int) -> tuple:
+        """``(offset, name_off, comp, size, crc, label, shard, hdr, name_len, method, pad)``."""
+        return _RECORD.unpack(self._records.raw(index))
+
+    def _label(self, index: int) -> int:
+        return self._record(index)[5]
+
+    def _all_labels(self) -> np.ndarray:
+        return self._index.arrays["records"]["label"]
 
     def describe(self, index: int) -> str:
-        rec = self._records[index]
-        shard = int(rec["shard"])
+        _, name_off, _, _, _, _, shard, _, name_len, _, _ = self._record(index)
         try:
             with open(self.map_path, "rb") as f:
-                f.seek(int(rec["name_off"]))
-                name = f.read(int(rec["name_len"])).decode("utf-8", "replace")
+                f.seek(name_off)
+                name = f.read(name_len).decode("utf-8", "replace")
         except OSError:
             name = f"<entry {index} of {self.map_path}>"
         return f"{self.shards[shard]}:{self.prefixes[shard]}{name}"
 
     def _storage_sizes(self, indices: np.ndarray) -> np.ndarray:
-        return self._records["size"][indices].astype(np.int64)
+        return self._index.arrays["records"]["size"][indices].astype(np.int64)
 
     def _storage_order(self, indices: np.ndarray) -> np.ndarray:
-        return np.lexsort((self._records["offset"][indices], self._records["shard"][indices]))
+        rec = self._index.arrays["records"]
+        return np.lexsort((rec["offset"][indices], rec["shard"][indices]))
 
     def _fd(self, shard: int) -> int:
         fd = self._fds.get(shard)
@@ -391,11 +413,19 @@ class ZipImageDataset(_IndexedDataset):
         return fd
 
     def _read_storage(self, index: int) -> bytes:
-        offset, _, comp, size, crc, _, shard, hdr, _, method, _ = self._records[index].item()
+        offset, _, comp, size, crc, _, shard, hdr, _, method, _ = self._record(index)
         try:
             return read_entry(self._fd(shard), offset, hdr, comp, size, method, crc)
         except BadZip as e:
             raise zipfile.BadZipFile(str(e)) from None
+
+    def close(self) -> None:
+        """Close this process' zip descriptors (they reopen on the next read)."""
+        while self._fds:
+            try:
+                os.close(self._fds.popitem()[1])
+            except OSError:
+                pass
 
     def __getstate__(self):
         state = super().__getstate__()

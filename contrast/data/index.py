@@ -31,14 +31,13 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from contrast.data.zipformat import (DEFLATED, FLAG_ENCRYPTED, STORED, BadZip, find_pattern, padded_words,
-                                     read_central_directory)
+from contrast.data.zipformat import (DEFLATED, FLAG_ENCRYPTED, STORED, TAIL_MASKS, BadZip, PaddedBytes,
+                                     find_pattern, masked_words, read_central_directory)
 
 INDEX_VERSION = 1
 _MAGIC = b"CTRXIDX\x01"
 _ALIGN = 64
 _FNV_OFFSET, _FNV_PRIME = 0xCBF29CE484222325, 0x100000001B3
-_MASK64 = (1 << 64) - 1
 
 # One record per map entry of a zip layout (40 bytes): where the local header is, how to read and
 # check the entry, its label and shard, and where its name is in the map file (for messages).
@@ -83,8 +82,19 @@ def write_index(path: str, meta: dict, arrays: Dict[str, np.ndarray]) -> None:
         raise
 
 
-def read_index(path: str) -> Tuple[dict, Dict[str, np.ndarray]]:
-    """``(meta, arrays)`` of an index file; the arrays are read-only views of a shared mapping.
+@dataclass
+class Index:
+    """An index: ``meta`` (JSON header), ``arrays`` (read-only views of a shared memory map of the
+    file, or plain arrays when ``path`` is None) and each array's byte offset in the file."""
+
+    meta: dict
+    arrays: Dict[str, np.ndarray]
+    path: Optional[str] = None
+    offsets: Optional[Dict[str, int]] = None
+
+
+def read_index(path: str) -> Index:
+    """Open an index file; its arrays are read-only views of a shared mapping.
 
     Raises ``ValueError`` for a file that is not a complete index (truncated, foreign, old format).
     """
@@ -102,16 +112,59 @@ def read_index(path: str) -> Tuple[dict, Dict[str, np.ndarray]]:
     base = -(-(len(_MAGIC) + 8 + hlen) // _ALIGN) * _ALIGN
     if size != base + header["end"] + len(_MAGIC) or mm[size - len(_MAGIC):] != _MAGIC:
         raise ValueError(f"truncated ({size} bytes, {base + header['end'] + len(_MAGIC)} expected)")
-    arrays = {}
+    arrays, offsets = {}, {}
     for name, spec in header["arrays"].items():
         d = spec["dtype"]
         dtype = np.dtype([tuple(f) for f in d]) if isinstance(d, list) else np.dtype(d)
         count = int(np.prod(spec["shape"], dtype=np.int64))
-        start = base + spec["offset"]
-        if start + count * dtype.itemsize > size:
-            raise ValueError(f"truncated (array {name!r} ends past the end of the file)")
+        offsets[name] = start = base + spec["offset"]
         arrays[name] = np.frombuffer(mm, dtype=dtype, count=count, offset=start).reshape(spec["shape"])
-    return header["meta"], arrays
+    return Index(header["meta"], arrays, path, offsets)
+
+
+class RowReader:
+    """Rows of one index array read with ``os.pread`` on demand.
+
+    Reading a few rows this way does not map the file into the process (a memory map faults in
+    whole page-cache folios, so a worker's RSS would grow towards the index size); the file's pages
+    stay in the shared page cache. Descriptors are per process: inherited across ``fork`` (``pread``
+    has no shared offset), reopened after unpickling. An in-memory index is read directly.
+    """
+
+    def __init__(self, index: Index, name: str) -> None:
+        a = index.arrays[name]
+        self.dtype, self.length = a.dtype, len(a)
+        self.path = index.path
+        self.offset = index.offsets[name] if index.path else 0
+        self._array = None if index.path else a
+        self._fd: Optional[int] = None
+
+    def raw(self, lo: int, count: int = 1) -> bytes:
+        """The bytes of rows ``lo .. lo + count - 1``."""
+        if self._array is not None:
+            return self._array[lo: lo + count].tobytes()
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        size = self.dtype.itemsize
+        data = os.pread(self._fd, count * size, self.offset + lo * size)
+        if len(data) != count * size:
+            raise OSError(f"{self.path}: index file shorter than expected (changed while in use?)")
+        return data
+
+    def __call__(self, lo: int, count: int = 1) -> np.ndarray:
+        return np.frombuffer(self.raw(lo, count), dtype=self.dtype)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_fd": None}
+
+    def __del__(self) -> None:
+        self.close()
 
 
 def file_stamp(path: str) -> List:
@@ -167,8 +220,8 @@ def index_locations(root: str, name: str, index_dir: Optional[str]) -> List[str]
 
 
 def load_or_build(root: str, name: str, kind: str, split: str, build: Callable[[], Tuple[dict, Dict]],
-                  lock_path: str, index_dir: Optional[str] = None) -> Tuple[dict, Dict[str, np.ndarray], Optional[str]]:
-    """``(meta, arrays, path)`` of a fresh index of ``root`` (``path`` None when kept in memory).
+                  lock_path: str, index_dir: Optional[str] = None) -> Index:
+    """A fresh :class:`Index` of ``root`` (its ``path`` is None when it is kept in memory).
 
     A fresh index file is memory-mapped. Otherwise, under a lock on ``lock_path``, the index is
     built (``build()``), written to the first writable location (see :func:`index_locations`) and
@@ -176,19 +229,19 @@ def load_or_build(root: str, name: str, kind: str, split: str, build: Callable[[
     """
     paths = index_locations(root, name, index_dir)
 
-    def fresh() -> Tuple[Optional[Tuple], List[str]]:
+    def fresh() -> Tuple[Optional[Index], List[str]]:
         notes = []
         for p in paths:
             if not os.path.exists(p):
                 continue
             try:
-                meta, arrays = read_index(p)
+                index = read_index(p)
             except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
                 notes.append(f"{p}: index file is unreadable ({e})")
                 continue
-            reason = stale_reason(meta, root, kind, split)
+            reason = stale_reason(index.meta, root, kind, split)
             if reason is None:
-                return (meta, arrays, p), notes
+                return index, notes
             notes.append(f"{p}: index is out of date ({reason})")
         return None, notes
 
@@ -207,13 +260,12 @@ def load_or_build(root: str, name: str, kind: str, split: str, build: Callable[[
             try:
                 os.makedirs(os.path.dirname(p) or ".", exist_ok=True)
                 write_index(p, meta, arrays)
-                meta, arrays = read_index(p)
-                return meta, arrays, p
+                return read_index(p)
             except OSError as e:
                 errors.append(f"{p}: {e.strerror or e}")
         warnings.warn(f"cannot write a dataset index ({'; '.join(errors)}); keeping it in memory, so every "
                       f"process builds its own", RuntimeWarning, stacklevel=3)
-        return meta, arrays, None
+        return Index(meta, arrays)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -227,92 +279,100 @@ def mix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def _by_length(length: np.ndarray, step: int = 1) -> Tuple[np.ndarray, np.ndarray]:
-    """Order by decreasing length, and for each position ``j = 0, step, 2 step, ...`` below the
-    longest length the number of strings longer than ``j`` (a prefix of that order)."""
-    order = np.argsort(-length, kind="stable")
-    longest = int(length[order[0]]) if len(order) else 0
-    active = np.searchsorted(-length[order], -np.arange(0, longest, step), side="left")
-    return order, active
+def _by_length(length: np.ndarray, step: int = 1) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Order by decreasing length; for each ``j = 0, step, 2 step, ...`` below the longest length the
+    number of strings longer than ``j`` and of those at least ``j + step`` long (prefixes of that
+    order: at step j, ``[:full]`` need no end mask and ``[full:active]`` do)."""
+    key = -length
+    if len(length) and length.max() < 2 ** 15:
+        key = key.astype(np.int16)  # numpy sorts 16-bit integers stably by radix sort
+    order = np.argsort(key, kind="stable")
+    desc = length[order]
+    longest = int(desc[0]) if len(order) else 0
+    j = np.arange(0, longest, step)
+    return order, np.searchsorted(-desc, -j, side="left"), np.searchsorted(-desc, -(j + step), side="right")
 
 
-def _masked(words: np.ndarray, at: np.ndarray, remaining: np.ndarray) -> np.ndarray:
-    """The words at ``at`` with the bytes past each string's end (``remaining`` < 8) zeroed."""
-    keep = np.minimum(remaining, 8).astype(np.uint64)
-    return words[at] & (np.uint64(_MASK64) >> (np.uint64(64) - np.uint64(8) * keep))
+def _word_steps(words: np.ndarray, start: np.ndarray, length: np.ndarray, full: int, k: int, j: int) -> np.ndarray:
+    """Words at ``start[:k] + j``, the bytes past each string's end zeroed (only ``[full:k]`` can
+    end inside this word)."""
+    w = words[start[:k] + j]
+    if full < k:
+        w[full:] &= TAIL_MASKS[np.minimum(length[full:k] - j, 8)]
+    return w
 
 
-def hash_strings(buf: np.ndarray, start: np.ndarray, length: np.ndarray) -> np.ndarray:
-    """64-bit hash (uint64) of every string ``buf[start_i: start_i + length_i]``, 8 bytes a step."""
-    words = padded_words(buf)
-    order, active = _by_length(length, 8)
+def hash_strings(text: PaddedBytes, start: np.ndarray, length: np.ndarray) -> np.ndarray:
+    """64-bit hash (uint64) of every string ``text[start_i: start_i + length_i]``, 8 bytes a step."""
+    order, active, full = _by_length(length, 8)
     s, n = start[order], length[order]
     h = mix64(np.uint64(_FNV_OFFSET) ^ n.astype(np.uint64))
-    for step, k in enumerate(active.tolist()):
-        j = 8 * step
-        h[:k] = mix64((h[:k] ^ _masked(words, s[:k] + j, n[:k] - j)) * np.uint64(_FNV_PRIME))
+    for step, (k, f) in enumerate(zip(active.tolist(), full.tolist())):
+        h[:k] = mix64((h[:k] ^ _word_steps(text.words, s, n, f, k, 8 * step)) * np.uint64(_FNV_PRIME))
     out = np.empty_like(h)
     out[order] = h
     return out
 
 
-def equal_strings(a_buf: np.ndarray, a_start: np.ndarray, a_len: np.ndarray, b_buf: np.ndarray,
+def equal_strings(a: PaddedBytes, a_start: np.ndarray, a_len: np.ndarray, b: PaddedBytes,
                   b_start: np.ndarray, b_len: np.ndarray) -> np.ndarray:
     """Element-wise byte equality of two equally long lists of strings (bool array)."""
     ok = np.asarray(a_len == b_len).copy()
     idx = np.flatnonzero(ok)
     if not len(idx):
         return ok
-    wa, wb = padded_words(a_buf), padded_words(b_buf)
-    order, active = _by_length(a_len[idx], 8)
+    order, active, full = _by_length(a_len[idx], 8)
     idx = idx[order]
     sa, sb, n = a_start[idx], b_start[idx], a_len[idx]
     same = np.ones(len(idx), dtype=bool)
-    for step, k in enumerate(active.tolist()):
+    for step, (k, f) in enumerate(zip(active.tolist(), full.tolist())):
         j = 8 * step
-        same[:k] &= _masked(wa, sa[:k] + j, n[:k] - j) == _masked(wb, sb[:k] + j, n[:k] - j)
+        same[:k] &= _word_steps(a.words, sa, n, f, k, j) == _word_steps(b.words, sb, n, f, k, j)
     ok[idx] = same
     return ok
 
 
-def match_strings(q_buf: np.ndarray, q_start: np.ndarray, q_len: np.ndarray, k_buf: np.ndarray,
+def match_strings(q: PaddedBytes, q_start: np.ndarray, q_len: np.ndarray, keys: PaddedBytes,
                   k_start: np.ndarray, k_len: np.ndarray, prefix: bytes = b"") -> np.ndarray:
     """For each query string, the index of the key equal to ``prefix + query`` (the last one if
     several are equal, as ``zipfile`` keeps the last entry of a name), or -1.
 
-    Keys are hashed without their first ``len(prefix)`` bytes, which are checked separately; every
-    hash hit is verified byte by byte (a collision falls back to exact comparison).
+    A query list in the keys' order is recognised by one comparison. Otherwise keys are hashed
+    without their first ``len(prefix)`` bytes (checked separately) and joined by sorted hashes;
+    every hit is verified byte by byte (a collision falls back to exact comparison).
     """
     p = len(prefix)
-    if len(q_start) == len(k_start) and (k_len >= p).all():  # common case: same order in map and zip
-        same = equal_strings(q_buf, q_start, q_len, k_buf, k_start + p, k_len - p)
-        if same.all() and _has_prefix(k_buf, k_start, prefix).all():
+    if len(q_start) == len(k_start) and (k_len >= p).all():
+        same = equal_strings(q, q_start, q_len, keys, k_start + p, k_len - p)
+        if same.all() and _has_prefix(keys, k_start, prefix).all():
             return np.arange(len(q_start), dtype=np.int64)
-    k_hash = hash_strings(k_buf, k_start + p, np.maximum(k_len - p, 0))
-    q_hash = hash_strings(q_buf, q_start, q_len)
+    k_hash = hash_strings(keys, k_start + p, np.maximum(k_len - p, 0))
+    q_hash = hash_strings(q, q_start, q_len)
     order = np.argsort(k_hash, kind="stable")
     sorted_hash = k_hash[order]
+    del k_hash
     q_order = np.argsort(q_hash)
     pos = np.empty(len(q_hash), dtype=np.int64)
     pos[q_order] = np.searchsorted(sorted_hash, q_hash[q_order], side="right") - 1
+    del q_order
     hit = (pos >= 0) & (sorted_hash[np.maximum(pos, 0)] == q_hash)
     found = np.where(hit, order[np.maximum(pos, 0)], -1)
+    del pos
     rows = np.flatnonzero(hit)
     cand = found[rows]
-    ok = (k_len[cand] == q_len[rows] + p) & _has_prefix(k_buf, k_start[cand], prefix)
-    ok &= equal_strings(q_buf, q_start[rows], q_len[rows], k_buf, k_start[cand] + p, k_len[cand] - p)
+    ok = (k_len[cand] == q_len[rows] + p) & _has_prefix(keys, k_start[cand], prefix)
+    ok &= equal_strings(q, q_start[rows], q_len[rows], keys, k_start[cand] + p, k_len[cand] - p)
     for r in rows[~ok].tolist():  # hash collisions: compare every key of that hash exactly
-        want = prefix + q_buf[q_start[r]: q_start[r] + q_len[r]].tobytes()
+        want = prefix + q.take(q_start[r], q_len[r])
         lo, hi = np.searchsorted(sorted_hash, q_hash[r], "left"), np.searchsorted(sorted_hash, q_hash[r], "right")
-        same = [int(c) for c in order[lo:hi] if k_buf[k_start[c]: k_start[c] + k_len[c]].tobytes() == want]
+        same = [int(c) for c in order[lo:hi] if keys.take(k_start[c], k_len[c]) == want]
         found[r] = max(same) if same else -1
     return found
 
 
-def _has_prefix(buf: np.ndarray, start: np.ndarray, prefix: bytes) -> np.ndarray:
-    pre = np.frombuffer(prefix, dtype=np.uint8)
+def _has_prefix(text: PaddedBytes, start: np.ndarray, prefix: bytes) -> np.ndarray:
     n = np.full(len(start), len(prefix), dtype=np.int64)
-    return equal_strings(buf, start, n, pre, np.zeros(len(start), dtype=np.int64), n)
+    return equal_strings(text, start, n, PaddedBytes.of(prefix), np.zeros(len(start), dtype=np.int64), n)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -321,12 +381,12 @@ def _has_prefix(buf: np.ndarray, start: np.ndarray, prefix: bytes) -> np.ndarray
 
 @dataclass
 class MapFile:
-    """A parsed map file: ``buf`` is the file's bytes; entry i's path is ``buf[start[i]:start[i] +
-    length[i]]`` (UTF-8) and its label ``labels[i]``; ``lines`` are 1-based line numbers when the
-    line-by-line parser ran (else computed on demand)."""
+    """A parsed map file: ``text`` holds the file's bytes; entry i's path is ``text.data[start[i]:
+    start[i] + length[i]]`` (UTF-8) and its label ``labels[i]``; ``lines`` are 1-based line numbers
+    when the line-by-line parser ran (else computed on demand)."""
 
     path: str
-    buf: np.ndarray
+    text: PaddedBytes
     start: np.ndarray
     length: np.ndarray
     labels: np.ndarray
@@ -335,8 +395,12 @@ class MapFile:
     def __len__(self) -> int:
         return len(self.start)
 
+    @property
+    def buf(self) -> np.ndarray:
+        return self.text.data
+
     def path_at(self, i: int) -> str:
-        return self.buf[self.start[i]: self.start[i] + self.length[i]].tobytes().decode("utf-8", "replace")
+        return self.text.take(self.start[i], self.length[i]).decode("utf-8", "replace")
 
     def line_of(self, i: int) -> int:
         if self.lines is not None:
@@ -345,6 +409,7 @@ class MapFile:
 
 
 _LINE = re.compile(rb"([^\r\n]*)(\r\n|\n|\r|$)")
+_SCAN = 1 << 26  # bytes per vectorised pass over a map file
 
 
 def _parse_int(text: str) -> Optional[int]:
@@ -354,11 +419,12 @@ def _parse_int(text: str) -> Optional[int]:
         return None
 
 
-def _parse_map_lines(path: str, data: bytes) -> MapFile:
+def _parse_map_lines(path: str, text: PaddedBytes) -> MapFile:
     """Line-by-line parser: the reference semantics (universal newlines, blank lines skipped,
     ``int()`` labels) and the exact error messages."""
     starts, lengths, labels, lines = [], [], [], []
     lineno = 0
+    data = text.data.tobytes()
     for m in _LINE.finditer(data):
         if m.start() == len(data) and not m.group(0):
             break
@@ -376,28 +442,31 @@ def _parse_map_lines(path: str, data: bytes) -> MapFile:
         lengths.append(len(parts[0].encode("utf-8")))
         labels.append(label)
         lines.append(lineno)
-    return MapFile(path, np.frombuffer(data, dtype=np.uint8), np.array(starts, dtype=np.int64),
+    return MapFile(path, text, np.array(starts, dtype=np.int64),
                    np.array(lengths, dtype=np.int64), np.array(labels, dtype=np.int64),
                    np.array(lines, dtype=np.int64))
 
 
-def _parse_map_fast(path: str, buf: np.ndarray) -> Optional[MapFile]:
+def _parse_map_fast(path: str, text: PaddedBytes) -> Optional[MapFile]:
     """Vectorised parser for regular files (every non-empty line ``path<TAB>digits``, ``\\n`` or
     ``\\r\\n`` endings); None when anything is irregular (the line parser then decides)."""
+    buf = text.data
     n = len(buf)
-    nl = find_pattern(buf, b"\n")
+    ctl = np.concatenate([np.flatnonzero(buf[lo: lo + _SCAN] < 14) + lo for lo in range(0, n, _SCAN)] or
+                         [np.zeros(0, dtype=np.int64)])  # one pass finds \t, \n and \r
+    kind = buf[ctl]
+    nl, tabs, cr = ctl[kind == 10], ctl[kind == 9], ctl[kind == 13]
+    del ctl, kind
     if n and buf[-1] != 10:
         nl = np.append(nl, n)
     begin = np.concatenate([[0], nl[:-1] + 1]).astype(np.int64)
     end = nl.astype(np.int64)
-    cr = find_pattern(buf, b"\r")
     if len(cr):
         if cr[-1] + 1 >= n or not (buf[cr + 1] == 10).all():
             return None
         end = end - (buf[np.maximum(end - 1, 0)] == 13) * (end > begin)
     keep = end > begin
     begin, end = begin[keep], end[keep]
-    tabs = find_pattern(buf, b"\t")
     first = np.searchsorted(tabs, begin)
     if not np.array_equal(np.searchsorted(tabs, end) - first, np.ones(len(begin), dtype=np.int64)):
         return None
@@ -406,7 +475,7 @@ def _parse_map_fast(path: str, buf: np.ndarray) -> Optional[MapFile]:
     if not len(begin) or (tab == begin).any() or digits.min() < 1 or digits.max() > 18:
         return None
     labels = np.zeros(len(begin), dtype=np.int64)
-    order, active = _by_length(digits)
+    order, active, _ = _by_length(digits)
     at = tab[order] + 1
     value = np.zeros(len(begin), dtype=np.int64)
     for j, k in enumerate(active.tolist()):
@@ -415,7 +484,7 @@ def _parse_map_fast(path: str, buf: np.ndarray) -> Optional[MapFile]:
             return None
         value[:k] = value[:k] * 10 + d
     labels[order] = value
-    return MapFile(path, buf, begin, tab - begin, labels)
+    return MapFile(path, text, begin, tab - begin, labels)
 
 
 def parse_map(path: str) -> MapFile:
@@ -423,8 +492,8 @@ def parse_map(path: str) -> MapFile:
     skipped); raises :class:`DatasetError` naming the file and line for bad input."""
     if not os.path.isfile(path):
         raise DatasetError(f"{path}: map file does not exist")
-    buf = np.fromfile(path, dtype=np.uint8)
-    parsed = _parse_map_fast(path, buf) or _parse_map_lines(path, buf.tobytes())
+    text = PaddedBytes.read(path)
+    parsed = _parse_map_fast(path, text) or _parse_map_lines(path, text)
     if not len(parsed):
         raise DatasetError(f"{path}: map file lists no images")
     return parsed
@@ -456,11 +525,11 @@ def _split_shards(root: str, split: str, m: MapFile) -> Tuple[List[str], np.ndar
         raise DatasetError(f"{m.path}:{m.line_of(i)}: path '{m.path_at(i)}' names no shard ('<shard>.zip/<entry>') "
                           f"and {zip_path} does not exist")
     shard_len = cut + 4 - m.start
-    h = hash_strings(m.buf, m.start, shard_len)
+    h = hash_strings(m.text, m.start, shard_len)
     uniq, first, inverse = np.unique(h, return_index=True, return_inverse=True)
-    names = [m.buf[m.start[i]: m.start[i] + shard_len[i]].tobytes().decode("utf-8") for i in first.tolist()]
+    names = [m.text.take(m.start[i], shard_len[i]).decode("utf-8") for i in first.tolist()]
     rep = first[inverse]
-    if not equal_strings(m.buf, m.start, shard_len, m.buf, m.start[rep], shard_len[rep]).all():
+    if not equal_strings(m.text, m.start, shard_len, m.text, m.start[rep], shard_len[rep]).all():
         raise DatasetError(f"{m.path}: shard names collide in the 64-bit hash; rename the shards")  # never seen
     order = np.argsort(names)
     rank = np.empty_like(order)
@@ -470,17 +539,19 @@ def _split_shards(root: str, split: str, m: MapFile) -> Tuple[List[str], np.ndar
 
 def _detect_prefix(cd, entry: bytes) -> List[int]:
     """Zip entries named ``entry`` exactly, else those ending in ``'/' + entry`` (indices)."""
-    target = np.frombuffer(entry, dtype=np.uint8)
-    exact = np.flatnonzero(cd.name_len == len(target))
+    target = PaddedBytes.of(entry)
+    exact = np.flatnonzero(cd.name_len == len(entry))
+    head = target.words[0] & TAIL_MASKS[min(len(entry), 8)]  # cheap first filter: the first 8 bytes
+    exact = exact[masked_words(cd.names.words, cd.name_start[exact], cd.name_len[exact]) == head]
     exact = exact[equal_strings(cd.names, cd.name_start[exact], cd.name_len[exact], target,
-                                np.zeros(len(exact), dtype=np.int64), np.full(len(exact), len(target)))]
+                                np.zeros(len(exact), dtype=np.int64), np.full(len(exact), len(entry)))]
     if len(exact):
         return [int(exact[-1])]
     suffix = np.frombuffer(b"/" + entry, dtype=np.uint8)
     cand = np.flatnonzero(cd.name_len >= len(suffix))
     tail = cd.name_start[cand] + cd.name_len[cand]
     for j in range(1, len(suffix) + 1):
-        keep = cd.names[tail - j] == suffix[-j]
+        keep = cd.names.data[tail - j] == suffix[-j]
         cand, tail = cand[keep], tail[keep]
     return cand.tolist()
 
@@ -530,7 +601,7 @@ def build_zip_index(root: str, split: str) -> Tuple[dict, Dict[str, np.ndarray]]
             cd = read_central_directory(path)
         except (BadZip, OSError) as e:
             raise DatasetError(f"{path}: not a readable zip file ({e})") from e
-        entry0 = m.buf[e_start[first]: e_start[first] + e_len[first]].tobytes()
+        entry0 = m.text.take(e_start[first], e_len[first])
         hits = _detect_prefix(cd, entry0)
         if len(hits) != 1:
             what = "is missing from" if not hits else f"matches {len(hits)} entries of"
@@ -538,13 +609,13 @@ def build_zip_index(root: str, split: str) -> Tuple[dict, Dict[str, np.ndarray]]
                               f"{'' if len(shards) == 1 else ' in this shard'}) {what} the zip")
         prefix = cd.name(hits[0])[: len(cd.name(hits[0])) - len(entry0.decode("utf-8"))]
         prefixes.append(prefix)
-        z = match_strings(m.buf, e_start[members], e_len[members], cd.names, cd.name_start, cd.name_len,
+        z = match_strings(m.text, e_start[members], e_len[members], cd.names, cd.name_start, cd.name_len,
                           prefix.encode("utf-8"))
         missing = np.flatnonzero(z < 0)
         if len(missing):
             i = int(members[missing[0]])
             raise DatasetError(f"{path}: {len(missing)} entries of {map_path} are missing from the zip (entry prefix "
-                              f"'{prefix}'), first: '{m.buf[e_start[i]: e_start[i] + e_len[i]].tobytes().decode()}'")
+                              f"'{prefix}'), first: '{m.text.take(e_start[i], e_len[i]).decode()}'")
         for what, bad in (("is encrypted (not supported)", (cd.flags[z] & FLAG_ENCRYPTED) != 0),
                           ("uses an unsupported compression method (only stored and deflated entries are read; "
                            "rewrite the zip with tools/make_zip_dataset.py)",

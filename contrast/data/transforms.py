@@ -3,9 +3,12 @@
 ``build_augmentation(name, ...)`` returns an :class:`Augmentation` with
 
 * ``cpu``: what DataLoader workers run, ``PIL.Image -> list[Tensor (3, H, W)]``. It accepts a
-  still *unloaded* image straight from ``Image.open`` (any mode) and converts to RGB itself, so
-  that the fast path can ask the JPEG decoder for a reduced-size decode (``Image.draft``) before
-  any pixel is decoded. Callers must keep the underlying file open until ``cpu`` returns.
+  still *unloaded* image straight from ``Image.open`` (any mode) and converts to 8-bit RGB itself
+  (:func:`to_rgb`: 16-bit and other high-bit-depth images are scaled, not clipped), so that the
+  fast path can ask the JPEG decoder for a reduced-size decode (``Image.draft``) before any pixel
+  is decoded. Callers must keep the underlying file open until ``cpu`` returns. Its random draws
+  come from the CPU torch generator, which the datasets seed per sample (:func:`seeded_rng`) with
+  a seed derived from ``(sampler seed, epoch, position of the sample in the epoch)``.
 * ``device``: an ``nn.Module`` run by the training loop after moving the batch to the device,
   ``list[Tensor (B, 3, H, W)] -> list[Tensor (B, 3, H, W) float32, ImageNet-normalised]``.
 

@@ -18,6 +18,7 @@ import os
 import struct
 import zlib
 from dataclasses import dataclass
+from typing import Optional
 import numpy as np
 
 CENTRAL_SIG = b"PK\x01\x02"
@@ -43,13 +44,13 @@ class BadZip(ValueError):
 class CentralDirectory:
     """The entries of one zip, as flat arrays in central-directory order.
 
-    ``names[name_start[i]: name_start[i] + name_len[i]]`` are entry ``i``'s name as UTF-8 bytes
+    ``names.data[name_start[i]: name_start[i] + name_len[i]]`` are entry ``i``'s name as UTF-8 bytes
     (names stored in CP437 without the UTF-8 flag are transcoded, as ``zipfile`` decodes them).
     ``header_guess`` is ``30 + name + central extra`` bytes: where the data would start if the
     local header repeats the central one's fields.
     """
 
-    names: np.ndarray          # uint8
+    names: PaddedBytes
     name_start: np.ndarray     # int64
     name_len: np.ndarray       # int64
     flags: np.ndarray          # uint16
@@ -64,8 +65,7 @@ class CentralDirectory:
         return len(self.name_start)
 
     def name(self, i: int) -> str:
-        s = int(self.name_start[i])
-        return bytes(self.names[s: s + int(self.name_len[i])]).decode("utf-8", "replace")
+        return self.names.take(int(self.name_start[i]), int(self.name_len[i])).decode("utf-8", "replace")
 
 
 def find_pattern(buf: np.ndarray, pattern: bytes) -> np.ndarray:
@@ -91,9 +91,48 @@ def stride1_view(buf: np.ndarray, dtype) -> np.ndarray:
     return np.ndarray((max(len(buf) - dt.itemsize + 1, 0),), dtype=dt, buffer=buf, offset=0, strides=(1,))
 
 
-def padded_words(buf: np.ndarray) -> np.ndarray:
-    """``words[i]`` = the 8 bytes at ``buf[i:i + 8]`` as a little-endian uint64 (zero past the end)."""
-    return stride1_view(np.concatenate([buf, np.zeros(8, dtype=np.uint8)]), "<u8")
+class PaddedBytes:
+    """Bytes kept in a zero-padded buffer, for string operations 8 bytes a step.
+
+    ``data`` is the uint8 array of the bytes; ``words[i]`` is the little-endian uint64 of the 8
+    bytes at ``i`` (zeros past the end), an unaligned view of the same memory (no copy).
+    """
+
+    __slots__ = ("data", "words")
+
+    def __init__(self, storage: np.ndarray, n: int) -> None:
+        storage[n: n + 8] = 0
+        self.data = storage[:n]
+        self.words = stride1_view(storage[: n + 8], "<u8")
+
+    @classmethod
+    def of(cls, data) -> "PaddedBytes":
+        raw = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else data
+        storage = np.empty(len(raw) + 8, dtype=np.uint8)
+        storage[: len(raw)] = raw
+        return cls(storage, len(raw))
+
+    @classmethod
+    def read(cls, path: str, offset: int = 0, size: Optional[int] = None) -> "PaddedBytes":
+        """``size`` bytes of the file at ``offset`` (to the end by default), read straight into the
+        padded buffer; fewer when the file is shorter."""
+        with open(path, "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size - offset if size is None else size
+            storage = np.empty(max(size, 0) + 8, dtype=np.uint8)
+            f.seek(offset)
+            view, got = memoryview(storage)[:max(size, 0)], 0
+            while got < len(view):
+                k = f.readinto(view[got:])
+                if not k:
+                    break
+                got += k
+        return cls(storage, got)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def take(self, start: int, length: int) -> bytes:
+        return self.data[start: start + length].tobytes()
 
 
 def _u16(buf: np.ndarray, pos: np.ndarray) -> np.ndarray:
@@ -202,24 +241,31 @@ def _transcode_cp437(cd: CentralDirectory) -> None:
     cand = np.flatnonzero((cd.flags & FLAG_UTF8) == 0)
     if not len(cand):
         return
-    words = padded_words(cd.names)
     high = np.zeros(len(cand), dtype=bool)
-    for j in range(0, int(cd.name_len[cand].max(initial=0)), 8):
-        live = np.flatnonzero(cd.name_len[cand] > j)
-        rem = np.minimum(cd.name_len[cand[live]] - j, 8).astype(np.uint64)
-        w = words[cd.name_start[cand[live]] + j] & (np.uint64(0xFFFFFFFFFFFFFFFF) >> (np.uint64(64) - 8 * rem))
+    n = cd.name_len[cand]
+    for j in range(0, int(n.max(initial=0)), 8):
+        live = np.flatnonzero(n > j)
+        w = masked_words(cd.names.words, cd.name_start[cand[live]] + j, n[live] - j)
         high[live] |= (w & np.uint64(0x8080808080808080)) != 0
     owners = cand[high]
     if not len(owners):
         return
     extra, base = [], len(cd.names)
     for i in owners.tolist():
-        s = int(cd.name_start[i])
-        text = bytes(cd.names[s: s + int(cd.name_len[i])]).decode("cp437").encode("utf-8")
+        text = cd.names.take(int(cd.name_start[i]), int(cd.name_len[i])).decode("cp437").encode("utf-8")
         cd.name_start[i], cd.name_len[i] = base, len(text)
         base += len(text)
         extra.append(text)
-    cd.names = np.concatenate([cd.names, np.frombuffer(b"".join(extra), dtype=np.uint8)])
+    cd.names = PaddedBytes.of(np.concatenate([cd.names.data, np.frombuffer(b"".join(extra), dtype=np.uint8)]))
+
+
+TAIL_MASKS = np.array([(1 << (8 * k)) - 1 for k in range(8)] + [(1 << 64) - 1], dtype=np.uint64)
+
+
+def masked_words(words: np.ndarray, at: np.ndarray, remaining: np.ndarray) -> np.ndarray:
+    """The words at ``at`` with the bytes past each string's end zeroed (``remaining`` >= 1 bytes
+    of the string are left from ``at``)."""
+    return words[at] & TAIL_MASKS[np.minimum(remaining, 8)]
 
 
 def read_central_directory(path: str) -> CentralDirectory:
@@ -228,21 +274,20 @@ def read_central_directory(path: str) -> CentralDirectory:
     try:
         size = os.fstat(fd).st_size
         _, cd_size, cd_offset, concat = _end_record(fd, size)
-        data = os.pread(fd, cd_size, cd_offset + concat) if cd_size else b""
     finally:
         os.close(fd)
-    if len(data) != cd_size:
+    names = PaddedBytes.read(path, cd_offset + concat, cd_size)
+    if len(names) != cd_size:
         raise BadZip("central directory is truncated")
-    buf = np.frombuffer(data, dtype=np.uint8)
+    buf = names.data
     starts = _record_starts(buf)
     name_len = _u16(buf, starts + 28)
-    extra_len = _u16(buf, starts + 30)
     cd = CentralDirectory(
-        names=buf, name_start=starts + 46, name_len=name_len,
+        names=names, name_start=starts + 46, name_len=name_len,
         flags=_u16(buf, starts + 8).astype(np.uint16), method=_u16(buf, starts + 10).astype(np.uint16),
         crc=_u32(buf, starts + 16).astype(np.uint32), comp_size=_u32(buf, starts + 20),
         file_size=_u32(buf, starts + 24), header_offset=_u32(buf, starts + 42),
-        header_guess=30 + name_len + extra_len)
+        header_guess=30 + name_len + _u16(buf, starts + 30))
     _apply_zip64(buf, cd, starts)
     cd.header_offset += concat
     _transcode_cp437(cd)
