@@ -432,7 +432,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     workdir = tempfile.mkdtemp(prefix="data_scale-", dir=args.workdir)
-    results = {"machine": f"{platform.node()} {os.cpu_count()} CPUs, {platform.python_version()}, torch {torch.__version__}",
+    machine = f"{platform.node()} {os.cpu_count()} CPUs, Python {platform.python_version()}, torch {torch.__version__}"
+    results = {"machine": machine,
                "load_before": os.getloadavg(), "shards": args.shards, "datasets": [], "samplers": []}
     t0 = time.time()
     try:

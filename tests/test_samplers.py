@@ -252,7 +252,8 @@ def _legacy_window(n, w, s, world, rank, seed, epoch):
     """The sequence of the previous implementation (stored randperm), written out here."""
     def gen(stream, k):
         g = torch.Generator()
-        g.manual_seed((seed * 0x9E3779B97F4A7C15 + stream * 0xBF58476D1CE4E5B9 + k * 0x94D049BB133111EB) & ((1 << 63) - 1))
+        mixed = seed * 0x9E3779B97F4A7C15 + stream * 0xBF58476D1CE4E5B9 + k * 0x94D049BB133111EB
+        g.manual_seed(mixed & ((1 << 63) - 1))
         return g
     perm = torch.randperm(n, generator=gen(0, 0))
     pos = epoch * s + torch.arange(min(w, n))

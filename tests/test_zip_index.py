@@ -45,8 +45,8 @@ def _zipfile_all(path: str):
 @pytest.mark.parametrize("force_zip64", [False, True])
 @pytest.mark.parametrize("utf8", [True, False])
 def test_fast_writer_is_read_by_zipfile_and_by_us(tmp_path, force_zip64, utf8):
-    names = [f"train/n{c:08d}/n{c:08d}_{k}.JPEG".encode() for c in range(3) for k in range(4)] + ["caf\u00e9.jpg".encode(
-        "utf-8" if utf8 else "cp437")]
+    names = [f"train/n{c:08d}/n{c:08d}_{k}.JPEG".encode() for c in range(3) for k in range(4)]
+    names.append("caf\u00e9.jpg".encode("utf-8" if utf8 else "cp437"))
     entries = [(n, struct.pack("<Q", i) * (i % 3)) for i, n in enumerate(names)]
     path = str(tmp_path / "a.zip")
     assert write_stored_zip(path, entries, force_zip64=force_zip64, utf8=utf8) == len(names)
@@ -363,7 +363,8 @@ def test_zip_truncated_after_indexing(tmp_path):
         ZipImageDataset(root, "train")  # ...and a new one rebuilds the index and names the damage
 
 
-@pytest.mark.parametrize("field,value,message", [(8, 1, "is encrypted"), (10, 12, "uses an unsupported compression method")])
+@pytest.mark.parametrize("field,value,message", [(8, 1, "is encrypted"),
+                                                 (10, 12, "uses an unsupported compression method")])
 def test_unsupported_entries(tmp_path, field, value, message):
     root = str(tmp_path / "d")
     _write_shards(root, {"train.zip": [("a", b"1")]}, ["a\t0"])

@@ -60,7 +60,8 @@ def write_split(src: str, dst: str, split: str, shard_size: Optional[int] = None
                     for rel, label in zip(paths[k * per:(k + 1) * per], labels[k * per:(k + 1) * per]):
                         if "\t" in rel or "\n" in rel:
                             raise DatasetError(f"{os.path.join(src, split, rel)}: file name contains a tab or newline")
-                        method = zipfile.ZIP_STORED if rel.lower().endswith(_STORED_EXTENSIONS) else zipfile.ZIP_DEFLATED
+                        stored = rel.lower().endswith(_STORED_EXTENSIONS)
+                        method = zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED
                         zf.write(os.path.join(src, split, rel), arcname=rel, compress_type=method)
                         mf.write(f"{name + '/' if shard_size else ''}{rel}\t{label}\n")
     except BaseException:

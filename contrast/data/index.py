@@ -1,18 +1,20 @@
-"""Dataset indexes built once and memory-mapped by every process (see ``docs/data.md``).
+"""Dataset indexes built once and shared by every process (see ``docs/data.md``).
 
-An index file holds a JSON header and flat numpy arrays; :func:`read_index` maps it read-only, so
+An index file holds a JSON header and flat numpy arrays. Per-sample access reads single rows with
+``os.pread`` (:class:`RowReader`), bulk work memory-maps the file (:func:`read_index`); either way
 all DataLoader workers of all ranks on a machine share one copy through the page cache (no
-per-worker parse, no per-worker Python objects). Index files are written atomically (temporary
-name, ``os.replace``) under an advisory lock, so concurrent ranks build an index once and never
-read a partial one. Each index lists its sources (files or folders with size and mtime); a
-source that changed makes the index stale and it is rebuilt (with a warning).
+per-worker parse, no per-worker Python objects, no per-worker growth). Index files are written
+atomically (temporary name, ``os.replace``) under an advisory lock, so concurrent ranks build an
+index once and never read a partial one. Each index lists its sources (files or folders with
+size and mtime); a source that changed makes the index stale and it is rebuilt (with a warning).
 
 Building blocks, all vectorised over numpy arrays rather than per-line Python objects:
 
 * :func:`parse_map` reads a ``<path><TAB><label>`` map file (falls back to a line-by-line parser
   for unusual files and for exact error messages),
-* :func:`hash_strings` / :func:`match_strings` join byte strings (map paths against zip names)
-  by 64-bit FNV-1a hashes, verified byte by byte,
+* :func:`hash_strings` / :func:`equal_strings` / :func:`match_strings` hash, compare and join
+  byte strings (map paths against zip names) 8 bytes a step; every hash match is verified byte
+  by byte,
 * :func:`build_zip_index` and :func:`build_folder_index` produce the arrays the datasets use.
 """
 from __future__ import annotations
@@ -24,9 +26,10 @@ import json
 import mmap
 import os
 import re
+import uuid
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -63,7 +66,7 @@ def write_index(path: str, meta: dict, arrays: Dict[str, np.ndarray]) -> None:
         offset += -(-a.nbytes // _ALIGN) * _ALIGN
     header = json.dumps({"meta": meta, "arrays": specs, "end": offset}).encode()
     base = -(-(len(_MAGIC) + 8 + len(header)) // _ALIGN) * _ALIGN
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = f"{path}.tmp{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         with open(tmp, "wb") as f:
             f.write(_MAGIC + len(header).to_bytes(8, "little") + header)
