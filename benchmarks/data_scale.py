@@ -283,7 +283,7 @@ def worker_probe(ds, n: int, reads: int = 1000) -> dict:
 def throughput(ds, n: int, reads: int = 20000) -> float:
     rng = np.random.default_rng(2)
     idx = rng.integers(0, n, reads).tolist()
-    for i in idx[:1000]:
+    for i in idx[:min(1000, reads)]:
         ds.read_bytes(i)
     t = time.perf_counter()
     for i in idx:
@@ -293,7 +293,7 @@ def throughput(ds, n: int, reads: int = 20000) -> float:
     return reads / dt
 
 
-def measure_dataset(make: Callable[[], object], label: str) -> dict:
+def measure_dataset(make: Callable[[], object], label: str, reads: int = 20000) -> dict:
     """Init time + RSS, a forked worker's first read, one-process throughput."""
     def run() -> dict:
         base = proc_status()
@@ -303,8 +303,8 @@ def measure_dataset(make: Callable[[], object], label: str) -> dict:
         n = len(ds)
         out = {"init_s": init, "init_rss_mb": proc_status()["VmRSS"] - base["VmRSS"]}
         ds.read_bytes(0)  # the parent has read once (as the main process does before workers start)
-        out.update(worker_probe(ds, n))
-        out["reads_per_s"] = throughput(ds, n)
+        out.update(worker_probe(ds, n, min(reads, 1000)))
+        out["reads_per_s"] = throughput(ds, n, reads)
         return out
     out = in_child(run)
     print(f"  {label}: " + ", ".join(f"{k} {v:.3g}" for k, v in out.items()), flush=True)
@@ -330,7 +330,7 @@ def measure_sampler(make: Callable[[], object], epoch: int = 5) -> dict:
 
 # ------------------------------------------------------------------------------------------------
 
-def run_datasets(n: int, workdir: str, shards: int, baseline: bool) -> dict:
+def run_datasets(n: int, workdir: str, shards: int, baseline: bool, reads: int = 20000) -> dict:
     res: Dict[str, dict] = {"n": n}
     single, sharded = os.path.join(workdir, f"single-{n}"), os.path.join(workdir, f"sharded-{n}")
     t = time.perf_counter()
@@ -339,7 +339,7 @@ def run_datasets(n: int, workdir: str, shards: int, baseline: bool) -> dict:
     res["zip_mb"] = os.path.getsize(os.path.join(single, "train.zip")) / 2 ** 20
     print(f"n={n}: wrote {res['zip_mb']:.0f} MB zip in {res['write_single_s']:.0f} s", flush=True)
     if baseline:
-        res["baseline"] = measure_dataset(lambda: BaselineZipDataset(single), "baseline")
+        res["baseline"] = measure_dataset(lambda: BaselineZipDataset(single), "baseline", reads)
 
     def build(root: str) -> dict:
         def run() -> dict:
@@ -354,7 +354,7 @@ def run_datasets(n: int, workdir: str, shards: int, baseline: bool) -> dict:
 
     res["ours_index"] = build(single)
     print(f"  ours index build: {res['ours_index']}", flush=True)
-    res["ours"] = measure_dataset(lambda: ZipImageDataset(single, "train"), "ours")
+    res["ours"] = measure_dataset(lambda: ZipImageDataset(single, "train"), "ours", reads)
     shuffled = os.path.join(workdir, f"shuffled-{n}")  # the map in another order than the zip
     os.makedirs(shuffled)
     os.link(os.path.join(single, "train.zip"), os.path.join(shuffled, "train.zip"))
@@ -373,7 +373,8 @@ def run_datasets(n: int, workdir: str, shards: int, baseline: bool) -> dict:
         res["write_sharded_s"] = time.perf_counter() - t
         res["ours_sharded_index"] = build(sharded)
         print(f"  ours sharded index build: {res['ours_sharded_index']}", flush=True)
-        res["ours_sharded"] = measure_dataset(lambda: ZipImageDataset(sharded, "train"), f"ours ({shards} shards)")
+        res["ours_sharded"] = measure_dataset(lambda: ZipImageDataset(sharded, "train"), f"ours ({shards} shards)",
+                                              reads)
         shutil.rmtree(sharded)
     return res
 
@@ -427,6 +428,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--baseline-max", type=int, default=10000000, help="largest N of the baseline dataset")
     p.add_argument("--sampler-baseline-max", type=int, default=100000000, help="largest N of the baseline samplers")
     p.add_argument("--shards", type=int, default=16, help="shards of the sharded set (0: skip it)")
+    p.add_argument("--reads", type=int, default=20000, help="random reads per throughput measurement")
     p.add_argument("--workdir", default=None, help="where the synthetic zips go (default: a temp dir)")
     p.add_argument("--out", default="benchmarks/results/data_scale.json")
     args = p.parse_args(argv)
@@ -438,7 +440,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     t0 = time.time()
     try:
         for n in args.sizes:
-            results["datasets"].append(run_datasets(n, workdir, args.shards, n <= args.baseline_max))
+            results["datasets"].append(run_datasets(n, workdir, args.shards, n <= args.baseline_max, args.reads))
         for n in args.sampler_sizes:
             results["samplers"].append(run_samplers(n, n <= args.sampler_baseline_max))
     finally:
