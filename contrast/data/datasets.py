@@ -20,8 +20,9 @@ Layouts (see the seed README, "Datasets"):
   for all. The map is resolved once against the zips' central directories into
   ``root/<split>_map.idx`` (:mod:`contrast.data.index`).
 
-Indexes are memory-mapped, so the DataLoader workers of every rank share one copy; a worker
-reads an entry with one ``os.pread`` (no ``zipfile.ZipFile`` per process). An index whose
+Index files are shared through the page cache by the DataLoader workers of every rank: a worker
+reads an entry's 40-byte record and then the entry with one ``os.pread`` each (no
+``zipfile.ZipFile``, no per-process index, no per-worker growth). An index whose
 sources changed is rebuilt with a warning; where the data folder is read-only indexes go to
 ``~/.cache/contrast/index`` (or ``index_dir``).
 

@@ -226,9 +226,10 @@ def load_or_build(root: str, name: str, kind: str, split: str, build: Callable[[
                   lock_path: str, index_dir: Optional[str] = None) -> Index:
     """A fresh :class:`Index` of ``root`` (its ``path`` is None when it is kept in memory).
 
-    A fresh index file is memory-mapped. Otherwise, under a lock on ``lock_path``, the index is
-    built (``build()``), written to the first writable location (see :func:`index_locations`) and
-    mapped; a stale or unreadable one is rebuilt with a ``RuntimeWarning`` naming it.
+    A fresh index file is opened (:func:`read_index`). Otherwise, under a lock on ``lock_path``,
+    the index is built (``build()``), written to the first writable location (see
+    :func:`index_locations`) and opened; a stale or unreadable one is rebuilt with a
+    ``RuntimeWarning`` naming it (emitted before the build, so it precedes a build error).
     """
     paths = index_locations(root, name, index_dir)
 
