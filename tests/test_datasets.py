@@ -173,8 +173,8 @@ def test_zip_dataloader_workers_read_correct_bytes(tmp_path):
     ref = _reference_folder(src, "train")
     expected = [_pixels(path) for path, _ in ref]
     ds = ZipImageDataset(_write_zip_layout(str(tmp_path / "z"), src, splits=("train",)), "train", transform=_to_array)
-    ds[0]  # open a handle in the parent first: workers must not reuse it after the fork
-    assert ds._zip is not None
+    ds[0]  # open a descriptor in the parent first: workers inherit it (safe: pread has no shared offset)
+    assert ds._fds
     loader = DataLoader(ds, batch_size=1, num_workers=2, multiprocessing_context="fork")
     for _ in range(3):
         items = [(img[0].numpy(), int(i), int(lab)) for img, i, lab in loader]
@@ -185,22 +185,30 @@ def test_zip_dataloader_workers_read_correct_bytes(tmp_path):
     assert ds.num_corrupt == 0
 
 
-def _report_handle(ds, queue) -> None:
-    inherited = ds._zip
-    ds[1]
-    queue.put(inherited is not None and ds._zip is not inherited and ds._zip_pid == os.getpid())
+def _read_all_in_child(ds, queue) -> None:
+    inherited = dict(ds._fds)
+    queue.put(([ds.read_bytes(i) for i in range(len(ds))], inherited == ds._fds))
 
 
-def test_zip_handle_reopened_after_fork(folder, tmp_path):
-    ds = ZipImageDataset(_write_zip_layout(str(tmp_path / "z"), folder), "train")
+def test_zip_reads_in_forked_child_with_inherited_descriptor(folder, tmp_path):
+    root = _write_zip_layout(str(tmp_path / "z"), folder)
+    ds = ZipImageDataset(root, "train")
     ds[0]
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
-    child = ctx.Process(target=_report_handle, args=(ds, queue))
+    child = ctx.Process(target=_read_all_in_child, args=(ds, queue))
     child.start()
-    fresh = queue.get(timeout=60)
+    data, reused = queue.get(timeout=60)
     child.join(timeout=60)
-    assert fresh and child.exitcode == 0
+    assert child.exitcode == 0 and reused
+    with zipfile.ZipFile(os.path.join(root, "train.zip")) as zf:
+        assert data == [zf.read(p) for p, _ in _map_lines(os.path.join(root, "train_map.txt"))]
+    assert [ds.read_bytes(i) for i in range(len(ds))] == data  # the parent's descriptor still reads right
+
+
+def _map_lines(path):
+    with open(path) as f:
+        return [(line.split("\t")[0], int(line.split("\t")[1])) for line in f if line.strip()]
 
 
 # -- bad input ------------------------------------------------------------------------------------

@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import io
+import pickle
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
-from contrast.data import ResumableDistributedSampler, SlidingWindowSampler, build_sampler, window_epochs
+from contrast.data import (FeistelPermutation, ResumableDistributedSampler, SampleIndex, SlidingWindowSampler,
+                           build_sampler, sample_seed, window_epochs)
 from tests.dist_utils import run_distributed
 
 N, W, S = 24, 8, 4  # N divisible by S, W divisible by S and by every world size tested
@@ -210,3 +213,127 @@ def test_sampler_takes_rank_from_process_group():
     assert [r["rank"] for r in results] == [0, 1] and all(r["world"] == 2 for r in results)
     expected = _windows(2, [2])[0]
     assert [r["share"] for r in results] == expected
+
+
+# -- computed permutation, memory, per-sample seeds (issue 15, resilience) --------------------------
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 16, 17, 100, 1000, 4097])
+def test_feistel_permutation_is_a_bijection(n):
+    perm = FeistelPermutation(n, key=7)(np.arange(n))
+    assert sorted(perm.tolist()) == list(range(n))
+    chunks = np.concatenate([FeistelPermutation(n, key=7)(np.arange(a, min(a + 13, n))) for a in range(0, n, 13)])
+    np.testing.assert_array_equal(chunks, perm)  # element-wise: any subset of positions, same values
+
+
+def test_feistel_permutation_looks_random():
+    n, keys = 1000, 200
+    perms = np.stack([FeistelPermutation(n, key=k)(np.arange(n)) for k in range(keys)])
+    assert len({p.tobytes() for p in perms}) == keys
+    # where position 0 lands is uniform over 10 buckets (chi-square, 9 dof, p > 0.001)
+    counts = np.bincount(perms[:, 0] * 10 // n, minlength=10)
+    assert ((counts - keys / 10) ** 2 / (keys / 10)).sum() < 27.9
+    # neighbours are not kept together: consecutive positions land far apart on average
+    assert np.abs(np.diff(perms, axis=1)).mean() > n / 5
+
+
+def test_sliding_window_memory_is_independent_of_n():
+    # an O(N) sampler would need terabytes here; ours touches only the window
+    n = 10 ** 12
+    sampler = SlidingWindowSampler(range(n), 4096, 512, num_replicas=4, rank=1, seed=3)
+    sampler.set_epoch(10 ** 6)
+    idx = list(sampler)
+    assert len(idx) == 1024 and len(set(idx)) == 1024 and all(0 <= i < n for i in idx)
+    windows = _windows(1, [5, 6], n=n, w=4096, s=512)
+    assert len(set(windows[0][0]) & set(windows[1][0])) == 4096 - 512  # still slides
+
+
+def _legacy_window(n, w, s, world, rank, seed, epoch):
+    """The sequence of the previous implementation (stored randperm), written out here."""
+    def gen(stream, k):
+        g = torch.Generator()
+        mixed = seed * 0x9E3779B97F4A7C15 + stream * 0xBF58476D1CE4E5B9 + k * 0x94D049BB133111EB
+        g.manual_seed(mixed & ((1 << 63) - 1))
+        return g
+    perm = torch.randperm(n, generator=gen(0, 0))
+    pos = epoch * s + torch.arange(min(w, n))
+    win = perm[pos % n][torch.randperm(min(w, n), generator=gen(1, epoch))]
+    return win[rank::world].tolist()
+
+
+def test_old_state_dict_resumes_the_old_sequence():
+    state = SlidingWindowSampler(range(N), W, S, num_replicas=2, rank=1, seed=5).state_dict(consumed=1)
+    del state["permutation"]  # as saved before the computed permutation
+    state["epoch"] = 3
+    resumed = SlidingWindowSampler(range(N), W, S, num_replicas=2, rank=1)
+    resumed.load_state_dict(state)
+    assert resumed.state_dict()["permutation"] == "randperm"
+    assert list(resumed) == _legacy_window(N, W, S, 2, 1, 5, 3)[1:]
+    resumed.set_epoch(4)
+    assert list(resumed) == _legacy_window(N, W, S, 2, 1, 5, 4)
+
+
+def test_sample_index_is_an_int_with_a_seed():
+    s = SampleIndex(7, 123)
+    assert s == 7 and isinstance(s, int) and s.aug_seed == 123 and torch.tensor([s]).tolist() == [7]
+    t = pickle.loads(pickle.dumps([s]))[0]
+    assert type(t) is SampleIndex and (int(t), t.aug_seed) == (7, 123)
+
+
+def _keyed(sampler):
+    return [(int(i), i.aug_seed) for i in sampler]
+
+
+@pytest.mark.parametrize("sliding", [True, False])
+def test_seeds_follow_global_position_not_world_size(sliding):
+    def make(world, rank, seed=1):
+        if sliding:
+            return SlidingWindowSampler(range(N), W, S, num_replicas=world, rank=rank, seed=seed)
+        return ResumableDistributedSampler(range(N), num_replicas=world, rank=rank, seed=seed)
+
+    for epoch in (0, 3):
+        one = make(1, 0)
+        one.set_epoch(epoch)
+        glob = _keyed(one)
+        for world in (2, 4):
+            for r in range(world):
+                s = make(world, r)
+                s.set_epoch(epoch)
+                assert _keyed(s) == glob[r::world]  # same global position -> same index and seed
+    seeds = [seed for _, seed in glob]
+    assert len(set(seeds)) == len(seeds)
+    other_epoch, other_seed = make(1, 0), make(1, 0, seed=2)
+    other_epoch.set_epoch(4)
+    other_seed.set_epoch(3)
+    assert not set(seeds) & {s for _, s in _keyed(other_epoch)}
+    assert not set(seeds) & {s for _, s in _keyed(other_seed)}
+    assert seeds[0] == sample_seed(1, 3, 0) and seeds[5] == sample_seed(1, 3, 5)
+
+
+def test_seeds_survive_mid_epoch_resume():
+    ref = SlidingWindowSampler(range(N), W, S, num_replicas=2, rank=0, seed=9)
+    ref.set_epoch(2)
+    full = _keyed(ref)
+    resumed = SlidingWindowSampler(range(N), W, S, num_replicas=2, rank=0)
+    resumed.load_state_dict(ref.state_dict(consumed=3))
+    assert _keyed(resumed) == full[3:]
+
+
+def test_part_cache_ranks_get_distinct_seeds():
+    seeds = []
+    for r in range(2):
+        ds = _PartCached(40, list(range(r, 40, 2)))
+        sampler = build_sampler(ds, True, window_size=16, window_stride=8, seed=0, shuffle_per_epoch=False,
+                                num_replicas=2, rank=r)
+        seeds.append({s for _, s in _keyed(sampler)})
+    assert len(seeds[0]) == 8 and not seeds[0] & seeds[1]
+
+
+def test_default_sampler_large_share_is_chunked_and_exact():
+    n = 200_003  # several iteration chunks; padding for 3 ranks
+    for r in range(3):
+        ours = ResumableDistributedSampler(range(n), num_replicas=3, rank=r, seed=4)
+        ref = DistributedSampler(range(n), num_replicas=3, rank=r, seed=4)
+        ours.set_epoch(1)
+        ref.set_epoch(1)
+        assert list(ours) == list(ref)

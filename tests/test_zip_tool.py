@@ -25,8 +25,9 @@ def folder(tmp_path) -> str:
 def test_round_trip(folder, tmp_path, capsys):
     dst = str(tmp_path / "zip")
     assert make_zip_dataset.main(["--src", folder, "--dst", dst]) == 0
-    assert "train: verified (decode)" in capsys.readouterr().out
-    assert sorted(os.listdir(dst)) == ["train.zip", "train_map.txt", "val.zip", "val_map.txt"]
+    assert f"train: indexed ({dst}/train_map.idx), verified (decode)" in capsys.readouterr().out
+    assert sorted(os.listdir(dst)) == ["train.zip", "train_map.idx", "train_map.txt", "val.zip", "val_map.idx",
+                                       "val_map.txt"]
     for split in ("train", "val"):
         a, b = ImageFolderInstance(folder, split), ZipImageDataset(dst, split)
         assert len(a) == len(b) == 9 and b.prefix == ""
@@ -38,6 +39,42 @@ def test_round_trip(folder, tmp_path, capsys):
         assert f.readline() == "class_0/img_0.png\t0\n"
     with zipfile.ZipFile(os.path.join(dst, "train.zip")) as zf:
         assert {i.compress_type for i in zf.infolist()} == {zipfile.ZIP_STORED}  # png and jpg are stored
+
+
+@pytest.mark.parametrize("shard_size", [1, 2, 4, 9, 100])
+def test_sharded_round_trip(folder, tmp_path, capsys, shard_size):
+    dst = str(tmp_path / "zip")
+    assert make_zip_dataset.main(["--src", folder, "--dst", dst, "--shard-size", str(shard_size),
+                                  "--verify", "crc"]) == 0
+    shards = -(-9 // shard_size)
+    assert f"train: wrote 9 images to {shards} shards train-*.zip" in capsys.readouterr().out
+    names = sorted(os.listdir(dst))
+    assert names == sorted([f"{s}-{k:05d}.zip" for s in ("train", "val") for k in range(shards)]
+                           + ["train_map.txt", "train_map.idx", "val_map.txt", "val_map.idx"])
+    with open(os.path.join(dst, "train_map.txt")) as f:
+        lines = f.read().splitlines()
+    assert lines[0] == "train-00000.zip/class_0/img_0.png\t0"
+    assert lines[-1] == f"train-{shards - 1:05d}.zip/class_2/img_2.png\t2"
+    for k in range(shards):  # shard k holds images k*size ... in the folder's order
+        with zipfile.ZipFile(os.path.join(dst, f"train-{k:05d}.zip")) as zf:
+            assert zf.namelist() == [line.split("\t")[0].split("/", 1)[1]
+                                     for line in lines[k * shard_size:(k + 1) * shard_size]]
+    for split in ("train", "val"):
+        a, b = ImageFolderInstance(folder, split), ZipImageDataset(dst, split)
+        assert len(b) == 9 and len(b.shards) == shards and b.prefix == ""
+        for i in range(len(a)):
+            (img_a, ia, la), (img_b, ib, lb) = a[i], b[i]
+            assert (ia, la) == (ib, lb)
+            np.testing.assert_array_equal(np.asarray(img_a), np.asarray(img_b))
+    # switching layouts with --overwrite leaves no file of the old one behind
+    assert make_zip_dataset.main(["--src", folder, "--dst", dst, "--overwrite", "--verify", "none"]) == 0
+    assert sorted(os.listdir(dst)) == ["train.zip", "train_map.idx", "train_map.txt", "val.zip", "val_map.idx",
+                                       "val_map.txt"]
+
+
+def test_bad_shard_size(folder, tmp_path):
+    with pytest.raises(SystemExit):
+        make_zip_dataset.main(["--src", folder, "--dst", str(tmp_path / "zip"), "--shard-size", "0"])
 
 
 def test_refuses_to_overwrite(folder, tmp_path, capsys):

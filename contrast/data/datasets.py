@@ -1,18 +1,30 @@
-"""Instance datasets: folder layout and ImageNet-Zip layout, RAM caches, corrupt-image policy.
+"""Instance datasets: folder layout and ImageNet-Zip layout (one zip or shards), RAM caches,
+corrupt-image policy, per-sample augmentation seeds. Formats and index files: ``docs/data.md``.
 
-Every item is ``(sample, index, label)`` with ``sample = transform(PIL RGB image)`` (a list of
-views for pretraining), ``index`` the *global* dataset index and ``label`` the class.
+Every item is ``(sample, index, label)`` with ``sample = transform(image)`` (a list of views for
+pretraining), ``index`` the *global* dataset index and ``label`` the class.
 
 Layouts (see the seed README, "Datasets"):
 
 * folder: ``root/<split>/<class>/<image>`` as torchvision's ``ImageFolder``. Class indices are
   the sorted class folders of ``root/train`` (so ``val`` labels agree with ``train`` even if a
   class folder is missing from ``val``); without ``root/train`` the split's own folders are used.
-* ImageNet-Zip: ``root/<split>.zip`` and ``root/<split>_map.txt``, one ``relative/path<TAB>label``
-  per line. Labels must lie in ``[0, num_classes)`` with ``num_classes = 1 + max label of
+  The file list is scanned once and kept in ``root/<split>_files.idx``.
+* ImageNet-Zip: ``root/<split>_map.txt``, one ``relative/path<TAB>label`` per line, and either
+  ``root/<split>.zip`` or **shards**: map paths ``<shard>.zip/<entry>`` naming a zip relative to
+  ``root`` (``train-00000.zip/n01440764/x.JPEG``, written by ``tools/make_zip_dataset.py
+  --shard-size``). Labels must lie in ``[0, num_classes)`` with ``num_classes = 1 + max label of
   train_map.txt``. Real ImageNet zips often keep a top-level folder (entries
-  ``train/n01440764/x.JPEG`` while the map says ``n01440764/x.JPEG``): the prefix is detected once
-  from the first map entry (the unique zip entry ending in ``/<entry>``) and then required for all.
+  ``train/n01440764/x.JPEG`` while the map says ``n01440764/x.JPEG``): the prefix is detected
+  (per zip) from its first map entry (the unique entry ending in ``/<entry>``) and then required
+  for all. The map is resolved once against the zips' central directories into
+  ``root/<split>_map.idx`` (:mod:`contrast.data.index`).
+
+Index files are shared through the page cache by the DataLoader workers of every rank: a worker
+reads an entry's 40-byte record and then the entry with one ``os.pread`` each (no
+``zipfile.ZipFile``, no per-process index, no per-worker growth). An index whose
+sources changed is rebuilt with a warning; where the data folder is read-only indexes go to
+``~/.cache/contrast/index`` (or ``index_dir``).
 
 Cache modes (``--cache-mode``): ``no`` reads every image from storage; ``full`` keeps the encoded
 bytes of every image in RAM; ``part`` keeps only this rank's shard
@@ -27,34 +39,40 @@ names the bad file, and ``num_corrupt`` counts it. The counter is a shared-memor
 training loop reads the total over all DataLoader workers from the main process' dataset object
 (increments from concurrent workers are not atomic; the count is exact unless two workers hit a
 corrupt file at the same instant). ``strict=True`` raises :class:`DatasetError` instead.
+
+Augmentation randomness: an index that carries an ``aug_seed`` (the samplers yield
+:class:`~contrast.data.samplers.SampleIndex`, seeded by ``(seed, epoch, position)``) runs the
+transform under :func:`~contrast.data.transforms.seeded_rng`, so the crops of a sample do not
+depend on the worker, the number of workers or on where a run was resumed. A replacement for a
+corrupt image is transformed under the same seed.
 """
 from __future__ import annotations
 
 import io
 import math
 import os
+import struct
 import warnings
 import zipfile
-from typing import Callable, List, Optional, Tuple
+from collections import OrderedDict
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from contrast.data.index import (ZIP_RECORD, DatasetError, RowReader, build_folder_index,  # noqa: F401
+                                 build_zip_index, find_folder_classes, is_image_file, load_or_build, parse_map,
+                                 read_index, scan_folder)
+from contrast.data.transforms import seeded_rng, to_rgb
+from contrast.data.zipformat import BadZip, read_entry
 
 CACHE_MODES = ("no", "part", "full")
 SPLITS = ("train", "val")
 # Errors that mean "this file is corrupt / truncated / unreadable", not "the code is wrong".
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, zipfile.BadZipFile, Image.DecompressionBombError)
-
-
-class DatasetError(ValueError):
-    """Bad dataset input; the message always names the offending file or folder."""
-
-
-def is_image_file(name: str) -> bool:
-    return name.lower().endswith(IMG_EXTENSIONS)
+_MAX_OPEN_SHARDS = 64  # open zip file descriptors kept per process
 
 
 def shard_indices(num_samples: int, rank: int, world_size: int) -> np.ndarray:
@@ -69,90 +87,43 @@ def shard_indices(num_samples: int, rank: int, world_size: int) -> np.ndarray:
     return (rank + world_size * np.arange(per_rank, dtype=np.int64)) % num_samples
 
 
-def find_folder_classes(root: str, split: str) -> List[str]:
-    """Sorted class folder names that define labels: those of ``root/train`` if it exists."""
-    ref = os.path.join(root, "train")
-    if not os.path.isdir(ref):
-        ref = os.path.join(root, split)
-    classes = sorted(e.name for e in os.scandir(ref) if e.is_dir())
-    if not classes:
-        raise DatasetError(f"{ref}: no class folders found (expected {ref}/<class>/<image>)")
-    return classes
-
-
 def scan_image_folder(root: str, split: str) -> Tuple[List[str], List[int], List[str]]:
-    """``(relative paths '<class>/<file>', labels, classes)`` of ``root/<split>``, sorted.
-
-    Raises :class:`DatasetError` naming the folder for a missing root or split, a split with no
-    class folders, a class folder with no images, or a ``val`` class unknown to ``train``.
-    """
-    if not os.path.isdir(root):
-        raise DatasetError(f"{root}: dataset root does not exist or is not a folder")
-    split_dir = os.path.join(root, split)
-    if not os.path.isdir(split_dir):
-        raise DatasetError(f"{split_dir}: split folder does not exist (expected {root}/{split}/<class>/<image>)")
-    classes = find_folder_classes(root, split)
-    class_to_idx = {c: i for i, c in enumerate(classes)}
-    split_classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
-    if not split_classes:
-        raise DatasetError(f"{split_dir}: no class folders found (expected {split_dir}/<class>/<image>)")
-    paths: List[str] = []
-    labels: List[int] = []
-    for c in split_classes:
-        class_dir = os.path.join(split_dir, c)
-        if c not in class_to_idx:
-            raise DatasetError(f"{class_dir}: class '{c}' does not exist in {os.path.join(root, 'train')}")
-        files = []
-        for dirpath, _, filenames in sorted(os.walk(class_dir, followlinks=True)):
-            files += [os.path.relpath(os.path.join(dirpath, f), split_dir) for f in filenames if is_image_file(f)]
-        if not files:
-            raise DatasetError(f"{class_dir}: class folder contains no images (extensions {', '.join(IMG_EXTENSIONS)})")
-        files.sort()
-        paths += [f.replace(os.sep, "/") for f in files]
-        labels += [class_to_idx[c]] * len(files)
-    return paths, labels, classes
+    """``(relative paths '<class>/<file>', labels, classes)`` of ``root/<split>``, sorted (a fresh
+    scan; the datasets keep the result in an index file). Errors: see :func:`scan_folder`."""
+    return scan_folder(root, split)[:3]
 
 
 def read_map_file(map_path: str) -> Tuple[List[str], List[int]]:
-    """Parse an ImageNet-Zip map file: one ``relative/path<TAB>label`` per line (blank lines skipped)."""
-    if not os.path.isfile(map_path):
-        raise DatasetError(f"{map_path}: map file does not exist")
-    paths: List[str] = []
-    labels: List[int] = []
-    with open(map_path, "r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            parts = line.split("\t")
-            label = _parse_int(parts[1]) if len(parts) == 2 and parts[0] else None
-            if label is None:
-                raise DatasetError(f"{map_path}:{lineno}: expected '<relative path><TAB><integer label>', got {line!r}")
-            if label < 0:
-                raise DatasetError(f"{map_path}:{lineno}: negative label {label} (labels must be >= 0)")
-            paths.append(parts[0])
-            labels.append(label)
-    if not paths:
-        raise DatasetError(f"{map_path}: map file lists no images")
-    return paths, labels
+    """Parse an ImageNet-Zip map file into ``(paths, labels)`` lists (see :func:`parse_map`)."""
+    m = parse_map(map_path)
+    return [m.path_at(i) for i in range(len(m))], m.labels.tolist()
 
 
-def _parse_int(text: str) -> Optional[int]:
-    try:
-        return int(text)
-    except ValueError:
-        return None
+class NumberedClasses(Sequence):
+    """Class names ``'0' .. str(n - 1)`` without a list of n strings."""
 
+    def __init__(self, n: int) -> None:
+        self.n = n
 
-def _max_label(map_path: str) -> int:
-    return max(read_map_file(map_path)[1])
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [str(c) for c in range(self.n)[i]]
+        if not -self.n <= i < self.n:
+            raise IndexError(i)
+        return str(i % self.n)
+
+    def __eq__(self, other) -> bool:
+        return list(self) == list(other)
 
 
 class _EncodedImageDataset(Dataset):
     """Shared machinery: encoded-bytes cache, decoding, corrupt-image policy, item format.
 
-    Subclasses set ``self._paths`` (np.str_ array of storage keys), ``self._labels`` (int64 array),
-    ``classes``, and implement ``_read_storage(i) -> bytes`` and ``describe(i) -> str``.
+    Subclasses set ``classes`` and ``_size``, and implement ``_read_storage(i) -> bytes``,
+    ``_label(i)``, ``_all_labels()``, ``_storage_sizes(indices)`` and ``describe(i) -> str``.
     """
 
     def __init__(self, transform: Optional[Callable], cache_mode: str, rank: int, world_size: int,
@@ -169,15 +140,25 @@ class _EncodedImageDataset(Dataset):
         self._corrupt = torch.zeros(1, dtype=torch.int64).share_memory_()
         self.local_indices: Optional[np.ndarray] = None
         self._cache_buf: Optional[torch.Tensor] = None
-        self._cache_slot: Optional[np.ndarray] = None  # global index -> slot, -1 when not cached
-        self._cache_off: Optional[np.ndarray] = None   # slot -> byte offset, length slots + 1
+        self._cache_off: Optional[torch.Tensor] = None   # slot -> byte offset, length slots + 1
+        self._cached: Optional[np.ndarray] = None        # sorted cached indices (part); None: slot = index
 
     # -- subclass hooks ------------------------------------------------------------------------
     def _read_storage(self, index: int) -> bytes:
         raise NotImplementedError
 
-    def _storage_size(self, index: int) -> int:
+    def _label(self, index: int) -> int:
         raise NotImplementedError
+
+    def _all_labels(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def _storage_sizes(self, indices: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def _storage_order(self, indices: np.ndarray) -> np.ndarray:
+        """The order in which to read ``indices`` when filling the cache (default: as given)."""
+        return np.arange(len(indices))
 
     def describe(self, index: int) -> str:
         """The file (or ``zip:entry``) holding item ``index``, for messages."""
@@ -186,7 +167,7 @@ class _EncodedImageDataset(Dataset):
     # -- public -------------------------------------------------------------------------------
     @property
     def targets(self) -> List[int]:
-        return self._labels.tolist()
+        return self._all_labels().tolist()
 
     @property
     def num_classes(self) -> int:
@@ -198,31 +179,40 @@ class _EncodedImageDataset(Dataset):
         return int(self._corrupt.item())
 
     def __len__(self) -> int:
-        return len(self._labels)
+        return self._size
 
     def read_bytes(self, index: int) -> bytes:
         """Encoded bytes of item ``index``, from the RAM cache when it holds them."""
         if self._cache_buf is not None:
-            slot = self._cache_slot[index]
+            slot = index
+            if self._cached is not None:
+                slot = int(np.searchsorted(self._cached, index))
+                if slot == len(self._cached) or self._cached[slot] != index:
+                    slot = -1
             if slot >= 0:
-                return self._cache_buf[self._cache_off[slot]:self._cache_off[slot + 1]].numpy().tobytes()
+                lo, hi = self._cache_off[slot].item(), self._cache_off[slot + 1].item()
+                return self._cache_buf[lo:hi].numpy().tobytes()
         return self._read_storage(index)
 
     def load_image(self, index: int) -> Image.Image:
-        """Decode item ``index`` to a fully loaded RGB image (raises on corrupt data)."""
+        """Decode item ``index`` to a fully loaded 8-bit RGB image (raises on corrupt data)."""
         with Image.open(io.BytesIO(self.read_bytes(index))) as img:
-            return img.convert("RGB")
+            rgb = to_rgb(img)
+            rgb.load()
+            return rgb
 
-    def _decode_and_transform(self, index: int):
+    def _decode_and_transform(self, index: int, aug_seed: Optional[int]):
         """``transform`` gets the image still unloaded (fresh from ``Image.open``), so a
         transform may decode a JPEG at reduced scale (PIL draft mode); it converts to RGB
-        itself. Without a transform the fully loaded RGB image is returned."""
+        itself (:func:`~contrast.data.transforms.to_rgb`). It runs under ``seeded_rng(aug_seed)``.
+        Without a transform the fully loaded RGB image is returned."""
         if self.transform is None:
             return self.load_image(index)
-        with Image.open(io.BytesIO(self.read_bytes(index))) as img:
+        with Image.open(io.BytesIO(self.read_bytes(index))) as img, seeded_rng(aug_seed):
             return self.transform(img)
 
     def __getitem__(self, index: int):
+        aug_seed = getattr(index, "aug_seed", None)
         index = int(index)
         n = len(self)
         if not 0 <= index < n:
@@ -230,7 +220,7 @@ class _EncodedImageDataset(Dataset):
         for k in range(n):
             j = (index + k) % n
             try:
-                sample = self._decode_and_transform(j)
+                sample = self._decode_and_transform(j, aug_seed)
             except _DECODE_ERRORS as e:
                 message = f"{self.describe(j)}: cannot read or decode image ({type(e).__name__}: {e})"
                 if self.strict:
@@ -238,7 +228,7 @@ class _EncodedImageDataset(Dataset):
                 self._corrupt += 1
                 warnings.warn(f"{message}; using the next index instead", RuntimeWarning, stacklevel=2)
                 continue
-            return sample, j, int(self._labels[j])
+            return sample, j, self._label(j)
         raise DatasetError(f"{self.describe(index)}: no image of the dataset can be decoded")
 
     # -- cache --------------------------------------------------------------------------------
@@ -251,121 +241,198 @@ class _EncodedImageDataset(Dataset):
             cached = np.unique(self.local_indices)
         else:
             cached = np.arange(n, dtype=np.int64)
-        sizes = np.array([self._storage_size(int(i)) for i in cached], dtype=np.int64)
+        sizes = self._storage_sizes(cached).astype(np.int64)
         off = np.zeros(len(cached) + 1, dtype=np.int64)
         np.cumsum(sizes, out=off[1:])
         buf = torch.empty(int(off[-1]), dtype=torch.uint8)
         view = buf.numpy()
-        for s, i in enumerate(cached):
-            data = self._read_storage(int(i))
+        for s in self._storage_order(cached).tolist():
+            i = int(cached[s])
+            data = self._read_storage(i)
             if len(data) != sizes[s]:
-                raise DatasetError(f"{self.describe(int(i))}: size changed while caching "
+                raise DatasetError(f"{self.describe(i)}: size changed while caching "
                                    f"({sizes[s]} bytes listed, {len(data)} read)")
             view[off[s]:off[s + 1]] = np.frombuffer(data, dtype=np.uint8)
-        slot = np.full(n, -1, dtype=np.int64)
-        slot[cached] = np.arange(len(cached))
-        self._cache_buf, self._cache_off, self._cache_slot = buf, off, slot
+        self._cache_buf, self._cache_off = buf, torch.from_numpy(off)
+        self._cached = cached if self.cache_mode == "part" else None
 
 
-class ImageFolderInstance(_EncodedImageDataset):
+class _IndexedDataset(_EncodedImageDataset):
+    """An :class:`_EncodedImageDataset` described by an index file (:mod:`contrast.data.index`):
+    bulk work (caching, ``targets``) uses its memory map, per-sample reads ``os.pread``."""
+
+    _index_name: str
+    _index_kind: str
+
+    def _load_index(self, root: str, split: str, build: Callable, lock_path: str, index_dir: Optional[str]) -> None:
+        self._index = load_or_build(root, f"{split}{self._index_name}", self._index_kind, split, build, lock_path,
+                                    index_dir)
+        self.index_path = self._index.path
+        self._bind()
+
+    def _bind(self) -> None:
+        """Set the attributes derived from the index (again after unpickling)."""
+        raise NotImplementedError
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        if self.index_path is not None:  # a spawned worker maps the file instead of receiving a copy
+            state["_index"] = None
+        return state
+
+    def __setstate__(self, state) -> None:
+        self.__dict__.update(state)
+        if self._index is None:
+            self._index = read_index(self.index_path)
+
+
+class ImageFolderInstance(_IndexedDataset):
     """``root/<split>/<class>/<image>`` (torchvision ``ImageFolder`` layout) returning
-    ``(transform(img), index, label)``."""
+    ``(transform(img), index, label)``. The file list is kept in ``root/<split>_files.idx``."""
+
+    _index_name, _index_kind = "_files.idx", "folder"
 
     def __init__(self, root: str, split: str = "train", transform: Optional[Callable] = None,
-                 cache_mode: str = "no", rank: int = 0, world_size: int = 1, strict: bool = False) -> None:
+                 cache_mode: str = "no", rank: int = 0, world_size: int = 1, strict: bool = False,
+                 index_dir: Optional[str] = None) -> None:
         super().__init__(transform, cache_mode, rank, world_size, strict)
-        paths, labels, self.classes = scan_image_folder(root, split)
-        self.root = os.path.join(root, split)
-        self._paths = np.array(paths)
-        self._labels = np.array(labels, dtype=np.int64)
+        if not os.path.isdir(root):
+            raise DatasetError(f"{root}: dataset root does not exist or is not a folder")
+        split_dir = os.path.join(root, split)
+        if not os.path.isdir(split_dir):
+            raise DatasetError(f"{split_dir}: split folder does not exist (expected {root}/{split}/<class>/<image>)")
+        self.root = split_dir
+        self._load_index(root, split, lambda: build_folder_index(root, split), split_dir, index_dir)
         self._build_cache()
 
-    def describe(self, index: int) -> str:
-        return os.path.join(self.root, str(self._paths[index]))
+    def _bind(self) -> None:
+        self.classes = self._index.meta["classes"]
+        self._size = self._index.meta["size"]
+        self._names = RowReader(self._index, "names")
+        self._name_offsets = RowReader(self._index, "name_offsets")
+        self._labels = RowReader(self._index, "labels")
 
-    def _storage_size(self, index: int) -> int:
-        return os.path.getsize(self.describe(index))
+    def _label(self, index: int) -> int:
+        return int(self._labels(index)[0])
+
+    def _all_labels(self) -> np.ndarray:
+        return self._index.arrays["labels"]
+
+    def describe(self, index: int) -> str:
+        lo, hi = self._name_offsets(index, 2).tolist()
+        return os.path.join(self.root, self._names.raw(lo, hi - lo).decode("utf-8"))
+
+    def _storage_sizes(self, indices: np.ndarray) -> np.ndarray:
+        return np.array([os.path.getsize(self.describe(int(i))) for i in indices], dtype=np.int64)
 
     def _read_storage(self, index: int) -> bytes:
         with open(self.describe(index), "rb") as f:
             return f.read()
 
 
-class ZipImageDataset(_EncodedImageDataset):
-    """ImageNet-Zip layout (``<split>.zip`` + ``<split>_map.txt``) returning
+_RECORD = struct.Struct("<qqIIIiHHHBB")  # one ZIP_RECORD, field by field
+assert _RECORD.size == ZIP_RECORD.itemsize
+
+
+class ZipImageDataset(_IndexedDataset):
+    """ImageNet-Zip layout (``<split>_map.txt`` + ``<split>.zip`` or shards) returning
     ``(transform(img), index, label)``.
 
-    The zip is opened lazily once per process (keyed by pid): a handle inherited across a fork
-    shares its file offset with the parent and corrupts reads.
+    Attributes: ``map_path``, ``zip_path`` (``root/<split>.zip``), ``shards`` (the zip files; one
+    for the single-zip layout), ``prefixes`` (entry prefix per shard) and ``prefix`` (the prefix
+    when all shards share it, else None), ``index_path`` (None when the index is in memory).
+
+    Each process opens the zips lazily and reads an entry with one ``os.pread`` at the offset
+    its index record gives (the record itself is one 40-byte ``pread`` of the index file);
+    descriptors inherited across a fork are safe to use (``pread`` has no shared file position)
+    and are not pickled to spawned workers.
     """
 
+    _index_name, _index_kind = "_map.idx", "zip"
+
     def __init__(self, root: str, split: str = "train", transform: Optional[Callable] = None,
-                 cache_mode: str = "no", rank: int = 0, world_size: int = 1, strict: bool = False) -> None:
+                 cache_mode: str = "no", rank: int = 0, world_size: int = 1, strict: bool = False,
+                 index_dir: Optional[str] = None) -> None:
         super().__init__(transform, cache_mode, rank, world_size, strict)
         if not os.path.isdir(root):
             raise DatasetError(f"{root}: dataset root does not exist or is not a folder")
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        self.root = root
         self.zip_path = os.path.join(root, f"{split}.zip")
         self.map_path = os.path.join(root, f"{split}_map.txt")
-        paths, labels = read_map_file(self.map_path)
-        train_map = os.path.join(root, "train_map.txt")
-        num_classes = max(labels) + 1 if split == "train" else _max_label(train_map) + 1
-        for path, lab in zip(paths, labels):
-            if lab >= num_classes:
-                raise DatasetError(f"{self.map_path}: label {lab} of '{path}' is out of range "
-                                   f"[0, {num_classes}) (num_classes = 1 + max label of {train_map})")
-        if not os.path.isfile(self.zip_path):
-            raise DatasetError(f"{self.zip_path}: zip file does not exist")
-        try:
-            with zipfile.ZipFile(self.zip_path) as zf:
-                infos = {i.filename: i for i in zf.infolist()}
-        except zipfile.BadZipFile as e:
-            raise DatasetError(f"{self.zip_path}: not a readable zip file ({e})") from e
-        self.prefix = self._detect_prefix(paths[0], infos)
-        missing = [p for p in paths if self.prefix + p not in infos]
-        if missing:
-            raise DatasetError(f"{self.zip_path}: {len(missing)} entries of {self.map_path} are missing from the "
-                               f"zip (entry prefix '{self.prefix}'), first: '{missing[0]}'")
-        self._sizes = np.array([infos[self.prefix + p].file_size for p in paths], dtype=np.int64)
-        self.classes = [str(c) for c in range(num_classes)]
-        self._paths = np.array(paths)
-        self._labels = np.array(labels, dtype=np.int64)
-        self._zip: Optional[zipfile.ZipFile] = None
-        self._zip_pid: Optional[int] = None
+        self._fds: "OrderedDict[int, int]" = OrderedDict()
+        lock = self.map_path if os.path.isfile(self.map_path) else root
+        self._load_index(root, split, lambda: build_zip_index(root, split), lock, index_dir)
         self._build_cache()
-        self._close()
+        self.close()
 
-    def _detect_prefix(self, first: str, infos) -> str:
-        if first in infos:
-            return ""
-        hits = [name for name in infos if name.endswith("/" + first)]
-        if len(hits) != 1:
-            what = "is missing from" if not hits else f"matches {len(hits)} entries of"
-            raise DatasetError(f"{self.zip_path}: entry '{first}' (first line of {self.map_path}) {what} the zip")
-        return hits[0][: -len(first)]
+    def _bind(self) -> None:
+        meta = self._index.meta
+        self.classes = NumberedClasses(meta["num_classes"])
+        self._size = meta["size"]
+        self.shards = [os.path.join(self.root, s) for s in meta["shards"]]
+        self.prefixes = meta["prefixes"]
+        self.prefix = self.prefixes[0] if len(set(self.prefixes)) == 1 else None
+        self._records = RowReader(self._index, "records")
+
+    def _record(self, index: int) -> tuple:
+        """``(offset, name_off, comp, size, crc, label, shard, hdr, name_len, method, pad)``."""
+        return _RECORD.unpack(self._records.raw(index))
+
+    def _label(self, index: int) -> int:
+        return self._record(index)[5]
+
+    def _all_labels(self) -> np.ndarray:
+        return self._index.arrays["records"]["label"]
 
     def describe(self, index: int) -> str:
-        return f"{self.zip_path}:{self.prefix}{self._paths[index]}"
+        _, name_off, _, _, _, _, shard, _, name_len, _, _ = self._record(index)
+        try:
+            with open(self.map_path, "rb") as f:
+                f.seek(name_off)
+                name = f.read(name_len).decode("utf-8", "replace")
+        except OSError:
+            name = f"<entry {index} of {self.map_path}>"
+        return f"{self.shards[shard]}:{self.prefixes[shard]}{name}"
 
-    def _storage_size(self, index: int) -> int:
-        return int(self._sizes[index])
+    def _storage_sizes(self, indices: np.ndarray) -> np.ndarray:
+        return self._index.arrays["records"]["size"][indices].astype(np.int64)
 
-    def _handle(self) -> zipfile.ZipFile:
-        if self._zip is None or self._zip_pid != os.getpid():
-            self._zip = zipfile.ZipFile(self.zip_path)  # never close an inherited handle: it is the parent's
-            self._zip_pid = os.getpid()
-        return self._zip
+    def _storage_order(self, indices: np.ndarray) -> np.ndarray:
+        rec = self._index.arrays["records"]
+        return np.lexsort((rec["offset"][indices], rec["shard"][indices]))
 
-    def _close(self) -> None:
-        if self._zip is not None and self._zip_pid == os.getpid():
-            self._zip.close()
-        self._zip, self._zip_pid = None, None
+    def _fd(self, shard: int) -> int:
+        fd = self._fds.get(shard)
+        if fd is None:
+            if len(self._fds) >= _MAX_OPEN_SHARDS:
+                os.close(self._fds.popitem(last=False)[1])
+            fd = self._fds[shard] = os.open(self.shards[shard], os.O_RDONLY)
+        else:
+            self._fds.move_to_end(shard)
+        return fd
 
     def _read_storage(self, index: int) -> bytes:
-        return self._handle().read(self.prefix + str(self._paths[index]))
+        offset, _, comp, size, crc, _, shard, hdr, _, method, _ = self._record(index)
+        try:
+            return read_entry(self._fd(shard), offset, hdr, comp, size, method, crc)
+        except BadZip as e:
+            raise zipfile.BadZipFile(str(e)) from None
+
+    def close(self) -> None:
+        """Close this process' zip descriptors (they reopen on the next read)."""
+        while self._fds:
+            try:
+                os.close(self._fds.popitem()[1])
+            except OSError:
+                pass
 
     def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_zip"], state["_zip_pid"] = None, None
+        state = super().__getstate__()
+        state["_fds"] = OrderedDict()
         return state
+
+    def __del__(self) -> None:
+        if getattr(self, "_fds", None):
+            self.close()

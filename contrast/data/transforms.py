@@ -3,9 +3,12 @@
 ``build_augmentation(name, ...)`` returns an :class:`Augmentation` with
 
 * ``cpu``: what DataLoader workers run, ``PIL.Image -> list[Tensor (3, H, W)]``. It accepts a
-  still *unloaded* image straight from ``Image.open`` (any mode) and converts to RGB itself, so
-  that the fast path can ask the JPEG decoder for a reduced-size decode (``Image.draft``) before
-  any pixel is decoded. Callers must keep the underlying file open until ``cpu`` returns.
+  still *unloaded* image straight from ``Image.open`` (any mode) and converts to 8-bit RGB itself
+  (:func:`to_rgb`: 16-bit and other high-bit-depth images are scaled, not clipped), so that the
+  fast path can ask the JPEG decoder for a reduced-size decode (``Image.draft``) before any pixel
+  is decoded. Callers must keep the underlying file open until ``cpu`` returns. Its random draws
+  come from the CPU torch generator, which the datasets seed per sample (:func:`seeded_rng`) with
+  a seed derived from ``(sampler seed, epoch, position of the sample in the epoch)``.
 * ``device``: an ``nn.Module`` run by the training loop after moving the batch to the device,
   ``list[Tensor (B, 3, H, W)] -> list[Tensor (B, 3, H, W) float32, ImageNet-normalised]``.
 
@@ -41,14 +44,17 @@ as SimCLR). Flip commutes with every colour op, so doing it before them changes 
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import random
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
+from torch.utils.data import get_worker_info
 from torchvision import transforms as T
 from torchvision.transforms import v2
 
@@ -151,8 +157,72 @@ def batched_color_pipeline(recipe: ColorRecipe, size: int) -> B.BatchedPipeline:
 # CPU stages
 # --------------------------------------------------------------------------------------------
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    return img if img.mode == "RGB" else img.convert("RGB")
+HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def _high_depth_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
+    """8-bit values of a one-channel high-bit-depth image, scaled by the range of its type."""
+    if mode.startswith("I;16"):
+        return ((a.astype(np.uint32) + 128) // 257).astype(np.uint8)          # round(v * 255 / 65535)
+    if mode == "I":
+        a = a.astype(np.int64)
+        if a.size == 0 or (a.min() >= 0 and a.max() <= 65535):               # 16-bit data held as int32
+            return ((a + 128) // 257).astype(np.uint8)
+        if a.min() >= 0:
+            return np.rint(a * (255 / (2 ** 31 - 1))).astype(np.uint8)
+        return np.rint((a + 2 ** 31) * (255 / (2 ** 32 - 1))).astype(np.uint8)
+    a = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)  # "F"
+    top = a.max() if a.size else 1.0
+    scale = 1.0 if top <= 1.0 else 255.0 if top <= 255.0 else 65535.0 if top <= 65535.0 else top
+    return np.rint(np.clip(a, 0.0, scale) * (255.0 / scale)).astype(np.uint8)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any decoded image as 8-bit RGB, the one conversion every decode path uses.
+
+    High-bit-depth greyscale (PIL modes ``I;16``, ``I;16L``, ``I;16B``, ``I;16N`` from 16-bit PNG,
+    TIFF or PGM files) is scaled by the range of its type, ``round(v * 255 / 65535)``, instead of
+    being clipped at 255 as ``Image.convert("RGB")`` does. Mode ``I`` (32-bit int) is scaled the
+    same way when its values lie in ``[0, 65535]`` (how some Pillow versions hold 16-bit data),
+    else by the int32 range; mode ``F`` (float) is read as ``[0, 1]``, ``[0, 255]`` or
+    ``[0, 65535]`` data by its maximum (NaN -> 0, negatives -> 0). Pillow itself reduces 16-bit
+    RGB/RGBA PNG and TIFF files to 8 bits when it opens them (high byte, ``v >> 8``). Every
+    other mode (palette, alpha, CMYK, ...) goes through ``Image.convert("RGB")`` as before.
+    """
+    if img.mode == "RGB":
+        return img
+    if img.mode in HIGH_DEPTH_MODES:
+        gray = Image.fromarray(_high_depth_to_uint8(np.asarray(img), img.mode), mode="L")
+        return gray.convert("RGB")
+    return img.convert("RGB")
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: Optional[int]) -> Iterator[None]:
+    """Run a worker-side transform with its randomness a pure function of ``seed``.
+
+    Seeds the CPU torch generator (what ``FastCropFlip``, the torchvision transforms and
+    RandAugment draw from), Python's ``random`` and numpy's global generator with ``seed``
+    (a 63-bit sample seed, see :func:`contrast.data.samplers.sample_seed`). Outside a DataLoader
+    worker (``num_workers=0``) the three states are restored afterwards, so loading data does not
+    change the main process' random streams; inside a worker nothing else uses them. ``None``:
+    leave the generators alone (indices without a seed keep the previous behaviour).
+    """
+    if seed is None:
+        yield
+        return
+    in_worker = get_worker_info() is not None
+    saved = None if in_worker else (torch.default_generator.get_state(), random.getstate(), np.random.get_state())
+    torch.default_generator.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            torch.default_generator.set_state(saved[0])
+            random.setstate(saved[1])
+            np.random.set_state(saved[2])
 
 
 def pil_to_uint8(img: Image.Image) -> Tensor:
@@ -199,7 +269,7 @@ def draft_decode(img: Image.Image, min_scale: float) -> tuple[Image.Image, float
         if res is not None:
             box = res[1]
             fx, fy = box[2] / w, box[3] / h
-    return _to_rgb(img), fx, fy
+    return to_rgb(img), fx, fy
 
 
 class PlainViews:
@@ -209,7 +279,7 @@ class PlainViews:
         self.transforms = list(transforms)
 
     def __call__(self, img: Image.Image) -> list[Tensor]:
-        img = _to_rgb(img)
+        img = to_rgb(img)
         return [t(img) for t in self.transforms]
 
 
