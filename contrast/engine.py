@@ -327,9 +327,9 @@ def run_cli(main: Callable[[Optional[List[str]]], Any], argv: Optional[List[str]
         rank = cd.get_rank() if cd.is_dist() else int(os.environ.get("RANK", "0"))
         where = f" (rank {rank})" if rank > 0 else ""
         line = f"{os.path.basename(sys.argv[0])}: error{where}: {e}"
-        reported = _write_error_file(line) and os.environ.get(LAUNCHER_ENV) == "1"
         if rank > 0:
             time.sleep(1.0)
+        reported = _write_error_file(line) and os.environ.get(LAUNCHER_ENV) == "1"
         if not reported:
             print(line, file=sys.stderr, flush=True)
         sys.exit(1)

@@ -31,11 +31,14 @@ def _silence_agent_logging() -> None:
 
 
 def first_failure(failures) -> Tuple[int, object]:
-    """``(rank, ProcessFailure)`` to report: a process that left an error line before one stopped by a
-    signal (torchrun stops the others when one fails), then the earliest, then the lowest rank."""
+    """``(rank, ProcessFailure)`` to report: a process that left an error line (the lowest rank: an error
+    all ranks meet is rank 0's), else one that exited by itself before one stopped by a signal (torchrun
+    stops the others when one fails), the earliest first."""
     def key(item):
         rank, failure = item
-        return (not _has_message(failure), failure.exitcode < 0, failure.timestamp, rank)
+        if _has_message(failure):
+            return (0, rank, 0)
+        return (1 if failure.exitcode > 0 else 2, failure.timestamp, rank)
     return min(failures.items(), key=key)
 
 

@@ -320,6 +320,8 @@ def test_6_launcher_reports_the_first_real_error():
     failures = {0: _failure(-15, 100), 1: _failure(1, 101, {"message": line, "extraInfo": {}}), 2: _failure(1, 99)}
     rank, failure = launch.first_failure(failures)
     assert rank == 1 and launch.failure_line("main_pretrain.py", rank, failure) == line
+    both = {0: _failure(1, 101, {"message": "rank 0's line"}), 1: _failure(1, 100, {"message": "rank 1's"})}
+    assert launch.first_failure(both)[0] == 0                               # an error every rank met: rank 0's
     rank, failure = launch.first_failure({0: _failure(-9, 100), 3: _failure(1, 100)})
     assert rank == 3 and launch.failure_line("x.py", rank, failure) == \
         "contrast.launch: x.py: rank 3 exited with code 1 (its traceback is above)"
