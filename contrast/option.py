@@ -211,10 +211,11 @@ def add_debug_flag(g) -> None:
                    "one line (it is always written to the log file, where there is one)")
 
 
-def add_output_json_flag(g, default: str, *aliases: str) -> None:
+def add_output_json_flag(g, default: str, *aliases: str, note: str = "") -> None:
     """``--output-json`` (results as JSON; ``aliases``: the tool's earlier names)."""
     g.add_argument("--output-json", *aliases, dest="output_json", type=str, default=default,
-                   help="write the results as JSON to this file" + (f" ({', '.join(aliases)}: alias)" if aliases else ""))
+                   help="write the results as JSON to this file" + note
+                        + (f"; {', '.join(aliases)} is an alias" if aliases else ""))
 
 
 def add_dataset_output_flag(g) -> None:
@@ -347,9 +348,7 @@ def knn_parser() -> argparse.ArgumentParser:
     g.add_argument("--linear-wd", type=float, default=0.0, help="weight decay")
     add_runtime_flags(p, output_dir=None, checkpoints=False)
     g = p.add_argument_group("results")
-    g.add_argument("--output-json", "--output", dest="output_json", type=str, default="",
-                   help="write the results as JSON to this file (default: <output-dir>/knn.json when --output-dir "
-                        "is given); --output is an alias")
+    add_output_json_flag(g, "", "--output", note=" (default: <output-dir>/knn.json when --output-dir is given)")
     g.add_argument("--save-features", type=str, default="", help="also torch.save the features and labels "
                    "of both splits (dataset order) to this file")
     g.add_argument("--name", type=str, default="", help="run name recorded in the JSON (default: derived)")
