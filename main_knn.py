@@ -57,12 +57,16 @@ def build_encoder(args) -> tuple[nn.Module, dict]:
     return backbone, info
 
 
-def extract(encoder: nn.Module, data_dir: str, split: str, transform, args, device: torch.device):
-    """``(features (N, D), labels (N,), num_classes)`` of one split, sharded over the ranks."""
-    dataset = build_dataset(data_dir, split, args.zip, args.cache_mode, transform.cpu, 0, 1)
+def datasets(args, transform) -> Dict[str, object]:
+    """Both splits, built before any feature is extracted: a missing split stops at once, naming it."""
+    return {split: build_dataset(args.data_dir, split, args.zip, args.cache_mode, transform.cpu, 0, 1)
+            for split in ("train", "val")}
+
+
+def extract(encoder: nn.Module, dataset, transform, args, device: torch.device, progress: str):
+    """``(features (N, D), labels (N,))`` of one split, sharded over the ranks."""
     loader = build_eval_loader(dataset, args.batch_size, args.num_workers)
-    feats, labels = extract_features(encoder, loader, device, device_transform=transform.device)
-    return feats, labels, dataset.num_classes
+    return extract_features(encoder, loader, device, device_transform=transform.device, progress=progress)
 
 
 def main(argv: Optional[List[str]] = None) -> Dict:
@@ -77,9 +81,11 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                                  val_crop_fraction=args.val_crop_fraction)
     val_aug.device.to(device)
 
+    splits = datasets(args, val_aug)
+    num_classes = splits["train"].num_classes
     start = time.time()
-    train_feats, train_labels, num_classes = extract(encoder, args.data_dir, "train", val_aug, args, device)
-    val_feats, val_labels, _ = extract(encoder, args.data_dir, "val", val_aug, args, device)
+    train_feats, train_labels = extract(encoder, splits["train"], val_aug, args, device, "train features")
+    val_feats, val_labels = extract(encoder, splits["val"], val_aug, args, device, "val features")
     extract_s = time.time() - start
     result: Dict = {"name": args.name or what, **info, "num_train": len(train_labels),
                     "num_val": len(val_labels), "feat_dim": int(train_feats.shape[1]), "world_size": env.world_size,
@@ -92,7 +98,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         print(f"[knn] {what}: {len(train_labels)} train / {len(val_labels)} val features of dim "
               f"{train_feats.shape[1]} in {extract_s:.1f}s on {env.world_size} process(es)", flush=True)
         knn = knn_evaluate(train_feats, train_labels, val_feats, val_labels, args.knn_k, args.knn_t,
-                           num_classes, args.chunk_size)
+                           num_classes, args.chunk_size, progress="kNN")
         result["knn"] = {str(k): v for k, v in knn.items()}
         for k, acc in knn.items():
             print(f"[knn] k={k} T={args.knn_t}: top1 {acc['top1']:.2f}  top5 {acc['top5']:.2f}", flush=True)
@@ -101,10 +107,12 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         if args.linear_aug_copies > 0:
             null_aug = build_augmentation("NULL", num_views=1, image_size=args.image_size, crop=args.linear_crop)
             null_aug.device.to(device)
+            null_train = build_dataset(args.data_dir, "train", args.zip, args.cache_mode, null_aug.cpu, 0, 1)
             copies = []
             for c in range(args.linear_aug_copies):
                 torch.manual_seed(args.seed + 1000 * (c + 1) + env.rank)
-                copies.append(extract(encoder, args.data_dir, "train", null_aug, args, device)[0])
+                copies.append(extract(encoder, null_train, null_aug, args, device,
+                                      f"augmented copy {c + 1}/{args.linear_aug_copies}")[0])
             linear_train = torch.stack(copies)
         else:
             linear_train = train_feats
@@ -113,7 +121,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             _, acc = train_linear_cached(linear_train, train_labels, val_feats, val_labels, num_classes,
                                          epochs=args.linear_epochs, lr=args.linear_lr,
                                          batch_size=args.linear_batch_size, weight_decay=args.linear_wd,
-                                         seed=args.seed)
+                                         seed=args.seed, progress="linear-cached")
             acc["seconds"] = round(time.time() - start, 2)
             acc["aug_copies"] = args.linear_aug_copies
             acc["epochs"] = args.linear_epochs

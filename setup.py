@@ -11,15 +11,15 @@ setup(
     packages=find_packages(include=["contrast", "contrast.*"]),
     python_requires=">=3.9",
     install_requires=[
-        "torch>=2.1,<=2.14.1",
-        "torchvision>=0.16,<=0.29.1",
+        "torch>=2.1",
+        "torchvision>=0.16",
         "numpy>=1.21",
         "pillow>=9.0",
         "termcolor>=2.0",
         "tensorboard>=2.10",
     ],
     extras_require={
-        "test": ["pytest>=7", "matplotlib>=3.5"],
+        "test": ["pytest>=7", "matplotlib>=3.5", "scipy>=1.7"],
         "tools": ["matplotlib>=3.5", "scikit-image>=0.19"],
     },
 )

@@ -17,11 +17,10 @@ Measured per recipe (SimCLR 2 x 224, MultiCrop 160 + 3 x 96):
 The machine may be shared: each figure is the best of ``--repeats`` rounds, and each round runs
 every measurement in turn.
 
-    python benchmarks/data_pipeline.py [--images 256] [--repeats 5] [--out benchmarks/results/data_pipeline.json]
+    python benchmarks/data_pipeline.py [--images 256] [--repeats 5] [--output-json benchmarks/results/data_pipeline.json]
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -35,7 +34,9 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from contrast import engine  # noqa: E402
 from contrast.data.transforms import build_augmentation  # noqa: E402
+from contrast.option import data_pipeline_parser  # noqa: E402
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field")
 RECIPES = {
@@ -73,7 +74,7 @@ def best_rates(jobs: dict[str, Callable[[], int]], repeats: int) -> dict[str, fl
     return best
 
 
-def run(num_images: int, repeats: int) -> dict:
+def run(num_images: int, repeats: int, seed: int = 0) -> dict:
     jpegs = make_jpegs()
     items = [jpegs[i % len(jpegs)] for i in range(num_images)]
 
@@ -94,7 +95,7 @@ def run(num_images: int, repeats: int) -> dict:
     for label, cfg in RECIPES.items():
         plain = build_augmentation(**cfg, fast=False)
         fast = build_augmentation(**cfg, fast=True)
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         samples = [fast.cpu(Image.open(io.BytesIO(items[i % len(items)]))) for i in range(DEVICE_BATCH)]
         batch = [torch.stack(v) for v in zip(*samples)]
         fast.device(batch)  # warm-up
@@ -112,17 +113,14 @@ def run(num_images: int, repeats: int) -> dict:
     return results
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=256, help="images per timed run")
-    parser.add_argument("--repeats", type=int, default=5, help="runs per figure; the best is kept")
-    parser.add_argument("--out", default="benchmarks/results/data_pipeline.json", help="JSON output path")
-    args = parser.parse_args()
+def main(argv=None) -> dict:
+    parser = data_pipeline_parser(__doc__, "benchmarks/results/data_pipeline.json")
+    args = parser.parse_args(argv)
     if args.images < 1 or args.repeats < 1:
         parser.error("--images and --repeats must be >= 1")
     torch.set_num_threads(1)
 
-    res = run(args.images, args.repeats)
+    res = run(args.images, args.repeats, args.seed)
     print(f"images/s per core (1 process, 1 thread), best of {args.repeats} runs of {args.images} images "
           f"(shared machine); device stage timed on the CPU in batches of {DEVICE_BATCH}")
     print(f"JPEG decode only (full size, ~500x375): {res['decode']:.0f}/s")
@@ -139,11 +137,12 @@ def main() -> None:
                    "torch": torch.__version__, "python": platform.python_version(),
                    "pillow": Image.__version__, "machine": platform.machine(), "photos": list(PHOTOS),
                    "load_average_1min_at_end": os.getloadavg()[0]}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
+    os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
+    with open(args.output_json, "w") as f:
         json.dump(res, f, indent=2)
-    print(f"wrote {args.out}")
+    print(f"wrote {args.output_json}")
+    return res
 
 
 if __name__ == "__main__":
-    main()
+    engine.run_cli(main)

@@ -13,10 +13,12 @@ the recent-id queue (K ids visited) so the timed steps are in steady state.
 
     python benchmarks/pic_head.py                       # full table, writes benchmarks/results/pic_head.json
     python benchmarks/pic_head.py --sizes 100000 --reps 2 --dense-sizes 100000   # quick check
+
+``--pic-storage-dir DIR`` puts the sampled head's table files in DIR (created if missing; each run uses
+a temporary sub-folder it removes), e.g. on the disk a real run would use.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -35,6 +37,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # resident size follows the live tensors (no heap kept from earlier steps hides a step's peak).
 WORKER_ENV = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
 sys.path.insert(0, ROOT)
+from contrast import engine  # noqa: E402
+from contrast.option import pic_head_parser  # noqa: E402
 
 
 def rss_anon_bytes() -> int:
@@ -119,41 +123,43 @@ def run_sampled(n: int, d: int, b: int, k: int, reps: int, storage_dir: str) -> 
             "num_candidates": int(clf.stats()["num_candidates"]), "setup_s": setup_s, "step_s_all": times}
 
 
+def prepare_storage_dir(path):
+    """Create ``--pic-storage-dir`` if missing; a path that cannot be a folder is a one-line error."""
+    if path is None:
+        return None
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--pic-storage-dir {path}: cannot create the folder ({e.strerror or e})") from e
+    return path
+
+
 def worker(args) -> None:
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     if args.worker == "dense":
-        out = run_dense(args.n, args.dim, args.batch, args.reps)
+        out = run_dense(args.n, args.feature_dim, args.batch_size, args.reps)
     else:
-        directory = tempfile.mkdtemp(prefix="pic_head_", dir=args.storage_root)
+        directory = tempfile.mkdtemp(prefix="pic_head_", dir=args.pic_storage_dir)
         try:
-            out = run_sampled(args.n, args.dim, args.batch, args.num_negative, args.reps, directory)
+            out = run_sampled(args.n, args.feature_dim, args.batch_size, args.pic_num_negative, args.reps, directory)
         finally:
             shutil.rmtree(directory, ignore_errors=True)
     print("RESULT " + json.dumps(out), flush=True)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", type=int, nargs="+", default=[1_280_000, 10_000_000, 100_000_000])
-    p.add_argument("--dense-sizes", type=int, nargs="*", default=[1_280_000])
-    p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--num-negative", type=int, default=65536)
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--storage-root", default=None, help="directory for the sampled head's table files")
-    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "pic_head.json"))
-    p.add_argument("--worker", choices=["dense", "sampled"], help=argparse.SUPPRESS)
-    p.add_argument("--n", type=int, help=argparse.SUPPRESS)
-    args = p.parse_args()
+def main(argv=None) -> dict:
+    p = pic_head_parser(__doc__, os.path.join(ROOT, "benchmarks", "results", "pic_head.json"))
+    args = p.parse_args(argv)
+    args.pic_storage_dir = prepare_storage_dir(args.pic_storage_dir)
     if args.worker:
         return worker(args)
 
-    common = ["--dim", str(args.dim), "--batch", str(args.batch), "--num-negative", str(args.num_negative),
-              "--reps", str(args.reps), "--threads", str(args.threads)]
-    if args.storage_root:
-        common += ["--storage-root", args.storage_root]
+    common = ["--feature-dim", str(args.feature_dim), "--batch-size", str(args.batch_size), "--pic-num-negative",
+              str(args.pic_num_negative), "--reps", str(args.reps), "--threads", str(args.threads),
+              "--seed", str(args.seed)]
+    if args.pic_storage_dir:
+        common += ["--pic-storage-dir", args.pic_storage_dir]
     runs = [("dense", n) for n in args.dense_sizes] + [("sampled", n) for n in args.sizes]
     results = []
     for head, n in runs:
@@ -181,12 +187,16 @@ def main() -> None:
             "extra_memory_ratio": sampled[hi]["extra_mb"] / max(sampled[lo]["extra_mb"], 1e-9)}
     for key, val in summary.items():
         print(f"{key}: time x{val['time_ratio']:.2f}, extra memory x{val['extra_memory_ratio']:.2f}")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"config": {k: v for k, v in vars(args).items() if k not in ("worker", "n")},
-                   "torch": torch.__version__, "results": results, "summary": summary}, f, indent=2)
-    print(f"wrote {args.out}")
+    os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
+    config = {k: v for k, v in vars(args).items() if k not in ("worker", "n", "debug")}
+    config["output_json"] = os.path.relpath(os.path.abspath(args.output_json), ROOT)
+    report = {"config": config,
+              "torch": torch.__version__, "results": results, "summary": summary}
+    with open(args.output_json, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"wrote {args.output_json}")
+    return report
 
 
 if __name__ == "__main__":
-    main()
+    engine.run_cli(main)

@@ -7,11 +7,10 @@ Inputs are random tensors already on the device: this measures the model step
 only, not data loading or augmentation. Images/s counts images, not views.
 
     python benchmarks/train_step.py --quick                    # CPU smoke run
-    python benchmarks/train_step.py --archs resnet18,resnet50  # full table
+    python benchmarks/train_step.py --arch resnet18 resnet50   # full table
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -22,8 +21,11 @@ from typing import Dict, List
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from contrast import engine  # noqa: E402
 from contrast.config import BackboneConfig, MethodConfig  # noqa: E402
+from contrast.distributed import resolve_device  # noqa: E402
 from contrast.models import build_method, method_class  # noqa: E402
+from contrast.option import train_step_parser  # noqa: E402
 
 # name: (model, aug, [view sizes])
 CONFIGS: Dict[str, tuple] = {
@@ -35,35 +37,17 @@ CONFIGS: Dict[str, tuple] = {
 }
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--archs", default="resnet18,resnet50")
-    p.add_argument("--methods", default=",".join(CONFIGS))
-    p.add_argument("--precisions", default="fp32,bf16")
-    p.add_argument("--channels-last", default="0,1", help="comma list of 0/1")
-    p.add_argument("--batch", type=int, default=None, help="images per step (default 64 on CUDA, 8 on CPU)")
-    p.add_argument("--iters", type=int, default=None, help="timed steps (default 20 on CUDA, 3 on CPU)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 5 on CUDA, 1 on CPU)")
-    p.add_argument("--num-instances", type=int, default=10000, help="N for PIC / InstDisc")
-    p.add_argument("--num-negative", type=int, default=65536, help="MoCo queue / InstDisc K")
-    p.add_argument("--device", default=None)
-    p.add_argument("--quick", action="store_true", help="ResNet-18 only, batch 8, 2 timed steps")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                                  "train_step.json"))
+def parse_args(argv=None):
+    p = train_step_parser(__doc__, list(CONFIGS), os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                               "results", "train_step.json"))
     args = p.parse_args(argv)
-    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args.device = resolve_device(args.device)
     cuda = args.device.type == "cuda"
     if args.quick:
-        args.archs, args.batch, args.iters, args.warmup = "resnet18", args.batch or 8, args.iters or 2, 1
-    args.batch = args.batch or (64 if cuda else 8)
+        args.arch, args.batch_size, args.iters, args.warmup = ["resnet18"], args.batch_size or 8, args.iters or 2, 1
+    args.batch_size = args.batch_size or (64 if cuda else 8)
     args.iters = args.iters or (20 if cuda else 3)
     args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
-    for name in args.methods.split(","):
-        if name not in CONFIGS:
-            p.error(f"--methods: unknown {name!r}; choose from {', '.join(CONFIGS)}")
-    for prec in args.precisions.split(","):
-        if prec not in ("fp32", "bf16"):
-            p.error(f"--precisions: unknown {prec!r}; choose from fp32, bf16")
     return args
 
 
@@ -74,17 +58,17 @@ def _sync(device: torch.device) -> None:
 
 def bench_one(args, arch: str, name: str, precision: str, channels_last: bool) -> Dict:
     model, aug, sizes = CONFIGS[name]
-    cfg = MethodConfig(name=model, backbone=BackboneConfig(arch=arch), mlp_head=model != "InstDisc",
-                       momentum=0.999 if model == "MoCo" else 0.5, num_negative=args.num_negative,
+    cfg = MethodConfig(name=model, backbone=BackboneConfig(arch=arch, stem=args.stem), mlp_head=model != "InstDisc",
+                       momentum=0.999 if model == "MoCo" else 0.5, num_negative=args.contrast_num_negative,
                        multi_crop=aug == "MultiCrop",
                        options={f.dest: f.default for f in method_class(model).flags})
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     method = build_method(cfg, args.num_instances).to(args.device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     method = method.to(memory_format=fmt)
     opt = torch.optim.SGD(method.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
-    views = [torch.randn(args.batch, 3, s, s, device=args.device).contiguous(memory_format=fmt) for s in sizes]
-    index = torch.randint(args.num_instances, (args.batch,), device=args.device)
+    views = [torch.randn(args.batch_size, 3, s, s, device=args.device).contiguous(memory_format=fmt) for s in sizes]
+    index = torch.randint(args.num_instances, (args.batch_size,), device=args.device)
 
     def step(i: int) -> float:
         with torch.autocast(device_type=args.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
@@ -103,9 +87,9 @@ def bench_one(args, arch: str, name: str, precision: str, channels_last: bool) -
         loss = step(args.warmup + i)
     _sync(args.device)
     seconds = time.perf_counter() - start
-    row = dict(arch=arch, method=name, precision=precision, channels_last=channels_last, batch=args.batch,
-               views="+".join(map(str, sizes)), iters=args.iters, seconds=round(seconds, 4),
-               images_per_s=round(args.batch * args.iters / seconds, 2), loss=float(loss))
+    row = dict(arch=arch, stem=args.stem, method=name, precision=precision, channels_last=channels_last,
+               batch=args.batch_size, views="+".join(map(str, sizes)), iters=args.iters, seconds=round(seconds, 4),
+               images_per_s=round(args.batch_size * args.iters / seconds, 2), loss=float(loss))
     if args.device.type == "cuda":
         row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(args.device) / 2 ** 30, 2)
         torch.cuda.reset_peak_memory_stats(args.device)
@@ -117,10 +101,10 @@ def main(argv=None) -> List[Dict]:
     if args.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     rows = []
-    for arch in args.archs.split(","):
-        for name in args.methods.split(","):
-            for precision in args.precisions.split(","):
-                for cl in (bool(int(c)) for c in args.channels_last.split(",")):
+    for arch in args.arch:
+        for name in args.methods:
+            for precision in args.precisions:
+                for cl in (bool(c) for c in args.channels_last):
                     row = bench_one(args, arch, name, precision, cl)
                     rows.append(row)
                     print(f"{arch:10s} {name:14s} {precision:5s} cl={int(cl)} {row['images_per_s']:9.1f} img/s"
@@ -128,13 +112,13 @@ def main(argv=None) -> List[Dict]:
     device = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else platform.processor() or "cpu"
     result = dict(device=device, device_type=args.device.type, torch=torch.__version__,
                   threads=torch.get_num_threads(), num_instances=args.num_instances,
-                  num_negative=args.num_negative, rows=rows)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
+                  num_negative=args.contrast_num_negative, rows=rows)
+    os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
+    with open(args.output_json, "w") as f:
         json.dump(result, f, indent=1)
-    print(f"wrote {args.out}")
+    print(f"wrote {args.output_json}")
     return rows
 
 
 if __name__ == "__main__":
-    main()
+    engine.run_cli(main)

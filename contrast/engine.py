@@ -282,14 +282,41 @@ def save_epoch(run: Run, epoch: int, save_freq: int, last_epoch: int, **kwargs) 
         run.logger.info(f"saved {path}")
 
 
+#: Set by ``python -m contrast.launch`` for the processes it starts: it reports their errors itself.
+LAUNCHER_ENV = "CONTRAST_LAUNCHER"
+#: User errors reported in one line (bad flags, data, checkpoints, files, non-finite losses).
+USER_ERRORS = (CheckpointError, NonFiniteLossError, DatasetError, ValueError, OSError)
+
+
+def _write_error_file(line: str) -> bool:
+    """Hand ``line`` to the torchrun agent through its error file (``TORCHELASTIC_ERROR_FILE``, in the
+    format of ``torch.distributed.elastic``'s ``ErrorHandler``), so its failure report quotes the line
+    where it would put a traceback (the traceback is in the log file)."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return False
+    data = {"message": {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}}
+    try:
+        with open(path, "w") as f:
+            json.dump(data, f)
+    except OSError:
+        return False
+    return True
+
+
 def run_cli(main: Callable[[Optional[List[str]]], Any], argv: Optional[List[str]] = None) -> None:
-    """Run an entry point; a user error (bad input, bad checkpoint, non-finite loss, ...) ends with one
-    clear line on rank 0 and exit code 1, its traceback only in the log file (and on the console with
-    ``--debug``)."""
+    """Run an entry point; a user error (bad input, bad checkpoint, non-finite loss, a missing file, ...)
+    ends with one clear line and exit code 1, its traceback only in the log file (and on the console
+    with ``--debug``).
+
+    Under torchrun the line also goes to the agent's error file; rank 0 prints it at once, another rank
+    after a 1 s pause (an error every rank meets is then reported by rank 0, whose exit makes torchrun
+    stop the others). Under ``python -m contrast.launch`` the launcher prints the line instead.
+    """
     args = sys.argv[1:] if argv is None else argv
     try:
         main(argv)
-    except (CheckpointError, NonFiniteLossError, DatasetError, ValueError, FileNotFoundError) as e:
+    except USER_ERRORS as e:
         if "--debug" in args:
             raise
         record = logging.makeLogRecord({"name": "contrast", "levelno": logging.ERROR, "levelname": "ERROR",
@@ -298,12 +325,13 @@ def run_cli(main: Callable[[Optional[List[str]]], Any], argv: Optional[List[str]
             if isinstance(h, logging.FileHandler):
                 h.handle(record)
         rank = cd.get_rank() if cd.is_dist() else int(os.environ.get("RANK", "0"))
-        if rank > 0:
-            # An error every rank meets is reported by rank 0, whose exit makes torchrun stop the others
-            # within this second; an error of this rank alone is still printed.
-            time.sleep(1.0)
         where = f" (rank {rank})" if rank > 0 else ""
-        print(f"{os.path.basename(sys.argv[0])}: error{where}: {e}", file=sys.stderr, flush=True)
+        line = f"{os.path.basename(sys.argv[0])}: error{where}: {e}"
+        if rank > 0:
+            time.sleep(1.0)
+        reported = _write_error_file(line) and os.environ.get(LAUNCHER_ENV) == "1"
+        if not reported:
+            print(line, file=sys.stderr, flush=True)
         sys.exit(1)
     finally:
         cd.cleanup()

@@ -197,13 +197,60 @@ def add_runtime_flags(p: argparse.ArgumentParser, *, output_dir: Optional[str] =
                        "(current.pth is written every epoch)")
         g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True,
                        help="(new) TensorBoard scalars in <output-dir>")
-    g.add_argument("--device", type=str, default="auto", help="(new) auto (cuda:<local_rank> if available, "
-                   "else cpu), cpu, cuda or cuda:<i>")
-    g.add_argument("--seed", "--rng-seed", dest="seed", type=int, default=0, help="(new) random seed")
+    add_device_flag(g)
+    add_seed_flag(g)
     g.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=-1,
                    help="set by torch.distributed.launch; torchrun uses LOCAL_RANK")
+    add_debug_flag(g)
+
+
+def add_device_flag(g) -> None:
+    g.add_argument("--device", type=str, default="auto", help="(new) auto (cuda:<local_rank> if available, "
+                   "else cpu), cpu, cuda or cuda:<i>")
+
+
+def add_seed_flag(g) -> None:
+    g.add_argument("--seed", "--rng-seed", dest="seed", type=int, default=0, help="(new) random seed")
+
+
+def add_debug_flag(g) -> None:
     g.add_argument("--debug", action="store_true", help="(new) show the full traceback of an error instead of "
-                   "one line (it is always written to the log file)")
+                   "one line (it is always written to the log file, where there is one)")
+
+
+def add_output_json_flag(g, default: str, *aliases: str, note: str = "") -> None:
+    """``--output-json`` (results as JSON; ``aliases``: the tool's earlier names)."""
+    g.add_argument("--output-json", *aliases, dest="output_json", type=str, default=default,
+                   help="write the results as JSON to this file" + note
+                        + (f"; {', '.join(aliases)} is an alias" if aliases else ""))
+
+
+def add_dataset_output_flag(g) -> None:
+    """``--data-dir`` of a tool that writes a dataset: the root the training scripts' --data-dir then reads."""
+    g.add_argument("--data-dir", "--out", dest="data_dir", type=str, required=True,
+                   help="dataset root to write (what --data-dir of main_pretrain.py then reads); --out is an alias")
+
+
+class _ListAction(argparse.Action):
+    """Several values, as separate words and/or comma lists (``--arch resnet18,resnet50`` equals
+    ``--arch resnet18 resnet50``), each converted by ``item_type`` and checked against ``item_choices``."""
+
+    def __init__(self, option_strings, dest, item_type=str, item_choices=None, **kwargs) -> None:
+        kwargs.setdefault("nargs", "+")
+        super().__init__(option_strings, dest, **kwargs)
+        self.item_type, self.item_choices = item_type, item_choices
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        items = [v for value in values for v in str(value).split(",") if v]
+        try:
+            items = [self.item_type(v) for v in items]
+        except ValueError as e:
+            parser.error(f"{option_string}: {e}")
+        bad = [v for v in items if self.item_choices is not None and v not in self.item_choices]
+        if bad:
+            parser.error(f"{option_string}: {', '.join(map(str, bad))} not among "
+                         f"{', '.join(map(str, self.item_choices))}")
+        setattr(namespace, self.dest, items)
 
 
 def add_pretrained_flag(p: argparse.ArgumentParser, *, required: bool) -> None:
@@ -309,9 +356,7 @@ def knn_parser() -> argparse.ArgumentParser:
     g.add_argument("--linear-wd", type=float, default=0.0, help="weight decay")
     add_runtime_flags(p, output_dir=None, checkpoints=False)
     g = p.add_argument_group("results")
-    g.add_argument("--output-json", "--output", dest="output_json", type=str, default="",
-                   help="write the results as JSON to this file (default: <output-dir>/knn.json when --output-dir "
-                        "is given); --output is an alias")
+    add_output_json_flag(g, "", "--output", note=" (default: <output-dir>/knn.json when --output-dir is given)")
     g.add_argument("--save-features", type=str, default="", help="also torch.save the features and labels "
                    "of both splits (dataset order) to this file")
     g.add_argument("--name", type=str, default="", help="run name recorded in the JSON (default: derived)")
@@ -328,7 +373,108 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=1e-5, help="max abs feature difference allowed")
     p.add_argument("--verify-size", type=int, default=None,
                    help="image side of the verification batch (default: 32 small stems, 64 imagenet)")
-    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    add_debug_flag(p)
+    return p
+
+
+# ---------------------------------------------------------------------------------------- tools and benchmarks
+def plot_curves_parser(doc: str = "") -> argparse.ArgumentParser:
+    p = _parser("plot_curves.py", doc)
+    p.add_argument("--runs", nargs="+", required=True, help="run output folders (or event / log files)")
+    p.add_argument("--labels", nargs="+", default=None, help="one legend label per run (default: folder names)")
+    p.add_argument("--output", default="curves.png", help="PNG file to write")
+    p.add_argument("--title", default="", help="figure title")
+    p.add_argument("--x", choices=("step", "progress"), default="step",
+                   help="x axis: iteration / epoch, or the fraction of each run done (runs of one budget)")
+    p.add_argument("--recursive", action="store_true", help="also read the event files of sub-folders (by "
+                   "default only the run folder's own: a pretraining run's eval/ is another run)")
+    add_debug_flag(p)
+    return p
+
+
+def prepare_fashion_mnist_parser(doc: str = "", default_src: str = "") -> argparse.ArgumentParser:
+    p = _parser("prepare_fashion_mnist.py", doc)
+    p.add_argument("--src", default=default_src, help="folder with the four IDX files (.gz or not)")
+    add_dataset_output_flag(p)
+    p.add_argument("--layout", choices=["folder", "zip", "both"], default="both", help="output layout(s)")
+    p.add_argument("--class-names", choices=["fmnist", "index"], default="fmnist",
+                   help="class folder names: '<label>_<fmnist name>' or the label")
+    p.add_argument("--limit-train", type=int, default=0, help="keep only the first N training images (0 = all)")
+    p.add_argument("--limit-val", type=int, default=0, help="keep only the first N test images (0 = all)")
+    add_debug_flag(p)
+    return p
+
+
+def demo_dataset_parser(doc: str = "") -> argparse.ArgumentParser:
+    p = _parser("make_demo_dataset.py", doc)
+    add_dataset_output_flag(p)
+    p.add_argument("--train-per-class", type=int, default=100, help="training images per class")
+    p.add_argument("--val-per-class", type=int, default=20, help="validation images per class")
+    p.add_argument("--image-size", "--size", dest="image_size", type=int, default=32,
+                   help="image side in pixels (--size: alias)")
+    add_seed_flag(p)
+    add_debug_flag(p)
+    return p
+
+
+def train_step_parser(doc: str = "", methods: Sequence[str] = (), output_json: str = "") -> argparse.ArgumentParser:
+    """``benchmarks/train_step.py``: ``methods`` are its recipe names; list flags take words or commas."""
+    p = _parser("train_step.py", doc)
+    p.add_argument("--arch", "--archs", dest="arch", action=_ListAction, item_choices=ARCHS,
+                   default=["resnet18", "resnet50"], help="backbones (--archs: alias)")
+    p.add_argument("--stem", type=str, default="imagenet", choices=STEMS, help="layers before layer1")
+    p.add_argument("--methods", action=_ListAction, item_choices=tuple(methods), default=list(methods),
+                   help="recipes to time")
+    p.add_argument("--precisions", action=_ListAction, item_choices=("fp32", "bf16"), default=["fp32", "bf16"],
+                   help="fp32 and/or bf16 autocast")
+    p.add_argument("--channels-last", action=_ListAction, item_type=int, item_choices=(0, 1), default=[0, 1],
+                   help="memory formats to time: 0 contiguous, 1 channels-last")
+    p.add_argument("--batch-size", "--batch", dest="batch_size", type=int, default=None,
+                   help="images per step (default 64 on CUDA, 8 on CPU; --batch: alias)")
+    p.add_argument("--iters", type=int, default=None, help="timed steps (default 20 on CUDA, 3 on CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 5 on CUDA, 1 on CPU)")
+    p.add_argument("--num-instances", type=int, default=10000, help="N for PIC / InstDisc")
+    p.add_argument("--contrast-num-negative", "--num-negative", dest="contrast_num_negative", type=int,
+                   default=65536, help="MoCo queue / InstDisc K (--num-negative: alias)")
+    p.add_argument("--quick", action="store_true", help="ResNet-18 only, batch 8, 2 timed steps")
+    add_device_flag(p)
+    add_seed_flag(p)
+    add_output_json_flag(p, output_json, "--out")
+    add_debug_flag(p)
+    return p
+
+
+def pic_head_parser(doc: str = "", output_json: str = "") -> argparse.ArgumentParser:
+    p = _parser("pic_head.py", doc)
+    p.add_argument("--sizes", type=int, nargs="+", default=[1_280_000, 10_000_000, 100_000_000],
+                   help="N of the sampled head")
+    p.add_argument("--dense-sizes", type=int, nargs="*", default=[1_280_000], help="N of the dense head")
+    p.add_argument("--feature-dim", "--dim", dest="feature_dim", type=int, default=128,
+                   help="embedding dimension D (--dim: alias)")
+    p.add_argument("--batch-size", "--batch", dest="batch_size", type=int, default=256,
+                   help="images per step (--batch: alias)")
+    p.add_argument("--pic-num-negative", "--num-negative", dest="pic_num_negative", type=int, default=65536,
+                   help="recent negatives K of the sampled head (--num-negative: alias)")
+    p.add_argument("--reps", type=int, default=5, help="timed steps per configuration (the median is kept)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--pic-storage-dir", "--storage-root", dest="pic_storage_dir", default=None,
+                   help="folder for the sampled head's table files, created if missing (default: the system's "
+                        "temporary folder; --storage-root: alias)")
+    add_seed_flag(p)
+    add_output_json_flag(p, output_json, "--out")
+    add_debug_flag(p)
+    p.add_argument("--worker", choices=["dense", "sampled"], help=argparse.SUPPRESS)
+    p.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    return p
+
+
+def data_pipeline_parser(doc: str = "", output_json: str = "") -> argparse.ArgumentParser:
+    p = _parser("data_pipeline.py", doc)
+    p.add_argument("--images", type=int, default=256, help="images per timed run")
+    p.add_argument("--repeats", type=int, default=5, help="runs per figure; the best is kept")
+    add_seed_flag(p)
+    add_output_json_flag(p, output_json, "--out")
+    add_debug_flag(p)
     return p
 
 

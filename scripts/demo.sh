@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
 # The whole job on the CPU in a few minutes, no download: build a synthetic 10-class dataset of
 # shapes and textures (300 train images), pretrain PIC (ResNet-18, 32 px, 25 epochs: each image is
-# seen 25 times, about 1 min on 2 cores), then kNN of PIC and of a random-init ResNet-18 (the
-# baseline PIC must beat) and the linear evaluation of PIC.
+# seen 25 times), then kNN and a cached-feature linear probe of PIC and of a random-init ResNet-18
+# (the baseline PIC must beat), and the standard linear evaluation of PIC.
 #
-#   bash scripts/demo.sh
+#   bash scripts/demo.sh                 # or: bash scripts/demo.sh > demo.log 2>&1
+#
+# PIC runs with its sliding-window data scheduler: --epochs counts passes over the data, and the loop
+# runs ceil(epochs x N / W) window-epochs of W images each (25 x 300 / 240 -> 32), which is what the
+# log's "train epoch [e/32]" counts. Disk: the dataset and one checkpoint per stage (the pretraining
+# and the linear classifier's current.pth), no intermediate ones.
 #
 # Environment overrides: DEMO_DIR (./output/demo), EPOCHS (25), LINEAR_EPOCHS (8), PER_CLASS (30),
-# NUM_WORKERS (2), DEVICE (cpu), EXTRA_ARGS (appended to the pretraining command).
+# NUM_WORKERS (2), DEVICE (cpu), PYTHON (python), EXTRA_ARGS (appended to the pretraining command).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+py=${PYTHON:-python}
 demo_dir=${DEMO_DIR:-./output/demo}
 epochs=${EPOCHS:-25}
 linear_epochs=${LINEAR_EPOCHS:-8}
@@ -20,39 +26,61 @@ device=${DEVICE:-cpu}
 data_dir=${demo_dir}/data
 pre_dir=${demo_dir}/PIC
 eval_dir=${pre_dir}/eval
+num_train=$((10 * per_class))
+window=$((num_train < 240 ? num_train : 240))      # W (the sampler clamps it to N the same way)
+stride=$((window / 4 > 0 ? window / 4 : 1))         # each image sits in W / S = 4 consecutive windows
+loop_epochs=$(((epochs * num_train + window - 1) / window))
+start=${SECONDS}
 
 if [ ! -d "${data_dir}/train" ]; then
-    python tools/make_demo_dataset.py --out "${data_dir}" --train-per-class "${per_class}" --val-per-class 20 --size 32
+    "${py}" tools/make_demo_dataset.py --data-dir "${data_dir}" --train-per-class "${per_class}" \
+        --val-per-class 20 --image-size 32
 fi
 
+echo "[demo] pretraining PIC: ${epochs} epochs over ${num_train} images = ${loop_epochs} sliding-window epochs" \
+     "of ${window} images (the log counts window-epochs: train epoch [e/${loop_epochs}])"
 # Small N: lr 0.02 (base 0.08 x 32 / 256); at lr 0.075 the tiny N(0, 0.01) rows of the table thrash
-# and the loss stays at ln N. Each image sits in W / S = 4 consecutive windows.
-python main_pretrain.py --model PIC --aug SimCLR --crop 0.3 --mlp-head --contrast-temperature 0.2 \
-    --use-sliding-window-sampler --window-size 240 --window-stride 60 \
+# and the loss stays at ln N. --save-freq: only the last window-epoch gets a ckpt_epoch_<e>.pth.
+"${py}" main_pretrain.py --model PIC --aug SimCLR --crop 0.3 --mlp-head --contrast-temperature 0.2 \
+    --use-sliding-window-sampler --window-size "${window}" --window-stride "${stride}" \
     --data-dir "${data_dir}" --arch resnet18 --image-size 32 --feature-dim 64 \
     --batch-size 32 --base-learning-rate 0.08 --epochs "${epochs}" --warmup-epoch 1 \
-    --num-workers "${workers}" --device "${device}" --print-freq 20 --save-freq 8 \
+    --num-workers "${workers}" --device "${device}" --print-freq 20 --save-freq "${loop_epochs}" \
     --output-dir "${pre_dir}" --auto-resume ${EXTRA_ARGS:-}
+rm -f "${pre_dir}/ckpt_epoch_${loop_epochs}.pth"   # the same weights as current.pth
 
-knn() {  # "kNN top-1 k=20, k=200; cached-feature linear top-1" of main_knn.py's arguments
-    python main_knn.py --data-dir "${data_dir}" --image-size 32 --knn-k 20 200 --linear-cached --num-workers 0 \
-        --device "${device}" "$@" | tee /dev/stderr | grep -E '^\[(knn\] k=|linear-cached)' \
-        | sed -E 's/^\[knn\] (k=[0-9]+) T=[0-9.]*: top1 ([0-9.]+).*/\1: \2/; s/^\[linear-cached\].*top1 ([0-9.]+).*/| cached linear: \1/' \
-        | paste -sd' '
+# kNN (k = 20, 200) and the cached-feature linear probe; the results go to a JSON file each.
+knn() {
+    "${py}" main_knn.py --data-dir "${data_dir}" --knn-k 20 200 --linear-cached --num-workers 0 \
+        --device "${device}" "$@"
 }
-knn_random=$(knn --random-init --arch resnet18)
-knn_pic=$(knn --checkpoint "${pre_dir}/current.pth")
+knn --random-init --arch resnet18 --image-size 32 --output-json "${demo_dir}/knn_random_init.json"
+knn --pretrained-model "${pre_dir}/current.pth" --output-json "${demo_dir}/knn_PIC.json"
 
-python main_linear.py --pretrained-model "${pre_dir}/current.pth" \
-    --data-dir "${data_dir}" --arch resnet18 --image-size 32 --crop 0.3 \
+# Arch, stem and image size come from the pretraining checkpoint.
+"${py}" main_linear.py --pretrained-model "${pre_dir}/current.pth" --data-dir "${data_dir}" --crop 0.3 \
     --total-batch-size 64 --learning-rate 0.4 --epochs "${linear_epochs}" --warmup-epoch 0 \
-    --num-workers "${workers}" --device "${device}" --print-freq 10 --output-dir "${eval_dir}" --auto-resume
+    --num-workers "${workers}" --device "${device}" --print-freq 10 --save-freq "${linear_epochs}" \
+    --output-dir "${eval_dir}" --auto-resume
+rm -f "${eval_dir}/ckpt_epoch_${linear_epochs}.pth"   # the same weights as current.pth
+
+summary() {  # "kNN top-1 k=20 a, k=200 b; cached linear top-1 c" of a main_knn.py JSON file
+    "${py}" - "$1" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+knn = ", ".join(f"k={k} {v['top1']:.1f}" for k, v in r["knn"].items())
+print(f"kNN top-1 {knn}; cached linear top-1 {r['linear']['top1']:.1f}")
+PY
+}
 
 echo
-echo "demo finished"
+echo "demo finished in $((SECONDS - start)) s"
+echo "  PIC pretraining        : ${epochs} epochs = ${loop_epochs} sliding-window epochs of ${window} images"
 echo "  pretraining checkpoint : ${pre_dir}/current.pth   (log ${pre_dir}/log.txt, config ${pre_dir}/config.json)"
 echo "  linear checkpoint      : ${eval_dir}/current.pth   (log ${eval_dir}/log.txt)"
-echo "  top-1, random init     : ${knn_random}   (ResNet-18 baseline, same kNN / linear)"
-echo "  top-1, PIC             : ${knn_pic}"
-echo "  linear eval, PIC       : $(grep 'linear evaluation done' "${eval_dir}/log.txt" | tail -1 | sed 's/.*done: //')"
+echo "  random init ResNet-18  : $(summary "${demo_dir}/knn_random_init.json")   (the baseline)"
+echo "  PIC                    : $(summary "${demo_dir}/knn_PIC.json")"
+echo "  PIC, linear evaluation : $(grep 'linear evaluation done' "${eval_dir}/log.txt" | tail -1 \
+    | sed -E 's/.*done: //; s/; checkpoint.*//') (${linear_epochs} epochs)"
+echo "  disk                   : $(du -sh "${demo_dir}" | cut -f1) in ${demo_dir}"
 echo "  TensorBoard            : tensorboard --logdir ${demo_dir}"

@@ -1,10 +1,13 @@
-# Shared by scripts/<METHOD>.sh: pretraining then linear evaluation with torchrun.
+# Shared by scripts/<METHOD>.sh: pretraining then linear evaluation, each launched with
+# `python -m contrast.launch` (torchrun's flags and agent; an error ends in one line).
 #
 #   run_recipe NAME EPOCHS PRETRAIN_FLAGS... [-- LINEAR_FLAGS...]
 #
 # Environment: DATA_DIR (./data/ImageNet-Zip; --zip is added when it holds train.zip), NPROC (4
 # processes, batch 64 each = 256 in total), OUTPUT_DIR (./output/NAME/epochs-EPOCHS), EXTRA_ARGS
-# (appended to pretraining), LINEAR_EXTRA_ARGS (appended to linear evaluation), MASTER_PORT (12348).
+# (appended to pretraining), LINEAR_EXTRA_ARGS (appended to linear evaluation), MASTER_PORT (12348),
+# PYTHON (python). Linear evaluation takes the arch, stem, image size and evaluation crop from the
+# pretraining checkpoint, so EXTRA_ARGS="--arch resnet18 --image-size 32" needs no linear counterpart.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -19,7 +22,7 @@ run_recipe() {
     done
     local data_dir=${DATA_DIR:-./data/ImageNet-Zip}
     local output_dir=${OUTPUT_DIR:-./output/${name}/epochs-${epochs}}
-    local launch=("${PYTHON:-python}" -m torch.distributed.run --master_port "${MASTER_PORT:-12348}" --nproc_per_node="${NPROC:-4}")
+    local launch=("${PYTHON:-python}" -m contrast.launch --master_port "${MASTER_PORT:-12348}" --nproc_per_node="${NPROC:-4}")
     local data=(--data-dir "${data_dir}")
     if [ -f "${data_dir}/train.zip" ]; then data+=(--zip); fi
 

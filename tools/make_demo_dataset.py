@@ -5,18 +5,23 @@ diagonal stripes, checkerboard, dot grid) drawn in one of four fixed colour pair
 random size, position and rotation, plus pixel noise. Colour carries no class information, so a
 linear classifier needs shape features: a useful check that pretraining learned something.
 
-    python tools/make_demo_dataset.py --out output/demo/data --train-per-class 100 --val-per-class 20
+    python tools/make_demo_dataset.py --data-dir output/demo/data --train-per-class 100 --val-per-class 20
 
-writes ``<out>/{train,val}/<class>/<i>.png``.
+writes ``<data-dir>/{train,val}/<class>/<i>.png`` (``--out``: alias of ``--data-dir``).
 """
 from __future__ import annotations
 
-import argparse
 import os
-from typing import Callable, Dict
+import sys
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from contrast import engine  # noqa: E402
+from contrast.logger import Progress  # noqa: E402
+from contrast.option import demo_dataset_parser  # noqa: E402
 
 Draw = Callable[[ImageDraw.ImageDraw, np.random.Generator, int, tuple], None]
 
@@ -112,28 +117,26 @@ def render(name: str, rng: np.random.Generator, size: int) -> Image.Image:
 def make_dataset(out: str, train_per_class: int, val_per_class: int, size: int, seed: int = 0) -> str:
     rng = np.random.default_rng(seed)
     for split, n in (("train", train_per_class), ("val", val_per_class)):
-        for name in CLASSES:
-            folder = os.path.join(out, split, name)
-            os.makedirs(folder, exist_ok=True)
-            for i in range(n):
-                render(name, rng, size).save(os.path.join(folder, f"{i:05d}.png"))
+        with Progress(f"demo data {split}", total=n * len(CLASSES), unit="img") as bar:
+            for name in CLASSES:
+                folder = os.path.join(out, split, name)
+                os.makedirs(folder, exist_ok=True)
+                for i in range(n):
+                    render(name, rng, size).save(os.path.join(folder, f"{i:05d}.png"))
+                    bar.update()
     return out
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--train-per-class", type=int, default=100)
-    p.add_argument("--val-per-class", type=int, default=20)
-    p.add_argument("--size", type=int, default=32, help="image side in pixels")
-    p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args()
-    if min(a.train_per_class, a.val_per_class, a.size) < 1:
-        p.error("--train-per-class, --val-per-class and --size must be >= 1")
-    make_dataset(a.out, a.train_per_class, a.val_per_class, a.size, a.seed)
+def main(argv: Optional[List[str]] = None) -> str:
+    p = demo_dataset_parser(__doc__)
+    a = p.parse_args(argv)
+    if min(a.train_per_class, a.val_per_class, a.image_size) < 1:
+        p.error("--train-per-class, --val-per-class and --image-size must be >= 1")
+    make_dataset(a.data_dir, a.train_per_class, a.val_per_class, a.image_size, a.seed)
     print(f"wrote {len(CLASSES)} classes x ({a.train_per_class} train + {a.val_per_class} val) images of "
-          f"{a.size} px to {a.out}")
+          f"{a.image_size} px to {a.data_dir}")
+    return a.data_dir
 
 
 if __name__ == "__main__":
-    main()
+    engine.run_cli(main)

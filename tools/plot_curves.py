@@ -1,8 +1,11 @@
 """Plot training curves of one or several runs: loss, learning rate, throughput, kNN/linear accuracy.
 
 A run is an ``--output-dir`` of ``main_pretrain.py`` / ``main_linear.py`` (or a
-single file). Its scalars are read from the TensorBoard event files under it
-(``EventAccumulator``) when there are any, otherwise from its ``log.txt``:
+single file). Its scalars are read from the TensorBoard event files in it
+(``EventAccumulator``) when there are any, otherwise from its ``log.txt``. Only the
+folder's own files count: the linear evaluation that ``scripts/<METHOD>.sh`` writes
+to ``OUT/eval`` is a run of its own (``--recursive`` reads sub-folders too). Lines read
+from ``log.txt``:
 
 * ``train epoch [e/E] iter [i/I] lr <lr> loss <val> (<avg>) images/s <ips> ...``
   (step ``(e - 1) * I + i``), and
@@ -23,16 +26,20 @@ Usage::
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import os
 import re
+import sys
 from typing import Dict, List, Optional, Tuple
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from contrast import engine  # noqa: E402
+from contrast.option import plot_curves_parser  # noqa: E402
 
 Series = Dict[str, List[Tuple[float, float]]]   # name -> [(x, y), ...] sorted by x
 PANELS = ("loss", "lr", "throughput", "accuracy")
@@ -92,19 +99,29 @@ def read_log(path: str) -> Series:
     return {k: sorted(v) for k, v in out.items()}
 
 
-def load_run(path: str) -> Series:
-    """Scalars of a run folder (TensorBoard events preferred, else ``log.txt``) or of one file."""
+def event_files(path: str, recursive: bool = False) -> List[str]:
+    """The TensorBoard event files of the folder ``path`` (and of its sub-folders with ``recursive``)."""
+    pattern = os.path.join(path, "**", "events.out.tfevents.*") if recursive else \
+        os.path.join(path, "events.out.tfevents.*")
+    return sorted(glob.glob(pattern, recursive=recursive))
+
+
+def load_run(path: str, recursive: bool = False) -> Series:
+    """Scalars of a run folder (its TensorBoard events preferred, else its ``log.txt``; ``recursive``:
+    the events of its sub-folders too) or of one file."""
     if os.path.isfile(path):
         series = read_tensorboard([path]) if "tfevents" in os.path.basename(path) else read_log(path)
     elif os.path.isdir(path):
-        events = sorted(glob.glob(os.path.join(path, "**", "events.out.tfevents.*"), recursive=True))
+        events = event_files(path, recursive)
         log = os.path.join(path, "log.txt")
         if events:
             series = read_tensorboard(events)
         elif os.path.isfile(log):
             series = read_log(log)
         else:
-            raise FileNotFoundError(f"--runs {path}: no TensorBoard event files and no log.txt in it")
+            nested = "" if recursive or not event_files(path, True) else \
+                " (its sub-folders have some: pass one of them, or --recursive)"
+            raise FileNotFoundError(f"--runs {path}: no TensorBoard event files and no log.txt in it{nested}")
     else:
         raise FileNotFoundError(f"--runs {path}: no such file or folder")
     if not series:
@@ -173,15 +190,8 @@ def plot_runs(runs: List[Tuple[str, Series]], output: str, title: str = "", x_ax
     return drawn
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser("plot_curves.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", nargs="+", required=True, help="run output folders (or event / log files)")
-    p.add_argument("--labels", nargs="+", default=None, help="one legend label per run (default: folder names)")
-    p.add_argument("--output", default="curves.png", help="PNG file to write")
-    p.add_argument("--title", default="", help="figure title")
-    p.add_argument("--x", choices=("step", "progress"), default="step",
-                   help="x axis: iteration / epoch, or the fraction of each run done (runs of one budget)")
+def parse_args(argv: Optional[List[str]] = None):
+    p = plot_curves_parser(__doc__)
     args = p.parse_args(argv)
     if args.labels is not None and len(args.labels) != len(args.runs):
         p.error(f"--labels: {len(args.labels)} labels for {len(args.runs)} runs")
@@ -191,11 +201,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[List[str]] = None) -> Dict[str, int]:
     args = parse_args(argv)
     labels = args.labels or [os.path.basename(os.path.normpath(r)) for r in args.runs]
-    runs = [(label, load_run(path)) for label, path in zip(labels, args.runs)]
+    runs = [(label, load_run(path, args.recursive)) for label, path in zip(labels, args.runs)]
     drawn = plot_runs(runs, args.output, args.title, args.x)
     print(f"[plot] {args.output}: " + ", ".join(f"{p} {n} line(s)" for p, n in drawn.items()), flush=True)
     return drawn
 
 
 if __name__ == "__main__":
-    main()
+    engine.run_cli(main)

@@ -7,12 +7,12 @@ each optionally gzipped (``.gz``). The IDX format (LeCun et al.): big-endian
 magic ``0x0000 08 <ndim>`` (``08`` = unsigned byte), ``ndim`` uint32 sizes, then
 the row-major data.
 
-Output in ``--out`` (``train`` from the 60k training images, ``val`` from the 10k
+Output in ``--data-dir`` (``--out``: alias; ``train`` from the 60k training images, ``val`` from the 10k
 test images), grayscale PNG files ``<class>/<index:05d>.png``:
 
-* ``--layout folder``: ``<out>/train/<class>/...``, ``<out>/val/<class>/...``
-* ``--layout zip``: ``<out>/train.zip`` + ``<out>/train_map.txt`` (``<class>/<file><TAB><label>``),
-  ``<out>/val.zip`` + ``<out>/val_map.txt``
+* ``--layout folder``: ``<data-dir>/train/<class>/...``, ``<data-dir>/val/<class>/...``
+* ``--layout zip``: ``<data-dir>/train.zip`` + ``<data-dir>/train_map.txt`` (``<class>/<file><TAB><label>``),
+  ``<data-dir>/val.zip`` + ``<data-dir>/val_map.txt``
 * ``--layout both``: both, in the same root (each reader takes its own files).
 
 ``--class-names fmnist`` names the class folders ``<label>_<name>`` (e.g.
@@ -22,11 +22,10 @@ order, which the folder reader relies on), ``--class-names index`` names them ``
 
 Usage::
 
-    python tools/prepare_fashion_mnist.py --out data/fmnist --layout zip
+    python tools/prepare_fashion_mnist.py --data-dir data/fmnist --layout zip
 """
 from __future__ import annotations
 
-import argparse
 import gzip
 import io
 import os
@@ -37,6 +36,11 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from contrast import engine  # noqa: E402
+from contrast.logger import Progress  # noqa: E402
+from contrast.option import prepare_fashion_mnist_parser  # noqa: E402
 
 DEFAULT_SRC = "/usr/share/datasets/fashion-mnist"
 FMNIST_CLASSES = ("tshirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
@@ -122,13 +126,15 @@ def write_split(out: str, split: str, images: np.ndarray, labels: np.ndarray, cl
         if "folder" in layouts:
             for c in sorted(set(labels.tolist())):
                 os.makedirs(os.path.join(out, split, classes[c]), exist_ok=True)
-        for (rel, _), image in zip(entries, images):
-            data = png_bytes(image)
-            if "folder" in layouts:
-                with open(os.path.join(out, split, rel), "wb") as f:
-                    f.write(data)
-            if zf is not None:
-                zf.writestr(rel, data)
+        with Progress(f"fmnist {split}", total=len(entries), unit="img") as bar:
+            for (rel, _), image in zip(entries, images):
+                data = png_bytes(image)
+                if "folder" in layouts:
+                    with open(os.path.join(out, split, rel), "wb") as f:
+                        f.write(data)
+                if zf is not None:
+                    zf.writestr(rel, data)
+                bar.update()
     finally:
         if zf is not None:
             zf.close()
@@ -139,16 +145,8 @@ def write_split(out: str, split: str, images: np.ndarray, labels: np.ndarray, cl
     return len(entries)
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser("prepare_fashion_mnist.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--src", default=DEFAULT_SRC, help="folder with the four IDX files (.gz or not)")
-    p.add_argument("--out", required=True, help="output dataset root")
-    p.add_argument("--layout", choices=["folder", "zip", "both"], default="both", help="output layout(s)")
-    p.add_argument("--class-names", choices=["fmnist", "index"], default="fmnist",
-                   help="class folder names: '<label>_<fmnist name>' or the label")
-    p.add_argument("--limit-train", type=int, default=0, help="keep only the first N training images (0 = all)")
-    p.add_argument("--limit-val", type=int, default=0, help="keep only the first N test images (0 = all)")
+def parse_args(argv: Optional[List[str]] = None):
+    p = prepare_fashion_mnist_parser(__doc__, DEFAULT_SRC)
     args = p.parse_args(argv)
     if args.limit_train < 0 or args.limit_val < 0:
         p.error("--limit-train and --limit-val must be >= 0")
@@ -168,14 +166,11 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, int]:
         images, labels = load_split(args.src, prefix, len(classes))
         if limits[split]:
             images, labels = images[:limits[split]], labels[:limits[split]]
-        counts[split] = write_split(args.out, split, images, labels, classes, layouts)
+        counts[split] = write_split(args.data_dir, split, images, labels, classes, layouts)
         print(f"[fmnist] {split}: {counts[split]} images of {images.shape[1]}x{images.shape[2]} -> "
-              f"{args.out} ({', '.join(layouts)})", flush=True)
+              f"{args.data_dir} ({', '.join(layouts)})", flush=True)
     return counts
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"prepare_fashion_mnist.py: error: {e}")
+    engine.run_cli(main)

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from contrast import distributed as cd
 from contrast.checkpoint import Checkpoint, CheckpointError, load_model_state, read_checkpoint
+from contrast.logger import Progress
 from contrast.models import build_backbone, stem_of
 
 
@@ -63,7 +64,7 @@ def _as_batch(sample, device: torch.device, device_transform: Optional[nn.Module
 @torch.no_grad()
 def extract_features(model: Callable[[torch.Tensor], torch.Tensor], loader: DataLoader, device: torch.device,
                      num_samples: Optional[int] = None, device_transform: Optional[nn.Module] = None,
-                     normalize: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+                     normalize: bool = False, progress: str = "") -> Tuple[torch.Tensor, torch.Tensor]:
     """Encode every item of ``loader`` and return ``(features (N, D) fp32, labels (N,) int64)``.
 
     ``loader`` yields ``(sample, index, label)``; with several ranks each rank's
@@ -75,24 +76,29 @@ def extract_features(model: Callable[[torch.Tensor], torch.Tensor], loader: Data
     afterwards. ``normalize`` L2-normalises each row. With a :class:`ShardSampler`
     the rows are placed by sampler position, so an image the dataset replaced
     (corrupt file, ``strict=False``) fills its own row with the replacement's
-    feature and label.
+    feature and label. ``progress``: a name to show this rank-0 block's progress under
+    (:class:`contrast.logger.Progress`; empty: silent).
     """
     n = len(loader.dataset) if num_samples is None else num_samples
     was_training = model.training if isinstance(model, nn.Module) else None
     if isinstance(model, nn.Module):
         model.eval()
     feats, labels, indices = [], [], []
+    bar = Progress(progress, total=len(loader.sampler) if loader.sampler is not None else n, unit="img",
+                   enabled=bool(progress) and cd.get_rank() == 0)
     try:
         for sample, index, label in loader:
             y = model(_as_batch(sample, device, device_transform)).flatten(1).float()
             feats.append(F.normalize(y, dim=1) if normalize else y)
             labels.append(label.to(device))
             indices.append(index.to(device))
+            bar.update(len(label))
         if not feats:  # an empty block still takes part in the gathers, with the right width
             feats.append(torch.zeros(0, _feature_dim(model, loader, device, device_transform), device=device))
             labels.append(torch.zeros(0, dtype=torch.long, device=device))
             indices.append(torch.zeros(0, dtype=torch.long, device=device))
     finally:
+        bar.close()
         if was_training is not None:
             model.train(was_training)
     feats_t, labels_t, index_t = torch.cat(feats), torch.cat(labels).long(), torch.cat(indices).long()

@@ -14,9 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from contrast import distributed as cd
 from contrast.data import build_dataset
 from contrast.data.transforms import VAL_CROP_FRACTION, build_augmentation
 from contrast.eval.features import build_eval_loader, extract_features
+from contrast.logger import Progress
 
 
 def _vote(sim: torch.Tensor, idx: torch.Tensor, train_labels: torch.Tensor, temperature: float,
@@ -57,8 +59,9 @@ def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, query_fea
 @torch.no_grad()
 def knn_predict_multi(train_feats: torch.Tensor, train_labels: torch.Tensor, query_feats: torch.Tensor,
                       ks: Sequence[int], temperature: float, num_classes: int,
-                      chunk_size: int = 1024) -> Dict[int, torch.Tensor]:
-    """:func:`knn_predict` for several ``k`` at once (one similarity pass): ``{k: (M, C) scores}``."""
+                      chunk_size: int = 1024, progress: str = "") -> Dict[int, torch.Tensor]:
+    """:func:`knn_predict` for several ``k`` at once (one similarity pass): ``{k: (M, C) scores}``.
+    ``progress``: a name to show the progress over the queries under (empty: silent)."""
     if train_feats.shape[0] != train_labels.shape[0]:
         raise ValueError(f"{train_feats.shape[0]} training features but {train_labels.shape[0]} labels")
     if train_feats.shape[0] == 0:
@@ -69,12 +72,14 @@ def knn_predict_multi(train_feats: torch.Tensor, train_labels: torch.Tensor, que
     labels = train_labels.long().to(train.device)
     k_max = min(max(ks), train.shape[0])
     out: Dict[int, list] = {k: [] for k in ks}
-    for query in torch.split(query_feats, chunk_size):
-        sim = F.normalize(query.float().to(train.device), dim=1) @ train.T
-        top_sim, top_idx = sim.topk(k_max, dim=1, largest=True, sorted=True)
-        for k in ks:
-            kk = min(k, k_max)
-            out[k].append(_vote(top_sim[:, :kk], top_idx[:, :kk], labels, temperature, num_classes))
+    with Progress(progress, total=query_feats.shape[0], unit="query", enabled=bool(progress)) as bar:
+        for query in torch.split(query_feats, chunk_size):
+            sim = F.normalize(query.float().to(train.device), dim=1) @ train.T
+            top_sim, top_idx = sim.topk(k_max, dim=1, largest=True, sorted=True)
+            for k in ks:
+                kk = min(k, k_max)
+                out[k].append(_vote(top_sim[:, :kk], top_idx[:, :kk], labels, temperature, num_classes))
+            bar.update(query.shape[0])
     return {k: torch.cat(v) if v else torch.zeros(0, num_classes, device=train.device) for k, v in out.items()}
 
 
@@ -92,9 +97,11 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, topk: Sequence[int
 @torch.no_grad()
 def knn_evaluate(train_feats: torch.Tensor, train_labels: torch.Tensor, query_feats: torch.Tensor,
                  query_labels: torch.Tensor, ks: Sequence[int], temperature: float, num_classes: int,
-                 chunk_size: int = 1024) -> Dict[int, Dict[str, float]]:
-    """Top-1/top-5 accuracy (%) of weighted kNN for each ``k``: ``{k: {"top1", "top5"}}``."""
-    scores = knn_predict_multi(train_feats, train_labels, query_feats, ks, temperature, num_classes, chunk_size)
+                 chunk_size: int = 1024, progress: str = "") -> Dict[int, Dict[str, float]]:
+    """Top-1/top-5 accuracy (%) of weighted kNN for each ``k``: ``{k: {"top1", "top5"}}``
+    (``progress``: see :func:`knn_predict_multi`)."""
+    scores = knn_predict_multi(train_feats, train_labels, query_feats, ks, temperature, num_classes, chunk_size,
+                               progress)
     return {k: topk_accuracy(s, query_labels) for k, s in scores.items()}
 
 
@@ -138,18 +145,18 @@ class KNNMonitor:
         sets = [build_dataset(data_dir, split, zip_mode, cache, aug.cpu, 0, 1) for split in ("train", "val")]
         return cls(sets[0], sets[1], device, device_transform=aug.device, **kwargs)
 
-    def _features(self, backbone: nn.Module, dataset: Dataset):
+    def _features(self, backbone: nn.Module, dataset: Dataset, split: str):
         loader = build_eval_loader(dataset, self.batch_size, self.num_workers)
         return extract_features(backbone, loader, self.device, device_transform=self.device_transform,
-                                normalize=True)
+                                normalize=True, progress=f"knn monitor: {split} features")
 
     @torch.no_grad()
     def __call__(self, backbone: nn.Module) -> Dict[str, float]:
         """``{"top1": %, "top5": %}`` of the current ``backbone`` (mode restored afterwards)."""
-        train_feats, train_labels = self._features(backbone, self.train_set)
-        val_feats, val_labels = self._features(backbone, self.val_set)
+        train_feats, train_labels = self._features(backbone, self.train_set, "train")
+        val_feats, val_labels = self._features(backbone, self.val_set, "val")
         acc = knn_evaluate(train_feats, train_labels, val_feats, val_labels, [self.k], self.temperature,
-                           self.num_classes)[self.k]
+                           self.num_classes, progress="knn monitor: kNN" if cd.get_rank() == 0 else "")[self.k]
         if acc["top1"] > self.best["top1"]:
             self.best = dict(acc)
         return acc

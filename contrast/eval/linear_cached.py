@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from contrast.eval.knn import topk_accuracy
+from contrast.logger import Progress
 
 
 def build_probe(train_feats: torch.Tensor, num_classes: int, generator: torch.Generator) -> nn.Sequential:
@@ -43,7 +44,8 @@ def build_probe(train_feats: torch.Tensor, num_classes: int, generator: torch.Ge
 def train_linear_cached(train_feats: torch.Tensor, train_labels: torch.Tensor, val_feats: torch.Tensor,
                         val_labels: torch.Tensor, num_classes: int, epochs: int = 100, lr: float = 0.1,
                         batch_size: int = 256, momentum: float = 0.9, weight_decay: float = 0.0,
-                        seed: int = 0, log: Optional[Callable[[int, float], None]] = None) -> Tuple[nn.Sequential, Dict[str, float]]:
+                        seed: int = 0, log: Optional[Callable[[int, float], None]] = None,
+                        progress: str = "") -> Tuple[nn.Sequential, Dict[str, float]]:
     """Train a linear classifier on cached features and evaluate it.
 
     Args:
@@ -55,6 +57,7 @@ def train_linear_cached(train_feats: torch.Tensor, train_labels: torch.Tensor, v
             follows a cosine from ``lr`` to 0 over all iterations.
         seed: seeds the initialisation, the shuffling and the choice of copies.
         log: optional ``log(epoch, loss)`` called after each epoch.
+        progress: a name to show the progress over the epochs under (empty: silent).
 
     Returns:
         ``(probe, {"top1", "top5", "train_loss"})``: the trained ``BatchNorm1d + Linear``
@@ -75,6 +78,7 @@ def train_linear_cached(train_feats: torch.Tensor, train_labels: torch.Tensor, v
     steps_per_epoch = math.ceil(n / batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
     loss_sum = torch.zeros((), device=device)
+    bar = Progress(progress, total=epochs, unit="epoch", enabled=bool(progress))
     for epoch in range(epochs):
         order = torch.randperm(n, generator=gen).to(device)
         copy = torch.randint(copies, (n,), generator=gen).to(device)
@@ -88,6 +92,8 @@ def train_linear_cached(train_feats: torch.Tensor, train_labels: torch.Tensor, v
             loss_sum += loss.detach() * batch.numel()
         if log is not None:
             log(epoch, loss_sum.item() / n)
+        bar.update()
+    bar.close()
     with torch.no_grad():
         acc = topk_accuracy(probe(val_feats.to(device).float()), val_labels)
     acc["train_loss"] = loss_sum.item() / n
