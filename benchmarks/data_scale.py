@@ -27,7 +27,6 @@ Results go to ``--out`` (JSON) and a Markdown table on stdout.
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import math
@@ -49,6 +48,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from contrast.data import ZipImageDataset  # noqa: E402
 from contrast.data.samplers import ResumableDistributedSampler, SlidingWindowSampler  # noqa: E402
+from contrast.option import data_scale_parser  # noqa: E402
 
 _LOCAL = struct.Struct("<4s5H3L2H")        # signature, version, flags, method, time, date, crc, comp, size, n, m
 _CENTRAL = struct.Struct("<4s6H3L5H2L")    # + version made by, comment len, disk, internal/external attrs, offset
@@ -422,16 +422,7 @@ def table(results: dict) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", type=int, nargs="*", default=[1281167, 10000000])
-    p.add_argument("--sampler-sizes", type=int, nargs="*", default=[1281167, 10000000, 100000000])
-    p.add_argument("--baseline-max", type=int, default=10000000, help="largest N of the baseline dataset")
-    p.add_argument("--sampler-baseline-max", type=int, default=100000000, help="largest N of the baseline samplers")
-    p.add_argument("--shards", type=int, default=16, help="shards of the sharded set (0: skip it)")
-    p.add_argument("--reads", type=int, default=20000, help="random reads per throughput measurement")
-    p.add_argument("--workdir", default=None, help="where the synthetic zips go (default: a temp dir)")
-    p.add_argument("--out", default="benchmarks/results/data_scale.json")
-    args = p.parse_args(argv)
+    args = data_scale_parser(__doc__).parse_args(argv)
     torch.set_num_threads(1)
     workdir = tempfile.mkdtemp(prefix="data_scale-", dir=args.workdir)
     machine = f"{platform.node()} {os.cpu_count()} CPUs, Python {platform.python_version()}, torch {torch.__version__}"

@@ -27,7 +27,6 @@ batch 8, 2 iterations, fp32 and bf16 + channels-last, compile off, 2 steps compa
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -46,6 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from contrast import engine  # noqa: E402
 from contrast.distributed import DistEnv  # noqa: E402
 from contrast.logger import TensorBoard, setup_logger  # noqa: E402
+from contrast.option import gpu_check_parser  # noqa: E402
 from contrast.models import METHODS, build_method  # noqa: E402
 from contrast.models.views import MULTI_CROP_AUG  # noqa: E402
 from contrast.optim import build_optimizer, build_scheduler  # noqa: E402
@@ -241,16 +241,7 @@ def combo_name(combo) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tiny", action="store_true", help="CPU, ResNet-18 at 32 px, 2 iterations, fp32 + bf16 (CI)")
-    p.add_argument("--device", default=None, help="default: cuda when available (full mode needs it), cpu for --tiny")
-    p.add_argument("--out", default=None, help="JSON output (default benchmarks/results/gpu_check[_tiny].json)")
-    p.add_argument("--check-steps", type=int, default=None, help="steps compared between the device and the CPU "
-                   "(default 3, --tiny 2)")
-    p.add_argument("--tolerance", type=float, default=1e-4, help="max abs loss difference device vs CPU (fp32)")
-    p.add_argument("--time-budget", type=float, default=360.0, help="seconds after which no new speed run starts")
-    p.add_argument("--methods", nargs="*", default=None, help="only these settings (default: all)")
-    args = p.parse_args(argv)
+    args = gpu_check_parser(__doc__).parse_args(argv)
     mode = TINY if args.tiny else FULL
     if args.check_steps is None:
         args.check_steps = 2 if args.tiny else 3

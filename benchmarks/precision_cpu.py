@@ -14,7 +14,6 @@ line still reports the real CPU):
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from contrast.models import build_backbone  # noqa: E402
 from contrast.precision import resolve_precision  # noqa: E402
+from contrast.option import precision_cpu_parser  # noqa: E402
 
 
 def step_time(net, opt, x, y, dtype) -> float:
@@ -41,14 +41,7 @@ def step_time(net, opt, x, y, dtype) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arch", default="resnet18")
-    p.add_argument("--size", type=int, default=112)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default="benchmarks/results/precision_cpu.json")
-    args = p.parse_args()
+    args = precision_cpu_parser(__doc__).parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     net, dim = build_backbone(args.arch)

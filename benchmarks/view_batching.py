@@ -20,7 +20,6 @@ synchronises SimCLR's batch norm over all of them, so the batch-norm batch is B 
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -37,6 +36,7 @@ import torchvision.transforms.v2.functional as TF
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from contrast.config import BackboneConfig, MethodConfig  # noqa: E402
 from contrast.models import build_method, method_class  # noqa: E402
+from contrast.option import view_batching_parser  # noqa: E402
 
 #: method -> (model, view sizes, crop scales per view, build options)
 SETTINGS = {
@@ -115,13 +115,7 @@ def measure(name: str, arch: str, batch: int, seed: int, zero_init_residual: boo
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arch", default="resnet50")
-    p.add_argument("--batch", type=int, default=8, help="images per view (the per-GPU batch)")
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
-    p.add_argument("--out", default="benchmarks/results/view_batching.json")
-    args = p.parse_args()
+    args = view_batching_parser(__doc__).parse_args()
     torch.set_num_threads(args.threads)
     rows = {}
     for init, zero in INITS.items():

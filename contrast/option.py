@@ -405,6 +405,29 @@ def prepare_fashion_mnist_parser(doc: str = "", default_src: str = "") -> argpar
     return p
 
 
+def make_zip_parser(doc: str = "") -> argparse.ArgumentParser:
+    """``tools/make_zip_dataset.py``."""
+    p = _parser("make_zip_dataset.py", doc)
+    p.add_argument("--src", required=True, help="folder dataset root holding <split>/<class>/<image>")
+    p.add_argument("--dst", required=True, help="output folder for <split>.zip (or shards) and <split>_map.txt")
+    p.add_argument("--splits", nargs="+", default=["train", "val"], choices=["train", "val"],
+                   help="splits to convert")
+    p.add_argument("--shard-size", type=int, default=None,
+                   help="images per zip: write <split>-00000.zip, <split>-00001.zip, ... (default: one zip)")
+    p.add_argument("--verify", choices=["decode", "crc", "none"], default="decode",
+                   help="after writing and indexing: read every entry back (crc) and also decode it (decode)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    return p
+
+
+def parse_make_zip_args(argv: Optional[Sequence[str]] = None, doc: str = "") -> argparse.Namespace:
+    p = make_zip_parser(doc)
+    args = p.parse_args(argv)
+    if args.shard_size is not None and args.shard_size < 1:
+        p.error(f"--shard-size must be >= 1, got {args.shard_size}")
+    return args
+
+
 def demo_dataset_parser(doc: str = "") -> argparse.ArgumentParser:
     p = _parser("make_demo_dataset.py", doc)
     add_dataset_output_flag(p)
@@ -633,3 +656,61 @@ def method_config(args: argparse.Namespace) -> MethodConfig:
         num_crop=args.num_crop if args.aug == MULTI_CROP_AUG else cls.views.count, seed=args.seed,
         optimizer_momentum=args.momentum, weight_decay=args.weight_decay, output_dir=args.output_dir,
         options={f.dest: getattr(args, f.dest) for f in cls.flags})
+
+
+# ---------------------------------------------------------------------------------------- benchmarks
+def data_scale_parser(doc: str = "") -> argparse.ArgumentParser:
+    """``benchmarks/data_scale.py``."""
+    p = _parser("data_scale.py", doc)
+    p.add_argument("--sizes", type=int, nargs="*", default=[1281167, 10000000], help="dataset sizes N")
+    p.add_argument("--sampler-sizes", type=int, nargs="*", default=[1281167, 10000000, 100000000],
+                   help="sampler sizes N")
+    p.add_argument("--baseline-max", type=int, default=10000000, help="largest N of the baseline dataset")
+    p.add_argument("--sampler-baseline-max", type=int, default=100000000, help="largest N of the baseline samplers")
+    p.add_argument("--shards", type=int, default=16, help="shards of the sharded set (0: skip it)")
+    p.add_argument("--reads", type=int, default=20000, help="random reads per throughput measurement")
+    p.add_argument("--workdir", default=None, help="where the synthetic zips go (default: a temp dir)")
+    p.add_argument("--output-json", "--out", dest="out", default="benchmarks/results/data_scale.json",
+                   help="results (--out: alias)")
+    return p
+
+
+def gpu_check_parser(doc: str = "") -> argparse.ArgumentParser:
+    """``benchmarks/gpu_check.py``."""
+    p = _parser("gpu_check.py", doc)
+    p.add_argument("--tiny", action="store_true", help="CPU, ResNet-18 at 32 px, 2 iterations, fp32 + bf16 (CI)")
+    p.add_argument("--device", default=None, help="default: cuda when available (full mode needs it), cpu for --tiny")
+    p.add_argument("--output-json", "--out", dest="out", default=None,
+                   help="JSON output (default benchmarks/results/gpu_check[_tiny].json; --out: alias)")
+    p.add_argument("--check-steps", type=int, default=None, help="steps compared between the device and the CPU "
+                   "(default 3, --tiny 2)")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="max abs loss difference device vs CPU (fp32)")
+    p.add_argument("--time-budget", type=float, default=360.0, help="seconds after which no new speed run starts")
+    p.add_argument("--methods", nargs="*", default=None, help="only these settings (default: all)")
+    return p
+
+
+def precision_cpu_parser(doc: str = "") -> argparse.ArgumentParser:
+    """``benchmarks/precision_cpu.py``."""
+    p = _parser("precision_cpu.py", doc)
+    p.add_argument("--arch", default="resnet18", choices=ARCHS, help="backbone")
+    p.add_argument("--image-size", "--size", dest="size", type=int, default=112, help="image side (--size: alias)")
+    p.add_argument("--batch-size", "--batch", dest="batch", type=int, default=16, help="batch (--batch: alias)")
+    p.add_argument("--rounds", type=int, default=7, help="timed rounds per precision")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--output-json", "--out", dest="out", default="benchmarks/results/precision_cpu.json",
+                   help="results (--out: alias)")
+    return p
+
+
+def view_batching_parser(doc: str = "") -> argparse.ArgumentParser:
+    """``benchmarks/view_batching.py``."""
+    p = _parser("view_batching.py", doc)
+    p.add_argument("--arch", default="resnet50", choices=ARCHS, help="backbone")
+    p.add_argument("--batch-size", "--batch", dest="batch", type=int, default=8,
+                   help="images per view (the per-GPU batch; --batch: alias)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per setting")
+    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")), help="torch threads")
+    p.add_argument("--output-json", "--out", dest="out", default="benchmarks/results/view_batching.json",
+                   help="results (--out: alias)")
+    return p

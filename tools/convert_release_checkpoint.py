@@ -30,7 +30,6 @@ converted config records the pretraining size (160 for the multi-crop recipe), w
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from typing import Any, Dict, List, Optional, Tuple
@@ -71,7 +70,7 @@ def read_release_checkpoint(path: str) -> Tuple[Dict[str, Any], Dict[str, torch.
         found = ", ".join(sorted(map(str, raw))[:8])
         raise CheckpointError(f"{path}: not a PIC release pretraining checkpoint (expected 'opt' and 'model' with "
                               f"'{ENCODER}*' keys; found keys: {found})")
-    opt = dict(vars(opt)) if isinstance(opt, argparse.Namespace) else dict(opt)
+    opt = dict(opt) if isinstance(opt, dict) else dict(vars(opt))  # the release pickles an argparse Namespace
     for key in ("arch", "model"):
         if key not in opt:
             raise CheckpointError(f"{path}: the release checkpoint's 'opt' has no '{key}'")

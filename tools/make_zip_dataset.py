@@ -19,7 +19,6 @@ Example::
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import os
 import re
@@ -30,6 +29,8 @@ from typing import List, Optional, Sequence
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from contrast.data.datasets import DatasetError, ZipImageDataset, scan_image_folder  # noqa: E402
+from contrast.logger import Progress  # noqa: E402
+from contrast.option import parse_make_zip_args  # noqa: E402
 
 _STORED_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 
@@ -54,7 +55,8 @@ def write_split(src: str, dst: str, split: str, shard_size: Optional[int] = None
     per = shard_size or len(paths)
     zips = [shard_name(split, k) if shard_size else f"{split}.zip" for k in range(-(-len(paths) // per))]
     try:
-        with open(map_path + ".tmp", "w", encoding="utf-8") as mf:
+        with open(map_path + ".tmp", "w", encoding="utf-8") as mf, \
+                Progress(f"writing {split}", total=len(paths), unit="img") as bar:
             for k, name in enumerate(zips):
                 with zipfile.ZipFile(os.path.join(dst, name) + ".tmp", "w", allowZip64=True) as zf:
                     for rel, label in zip(paths[k * per:(k + 1) * per], labels[k * per:(k + 1) * per]):
@@ -64,6 +66,7 @@ def write_split(src: str, dst: str, split: str, shard_size: Optional[int] = None
                         method = zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED
                         zf.write(os.path.join(src, split, rel), arcname=rel, compress_type=method)
                         mf.write(f"{name + '/' if shard_size else ''}{rel}\t{label}\n")
+                        bar.update()
     except BaseException:
         for tmp in [map_path + ".tmp"] + [os.path.join(dst, z) + ".tmp" for z in zips]:
             if os.path.exists(tmp):
@@ -80,34 +83,18 @@ def write_split(src: str, dst: str, split: str, shard_size: Optional[int] = None
 def verify_split(dst: str, split: str, verify: str) -> ZipImageDataset:
     """Build the index (resolves every map entry); read (CRC-checked) and optionally decode every entry."""
     ds = ZipImageDataset(dst, split, strict=True)
-    for i in range(len(ds)) if verify != "none" else []:
-        try:
-            ds.load_image(i) if verify == "decode" else ds.read_bytes(i)
-        except (OSError, SyntaxError, ValueError, EOFError, zipfile.BadZipFile) as e:
-            raise DatasetError(f"{ds.describe(i)}: verification failed ({type(e).__name__}: {e})") from e
+    with Progress(f"verifying {split} ({verify})", total=len(ds), unit="img") as bar:
+        for i in range(len(ds)) if verify != "none" else []:
+            try:
+                ds.load_image(i) if verify == "decode" else ds.read_bytes(i)
+            except (OSError, SyntaxError, ValueError, EOFError, zipfile.BadZipFile) as e:
+                raise DatasetError(f"{ds.describe(i)}: verification failed ({type(e).__name__}: {e})") from e
+            bar.update()
     return ds
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--src", required=True, help="folder dataset root holding <split>/<class>/<image>")
-    p.add_argument("--dst", required=True, help="output folder for <split>.zip (or shards) and <split>_map.txt")
-    p.add_argument("--splits", nargs="+", default=["train", "val"], choices=["train", "val"],
-                   help="splits to convert (default: train val)")
-    p.add_argument("--shard-size", type=int, default=None,
-                   help="images per zip: write <split>-00000.zip, <split>-00001.zip, ... (default: one zip)")
-    p.add_argument("--verify", choices=["decode", "crc", "none"], default="decode",
-                   help="after writing and indexing: read every entry back (crc) and also decode it (decode, default)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    args = p.parse_args(argv)
-    if args.shard_size is not None and args.shard_size < 1:
-        p.error(f"--shard-size must be >= 1, got {args.shard_size}")
-    return args
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = parse_make_zip_args(argv, __doc__)
     os.makedirs(args.dst, exist_ok=True)
     written: List[str] = []
     try:

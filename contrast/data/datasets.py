@@ -66,6 +66,7 @@ from contrast.data.index import (ZIP_RECORD, DatasetError, RowReader, build_fold
                                  build_zip_index, find_folder_classes, is_image_file, load_or_build, parse_map,
                                  read_index, scan_folder)
 from contrast.data.transforms import seeded_rng, to_rgb
+from contrast.logger import Progress
 from contrast.data.zipformat import BadZip, read_entry
 
 CACHE_MODES = ("no", "part", "full")
@@ -246,13 +247,16 @@ class _EncodedImageDataset(Dataset):
         np.cumsum(sizes, out=off[1:])
         buf = torch.empty(int(off[-1]), dtype=torch.uint8)
         view = buf.numpy()
-        for s in self._storage_order(cached).tolist():
-            i = int(cached[s])
-            data = self._read_storage(i)
-            if len(data) != sizes[s]:
-                raise DatasetError(f"{self.describe(i)}: size changed while caching "
-                                   f"({sizes[s]} bytes listed, {len(data)} read)")
-            view[off[s]:off[s + 1]] = np.frombuffer(data, dtype=np.uint8)
+        with Progress(f"caching {len(cached)} images ({int(off[-1]) / 2 ** 20:.0f} MB)", total=len(cached),
+                      unit="img", enabled=self.rank == 0) as bar:
+            for s in self._storage_order(cached).tolist():
+                i = int(cached[s])
+                data = self._read_storage(i)
+                if len(data) != sizes[s]:
+                    raise DatasetError(f"{self.describe(i)}: size changed while caching "
+                                       f"({sizes[s]} bytes listed, {len(data)} read)")
+                view[off[s]:off[s + 1]] = np.frombuffer(data, dtype=np.uint8)
+                bar.update()
         self._cache_buf, self._cache_off = buf, torch.from_numpy(off)
         self._cached = cached if self.cache_mode == "part" else None
 

@@ -36,6 +36,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from contrast.data.zipformat import (DEFLATED, FLAG_ENCRYPTED, STORED, TAIL_MASKS, BadZip, PaddedBytes,
                                      find_pattern, masked_words, read_central_directory)
+from contrast.logger import Progress
 
 INDEX_VERSION = 1
 _MAGIC = b"CTRXIDX\x01"
@@ -258,7 +259,9 @@ def load_or_build(root: str, name: str, kind: str, split: str, build: Callable[[
             return found
         for note in notes:
             warnings.warn(f"{note}; rebuilding it", RuntimeWarning, stacklevel=3)
-        meta, arrays = build()
+        with Progress(f"indexing {root}/{split} ({kind})", unit="step") as bar:
+            meta, arrays = build()
+            bar.update()
         errors = []
         for p in paths:
             try:
@@ -700,15 +703,18 @@ def scan_folder(root: str, split: str) -> Tuple[List[str], List[int], List[str],
         raise DatasetError(f"{split_dir}: no class folders found (expected {split_dir}/<class>/<image>)")
     paths: List[str] = []
     labels: List[int] = []
-    for c in split_classes:
-        class_dir = os.path.join(split_dir, c)
-        if c not in class_to_idx:
-            raise DatasetError(f"{class_dir}: class '{c}' does not exist in {os.path.join(root, 'train')}")
-        files = sorted(_walk_images(split_dir, class_dir, stamps))
-        if not files:
-            raise DatasetError(f"{class_dir}: class folder contains no images (extensions {', '.join(IMG_EXTENSIONS)})")
-        paths += files
-        labels += [class_to_idx[c]] * len(files)
+    with Progress(f"scanning {split_dir}", total=len(split_classes), unit="class") as bar:
+        for c in split_classes:
+            class_dir = os.path.join(split_dir, c)
+            if c not in class_to_idx:
+                raise DatasetError(f"{class_dir}: class '{c}' does not exist in {os.path.join(root, 'train')}")
+            files = sorted(_walk_images(split_dir, class_dir, stamps))
+            if not files:
+                raise DatasetError(f"{class_dir}: class folder contains no images (extensions "
+                                   f"{', '.join(IMG_EXTENSIONS)})")
+            paths += files
+            labels += [class_to_idx[c]] * len(files)
+            bar.update()
     return paths, labels, classes, stamps
 
 

@@ -4,7 +4,6 @@ Run from a checkout of commit c7fc0ed (the last commit writing version 1):
 ``PYTHONPATH=. python tests/data/v1/make_v1_checkpoints.py OUT_DIR``. The tests load these files
 with today's code (tests/test_checkpoint.py::test_version_1_checkpoints_load_after_migration).
 """
-import argparse
 import os
 import sys
 
