@@ -199,6 +199,21 @@ def add_runtime_flags(p: argparse.ArgumentParser, *, output_dir: Optional[str] =
                    "one line (it is always written to the log file)")
 
 
+def add_checkpoint_flags(p: argparse.ArgumentParser) -> None:
+    """Long runs: checkpoints inside an epoch, how many epoch checkpoints to keep, restarting over
+    existing checkpoints and resuming with another total batch (see docs/resilience.md)."""
+    g = p.add_argument_group("checkpoints and recovery (new)")
+    g.add_argument("--save-every-minutes", type=float, default=30.0, help="(new) also write current.pth between "
+                   "two steps every this many minutes (0: only at epoch ends); a resume continues mid-epoch")
+    g.add_argument("--keep-last", type=int, default=0, help="(new) keep only the newest N ckpt_epoch_<e>.pth "
+                   "(0: keep all)")
+    g.add_argument("--restart", action="store_true", help="(new) start from scratch although --output-dir holds "
+                   "checkpoints (they are moved to <output-dir>/superseded-<time>, nothing is deleted)")
+    g.add_argument("--allow-batch-change", action="store_true", help="(new) resume with another total batch "
+                   "(per-process batch x processes) than the checkpoint's: the peak lr is rescaled and the "
+                   "schedule continues by samples seen (refused otherwise)")
+
+
 def add_pretrained_flag(p: argparse.ArgumentParser, *, required: bool) -> None:
     p.add_argument("--pretrained-model", "--checkpoint", dest="pretrained_model", type=str, default="",
                    required=required, help="pretraining checkpoint of any method (its backbone. tensors; arch, "
@@ -259,6 +274,7 @@ def pretrain_parser() -> argparse.ArgumentParser:
                    "(default: 1e-8 for the release form, 0 for fold-lr)")
     add_knn_flags(p, monitor=True)
     add_runtime_flags(p)
+    add_checkpoint_flags(p)
     return p
 
 
@@ -276,6 +292,7 @@ def linear_parser() -> argparse.ArgumentParser:
     g.add_argument("-e", "--eval", action="store_true", help="only evaluate the linear checkpoint given by "
                    "--resume (or <output-dir>/current.pth with --auto-resume)")
     add_runtime_flags(p)
+    add_checkpoint_flags(p)
     return p
 
 
@@ -343,6 +360,8 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace, positive: Seque
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.num_workers < 0:
         p.error(f"--num-workers must be >= 0, got {args.num_workers}")
+    if getattr(args, "save_every_minutes", 0) < 0 or getattr(args, "keep_last", 0) < 0:
+        p.error("--save-every-minutes and --keep-last must be >= 0")
     if getattr(args, "val_crop_fraction", None) is not None and not 0 < args.val_crop_fraction <= 1:
         p.error(f"--val-crop-fraction must be in (0, 1], got {args.val_crop_fraction}")
     if hasattr(args, "warmup_epoch") and (args.warmup_epoch < 0 or args.warmup_multiplier < 1):
