@@ -513,10 +513,11 @@ class Trainer:
         self.scheduler.step()
         self.state.step += 1
 
-    def _between_steps(self, epoch: int, it: int, consumed: int, stop: bool, save: bool) -> None:
-        """Save ``current.pth`` mid-epoch when due or stopping; raise :class:`Preempted` when stopping."""
+    def _between_steps(self, epoch: int, it: int, consumed: int, stop: bool, save: bool, last: bool) -> None:
+        """Save ``current.pth`` mid-epoch when due or stopping (a time-based save at the ``last`` step
+        of the epoch is left to the epoch-end save); raise :class:`Preempted` when stopping."""
         ckpt = self.checkpointer
-        if ckpt is not None and (stop or save):
+        if ckpt is not None and (stop or (save and not last)):
             ckpt.save_current(epoch - 1, self.state.step, consumed, fatal=stop)
         if stop:
             reason = self.run.signals.requested or "a signal on another rank"
@@ -549,7 +550,7 @@ class Trainer:
             consumed = offset + (it - first + 1) * batch_size
             if not finite:
                 self._skip_nonfinite(epoch, it)
-                self._between_steps(epoch, it, consumed, stop, save)
+                self._between_steps(epoch, it, consumed, stop, save, it + 1 >= num_iters)
                 end = time.perf_counter()
                 continue
             self.state.nonfinite_run = 0
@@ -573,7 +574,7 @@ class Trainer:
                             + "".join(f" {k} {m.val:.4g}" for k, m in extras.items()))
                 run.tb.scalars({"loss": loss_meter.val, "lr": lr, "images_per_s": ips,
                                 **{k: m.val for k, m in extras.items()}}, self.state.step, prefix="train/")
-            self._between_steps(epoch, it, consumed, stop, save)
+            self._between_steps(epoch, it, consumed, stop, save, it + 1 >= num_iters)
             end = time.perf_counter()
         corrupt = getattr(getattr(loader, "dataset", None), "num_corrupt", 0)
         if corrupt:
@@ -586,6 +587,11 @@ def save_epoch(checkpointer: Checkpointer, epoch: int, last_epoch: int, step: in
     """``current.pth`` every epoch, ``ckpt_epoch_<e>.pth`` every ``--save-freq`` epochs and at the end
     (collective; see :meth:`Checkpointer.save_epoch`)."""
     checkpointer.save_epoch(epoch, last_epoch, step)
+
+
+#: Errors :func:`run_cli` reports in one line (exit code 1).
+_USER_ERRORS = (CheckpointError, NonFiniteLossError, DatasetError, ValueError, FileNotFoundError,
+                RunLockError) + _DIST_ERRORS
 
 
 def run_cli(main: Callable[[Optional[List[str]]], Any], argv: Optional[List[str]] = None) -> None:
@@ -604,8 +610,7 @@ def run_cli(main: Callable[[Optional[List[str]]], Any], argv: Optional[List[str]
     except KeyboardInterrupt:  # before the signal handlers were installed
         print(f"{os.path.basename(sys.argv[0])}: interrupted", file=sys.stderr, flush=True)
         sys.exit(128 + signal.SIGINT)
-    except (CheckpointError, NonFiniteLossError, DatasetError, ValueError, FileNotFoundError, RunLockError,
-            _DIST_ERRORS) as e:
+    except _USER_ERRORS as e:
         if "--debug" in args:
             raise
         if isinstance(e, _DIST_ERRORS):
