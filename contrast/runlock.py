@@ -108,6 +108,9 @@ class RunLock:
                 reason = self._stale_reason(info)
                 if reason is not None:
                     os.replace(self._write_tmp(), self.path)
+                    now = _read(self.path) or {}
+                    if (now.get("host"), now.get("pid")) != (socket.gethostname(), os.getpid()):
+                        continue  # another launch took it over at the same moment
                     self._start()
                     return f"took over the stale lock {self.path} of {_describe(info)}: {reason}"
                 if info.get("host") == _me()["host"] or time.time() > deadline:
@@ -122,7 +125,7 @@ class RunLock:
             return None
 
     def _write_tmp(self) -> str:
-        tmp = f"{self.path}.{os.getpid()}.new"
+        tmp = f"{self.path}.{os.getpid()}.tmp"
         with open(tmp, "w") as f:
             json.dump(_me(), f)
         return tmp

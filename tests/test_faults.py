@@ -456,3 +456,60 @@ def test_requeue_two_to_one_process_same_per_process_batch(data, tmp_path):
     end = read_checkpoint(str(out / "current.pth"))
     assert end.samples_seen == 48 and end.step == stopped.step + (48 - stopped.samples_seen) // 4
     assert _lrs(out)[-1] == pytest.approx(1e-6)
+
+
+# ----------------------------------------------------------------------------------- run lock
+def test_run_lock_refuses_live_holders_and_takes_over_stale_ones(tmp_path, monkeypatch):
+    import socket
+    import threading
+
+    from contrast.runlock import RunLock, RunLockError
+    path = tmp_path / "run.lock"
+    mine = RunLock(str(tmp_path))
+    assert mine.acquire() is None and json.load(open(path))["pid"] == os.getpid()
+    mine.release()
+    assert not path.exists()
+
+    def holder(**info):
+        path.write_text(json.dumps({"host": socket.gethostname(), "pid": 0, "started": "then", **info}))
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        holder(pid=child.pid)  # this host, a live process: refused at once
+        with pytest.raises(RunLockError, match=rf"in use by another run: pid {child.pid} on host "):
+            RunLock(str(tmp_path)).acquire()
+    finally:
+        child.kill()
+        child.wait()
+    lock = RunLock(str(tmp_path))  # ... and taken over once that process is gone
+    assert "its process no longer exists" in lock.acquire()
+    assert json.load(open(path))["pid"] == os.getpid()
+    lock.release()
+
+    # another host: a fresh heartbeat is waited for, then refused; a stopped one is taken over
+    holder(host="elsewhere", pid=1)
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(0.05):
+            os.utime(path)
+    thread = threading.Thread(target=beat)
+    thread.start()
+    try:
+        with pytest.raises(RunLockError, match="pid 1 on host elsewhere"):
+            RunLock(str(tmp_path), stale_after_s=0.5, heartbeat_s=0.1).acquire()
+    finally:
+        stop.set()
+        thread.join()
+    os.utime(path, (time.time() - 3600, time.time() - 3600))
+    lock = RunLock(str(tmp_path), stale_after_s=60)
+    assert "its heartbeat stopped" in lock.acquire()
+    lock.release()
+
+    # a requeued SLURM job (same job id, later restart count) takes over its predecessor's lock at once
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    holder(host="elsewhere", pid=1, slurm_job="42", slurm_restart="0")
+    lock = RunLock(str(tmp_path), stale_after_s=600)
+    assert "an earlier run of SLURM job 42" in lock.acquire()
+    lock.release()
