@@ -341,6 +341,34 @@ def export_parser() -> argparse.ArgumentParser:
     return p
 
 
+def fault_drill_parser() -> argparse.ArgumentParser:
+    p = _parser("benchmarks/fault_drill.py", "Kill a pretraining run again and again (SIGKILL, some inside a "
+                "save, some followed by a damaged current.pth, then a SIGTERM), resume it each time with "
+                "--auto-resume, and compare the result with an uninterrupted run.")
+    p.add_argument("--kills", type=int, default=20, help="SIGKILLs")
+    p.add_argument("--in-save", type=int, default=5, help="how many of them hit a checkpoint being written")
+    p.add_argument("--damage", type=int, default=5, help="kills after which 4 KB of current.pth are overwritten")
+    p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default: the training "
+                   "script's default)")
+    p.add_argument("--tiny", action="store_true", help="a 2-conv backbone (tests/fault_runner.py) instead of "
+                   "ResNet-18")
+    p.add_argument("--images", type=int, default=80, help="training images (synthetic, 10 classes)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per step")
+    p.add_argument("--epochs", type=int, default=8, help="epochs of the run (long enough for every kill)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the run and of the drill's choices")
+    p.add_argument("--work-dir", default="output/fault_drill", help="data, reference and drill runs")
+    p.add_argument("--out", default="benchmarks/results/fault_drill.json", help="results (JSON)")
+    return p
+
+
+def parse_fault_drill_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = fault_drill_parser()
+    args = p.parse_args(argv)
+    if not 0 <= args.in_save <= args.kills or not 0 <= args.damage < max(args.kills, 1):
+        p.error("need 0 <= --in-save <= --kills and 0 <= --damage < --kills")
+    return args
+
+
 # ---------------------------------------------------------------------------------------- checks
 def default_num_workers() -> int:
     """DataLoader workers per process: the CPUs this process may use, shared by the processes of this
