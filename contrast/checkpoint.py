@@ -776,19 +776,10 @@ class ResumeChoice:
 
 
 def _candidates(output_dir: str) -> List[str]:
-    """``current.pth``, then the epoch checkpoints, newest first (by the step their manifest says
-    when they have one)."""
-    def step_of(path: str) -> int:
-        try:
-            manifest = read_manifest(path)
-        except CheckpointError:
-            return -1
-        return int(manifest["step"]) if manifest else -1
-    current = os.path.join(output_dir, CURRENT)
-    epochs = [p for _, p in reversed(epoch_checkpoints(output_dir))]
-    exists = [p for p in [current] + epochs if os.path.isfile(p) or os.path.isfile(manifest_path(p))]
-    order = {p: i for i, p in enumerate(exists)}
-    return sorted(exists, key=lambda p: (-step_of(p), order[p]))
+    """``current.pth`` (the newest: every save writes it), then the epoch checkpoints, newest first;
+    those of which a file or the manifest exists."""
+    paths = [os.path.join(output_dir, CURRENT)] + [p for _, p in reversed(epoch_checkpoints(output_dir))]
+    return [p for p in paths if os.path.isfile(p) or os.path.isfile(manifest_path(p))]
 
 
 def choose_resume(output_dir: str, resume: str = "", auto_resume: bool = False, restart: bool = False

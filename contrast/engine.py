@@ -32,6 +32,7 @@ import os
 import random
 import signal
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -98,7 +99,6 @@ class StopSignals:
         self._previous: Dict[int, Any] = {}
 
     def install(self) -> "StopSignals":
-        import threading
         if threading.current_thread() is not threading.main_thread():
             return self
         for name in STOP_SIGNALS:
@@ -187,23 +187,28 @@ def setup_run(name: str, output_dir: str, device: str = "auto", local_rank: int 
     install the stop-signal handlers. ``lock`` (a training run): rank 0 takes the output
     directory's run lock (:class:`~contrast.runlock.RunLock`; an error on every rank when another
     run holds it) and cleans up after a crash (:func:`~contrast.checkpoint.recover_output_dir`)."""
-    signals = StopSignals().install()
-    env = cd.init_distributed(device, local_rank)
-    seed_everything(seed + env.rank)
-    os.makedirs(output_dir, exist_ok=True)
-    run_lock, notes, error = None, [], None
-    if lock and env.is_main:
-        run_lock = RunLock(output_dir)
-        try:
-            taken = run_lock.acquire()
-            notes = ([taken] if taken else []) + recover_output_dir(output_dir)
-        except RunLockError as e:
-            error = str(e)
-    if lock:
-        error = cd.broadcast_object(error, src=0)
-        if error:
-            signals.uninstall()
-            raise RunLockError(error)
+    signals, run_lock = StopSignals().install(), None
+    try:
+        env = cd.init_distributed(device, local_rank)
+        seed_everything(seed + env.rank)
+        os.makedirs(output_dir, exist_ok=True)
+        notes, error = [], None
+        if lock and env.is_main:
+            run_lock = RunLock(output_dir)
+            try:
+                taken = run_lock.acquire()
+                notes = ([taken] if taken else []) + recover_output_dir(output_dir)
+            except RunLockError as e:
+                error = str(e)
+        if lock:
+            error = cd.broadcast_object(error, src=0)
+            if error:
+                raise RunLockError(error)
+    except BaseException:
+        if run_lock is not None:
+            run_lock.release()
+        signals.uninstall()
+        raise
     logger = setup_logger(output_dir, env.rank)
     tb = TensorBoard(output_dir, tensorboard and env.is_main, logger)
     where = f"rank {env.rank} of {env.world_size} ({env.backend})" if env.world_size > 1 else "single process"
