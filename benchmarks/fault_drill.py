@@ -50,7 +50,8 @@ def run_flags(args, data: str, out: str) -> List[str]:
             "--contrast-num-negative", "256", "--feature-dim", "64", "--arch", "resnet18", "--image-size", "32",
             "--batch-size", str(args.batch_size), "--epochs", str(args.epochs), "--warmup-epoch", "1",
             "--print-freq", "1", "--no-tensorboard", "--base-learning-rate", "0.3", "--amp-opt-level", "O0",
-            "--save-every-minutes", "1e-9", "--save-freq", "1", "--seed", str(args.seed), *workers]
+            "--save-every-minutes", "1e-9", "--save-freq", "1", "--keep-last", "2", "--seed", str(args.seed),
+            *workers]
 
 
 class Launch:
