@@ -144,7 +144,8 @@ def load() -> str:
 
 
 def main(argv=None) -> None:
-    args = parse_fault_drill_args(argv)
+    cli = sys.argv[1:] if argv is None else list(argv)
+    args = parse_fault_drill_args(cli)
     rng = random.Random(args.seed)
     work = os.path.abspath(args.work_dir)
     data = os.path.join(work, "data")
@@ -164,16 +165,16 @@ def main(argv=None) -> None:
     reference_s = time.time() - t0
 
     argv = run_flags(args, data, out)
-    in_save = set(rng.sample(range(args.kills), args.in_save))
+    in_save = set(rng.sample(range(1, args.kills), args.in_save))
     damaged = set(rng.sample(sorted(set(range(args.kills)) - {0}), args.damage))
     events, done, first, pending = [], 0, True, 0
     for k in range(args.kills):
         env, marker, point = {}, os.path.join(out, "paused"), None
-        if k in in_save:
+        if k in in_save and not first:
             point = rng.choice(["shards", "main", "commit"])
             env["CONTRAST_TEST_PAUSE_IN_SAVE"] = f"{point}:{rng.randint(1, 3)}:{marker}"
         launch = Launch(args, argv + ([] if first else ["--auto-resume"]), out, env)
-        target = rng.randint(1, 3)
+        target = rng.randint(2, 3) if first else rng.randint(1, 3)  # the first kill: once a checkpoint exists
         alive = launch.wait_until((lambda: os.path.exists(marker)) if point else (lambda: launch.steps() >= target))
         if not alive:
             raise SystemExit(f"the run ended before kill {k + 1} (lengthen --epochs): {launch.stderr()[-2000:]}")
@@ -227,11 +228,12 @@ def main(argv=None) -> None:
     b = torch.load(os.path.join(out, "current.pth"), map_location="cpu", weights_only=False)["model"]
     differ = [k for k in a if not torch.equal(a[k], b[k])]
     summary = {
-        "command": "python benchmarks/fault_drill.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": " ".join(["python benchmarks/fault_drill.py", *cli]), "run_flags": " ".join(argv),
         "machine": f"{socket.gethostname()}, {os.cpu_count()} CPUs", "load_start": load_start, "load_end": load(),
         "model": "tiny 2-conv backbone (tests/fault_runner.py)" if args.tiny else "MoCo v2, ResNet-18, 32 px",
         "num_workers": args.num_workers if args.num_workers is not None else "default",
-        "kills": args.kills, "inside_a_save": args.in_save, "damaged_current": args.damage,
+        "kills": args.kills, "inside_a_save": args.in_save,
+        "damaged_current": sum("damaged" in e for e in events),
         "resumed": sum(e["next_launch_resumed_from"] is not None for e in events),
         "silent_acceptances": len(silent), "damaged_detected": sum(
             1 for e in events if "damaged" in e and e["next_launch_resumed_from"] == e["committed"]),

@@ -364,8 +364,9 @@ def fault_drill_parser() -> argparse.ArgumentParser:
 def parse_fault_drill_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = fault_drill_parser()
     args = p.parse_args(argv)
-    if not 0 <= args.in_save <= args.kills or not 0 <= args.damage < max(args.kills, 1):
-        p.error("need 0 <= --in-save <= --kills and 0 <= --damage < --kills")
+    if args.kills < 1 or not 0 <= args.in_save < args.kills or not 0 <= args.damage < args.kills:
+        p.error("need --kills >= 1, 0 <= --in-save < --kills and 0 <= --damage < --kills (the first kill hits "
+                "between steps)")
     return args
 
 
