@@ -228,7 +228,7 @@ def main(argv=None) -> None:
     b = torch.load(os.path.join(out, "current.pth"), map_location="cpu", weights_only=False)["model"]
     differ = [k for k in a if not torch.equal(a[k], b[k])]
     summary = {
-        "command": " ".join(["python benchmarks/fault_drill.py", *cli]), "run_flags": " ".join(argv),
+        "command": " ".join(["python benchmarks/fault_drill.py", *cli]), "run_flags": " ".join(argv).replace(ROOT + os.sep, ""),
         "machine": f"{socket.gethostname()}, {os.cpu_count()} CPUs", "load_start": load_start, "load_end": load(),
         "model": "tiny 2-conv backbone (tests/fault_runner.py)" if args.tiny else "MoCo v2, ResNet-18, 32 px",
         "num_workers": args.num_workers if args.num_workers is not None else "default",
