@@ -59,7 +59,8 @@ def build_encoder(args) -> tuple[nn.Module, dict]:
 
 def datasets(args, transform) -> Dict[str, object]:
     """Both splits, built before any feature is extracted: a missing split stops at once, naming it."""
-    return {split: build_dataset(args.data_dir, split, args.zip, args.cache_mode, transform.cpu, 0, 1)
+    return {split: build_dataset(args.data_dir, split, args.zip, args.cache_mode, transform.cpu, 0, 1,
+                                 index_dir=args.index_dir)
             for split in ("train", "val")}
 
 
@@ -107,7 +108,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         if args.linear_aug_copies > 0:
             null_aug = build_augmentation("NULL", num_views=1, image_size=args.image_size, crop=args.linear_crop)
             null_aug.device.to(device)
-            null_train = build_dataset(args.data_dir, "train", args.zip, args.cache_mode, null_aug.cpu, 0, 1)
+            null_train = build_dataset(args.data_dir, "train", args.zip, args.cache_mode, null_aug.cpu, 0, 1,
+                                       index_dir=args.index_dir)
             copies = []
             for c in range(args.linear_aug_copies):
                 torch.manual_seed(args.seed + 1000 * (c + 1) + env.rank)

@@ -17,8 +17,8 @@ from torch import nn
 
 from contrast import distributed as cd
 from contrast import engine
-from contrast.checkpoint import (LINEAR, list_state_differences, load_model_state, read_checkpoint,
-                                 restore_training_state, resume_path)
+from contrast.checkpoint import (LINEAR, CheckpointError, choose_resume, list_state_differences, load_model_state,
+                                 read_checkpoint, restore_training_state)
 from contrast.data import build_dataset, build_sampler
 from contrast.data.transforms import build_augmentation
 from contrast.eval.features import ShardSampler
@@ -86,16 +86,27 @@ def evaluate(model: LinearClassifier, loader, device_aug: nn.Module, run: engine
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     args = parse_linear_args(argv)
-    run = engine.setup_run("linear", args.output_dir, args.device, args.local_rank, args.seed, args.tensorboard)
+    run = engine.setup_run("linear", args.output_dir, args.device, args.local_rank, args.seed, args.tensorboard,
+                           lock=not args.eval)
+    try:
+        return linear(args, run)
+    finally:
+        run.close()
+
+
+def linear(args, run: engine.Run) -> Dict[str, float]:
     env, logger = run.env, run.logger
     if args.total_batch_size % env.world_size:
         raise ValueError(f"--total-batch-size {args.total_batch_size} is not divisible by {env.world_size} processes")
     batch = args.total_batch_size // env.world_size
 
-    resume = resume_path(args.resume, args.auto_resume, args.output_dir)
-    if args.eval and resume is None:
-        raise FileNotFoundError(f"-e: no linear checkpoint in {args.output_dir} (current.pth)")
-    source = read_checkpoint(resume if args.eval else args.pretrained_model)
+    if args.eval:
+        evaluated = args.resume or choose_resume(args.output_dir, auto_resume=True).checkpoint
+        if evaluated is None:
+            raise FileNotFoundError(f"-e: no linear checkpoint in {args.output_dir} (current.pth)")
+        source = read_checkpoint(evaluated) if isinstance(evaluated, str) else evaluated
+    else:
+        source = read_checkpoint(args.pretrained_model)
     taken = resolve_from_config(args, source.config)
     logger.info(f"backbone {args.arch} ({args.stem} stem), image size {args.image_size}, val crop fraction "
                 f"{args.val_crop_fraction}" + (f"; from {source.path}: {', '.join(taken)}" if taken else ""))
@@ -103,10 +114,11 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     train_aug = build_augmentation(args.aug, 1, args.image_size, args.crop, fast=not args.plain_aug)
     val_aug = build_augmentation("val", 1, args.image_size, fast=not args.plain_aug,
                                  val_crop_fraction=args.val_crop_fraction)
-    val_set = build_dataset(args.data_dir, "val", args.zip, "no" if args.cache_mode == "part" else args.cache_mode,
-                            val_aug.cpu, env.rank, env.world_size, strict=args.strict_data)
+    val_cache = "no" if args.cache_mode == "part" else args.cache_mode
+    val_set = build_dataset(args.data_dir, "val", args.zip, val_cache, val_aug.cpu, env.rank, env.world_size,
+                            strict=args.strict_data, index_dir=args.index_dir)
     val_loader = engine.build_loader(val_set, ShardSampler(len(val_set), env.rank, env.world_size), batch,
-                                     args.num_workers, env.device, train=False)
+                                     args.num_workers, env.device, train=False, seed=args.seed)
     backbone, feat_dim = build_backbone(args.arch, args.stem)
     model = LinearClassifier(backbone, feat_dim, val_set.num_classes)
     precision, precision_note = resolve_precision(args.amp_opt_level, env.device)
@@ -125,27 +137,39 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     frozen = {k: v.detach().clone() for k, v in model.backbone.state_dict().items()}
 
     train_set = build_dataset(args.data_dir, "train", args.zip, args.cache_mode, train_aug.cpu, env.rank,
-                              env.world_size, strict=args.strict_data)
+                              env.world_size, strict=args.strict_data, index_dir=args.index_dir)
     sampler = build_sampler(train_set, False, 0, 0, args.seed, False, env.world_size, env.rank, drop_last=True)
-    loader = engine.build_loader(train_set, sampler, batch, args.num_workers, env.device, train=True)
-    iters = engine.check_iters(loader, batch, env.world_size)
+    loader = engine.build_loader(train_set, sampler, batch, args.num_workers, env.device, train=True, seed=args.seed)
+    iters = engine.check_iters(loader, batch, env.world_size, flag="--total-batch-size / world size")
     lr = args.learning_rate * args.total_batch_size / 256
     optimizer = torch.optim.SGD(model.fc.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
     scheduler = build_scheduler(optimizer, args.lr_scheduler, args.epochs, iters, args.warmup_epoch,
                                 args.warmup_multiplier, args.lr_decay_epochs, args.lr_decay_rate,
-                                cosine_form=args.cosine_form)
-    config = engine.write_config(run, vars(args), effective_lr=lr, per_process_batch=batch,
-                                 backbone_tensors=len(frozen))
+                                cosine_form=args.cosine_form, samples_per_step=args.total_batch_size)
 
     state, start, best = engine.TrainState(), args.start_epoch, {"acc1": 0.0, "acc5": 0.0, "epoch": 0}
-    if resume:
-        ckpt = read_checkpoint(resume)
+    ckpt = engine.resume_checkpoint(run, args.resume, args.auto_resume, args.restart)
+    if ckpt is not None:
+        if ckpt.kind != LINEAR:
+            raise CheckpointError(f"{ckpt.path}: a {ckpt.kind} checkpoint, not a linear evaluation one; --resume "
+                                  f"takes the linear run's checkpoint (the backbone comes from --pretrained-model)")
+        seen = ckpt.samples_seen if ckpt.samples_seen is not None else ckpt.step * args.total_batch_size
+        engine.check_total_batch(ckpt, args.total_batch_size, env.world_size, args.allow_batch_change, lr,
+                                 scheduler.total_samples - seen, logger)
         restore_training_state(ckpt, model, optimizer, scheduler, precision.scaler, sampler)
         start, state.step, best = ckpt.epoch + 1, ckpt.step, ckpt.extra.get("best", best)
-        logger.info(f"resumed from {resume} (epoch {ckpt.epoch})")
+        logger.info(f"resumed from {ckpt.path} (epoch {ckpt.epoch}, step {state.step}"
+                    + (", mid-epoch" if ckpt.mid_epoch else "") + ")")
+    config = engine.write_config(run, vars(args), effective_lr=lr, per_process_batch=batch,
+                                 backbone_tensors=len(frozen), total_batch=args.total_batch_size)
+    checkpointer = engine.Checkpointer(run, model, optimizer, scheduler, precision.scaler, sampler, config, lr,
+                                       args.total_batch_size, kind=LINEAR,
+                                       policy=engine.CheckpointPolicy(args.save_freq, args.keep_last,
+                                                                      args.save_every_minutes),
+                                       extra={"best": best})
     trainer = engine.Trainer(engine.wrap_ddp(model, env), model, optimizer, scheduler, precision, run,
-                             engine.LoopOptions(args.print_freq, args.max_nonfinite, args.channels_last),
-                             train_aug.device, state)
+                             engine.LoopOptions(args.print_freq, args.max_nonfinite, args.channels_last, args.seed),
+                             train_aug.device, state, checkpointer)
     trainer.start(args.epochs * iters, iters)
 
     result = best
@@ -158,9 +182,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
         logger.info(f"val epoch {epoch}: top-1 {result['acc1']:.2f} top-5 {result['acc5']:.2f} "
                     f"(best top-1 {best['acc1']:.2f} at epoch {best['epoch']})")
         run.tb.scalars(result, epoch, prefix="val/")
-        engine.save_epoch(run, epoch, args.save_freq, args.epochs, model=model, optimizer=optimizer,
-                          scheduler=scheduler, scaler=precision.scaler, sampler=sampler, step=state.step,
-                          config=config, effective_lr=lr, kind=LINEAR, extra={"best": best})
+        checkpointer.extra["best"] = best
+        engine.save_epoch(checkpointer, epoch, args.epochs, state.step)
 
     changed = list_state_differences(frozen, model.backbone.state_dict())
     if changed:

@@ -10,29 +10,38 @@ from __future__ import annotations
 from typing import List, Optional
 
 from contrast import engine
-from contrast.checkpoint import read_checkpoint, restore_training_state, resume_path
+from contrast.checkpoint import restore_training_state
 from contrast.data import build_dataset, build_sampler, window_epochs
 from contrast.data.transforms import build_augmentation
 from contrast.eval.knn import KNNMonitor
 from contrast.models import build_method
 from contrast.optim import build_optimizer, build_scheduler
-from contrast.precision import resolve_precision
 from contrast.option import method_config, parse_pretrain_args
+from contrast.precision import resolve_precision
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     args = parse_pretrain_args(argv)
-    run = engine.setup_run("pretrain", args.output_dir, args.device, args.local_rank, args.seed, args.tensorboard)
+    run = engine.setup_run("pretrain", args.output_dir, args.device, args.local_rank, args.seed, args.tensorboard,
+                           lock=True)
+    try:
+        pretrain(args, run)
+    finally:
+        run.close()
+
+
+def pretrain(args, run: engine.Run) -> None:
     env, logger = run.env, run.logger
     cfg = method_config(args)
 
     aug = build_augmentation(args.aug, cfg.num_crop, args.image_size, args.crop, args.image_size2, args.crop2,
                              args.num_crop2, fast=not args.plain_aug)
     dataset = build_dataset(args.data_dir, "train", args.zip, args.cache_mode, aug.cpu, env.rank, env.world_size,
-                            strict=args.strict_data)
+                            strict=args.strict_data, index_dir=args.index_dir)
     sampler = build_sampler(dataset, args.use_sliding_window_sampler, args.window_size, args.window_stride,
                             args.seed, args.shuffle_per_epoch, env.world_size, env.rank, drop_last=True)
-    loader = engine.build_loader(dataset, sampler, args.batch_size, args.num_workers, env.device, train=True)
+    loader = engine.build_loader(dataset, sampler, args.batch_size, args.num_workers, env.device, train=True,
+                                 seed=args.seed)
     iters = engine.check_iters(loader, args.batch_size, env.world_size)
 
     # Sliding window: plain epochs -> window-epochs visiting as many images (ceil(e * N / W)).
@@ -43,39 +52,52 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     method = build_method(cfg, len(dataset))
     method = engine.prepare_model(method, env.device, method.sync_batchnorm, args.channels_last, args.compile)
-    lr = args.base_learning_rate * args.batch_size * env.world_size / 256
+    total_batch = args.batch_size * env.world_size
+    lr = args.base_learning_rate * total_batch / 256
     optimizer = build_optimizer(method, args.optimizer, lr, args.momentum, args.weight_decay, args.lars_form,
                                 args.lars_trust_coefficient, args.lars_eps)
     scheduler = build_scheduler(optimizer, args.lr_scheduler, epochs, iters, warmup, args.warmup_multiplier,
-                                decay, args.lr_decay_rate, cosine_form=args.cosine_form)
+                                decay, args.lr_decay_rate, cosine_form=args.cosine_form, samples_per_step=total_batch)
     precision, precision_note = resolve_precision(args.amp_opt_level, env.device)
     logger.info(f"precision: {precision_note}")
-    config = engine.write_config(run, vars(args), effective_lr=lr, num_instances=len(dataset), loop_epochs=epochs,
-                                 iters_per_epoch=iters, warmup_loop_epochs=warmup, decay_loop_epochs=decay)
 
-    state, start = engine.TrainState(), args.start_epoch
-    path = resume_path(args.resume, args.auto_resume, args.output_dir)
-    if path:
-        ckpt = read_checkpoint(path)
+    state, start, extra = engine.TrainState(), args.start_epoch, {}
+    ckpt = engine.resume_checkpoint(run, args.resume, args.auto_resume, args.restart)
+    if ckpt is not None:
+        seen = ckpt.samples_seen if ckpt.samples_seen is not None else ckpt.step * total_batch
+        engine.check_total_batch(ckpt, total_batch, env.world_size, args.allow_batch_change, lr,
+                                 scheduler.total_samples - seen, logger)
         restore_training_state(ckpt, method, optimizer, scheduler, precision.scaler, sampler)
-        start, state.step = ckpt.epoch + 1, ckpt.step
-        logger.info(f"resumed from {path} (epoch {ckpt.epoch}, step {state.step})")
+        start, state.step, extra = ckpt.epoch + 1, ckpt.step, dict(ckpt.extra)
+        where = f", {sampler.num_samples - sampler.num_remaining} samples into epoch {start}" if ckpt.mid_epoch else ""
+        logger.info(f"resumed from {ckpt.path} (epoch {ckpt.epoch}, step {state.step}{where}, "
+                    f"{scheduler.samples_seen} of {scheduler.total_samples} samples seen)")
     elif start > 1:
         scheduler.last_epoch = (start - 1) * iters - 1
         scheduler.step()
         state.step = (start - 1) * iters
+    config = engine.write_config(run, vars(args), effective_lr=lr, num_instances=len(dataset), loop_epochs=epochs,
+                                 iters_per_epoch=iters, warmup_loop_epochs=warmup, decay_loop_epochs=decay,
+                                 total_batch=total_batch)
 
+    checkpointer = engine.Checkpointer(run, method, optimizer, scheduler, precision.scaler, sampler, config, lr,
+                                       total_batch, policy=engine.CheckpointPolicy(args.save_freq, args.keep_last,
+                                                                                   args.save_every_minutes),
+                                       extra=extra)
     trainer = engine.Trainer(engine.wrap_ddp(method, env), method, optimizer, scheduler, precision, run,
-                             engine.LoopOptions(args.print_freq, args.max_nonfinite, args.channels_last),
-                             aug.device, state)
+                             engine.LoopOptions(args.print_freq, args.max_nonfinite, args.channels_last, args.seed),
+                             aug.device, state, checkpointer)
     trainer.start(epochs * iters, iters)
     logger.info(f"{args.model}: {len(dataset)} images, {epochs} loop epochs x {iters} iterations, "
-                f"effective lr {lr:.4g} (total batch {args.batch_size * env.world_size})")
+                f"effective lr {lr:.4g} (total batch {total_batch})")
     monitor = None
     if args.knn_monitor:
         monitor = KNNMonitor.from_data_dir(args.data_dir, env.device, args.zip, args.cache_mode, args.image_size,
-                                           args.val_crop_fraction, k=args.knn_k, temperature=args.knn_t,
-                                           batch_size=args.batch_size, num_workers=args.num_workers)
+                                           args.val_crop_fraction, index_dir=args.index_dir, k=args.knn_k,
+                                           temperature=args.knn_t, batch_size=args.batch_size,
+                                           num_workers=args.num_workers)
+        if "knn_best" in extra:
+            monitor.best = dict(extra["knn_best"])
     for epoch in range(start, epochs + 1):
         sampler.set_epoch(epoch)
         stats = trainer.train_epoch(loader, epoch, epochs)
@@ -85,9 +107,8 @@ def main(argv: Optional[List[str]] = None) -> None:
             logger.info(f"knn epoch {epoch}: top-1 {acc['top1']:.2f} top-5 {acc['top5']:.2f} "
                         f"(best top-1 {monitor.best['top1']:.2f})")
             run.tb.scalars(acc, epoch, prefix="knn/")
-        engine.save_epoch(run, epoch, args.save_freq, epochs, model=method, optimizer=optimizer,
-                          scheduler=scheduler, scaler=precision.scaler, sampler=sampler, step=state.step,
-                          config=config, effective_lr=lr)
+            checkpointer.extra["knn_best"] = dict(monitor.best)
+        engine.save_epoch(checkpointer, epoch, epochs, state.step)
     run.tb.close()
     logger.info(f"done: checkpoint {run.output_dir}/current.pth, log {run.output_dir}/log.txt")
 

@@ -1,18 +1,27 @@
 """The training loop and the pieces the entry scripts share.
 
 ``main_pretrain.py`` and ``main_linear.py`` are thin: they parse flags, build data and model, and
-use :func:`setup_run`, :func:`build_loader`, :func:`wrap_ddp`,
-:class:`Trainer` and :func:`save_epoch` from here.
+use :func:`setup_run`, :func:`resume_checkpoint`, :func:`build_loader`, :func:`wrap_ddp`,
+:class:`Checkpointer`, :class:`Trainer` and :func:`save_epoch` from here.
+
+Long runs (``docs/resilience.md``): :func:`setup_run` takes the output directory's run lock,
+cleans up after a crash and installs the signal handlers (:class:`StopSignals`); between two
+steps the ranks agree, in the one all-reduce the loop already makes, on a non-finite loss, a stop
+request (SIGTERM, SIGUSR1, SIGINT, or the death of the launcher) and a time-based save
+(``--save-every-minutes``); a stop saves ``current.pth`` and raises :class:`Preempted`, which
+:func:`run_cli` turns into exit code :data:`EXIT_PREEMPTED`.
 
 One iteration of :meth:`Trainer.train_epoch` (``module`` is the :class:`TrainModule`)::
 
     views -> device -> aug.device (batched colour ops) -> [channels_last]
     target = module.target(index, label)
     out = model(views, target)                   # under autocast; out["loss"] is fp32
+    agree across ranks: loss finite? stop requested? save due?   (one all-reduce)
     if the loss is non-finite on any rank: skip the step everywhere, count it,
         stop after --max-nonfinite consecutive ones (NonFiniteLossError)
     backward [GradScaler, unscale] -> module.on_before_optimizer_step(step) -> optimizer.step
     -> module.on_train_step_end(step, lr, grad_scale) (real steps only) -> scheduler.step
+    [save current.pth mid-epoch if due or stopping] [raise Preempted if stopping]
 """
 from __future__ import annotations
 
@@ -21,10 +30,12 @@ import json
 import logging
 import os
 import random
+import signal
 import sys
+import threading
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import numpy as np
@@ -33,25 +44,113 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from contrast import distributed as cd
-from contrast.checkpoint import CURRENT, CheckpointError, save_training_checkpoint
+from contrast.checkpoint import (CURRENT, EPOCH_PREFIX, PRETRAIN, Checkpoint, CheckpointError, CheckpointSaveError,
+                                 choose_resume, copy_checkpoint, prune_epoch_checkpoints, read_checkpoint,
+                                 recover_output_dir, save_training_checkpoint)
 from contrast.data import DatasetError
 from contrast.logger import AverageMeter, TensorBoard, format_eta, peak_memory_mb, setup_logger
 from contrast.models.base import TrainModule
 from contrast.precision import Precision
+from contrast.runlock import RunLock, RunLockError
+
+#: Exit code of a run stopped by a signal (or by its launcher's death) after saving a checkpoint:
+#: ``EX_TEMPFAIL`` of sysexits.h, "try again": resume it with ``--auto-resume``.
+EXIT_PREEMPTED = 75
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+_MASK64 = (1 << 64) - 1
+_DIST_ERRORS = tuple(getattr(torch.distributed, n) for n in ("DistBackendError", "DistNetworkError")
+                     if hasattr(torch.distributed, n))
 
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive iterations with a NaN/inf loss."""
 
 
+class Preempted(RuntimeError):
+    """The run stopped on a signal or on its launcher's death (after saving a checkpoint when it had
+    started training); :func:`run_cli` exits with :data:`EXIT_PREEMPTED`."""
+
+    exit_code = EXIT_PREEMPTED
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed that depends on every part (SplitMix64 finaliser over the parts)."""
+    h = 0x243F6A8885A308D3
+    for p in parts:
+        h = ((h ^ (int(p) & _MASK64)) * 0x9E3779B97F4A7C15) & _MASK64
+        h ^= h >> 31
+        h = (h * 0xBF58476D1CE4E5B9) & _MASK64
+        h ^= h >> 27
+    return h & ((1 << 63) - 1)
+
+
+class StopSignals:
+    """SIGTERM, SIGUSR1 and SIGINT handlers of a run (main thread only).
+
+    Before :meth:`arm` (nothing to save yet) a signal raises :class:`Preempted` at once. Armed, the
+    first signal only records a request that the loop turns into "save, then exit" at the next
+    step (every rank agrees first); a second signal exits at once with code ``128 + signum``.
+    """
+
+    def __init__(self) -> None:
+        self.requested: Optional[str] = None
+        self.armed = False
+        self.where = ""
+        self._previous: Dict[int, Any] = {}
+
+    def install(self) -> "StopSignals":
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for name in STOP_SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
+
+    def arm(self, where: str) -> None:
+        """From now on a first signal asks for a checkpoint (``where``: its path, for messages)."""
+        self.armed, self.where = True, where
+
+    def request(self, reason: str) -> None:
+        if self.requested is None:
+            self.requested = reason
+
+    def _handle(self, signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        prog = os.path.basename(sys.argv[0]) or "contrast"
+        if self.requested is not None:
+            print(f"{prog}: second {name}: exiting at once without saving (last checkpoint: "
+                  f"{self.where or 'none'})", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.requested = name
+        if not self.armed:
+            raise Preempted(f"stopped by {name} before training started (nothing to save)")
+        logging.getLogger("contrast").warning(f"{name} received: saving a checkpoint after the current step, "
+                                              f"then exiting (send it again to exit at once)")
+
+
 @dataclass
 class Run:
-    """Per-process context: distributed environment, logger, TensorBoard, output directory."""
+    """Per-process context: distributed environment, logger, TensorBoard, output directory,
+    run lock and signal handlers (:meth:`close` releases both)."""
 
     env: cd.DistEnv
     logger: logging.Logger
     tb: TensorBoard
     output_dir: str
+    signals: StopSignals = field(default_factory=StopSignals)
+    lock: Optional[RunLock] = None
+
+    def close(self) -> None:
+        """Release the run lock and restore the signal handlers (idempotent)."""
+        if self.lock is not None:
+            self.lock.release()
+        self.signals.uninstall()
 
 
 @dataclass
@@ -71,23 +170,101 @@ def seed_everything(seed: int) -> None:
 
 def seed_worker(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: numpy and random follow the worker's torch seed
-    (``base_seed + worker_id``, the base drawn from the main process's restored RNG)."""
+    (``base_seed + worker_id``, the base drawn from the loader's own generator). Workers ignore
+    the stop signals: a scheduler signals every process of a job, and the main process, which
+    handles them, still needs its workers for the step before it saves."""
     seed = torch.initial_seed() % 2 ** 32
     np.random.seed(seed)
     random.seed(seed)
+    for name in STOP_SIGNALS:
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 def setup_run(name: str, output_dir: str, device: str = "auto", local_rank: int = -1, seed: int = 0,
-              tensorboard: bool = True) -> Run:
-    """Initialise distributed, seeds (``seed`` + rank), output dir, logger and TensorBoard."""
-    env = cd.init_distributed(device, local_rank)
-    seed_everything(seed + env.rank)
-    os.makedirs(output_dir, exist_ok=True)
+              tensorboard: bool = True, lock: bool = False) -> Run:
+    """Initialise distributed, seeds (``seed`` + rank), output dir, logger and TensorBoard, and
+    install the stop-signal handlers. ``lock`` (a training run): rank 0 takes the output
+    directory's run lock (:class:`~contrast.runlock.RunLock`; an error on every rank when another
+    run holds it) and cleans up after a crash (:func:`~contrast.checkpoint.recover_output_dir`)."""
+    signals, run_lock = StopSignals().install(), None
+    try:
+        env = cd.init_distributed(device, local_rank)
+        seed_everything(seed + env.rank)
+        os.makedirs(output_dir, exist_ok=True)
+        notes, error = [], None
+        if lock and env.is_main:
+            run_lock = RunLock(output_dir)
+            try:
+                taken = run_lock.acquire()
+                notes = ([taken] if taken else []) + recover_output_dir(output_dir)
+            except RunLockError as e:
+                error = str(e)
+        if lock:
+            error = cd.broadcast_object(error, src=0)
+            if error:
+                raise RunLockError(error)
+    except BaseException:
+        if run_lock is not None:
+            run_lock.release()
+        signals.uninstall()
+        raise
     logger = setup_logger(output_dir, env.rank)
     tb = TensorBoard(output_dir, tensorboard and env.is_main, logger)
     where = f"rank {env.rank} of {env.world_size} ({env.backend})" if env.world_size > 1 else "single process"
     logger.info(f"{name}: {where}, device {env.device}")
-    return Run(env, logger, tb, output_dir)
+    for note in notes:
+        logger.warning(note)
+    return Run(env, logger, tb, output_dir, signals, run_lock)
+
+
+def resume_checkpoint(run: Run, resume: str = "", auto_resume: bool = False, restart: bool = False
+                      ) -> Optional[Checkpoint]:
+    """The checkpoint this run continues (None: a fresh start), chosen by rank 0 with
+    :func:`~contrast.checkpoint.choose_resume` (verified, with fallback to the newest valid one)
+    and read by every rank; its warnings are logged; an error on every rank when it refuses."""
+    choice, error = None, None
+    if run.env.is_main:
+        try:
+            choice = choose_resume(run.output_dir, resume, auto_resume, restart)
+        except CheckpointError as e:
+            error = str(e)
+    path, warnings, error = cd.broadcast_object(
+        (choice.checkpoint.path if choice and choice.checkpoint else None, choice.warnings if choice else [], error))
+    if error:
+        raise CheckpointError(error)
+    for w in warnings:
+        run.logger.warning(w)
+    if path is None:
+        return None
+    return choice.checkpoint if run.env.is_main else read_checkpoint(path, verify=False)
+
+
+def check_total_batch(ckpt: Checkpoint, total_batch: int, world_size: int, allow_change: bool,
+                      effective_lr: float, remaining_samples: Optional[int], logger: logging.Logger) -> None:
+    """A resumed run continues the lr schedule of ``ckpt`` by samples seen. With the same total batch
+    (any world size) it is the same schedule; another total batch changes the optimisation, so it
+    is refused unless ``allow_change`` (``--allow-batch-change``), which rescales the peak lr
+    (``effective_lr``, linear scaling) and continues over the remaining samples."""
+    old = ckpt.total_batch
+    if old is None:
+        return
+    where = f"{ckpt.path} (epoch {ckpt.epoch}, step {ckpt.step})"
+    if world_size != ckpt.world_size:
+        logger.info(f"resuming {where} on {world_size} process(es) instead of {ckpt.world_size}: same total batch "
+                    f"{total_batch}" if old == total_batch else
+                    f"resuming {where} on {world_size} process(es) instead of {ckpt.world_size}")
+    if old == total_batch:
+        return
+    message = (f"{where} was trained with a total batch of {old} ({ckpt.world_size} process(es)); this run has "
+               f"{total_batch} ({world_size} process(es)), which changes the optimisation")
+    if not allow_change:
+        raise CheckpointError(f"{message}. Keep the total batch (--batch-size x processes = {old}), or pass "
+                              f"--allow-batch-change to continue with the lr rescaled to {effective_lr:.4g} "
+                              f"(from {ckpt.effective_lr:.4g}) over the remaining samples")
+    left = f" over the remaining {remaining_samples} samples" if remaining_samples is not None else ""
+    logger.warning(f"{message}: --allow-batch-change: peak lr rescaled from {ckpt.effective_lr:.4g} to "
+                   f"{effective_lr:.4g}; the schedule continues by samples seen{left}")
 
 
 def write_config(run: Run, flags: Dict[str, Any], **resolved: Any) -> Dict[str, Any]:
@@ -103,11 +280,15 @@ def write_config(run: Run, flags: Dict[str, Any], **resolved: Any) -> Dict[str, 
 
 
 def build_loader(dataset, sampler: Sampler, batch_size: int, num_workers: int, device: torch.device,
-                 train: bool) -> DataLoader:
-    """DataLoader: pinned memory on CUDA, persistent seeded workers, ``drop_last`` when training."""
+                 train: bool, seed: int = 0) -> DataLoader:
+    """DataLoader: pinned memory on CUDA, persistent seeded workers, ``drop_last`` when training.
+    Its own generator (seeded by ``seed`` and the rank) draws the workers' base seed, so creating
+    an iterator does not consume the global RNG, whose state a checkpoint restores."""
+    generator = torch.Generator()
+    generator.manual_seed(mix_seed(seed, cd.get_rank(), 0x10AD))
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       pin_memory=device.type == "cuda", drop_last=train, persistent_workers=num_workers > 0,
-                      worker_init_fn=seed_worker)
+                      worker_init_fn=seed_worker, generator=generator)
 
 
 def wrap_ddp(model: nn.Module, env: cd.DistEnv) -> nn.Module:
@@ -137,10 +318,11 @@ def prepare_model(model: nn.Module, device: torch.device, sync_batchnorm: bool =
     return model
 
 
-def check_iters(loader: DataLoader, batch_size: int, world_size: int) -> int:
+def check_iters(loader: DataLoader, batch_size: int, world_size: int, flag: str = "--batch-size") -> int:
+    """Iterations per epoch; a one-line error naming ``flag`` when a process gets no full batch."""
     n = len(loader)
     if n == 0:
-        raise ValueError(f"--batch-size {batch_size} per process is larger than the {len(loader.sampler)} images "
+        raise ValueError(f"{flag} {batch_size} per process is larger than the {len(loader.sampler)} images "
                          f"each of the {world_size} process(es) gets per epoch; lower the batch size")
     return n
 
@@ -151,11 +333,103 @@ def _scalar(v) -> float:
 
 @dataclass(frozen=True)
 class LoopOptions:
-    """How the loop runs and reports (``--print-freq``, ``--max-nonfinite``, ``--channels-last``)."""
+    """How the loop runs and reports (``--print-freq``, ``--max-nonfinite``, ``--channels-last``;
+    ``seed`` seeds the per-step generator of the device-side augmentation)."""
 
     print_freq: int = 100
     max_nonfinite: int = 10
     channels_last: bool = False
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class CheckpointPolicy:
+    """When checkpoints are written (``--save-freq``, ``--keep-last``, ``--save-every-minutes``)."""
+
+    save_freq: int = 10
+    keep_last: int = 0
+    save_every_minutes: float = 30.0
+
+
+class Checkpointer:
+    """Writes the checkpoints of a run (collective: every rank calls every method).
+
+    ``current.pth``: at every epoch end, between two steps every ``save_every_minutes`` (0: never)
+    and when the run stops on a signal; ``ckpt_epoch_<e>.pth``: a verified copy of ``current.pth``
+    every ``save_freq`` epochs and at the last epoch, the oldest deleted beyond ``keep_last`` (0
+    keeps all). ``extra`` (a dict the entry script updates, e.g. the kNN monitor's best) goes into
+    every checkpoint.
+
+    A failed save (disk full) logs one warning naming the path and the error, leaves no partial
+    file and keeps the previous checkpoint; training continues (the next time-based save tries
+    again), except for the save at the end of the run or on a stop, whose failure ends the run
+    (:class:`~contrast.checkpoint.CheckpointSaveError`, exit code 1).
+    """
+
+    def __init__(self, run: Run, model: nn.Module, optimizer, scheduler, scaler, sampler, config: Dict[str, Any],
+                 effective_lr: float, total_batch: int, kind: str = PRETRAIN,
+                 policy: CheckpointPolicy = CheckpointPolicy(), extra: Optional[Dict[str, Any]] = None) -> None:
+        self.run, self.model, self.optimizer, self.scheduler = run, model, optimizer, scheduler
+        self.scaler, self.sampler, self.config, self.effective_lr = scaler, sampler, config, effective_lr
+        self.total_batch, self.kind, self.policy = total_batch, kind, policy
+        self.extra: Dict[str, Any] = dict(extra or {})
+        self.last_save = time.monotonic()
+        self.last_saved: Optional[tuple] = None
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.run.output_dir, CURRENT)
+
+    def save_due(self) -> bool:
+        """Whether a time-based save is due (rank 0's clock decides; the loop shares its answer)."""
+        minutes = self.policy.save_every_minutes
+        return minutes > 0 and time.monotonic() - self.last_save >= 60.0 * minutes
+
+    def save_current(self, epoch: int, step: int, consumed: Optional[int] = None, fatal: bool = False) -> bool:
+        """Write ``current.pth`` (``epoch``: the last finished one; ``consumed``: this rank's samples of
+        the epoch in progress, None at an epoch end). Returns whether it was written; a failure
+        raises when ``fatal``, else it is logged."""
+        position = (epoch, step, consumed)
+        if position == self.last_saved:
+            return True
+        try:
+            save_training_checkpoint(self.path, self.model, self.optimizer, self.scheduler, self.scaler,
+                                     self.sampler, epoch, step, self.config, self.effective_lr, self.kind,
+                                     self.extra, consumed=consumed,
+                                     samples_seen=getattr(self.scheduler, "samples_seen", None),
+                                     total_batch=self.total_batch)
+        except CheckpointSaveError as e:
+            self.last_save = time.monotonic()
+            if fatal:
+                raise
+            self.run.logger.warning(f"{e}; the previous checkpoint is kept and training continues")
+            return False
+        self.last_save, self.last_saved = time.monotonic(), position
+        return True
+
+    def save_epoch(self, epoch: int, last_epoch: int, step: int) -> None:
+        """``current.pth`` for finished ``epoch``, and ``ckpt_epoch_<epoch>.pth`` when it is due."""
+        last = epoch == last_epoch
+        if not self.save_current(epoch, step, None, fatal=last):
+            return
+        if epoch % self.policy.save_freq and not last:
+            return
+        path = os.path.join(self.run.output_dir, f"{EPOCH_PREFIX}{epoch}.pth")
+        error, pruned = None, []
+        if self.run.env.is_main:
+            try:
+                copy_checkpoint(self.path, path)
+                pruned = prune_epoch_checkpoints(self.run.output_dir, self.policy.keep_last)
+            except CheckpointSaveError as e:
+                error = str(e)
+        error = cd.broadcast_object(error, src=0)
+        if error and last:
+            raise CheckpointSaveError(error)
+        if error:
+            self.run.logger.warning(f"{error}; training continues")
+            return
+        self.run.logger.info(f"saved {path}" + (f" (--keep-last {self.policy.keep_last}: removed "
+                                                f"{', '.join(os.path.basename(p) for p in pruned)})" if pruned else ""))
 
 
 class Trainer:
@@ -163,29 +437,52 @@ class Trainer:
 
     ``model`` is what runs the forward pass (the module, or its ``DistributedDataParallel`` wrapper);
     every hook of ``module`` is called at its point of the step (see ``contrast.models.base``).
+    With a ``checkpointer`` the loop saves between steps when a time-based save is due and when the
+    run must stop (a signal, or its torchrun launcher died), then raises :class:`Preempted`.
+    An epoch whose sampler was restored mid-epoch continues after the samples it already consumed.
     """
 
     def __init__(self, model: nn.Module, module: TrainModule, optimizer: torch.optim.Optimizer, scheduler,
                  precision: Precision, run: Run, options: LoopOptions, device_aug: Optional[nn.Module] = None,
-                 state: Optional[TrainState] = None) -> None:
+                 state: Optional[TrainState] = None, checkpointer: Optional[Checkpointer] = None) -> None:
         self.model, self.module = model, module
         self.optimizer, self.scheduler, self.precision = optimizer, scheduler, precision
         self.run, self.options, self.device_aug = run, options, device_aug
         self.state = state if state is not None else TrainState()
+        self.checkpointer = checkpointer
+        # torchrun's workers: a changed parent pid means the launcher died and nobody supervises us
+        self._launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
+        run.signals.arm(checkpointer.path if checkpointer is not None else "")
 
     def start(self, total_steps: int, steps_per_epoch: int) -> None:
         """Tell the module the schedule's length (once per process, also after a resume)."""
         self.module.on_train_start(total_steps, steps_per_epoch)
 
-    def _inputs(self, views, index: torch.Tensor, label: torch.Tensor):
+    def _inputs(self, views, index: torch.Tensor, label: torch.Tensor, epoch: int, it: int):
         device = self.run.env.device
         views = [v.to(device, non_blocking=True) for v in (views if isinstance(views, (list, tuple)) else [views])]
         if self.device_aug is not None:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(mix_seed(self.options.seed, self.run.env.rank, epoch, it))
             with torch.no_grad():
-                views = self.device_aug(views)
+                views = self.device_aug(views, generator=generator)
         if self.options.channels_last:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         return views, self.module.target(index, label).to(device, non_blocking=True)
+
+    def _agree(self, finite: bool) -> tuple:
+        """(loss finite on every rank, stop requested on any rank, time-based save due): one all-reduce."""
+        signals = self.run.signals
+        if self._launcher is not None and signals.requested is None and os.getppid() != self._launcher:
+            signals.request("the death of its launcher")
+            self.run.logger.warning(f"the launcher (pid {self._launcher}) died: saving a checkpoint after this step, "
+                                    f"then exiting")
+        save = self.checkpointer is not None and self.run.env.is_main and self.checkpointer.save_due()
+        flags = torch.tensor([0.0 if finite else 1.0, float(signals.requested is not None), float(save)],
+                             device=self.run.env.device)
+        cd.all_reduce_max(flags)
+        nonfinite, stop, save = (v > 0.5 for v in flags.tolist())
+        return not nonfinite, stop, save
 
     def _skip_nonfinite(self, epoch: int, it: int) -> None:
         state, opts = self.state, self.options
@@ -222,25 +519,44 @@ class Trainer:
         self.scheduler.step()
         self.state.step += 1
 
+    def _between_steps(self, epoch: int, it: int, consumed: int, stop: bool, save: bool, last: bool) -> None:
+        """Save ``current.pth`` mid-epoch when due or stopping (a time-based save at the ``last`` step
+        of the epoch is left to the epoch-end save); raise :class:`Preempted` when stopping."""
+        ckpt = self.checkpointer
+        if ckpt is not None and (stop or (save and not last)):
+            ckpt.save_current(epoch - 1, self.state.step, consumed, fatal=stop)
+        if stop:
+            reason = self.run.signals.requested or "a signal on another rank"
+            saved = f"checkpoint {ckpt.path} (step {self.state.step}) saved" if ckpt is not None else "no checkpoint"
+            raise Preempted(f"stopped by {reason} at epoch {epoch} iteration {it + 1}: {saved}; resume with "
+                            f"--auto-resume")
+
     def train_epoch(self, loader: Iterable, epoch: int, num_epochs: int) -> Dict[str, float]:
-        """One epoch; returns its mean loss, throughput and the mean of every logged scalar."""
+        """One epoch (or its rest, after a mid-epoch resume); returns its mean loss, throughput and the
+        mean of every logged scalar."""
         run, opts = self.run, self.options
         device, logger = run.env.device, run.logger
         self.model.train()
         num_iters = len(loader)
+        sampler, batch_size = getattr(loader, "sampler", None), getattr(loader, "batch_size", None) or 1
+        offset = len(sampler) - sampler.num_remaining if hasattr(sampler, "num_remaining") else 0
+        first = offset // batch_size
         loss_meter, time_meter, data_meter = AverageMeter(), AverageMeter(), AverageMeter()
         extras: Dict[str, AverageMeter] = {}
         images = 0
         end = time.perf_counter()
-        for it, (views, index, label) in enumerate(loader):
+        for it, (views, index, label) in enumerate(loader, start=first):
             data_time = time.perf_counter() - end
-            views, target = self._inputs(views, index, label)
+            views, target = self._inputs(views, index, label, epoch, it)
             lr = self.optimizer.param_groups[0]["lr"]
             with self.precision.autocast(device):
                 out = self.model(views, target)
             loss = out["loss"]
-            if not cd.all_ranks_true(bool(torch.isfinite(loss).item()), device):
+            finite, stop, save = self._agree(bool(torch.isfinite(loss).item()))
+            consumed = offset + (it - first + 1) * batch_size
+            if not finite:
                 self._skip_nonfinite(epoch, it)
+                self._between_steps(epoch, it, consumed, stop, save, it + 1 >= num_iters)
                 end = time.perf_counter()
                 continue
             self.state.nonfinite_run = 0
@@ -264,6 +580,7 @@ class Trainer:
                             + "".join(f" {k} {m.val:.4g}" for k, m in extras.items()))
                 run.tb.scalars({"loss": loss_meter.val, "lr": lr, "images_per_s": ips,
                                 **{k: m.val for k, m in extras.items()}}, self.state.step, prefix="train/")
+            self._between_steps(epoch, it, consumed, stop, save, it + 1 >= num_iters)
             end = time.perf_counter()
         corrupt = getattr(getattr(loader, "dataset", None), "num_corrupt", 0)
         if corrupt:
@@ -272,20 +589,19 @@ class Trainer:
                 **{k: m.avg for k, m in extras.items()}}
 
 
-def save_epoch(run: Run, epoch: int, save_freq: int, last_epoch: int, **kwargs) -> None:
-    """``current.pth`` every epoch, ``ckpt_epoch_<e>.pth`` every ``save_freq`` epochs and at the end
-    (collective; ``kwargs`` go to :func:`contrast.checkpoint.save_training_checkpoint`)."""
-    save_training_checkpoint(os.path.join(run.output_dir, CURRENT), epoch=epoch, **kwargs)
-    if epoch % save_freq == 0 or epoch == last_epoch:
-        path = os.path.join(run.output_dir, f"ckpt_epoch_{epoch}.pth")
-        save_training_checkpoint(path, epoch=epoch, **kwargs)
-        run.logger.info(f"saved {path}")
+def save_epoch(checkpointer: Checkpointer, epoch: int, last_epoch: int, step: int) -> None:
+    """``current.pth`` every epoch, ``ckpt_epoch_<e>.pth`` every ``--save-freq`` epochs and at the end
+    (collective; see :meth:`Checkpointer.save_epoch`)."""
+    checkpointer.save_epoch(epoch, last_epoch, step)
+
+
 
 
 #: Set by ``python -m contrast.launch`` for the processes it starts: it reports their errors itself.
 LAUNCHER_ENV = "CONTRAST_LAUNCHER"
-#: User errors reported in one line (bad flags, data, checkpoints, files, non-finite losses).
-USER_ERRORS = (CheckpointError, NonFiniteLossError, DatasetError, ValueError, OSError)
+#: User errors :func:`run_cli` reports in one line, exit code 1 (bad flags, data, checkpoints, files,
+#: non-finite losses, a locked output dir, a lost peer process).
+USER_ERRORS = (CheckpointError, NonFiniteLossError, DatasetError, ValueError, OSError, RunLockError) + _DIST_ERRORS
 
 
 def _write_error_file(line: str) -> bool:
@@ -305,9 +621,10 @@ def _write_error_file(line: str) -> bool:
 
 
 def run_cli(main: Callable[[Optional[List[str]]], Any], argv: Optional[List[str]] = None) -> None:
-    """Run an entry point; a user error (bad input, bad checkpoint, non-finite loss, a missing file, ...)
-    ends with one clear line and exit code 1, its traceback only in the log file (and on the console
-    with ``--debug``).
+    """Run an entry point; a user error (bad input, bad checkpoint, non-finite loss, a missing file, a
+    locked output dir, a lost peer, ...) ends with one clear line and exit code 1, its traceback only in
+    the log file (and on the console with ``--debug``). A run stopped by a signal ends with one line and
+    :data:`EXIT_PREEMPTED`.
 
     Under torchrun the line also goes to the agent's error file; rank 0 prints it at once, another rank
     after a 1 s pause (an error every rank meets is then reported by rank 0, whose exit makes torchrun
@@ -316,9 +633,21 @@ def run_cli(main: Callable[[Optional[List[str]]], Any], argv: Optional[List[str]
     args = sys.argv[1:] if argv is None else argv
     try:
         main(argv)
+    except Preempted as e:
+        logging.getLogger("contrast").warning(str(e))
+        if (cd.get_rank() if cd.is_dist() else int(os.environ.get("RANK", "0"))) == 0:
+            print(f"{os.path.basename(sys.argv[0])}: {e} (exit code {e.exit_code})", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:  # before the signal handlers were installed
+        print(f"{os.path.basename(sys.argv[0])}: interrupted", file=sys.stderr, flush=True)
+        sys.exit(128 + signal.SIGINT)
     except USER_ERRORS as e:
         if "--debug" in args:
             raise
+        if isinstance(e, _DIST_ERRORS):
+            e = RuntimeError(f"lost contact with another process of the run (it died or was killed): "
+                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}; the last checkpoint is "
+                             f"kept, resume with --auto-resume")
         record = logging.makeLogRecord({"name": "contrast", "levelno": logging.ERROR, "levelname": "ERROR",
                                         "msg": traceback.format_exc()})
         for h in logging.getLogger("contrast").handlers:

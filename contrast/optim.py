@@ -14,20 +14,22 @@
   form past steps keep the lr they were taken with. Parameter groups with ``lars_exclude=True``
   (biases and BatchNorm parameters, see :func:`split_decay_groups`) get neither weight decay nor
   adaptation in either form, as in the release (``add_weight_decay``, ``ignore=True``).
-* :func:`build_scheduler`: per-iteration ``LambdaLR`` with a closed-form factor (exact after resume,
-  no drift): linear warm-up from ``lr / warmup_multiplier`` to ``lr`` over the warm-up epochs (the
-  release's ``GradualWarmupScheduler``; multiplier 100 gives the paper's "warm-up from lr/100"),
-  then cosine (``cosine_form``, see :func:`lr_factor`) with floor ``eta_min`` (1e-6), or step decay
+* :func:`build_scheduler`: a per-step :class:`ProgressLR` whose lr is a closed-form function of the
+  training progress, samples seen / total samples (exact after resume, no drift, and the same
+  curve when a run is resumed with another world size or batch): linear warm-up from
+  ``lr / warmup_multiplier`` to ``lr`` over the warm-up epochs (the release's
+  ``GradualWarmupScheduler``; multiplier 100 gives the paper's "warm-up from lr/100"), then cosine
+  (``cosine_form``, see :func:`progress_factor`) with floor ``eta_min`` (1e-6), or step decay
   by ``decay_rate`` at each epoch of ``decay_epochs``.
 """
 from __future__ import annotations
 
 import math
-from typing import Iterable, List, Optional, Sequence
+from typing import Callable, Iterable, List, Optional, Sequence
 
 import torch
 from torch import nn
-from torch.optim.lr_scheduler import LambdaLR
+from torch.optim.lr_scheduler import LRScheduler
 
 ETA_MIN = 1e-6
 LARS_FORMS = ("release", "fold-lr")
@@ -131,66 +133,132 @@ def build_optimizer(model: nn.Module, name: str, lr: float, momentum: float, wei
     raise ValueError(f"--optimizer {name!r} is not supported; choose sgd or lars")
 
 
-def lr_factor(it: int, total_iters: int, iters_per_epoch: int, warmup_epochs: int, warmup_multiplier: float,
-              schedule: str, decay_epochs: Sequence[int] = (), decay_rate: float = 0.1,
-              eta_min_ratio: float = 0.0, cosine_form: str = "release") -> float:
-    """Multiplier of the peak lr at iteration ``it`` (0-based; the lr the ``it``-th step uses).
+def progress_factor(seen: int, total: int, warmup: int, step: int, warmup_multiplier: float, schedule: str,
+                    decay_at: Sequence[int] = (), decay_rate: float = 0.1, eta_min_ratio: float = 0.0,
+                    cosine_form: str = "release") -> float:
+    """Multiplier of the peak lr for the step taken after ``seen`` training samples.
 
-    With ``Wi = warmup_epochs * iters_per_epoch`` and ``T = total_iters``:
+    Every argument is a count of samples (over all ranks): ``total`` in the whole run, ``warmup`` in
+    the warm-up, ``step`` in one optimiser step (the total batch), ``decay_at`` the step schedule's
+    milestones. The schedule is thus a function of the training progress ``seen / total``: a run
+    resumed with another world size or batch continues the same curve over the remaining samples.
 
-    * warm-up (``it < Wi``, and ``it == Wi`` in the release form, where it gives 1 anyway):
-      ``(1 + (warmup_multiplier - 1) * it / Wi) / warmup_multiplier``;
+    * warm-up (``seen < warmup``, and ``seen == warmup`` in the release form, where it gives 1 anyway):
+      ``(1 + (warmup_multiplier - 1) * seen / warmup) / warmup_multiplier``;
     * ``"cosine"``, ``r = eta_min_ratio``: ``r + (1 - r) * (1 + cos(pi * p)) / 2`` with
 
-      - ``cosine_form="release"`` (default): ``p = (it - Wi) / (T - Wi)``. This is the release's
-        ``GradualWarmupScheduler`` around ``CosineAnnealingLR(T_max=(epochs - warmup) * iters,
-        eta_min=1e-6)`` stepped once per iteration: the last step uses ``p = (T - Wi - 1) /
-        (T - Wi)``, so the lr never reaches the floor (it ends just above it);
-      - ``cosine_form="reach-min"``: ``p = (it - Wi) / (T - Wi - 1)``, so the last step uses
-        exactly the floor ``eta_min`` -- the schedule the paper describes ("cosine to 1e-6");
-        it differs from the release by at most one iteration's worth of decay;
+      - ``cosine_form="release"`` (default): ``p = (seen - warmup) / (total - warmup)``: the
+        release's ``GradualWarmupScheduler`` around ``CosineAnnealingLR(T_max=(epochs - warmup) *
+        iters, eta_min=1e-6)`` stepped once per iteration; the last step uses ``p = 1 - step /
+        (total - warmup)``, so the lr never reaches the floor (it ends just above it);
+      - ``cosine_form="reach-min"``: ``p = (seen - warmup) / (total - warmup - step)``, so the last
+        step uses exactly the floor ``eta_min`` -- the schedule the paper describes ("cosine to
+        1e-6"); it differs from the release by at most one step's worth of decay;
 
       ``p`` is clamped to 1 past the end of the run;
-    * ``"step"``: ``decay_rate ** #{m in decay_epochs : it >= m * iters_per_epoch}`` (the release's
-      ``MultiStepLR`` with milestones ``(m - warmup) * iters`` counted after the warm-up).
+    * ``"step"``: ``decay_rate ** #{m in decay_at : seen >= m}`` (the release's ``MultiStepLR``).
+
+    Counts are integers and every ratio is an integer division (correctly rounded), so with a
+    constant batch the values equal those of :func:`lr_factor` at ``it = seen / step`` bit for bit.
     """
     if cosine_form not in COSINE_FORMS:
         raise ValueError(f"cosine form {cosine_form!r} is not supported; choose one of: {', '.join(COSINE_FORMS)}")
-    warmup = warmup_epochs * iters_per_epoch
     release = cosine_form == "release"
-    if warmup > 0 and (it < warmup or (release and it == warmup)):
-        return (1.0 + (warmup_multiplier - 1.0) * it / warmup) / warmup_multiplier
+    if warmup > 0 and (seen < warmup or (release and seen == warmup)):
+        return (1.0 + (warmup_multiplier - 1.0) * seen / warmup) / warmup_multiplier
     if schedule == "cosine":
-        span = max(total_iters - warmup - (0 if release else 1), 1)
-        progress = min((it - warmup) / span, 1.0)
+        span = max(total - warmup - (0 if release else step), step)
+        progress = min((seen - warmup) / span, 1.0)
         return eta_min_ratio + (1.0 - eta_min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
     if schedule == "step":
-        return decay_rate ** sum(it >= m * iters_per_epoch for m in decay_epochs)
+        return decay_rate ** sum(seen >= m for m in decay_at)
     raise ValueError(f"--lr-scheduler {schedule!r} is not supported; choose cosine or step")
+
+
+def lr_factor(it: int, total_iters: int, iters_per_epoch: int, warmup_epochs: int, warmup_multiplier: float,
+              schedule: str, decay_epochs: Sequence[int] = (), decay_rate: float = 0.1,
+              eta_min_ratio: float = 0.0, cosine_form: str = "release") -> float:
+    """Multiplier of the peak lr at iteration ``it`` (0-based) of a run with a constant batch:
+    :func:`progress_factor` counting one sample per iteration (``Wi = warmup_epochs *
+    iters_per_epoch`` warm-up iterations, ``T = total_iters``, step milestones at
+    ``m * iters_per_epoch`` for ``m`` in ``decay_epochs``)."""
+    return progress_factor(it, total_iters, warmup_epochs * iters_per_epoch, 1, warmup_multiplier, schedule,
+                           [m * iters_per_epoch for m in decay_epochs], decay_rate, eta_min_ratio, cosine_form)
+
+
+class ProgressLR(LRScheduler):
+    """Learning rate ``base_lr * factor(samples_seen)``, stepped once per optimiser step.
+
+    ``samples_seen`` is ``samples_per_step`` (the total batch of *this* run) per step since the
+    last :meth:`load_state_dict`, added to the samples the loaded state had seen, so a run resumed
+    with another total batch continues the curve where it stopped. ``last_epoch`` counts steps as
+    in torch's schedulers. Loading a state keeps this run's peak lrs (``base_lrs``) and sets the
+    optimiser's lrs at once, so the lr of the first step after a resume is already this run's.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, factor: Callable[[int], float], samples_per_step: int,
+                 total_samples: int, warmup_samples: int) -> None:
+        self.factor, self.samples_per_step = factor, int(samples_per_step)
+        self.total_samples, self.warmup_samples = int(total_samples), int(warmup_samples)
+        self._seen_base, self._step_base = 0, 0
+        super().__init__(optimizer)
+
+    @property
+    def samples_seen(self) -> int:
+        """Training samples (over all ranks) consumed by the steps taken so far."""
+        return self._seen_base + (self.last_epoch - self._step_base) * self.samples_per_step
+
+    def _lrs(self) -> List[float]:
+        f = self.factor(self.samples_seen)
+        return [base * f for base in self.base_lrs]
+
+    def get_lr(self) -> List[float]:
+        return self._lrs()
+
+    def state_dict(self) -> dict:
+        return {"last_epoch": self.last_epoch, "samples_seen": self.samples_seen, "base_lrs": list(self.base_lrs),
+                "_step_count": self._step_count, "_last_lr": list(self._last_lr),
+                "samples_per_step": self.samples_per_step, "total_samples": self.total_samples}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Continue from ``state_dict`` (also a ``LambdaLR`` state of an older checkpoint, whose
+        ``samples_seen`` is taken as ``last_epoch`` steps of this run's batch)."""
+        self.last_epoch = self._step_base = int(state_dict["last_epoch"])
+        self._seen_base = int(state_dict.get("samples_seen", self.last_epoch * self.samples_per_step))
+        self._step_count = int(state_dict.get("_step_count", self.last_epoch + 1))
+        self._last_lr = self._lrs()
+        for group, lr in zip(self.optimizer.param_groups, self._last_lr):
+            group["lr"] = lr
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, schedule: str, epochs: int, iters_per_epoch: int,
                     warmup_epochs: int = 0, warmup_multiplier: float = 100.0, decay_epochs: Sequence[int] = (),
-                    decay_rate: float = 0.1, eta_min: float = ETA_MIN, cosine_form: str = "release") -> LambdaLR:
-    """Per-iteration schedule over ``epochs * iters_per_epoch`` steps (call ``.step()`` every iteration).
+                    decay_rate: float = 0.1, eta_min: float = ETA_MIN, cosine_form: str = "release",
+                    samples_per_step: int = 1) -> ProgressLR:
+    """Per-step schedule over ``epochs * iters_per_epoch`` steps of ``samples_per_step`` samples
+    (call ``.step()`` after every optimiser step), as a function of the samples seen
+    (:func:`progress_factor`, :class:`ProgressLR`).
 
     ``epochs``, ``warmup_epochs`` and ``decay_epochs`` are loop epochs (window-epochs with the
     sliding-window sampler; the caller maps them). Warm-up longer than the run is clamped to
-    ``epochs - 1``. ``cosine_form``: see :func:`lr_factor`. ``eta_min`` is absolute for the group
-    with the largest lr (the release's groups all share one lr).
+    ``epochs - 1``. ``cosine_form``: see :func:`progress_factor`. ``eta_min`` is absolute for the
+    group with the largest lr (the release's groups all share one lr). ``samples_per_step``: the
+    total batch over all ranks (1 counts steps instead of samples; the lrs are the same).
     """
-    if iters_per_epoch < 1 or epochs < 1:
-        raise ValueError(f"build_scheduler needs epochs >= 1 and iters_per_epoch >= 1, got {epochs}, "
-                         f"{iters_per_epoch}")
+    if iters_per_epoch < 1 or epochs < 1 or samples_per_step < 1:
+        raise ValueError(f"build_scheduler needs epochs >= 1, iters_per_epoch >= 1 and samples_per_step >= 1, "
+                         f"got {epochs}, {iters_per_epoch}, {samples_per_step}")
     peak = max(g["lr"] for g in optimizer.param_groups)
-    total = epochs * iters_per_epoch
-    warmup_epochs = min(warmup_epochs, epochs - 1) if epochs > 1 else 0
+    per_epoch = iters_per_epoch * samples_per_step
+    total = epochs * per_epoch
+    warmup = (min(warmup_epochs, epochs - 1) if epochs > 1 else 0) * per_epoch
     ratio = min(eta_min / peak, 1.0) if peak > 0 else 0.0
+    decay_at = [m * per_epoch for m in decay_epochs]
     # validates the schedule name and the cosine form
-    lr_factor(0, total, iters_per_epoch, warmup_epochs, warmup_multiplier, schedule, cosine_form=cosine_form)
+    progress_factor(0, total, warmup, samples_per_step, warmup_multiplier, schedule, cosine_form=cosine_form)
 
-    def factor(it: int) -> float:
-        return lr_factor(it, total, iters_per_epoch, warmup_epochs, warmup_multiplier, schedule,
-                         decay_epochs, decay_rate, ratio, cosine_form)
+    def factor(seen: int) -> float:
+        return progress_factor(seen, total, warmup, samples_per_step, warmup_multiplier, schedule, decay_at,
+                               decay_rate, ratio, cosine_form)
 
-    return LambdaLR(optimizer, factor)
+    return ProgressLR(optimizer, factor, samples_per_step, total, warmup)

@@ -60,6 +60,8 @@ def add_data_flags(p: argparse.ArgumentParser, *, train: bool, default_aug: Opti
                    help="keep encoded images in RAM: all of them, or only this rank's shard (part)")
     g.add_argument("--strict-data", action="store_true", help="(new) a corrupt image stops the run "
                    "instead of being replaced and counted")
+    g.add_argument("--index-dir", type=str, default=None, help="(new) where the dataset's index files go when the "
+                   "data folder is read-only (default: next to the data, else ~/.cache/contrast/index)")
     size_help = "crop size (large crop for MultiCrop)" if image_size else \
         "(new) crop size (default: the --image-size the checkpoint was pretrained with)"
     g.add_argument("--image-size", type=int, default=image_size, help=size_help)
@@ -253,6 +255,21 @@ class _ListAction(argparse.Action):
         setattr(namespace, self.dest, items)
 
 
+def add_checkpoint_flags(p: argparse.ArgumentParser) -> None:
+    """Long runs: checkpoints inside an epoch, how many epoch checkpoints to keep, restarting over
+    existing checkpoints and resuming with another total batch (see docs/resilience.md)."""
+    g = p.add_argument_group("checkpoints and recovery (new)")
+    g.add_argument("--save-every-minutes", type=float, default=30.0, help="(new) also write current.pth between "
+                   "two steps every this many minutes (0: only at epoch ends); a resume continues mid-epoch")
+    g.add_argument("--keep-last", type=int, default=0, help="(new) keep only the newest N ckpt_epoch_<e>.pth "
+                   "(0: keep all)")
+    g.add_argument("--restart", action="store_true", help="(new) start from scratch although --output-dir holds "
+                   "checkpoints (they are moved to <output-dir>/superseded-<time>, nothing is deleted)")
+    g.add_argument("--allow-batch-change", action="store_true", help="(new) resume with another total batch "
+                   "(per-process batch x processes) than the checkpoint's: the peak lr is rescaled and the "
+                   "schedule continues by samples seen (refused otherwise)")
+
+
 def add_pretrained_flag(p: argparse.ArgumentParser, *, required: bool) -> None:
     p.add_argument("--pretrained-model", "--checkpoint", dest="pretrained_model", type=str, default="",
                    required=required, help="pretraining checkpoint of any method (its backbone. tensors; arch, "
@@ -314,6 +331,7 @@ def pretrain_parser() -> argparse.ArgumentParser:
                    "(default: 1e-8 for the release form, 0 for fold-lr)")
     add_knn_flags(p, monitor=True)
     add_runtime_flags(p)
+    add_checkpoint_flags(p)
     return p
 
 
@@ -331,6 +349,7 @@ def linear_parser() -> argparse.ArgumentParser:
     g.add_argument("-e", "--eval", action="store_true", help="only evaluate the linear checkpoint given by "
                    "--resume (or <output-dir>/current.pth with --auto-resume)")
     add_runtime_flags(p)
+    add_checkpoint_flags(p)
     return p
 
 
@@ -515,6 +534,35 @@ def convert_parser() -> argparse.ArgumentParser:
     return p
 
 
+def fault_drill_parser() -> argparse.ArgumentParser:
+    p = _parser("benchmarks/fault_drill.py", "Kill a pretraining run again and again (SIGKILL, some inside a "
+                "save, some followed by a damaged current.pth, then a SIGTERM), resume it each time with "
+                "--auto-resume, and compare the result with an uninterrupted run.")
+    p.add_argument("--kills", type=int, default=20, help="SIGKILLs")
+    p.add_argument("--in-save", type=int, default=5, help="how many of them hit a checkpoint being written")
+    p.add_argument("--damage", type=int, default=5, help="kills after which 4 KB of current.pth are overwritten")
+    p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default: the training "
+                   "script's default)")
+    p.add_argument("--tiny", action="store_true", help="a 2-conv backbone (tests/fault_runner.py) instead of "
+                   "ResNet-18")
+    p.add_argument("--images", type=int, default=80, help="training images (synthetic, 10 classes)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per step")
+    p.add_argument("--epochs", type=int, default=8, help="epochs of the run (long enough for every kill)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the run and of the drill's choices")
+    p.add_argument("--work-dir", default="output/fault_drill", help="data, reference and drill runs")
+    p.add_argument("--out", default="benchmarks/results/fault_drill.json", help="results (JSON)")
+    return p
+
+
+def parse_fault_drill_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = fault_drill_parser()
+    args = p.parse_args(argv)
+    if args.kills < 1 or not 0 <= args.in_save < args.kills or not 0 <= args.damage < args.kills:
+        p.error("need --kills >= 1, 0 <= --in-save < --kills and 0 <= --damage < --kills (the first kill hits "
+                "between steps)")
+    return args
+
+
 # ---------------------------------------------------------------------------------------- checks
 def default_num_workers() -> int:
     """DataLoader workers per process: the CPUs this process may use, shared by the processes of this
@@ -534,6 +582,8 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace, positive: Seque
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.num_workers < 0:
         p.error(f"--num-workers must be >= 0, got {args.num_workers}")
+    if getattr(args, "save_every_minutes", 0) < 0 or getattr(args, "keep_last", 0) < 0:
+        p.error("--save-every-minutes and --keep-last must be >= 0")
     if getattr(args, "val_crop_fraction", None) is not None and not 0 < args.val_crop_fraction <= 1:
         p.error(f"--val-crop-fraction must be in (0, 1], got {args.val_crop_fraction}")
     if hasattr(args, "warmup_epoch") and (args.warmup_epoch < 0 or args.warmup_multiplier < 1):

@@ -121,7 +121,8 @@ def test_sliding_window_maps_epochs(data_dir, tmp_path):
                                  epochs=2))
     cfg = json.load(open(out / "config.json"))
     assert cfg["loop_epochs"] == 4 and cfg["warmup_loop_epochs"] == 2 and cfg["iters_per_epoch"] == 1
-    assert sorted(p for p in os.listdir(out) if p.startswith("ckpt_")) == ["ckpt_epoch_2.pth", "ckpt_epoch_4.pth"]
+    assert sorted(p for p in os.listdir(out) if p.startswith("ckpt_") and p.endswith(".pth")) == ["ckpt_epoch_2.pth",
+                                                                                               "ckpt_epoch_4.pth"]
     assert read_checkpoint(str(out / "current.pth")).step == 4
 
 
@@ -262,7 +263,7 @@ def test_torchrun_two_processes(method, data_dir, tmp_path):
     assert ckpt.step == 2
     assert os.path.isfile(out / "log_rank1.txt") and log_lines(out)
     if method in ("PIC_sampled", "SwAV"):  # each rank wrote its shard of the classifier table / its queue
-        assert ckpt.rank_shards and os.path.isfile(out / "current.rank1-of-2.pth")
+        assert ckpt.rank_shards and os.path.isfile(out / "current.step2.rank1-of-2.pth")
 
 
 def test_reproduction_script_runs(data_dir, tmp_path):

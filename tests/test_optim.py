@@ -249,3 +249,37 @@ def test_scheduler_resumes_exactly():
 def test_bad_schedule_name():
     with pytest.raises(ValueError, match="--lr-scheduler 'linear'"):
         build_scheduler(_opt(), "linear", 2, 2)
+
+
+@pytest.mark.parametrize("form", ["release", "reach-min"])
+@pytest.mark.parametrize("schedule", ["cosine", "step"])
+def test_schedule_by_samples_equals_per_iteration_schedule(form, schedule):
+    """Counting samples (any total batch) gives exactly the lrs of counting iterations."""
+    for batch in (3, 64, 1000):
+        a, b = _opt(1.7), _opt(1.7)
+        by_step = build_scheduler(a, schedule, 5, 7, 2, 100, [2, 4], 0.1, cosine_form=form)
+        by_sample = build_scheduler(b, schedule, 5, 7, 2, 100, [2, 4], 0.1, cosine_form=form, samples_per_step=batch)
+        assert _lrs(by_step, a, 36) == _lrs(by_sample, b, 36)
+        assert by_sample.samples_seen == 36 * batch and by_sample.total_samples == 35 * batch
+
+
+def test_resume_with_another_batch_continues_by_samples_seen():
+    """A run of 4 epochs x 10 steps of 8 samples stopped after 13 steps (104 of 320 samples) and resumed
+    with 16 samples per step (5 steps per epoch): the cosine continues from 104 / 320 over the remaining
+    samples (reach-min form, clamped at the floor past the end); the peak is this run's."""
+    peak, floor, warm = 0.2, 1e-6, 80
+    a = _opt(0.1)
+    first = build_scheduler(a, "cosine", 4, 10, 1, 100, cosine_form="reach-min", samples_per_step=8)
+    _lrs(first, a, 13)
+    b = _opt(peak)
+    resumed = build_scheduler(b, "cosine", 4, 5, 1, 100, cosine_form="reach-min", samples_per_step=16)
+    b.load_state_dict(a.state_dict())   # the old lr is in the optimiser state ...
+    resumed.load_state_dict(first.state_dict())
+    assert b.param_groups[0]["lr"] == pytest.approx(floor + (peak - floor) * 0.5 * (1 + math.cos(
+        math.pi * (104 - warm) / (320 - warm - 16))), rel=1e-12)   # ... this run's lr is set before the first step
+    lrs = _lrs(resumed, b, 14)   # (320 - 104) / 16 = 13.5: 13 more steps, the 14th is past the end
+    seen = [104 + 16 * i for i in range(14)]
+    expected = [floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * min((s - warm) / (320 - warm - 16), 1.0)))
+                for s in seen]
+    assert lrs == pytest.approx(expected, rel=1e-12)
+    assert resumed.samples_seen == 104 + 16 * 14

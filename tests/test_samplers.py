@@ -337,3 +337,30 @@ def test_default_sampler_large_share_is_chunked_and_exact():
         ours.set_epoch(1)
         ref.set_epoch(1)
         assert list(ours) == list(ref)
+
+
+@pytest.mark.parametrize("sliding", [False, True])
+@pytest.mark.parametrize("old_world, new_world, per_rank_done", [(2, 1, 3), (1, 2, 6), (2, 4, 2), (4, 2, 1)])
+def test_resume_global_continues_the_epoch_on_another_world_size(sliding, old_world, new_world, per_rank_done):
+    """After ``k`` indices per rank on ``old_world`` ranks, the ranks of a run with ``new_world``
+    ranks together yield exactly the rest of the epoch's global order (nothing twice, nothing lost)."""
+    def make(world, rank):
+        if sliding:
+            return SlidingWindowSampler(range(N), 16, S, num_replicas=world, rank=rank, seed=3, drop_last=True)
+        return ResumableDistributedSampler(range(N), num_replicas=world, rank=rank, seed=3, drop_last=True)
+
+    epoch = 2
+    old = [make(old_world, r) for r in range(old_world)]
+    for s in old:
+        s.set_epoch(epoch)
+    full = [list(s) for s in old]
+    done = {i for share in full for i in share[:per_rank_done]}
+    rest = Counter(i for share in full for i in share[per_rank_done:])
+    state = old[0].state_dict(consumed=per_rank_done)
+    new = [make(new_world, r) for r in range(new_world)]
+    for s in new:
+        s.resume_global(state, per_rank_done * old_world)
+        s.set_epoch(epoch)  # the restored epoch keeps the offset
+    got = Counter(i for s in new for i in s)
+    assert got == rest and not done & set(got)
+    assert all(s.num_remaining == len(list(s)) for s in new)

@@ -198,6 +198,18 @@ class _Resumable:
             for i, s in zip(share(k0, k1).tolist(), seeds):
                 yield SampleIndex(i, s)
 
+    def resume_global(self, state: Dict, global_consumed: int) -> None:
+        """Continue the epoch of ``state`` (a rank's ``state_dict`` of a run with another number of
+        replicas) after the first ``global_consumed`` entries of its global order.
+
+        Rank ``r`` of ``w`` takes the global positions ``r, r + w, ...``, so when all ranks of the
+        old run had taken ``k`` indices, the first ``k * w_old`` global positions are done; this
+        rank skips ``global_consumed // num_replicas`` of its share (rounded down when it does not
+        divide: up to ``num_replicas - 1`` samples are then seen twice).
+        """
+        self.load_state_dict({**state, "consumed": 0, "num_replicas": self.num_replicas, "rank": self.rank})
+        self.set_consumed(min(int(global_consumed) // self.num_replicas, self.num_samples))
+
     def _check(self, state: Dict, keys: Sequence[str]) -> None:
         own = self.state_dict()
         for key in keys:

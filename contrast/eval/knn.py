@@ -134,7 +134,7 @@ class KNNMonitor:
     @classmethod
     def from_data_dir(cls, data_dir: str, device: torch.device, zip_mode: bool = False, cache_mode: str = "no",
                       image_size: int = 224, val_crop_fraction: float = VAL_CROP_FRACTION,
-                      **kwargs) -> "KNNMonitor":
+                      index_dir: Optional[str] = None, **kwargs) -> "KNNMonitor":
         """Build both splits of ``data_dir`` with the ``val`` transform (``build_dataset``).
 
         ``cache_mode="part"`` is read as ``"no"``: its rank shards do not match the
@@ -142,7 +142,8 @@ class KNNMonitor:
         """
         aug = build_augmentation("val", num_views=1, image_size=image_size, val_crop_fraction=val_crop_fraction)
         cache = "no" if cache_mode == "part" else cache_mode
-        sets = [build_dataset(data_dir, split, zip_mode, cache, aug.cpu, 0, 1) for split in ("train", "val")]
+        sets = [build_dataset(data_dir, split, zip_mode, cache, aug.cpu, 0, 1, index_dir=index_dir)
+                for split in ("train", "val")]
         return cls(sets[0], sets[1], device, device_transform=aug.device, **kwargs)
 
     def _features(self, backbone: nn.Module, dataset: Dataset, split: str):
