@@ -63,7 +63,7 @@ def _setup_requirements():
 
 
 def _third_party_imports(paths):
-    local = {"contrast", "tests", "main_pretrain", "main_linear", "main_knn", "make_zip_dataset"}
+    local = {"contrast", "tests", "benchmarks", "tools", "main_pretrain", "main_linear", "main_knn", "make_zip_dataset"}
     found = {}
     for path in paths:
         for node in ast.walk(ast.parse(_read(path))):

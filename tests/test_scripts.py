@@ -176,7 +176,7 @@ def run_script(name, stub, tmp_path, *args, env=None):
 
 
 def launcher_settings(launch):
-    assert launch[:2] == ["-m", "torch.distributed.run"], launch
+    assert launch[:2] == ["-m", "contrast.launch"], launch  # torchrun with one-line error reports
     out = {}
     it = iter(launch[2:])
     for a in it:

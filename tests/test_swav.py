@@ -265,11 +265,10 @@ def test_two_ranks_match_one_process():
 
 # ------------------------------------------------------------------------------ command line
 def test_pretrain_then_knn_and_linear(tmp_path):
-    from contrast.checkpoint import shard_path
     from tests.test_cli_pretrain import pretrain_then_evaluate   # imported here: spawned ranks skip it
     ckpt, _ = pretrain_then_evaluate(tmp_path, "SwAV")
     assert ckpt.config["view_batching"] == "joint" and ckpt.config["contrast_temperature"] == 0.1
-    assert ckpt.rank_shards and torch.load(shard_path(ckpt.path, 0, 1))["filled"] == 4
+    assert ckpt.rank_shards and len(ckpt.shard_files) == 1 and torch.load(ckpt.shard_files[0])["state"]["filled"] == 4
     assert "queue_used 1" in open(tmp_path / "pre" / "log.txt").read()
 
 
@@ -277,7 +276,7 @@ def test_auto_resume_restores_the_queue(tmp_path, monkeypatch):
     """2 epochs straight == interrupted after epoch 1's checkpoint + --auto-resume: the queue is in use
     in epoch 2, so its per-rank state must come back."""
     import main_pretrain
-    from contrast.checkpoint import load_file
+    from contrast.checkpoint import load_file, read_checkpoint
     from tests.test_cli_pretrain import METHOD_FLAGS, tiny_args
     from tests.test_resume import _Stop, _assert_same_state, _stop_after_first_save
     data = make_image_folder(str(tmp_path / "data"), num_classes=2, per_class=4, size=(36, 36))
@@ -290,6 +289,6 @@ def test_auto_resume_restores_the_queue(tmp_path, monkeypatch):
     torch.manual_seed(1234)
     main_pretrain.main(tiny_args(data, tmp_path / "b", *flags, "--auto-resume", epochs=2))
     _assert_same_state(*(load_file(str(tmp_path / d / "current.pth")) for d in "ab"))
-    qa, qb = (load_file(str(tmp_path / d / "current.rank0-of-1.pth")) for d in "ab")
+    qa, qb = (torch.load(read_checkpoint(str(tmp_path / d / "current.pth")).shard_files[0])["state"] for d in "ab")
     assert qa["filled"] == qb["filled"] == 4 and qa["ptr"] == qb["ptr"]
     assert torch.equal(qa["features"], qb["features"])
