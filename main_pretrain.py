@@ -32,7 +32,7 @@ def main(argv: Optional[List[str]] = None) -> None:
 
 def pretrain(args, run: engine.Run) -> None:
     env, logger = run.env, run.logger
-    cfg = method_config(args)
+    cfg = method_config(args, env.world_size)
 
     aug = build_augmentation(args.aug, cfg.num_crop, args.image_size, args.crop, args.image_size2, args.crop2,
                              args.num_crop2, fast=not args.plain_aug)
@@ -53,7 +53,7 @@ def pretrain(args, run: engine.Run) -> None:
     method = build_method(cfg, len(dataset))
     method = engine.prepare_model(method, env.device, method.sync_batchnorm, args.channels_last, args.compile)
     total_batch = args.batch_size * env.world_size
-    lr = args.base_learning_rate * total_batch / 256
+    lr = cfg.peak_lr
     optimizer = build_optimizer(method, args.optimizer, lr, args.momentum, args.weight_decay, args.lars_form,
                                 args.lars_trust_coefficient, args.lars_eps)
     scheduler = build_scheduler(optimizer, args.lr_scheduler, epochs, iters, warmup, args.warmup_multiplier,

@@ -58,8 +58,10 @@ class MethodConfig:
     the large crops with multi-crop (``--num-crop``; the small crops follow them in the view list),
     otherwise the method's view count.
     ``optimizer_momentum`` / ``weight_decay`` are the optimiser's (the sampled PIC table runs its
-    own SGD with them); ``output_dir`` is where a method may keep files (the sampled PIC table on
-    disk).
+    own SGD with them), ``peak_lr`` the schedule's peak (base lr x total batch / 256);
+    ``total_batch_size``, ``window_size`` and ``window_stride`` describe the batches the method will
+    see (window 0: no sliding window); ``output_dir`` is where a method may keep files (the sampled
+    PIC table on disk).
     """
 
     name: str
@@ -76,6 +78,10 @@ class MethodConfig:
     seed: int = 0
     optimizer_momentum: float = 0.9
     weight_decay: float = 1e-4
+    peak_lr: float = 0.0
+    total_batch_size: int = 256
+    window_size: int = 0
+    window_stride: int = 0
     output_dir: str = ""
     options: Mapping[str, Any] = field(default_factory=dict)
 

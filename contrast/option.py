@@ -694,9 +694,11 @@ def resolve_from_config(args: argparse.Namespace, config: Dict[str, Any],
     return taken
 
 
-def method_config(args: argparse.Namespace) -> MethodConfig:
-    """The typed configuration of ``--model`` from parsed pretraining flags."""
+def method_config(args: argparse.Namespace, world_size: int = 1) -> MethodConfig:
+    """The typed configuration of ``--model`` from parsed pretraining flags, for ``world_size`` processes."""
     cls = METHODS[args.model]
+    total_batch = args.batch_size * world_size
+    window = args.use_sliding_window_sampler
     return MethodConfig(
         name=args.model, backbone=BackboneConfig(args.arch, args.stem, args.zero_init_residual),
         feature_dim=args.feature_dim, mlp_head=bool(args.mlp_head), head_hidden_dim=args.mlp_hidden_dim,
@@ -704,8 +706,10 @@ def method_config(args: argparse.Namespace) -> MethodConfig:
         momentum=args.contrast_momentum, num_negative=args.contrast_num_negative,
         view_batching=args.view_batching, multi_crop=args.aug == MULTI_CROP_AUG,
         num_crop=args.num_crop if args.aug == MULTI_CROP_AUG else cls.views.count, seed=args.seed,
-        optimizer_momentum=args.momentum, weight_decay=args.weight_decay, output_dir=args.output_dir,
-        options={f.dest: getattr(args, f.dest) for f in cls.flags})
+        optimizer_momentum=args.momentum, weight_decay=args.weight_decay,
+        peak_lr=args.base_learning_rate * total_batch / 256, total_batch_size=total_batch,
+        window_size=args.window_size if window else 0, window_stride=args.window_stride if window else 0,
+        output_dir=args.output_dir, options={f.dest: getattr(args, f.dest) for f in cls.flags})
 
 
 # ---------------------------------------------------------------------------------------- benchmarks

@@ -17,7 +17,7 @@ classified.
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -27,6 +27,7 @@ from contrast.models.base import BaseMethod
 from contrast.models.heads import MLP_HIDDEN_DIM, build_head, normalize_fp32
 from contrast.models.instance_classifier import InstanceClassifier
 from contrast.models.losses import pic_loss
+from contrast.models.pic_diagnostics import PICDiagnostics, window_steps_of
 from contrast.models.pic_sampled import STORAGES, SampledInstanceClassifier
 from contrast.models.views import Views
 
@@ -36,17 +37,31 @@ class DenseInstanceClassifier(InstanceClassifier):
 
     W is initialised N(0, 0.01) as in the paper and trained by the optimiser like any other
     parameter (under DDP its gradient is averaged over ranks, so every rank keeps the same table).
+
+    ``table_lr > 0`` (``--pic-table-constant-lr``): W's gradient is multiplied by ``table_lr / lr``
+    of the last step, so the optimiser moves W as with a constant lr while the rest follows the
+    schedule. ``diagnostics`` (``--pic-diagnostics``) observe every training batch.
     """
 
-    def __init__(self, num_instances: int, dim: int, temperature: float) -> None:
+    def __init__(self, num_instances: int, dim: int, temperature: float, table_lr: float = 0.0,
+                 diagnostics: Optional[PICDiagnostics] = None) -> None:
         super().__init__()
         if num_instances <= 0:
             raise ValueError(f"PIC needs a non-empty training set, got num_instances={num_instances}")
+        if table_lr < 0:
+            raise ValueError(f"PIC: the table lr must be >= 0, got {table_lr}")
         self.temperature = temperature
         self.weight = nn.Parameter(torch.randn(num_instances, dim) * 0.01)
+        self.table_lr, self.grad_multiplier = table_lr, 1.0
+        if table_lr > 0:
+            self.weight.register_hook(lambda g: g * self.grad_multiplier)
+        self.diagnostics = diagnostics
+        self._diag: Dict[str, float] = {}
 
     def forward(self, z_large: torch.Tensor, index: torch.Tensor,
                 z_small: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+        if self.diagnostics is not None and self.training:
+            self._diag = self.diagnostics.observe(z_large, index, self.weight)
         with torch.autocast(device_type=z_large.device.type, enabled=False):
             return pic_loss(z_large, self.weight, index, self.temperature, z_small)
 
@@ -56,21 +71,54 @@ class DenseInstanceClassifier(InstanceClassifier):
 
     @torch.no_grad()
     def stats(self) -> Dict[str, torch.Tensor]:
-        """Row-norm statistics of W (shrinking norms are a suspected cause of NaNs in long runs)."""
+        """Row-norm statistics of W, and the diagnostics' scalars on the steps they measure."""
         norms = self.weight.float().norm(dim=1)
-        return {"w_norm_mean": norms.mean(), "w_norm_min": norms.min(), "w_norm_max": norms.max()}
+        out = {"w_norm_mean": norms.mean(), "w_norm_min": norms.min(), "w_norm_max": norms.max(), **self._diag}
+        self._diag = {}
+        return out
+
+    @torch.no_grad()
+    def on_train_step_end(self, step: int, lr: float, grad_scale: float = 1.0) -> None:
+        if self.table_lr > 0 and lr > 0:
+            self.grad_multiplier = self.table_lr / lr
+        if self.diagnostics is not None:
+            self.diagnostics.set_lr(lr)
+
+
+def build_pic_head(feat_dim: int, feature_dim: int, mlp_head: bool, hidden_dim: int = MLP_HIDDEN_DIM,
+                   center: bool = False) -> nn.Module:
+    """The projection head; ``center=True`` (``--pic-head-center``) appends a BatchNorm1d without
+    affine parameters, so the embeddings are centred per batch before the L2 normalisation.
+
+    With the sliding window and the full softmax, most rows belong to instances outside the window
+    and act as fixed negatives; the head lowers the loss of every window instance at once by giving
+    all embeddings a common component pointing away from those rows, the embeddings collapse into a
+    small cap that keeps moving, and instances returning to the window find their rows where the cap
+    was (docs/pic_stability.md). Centring removes the common component (the last BN of MoCo v3's
+    projector, Chen et al. 2021, has no affine parameters either). The head's own state-dict keys are
+    unchanged; the BN adds ``head.<last>.running_*`` buffers.
+    """
+    head = build_head(feat_dim, feature_dim, mlp_head, hidden_dim)
+    if not center:
+        return head
+    layers = list(head) if isinstance(head, nn.Sequential) else [head]
+    return nn.Sequential(*layers, nn.BatchNorm1d(feature_dim, affine=False))
 
 
 def build_instance_classifier(num_instances: int, dim: int, temperature: float, num_negative: int = 0,
                               momentum: float = 0.9, weight_decay: float = 1e-4,
                               weight_correction: bool = True, storage: str = "memory",
-                              storage_dir: str | None = None, seed: int = 0) -> InstanceClassifier:
+                              storage_dir: str | None = None, seed: int = 0, table_lr: float = 0.0,
+                              diagnostics: Optional[PICDiagnostics] = None) -> InstanceClassifier:
     """Dense classifier when ``num_negative == 0`` (``--pic-num-negative``), otherwise the sampled
     classifier of :mod:`contrast.models.pic_sampled` (recent negative sampling)."""
     if num_negative < 0:
         raise ValueError(f"--pic-num-negative must be >= 0, got {num_negative}")
     if num_negative == 0:
-        return DenseInstanceClassifier(num_instances, dim, temperature)
+        return DenseInstanceClassifier(num_instances, dim, temperature, table_lr, diagnostics)
+    if table_lr > 0 or diagnostics is not None:
+        raise ValueError("PIC: --pic-table-constant-lr and --pic-diagnostics act on the dense table; "
+                         "use them with --pic-num-negative 0")
     return SampledInstanceClassifier(num_instances, dim, temperature, num_negative, momentum=momentum,
                                      weight_decay=weight_decay, weight_correction=weight_correction,
                                      storage=storage, storage_dir=storage_dir, seed=seed)
@@ -91,14 +139,22 @@ class PIC(BaseMethod):
              "of the table (host memory, or memory-mapped files)", choices=STORAGES),
         Flag("--pic-storage-dir", str, "", "(new) folder of the table files with --pic-storage disk "
              "(default: <output-dir>/pic_table)"),
+        Flag("--pic-head-center", bool, False, "(new) PIC: centre the embeddings per batch (BatchNorm1d "
+             "without affine parameters after the head) before the L2 normalisation; keeps dense PIC with the "
+             "sliding window stable in long runs (docs/pic_stability.md)"),
+        Flag("--pic-table-constant-lr", bool, False, "(new) dense PIC: train the table at the peak lr "
+             "throughout while the rest follows the schedule"),
+        Flag("--pic-diagnostics", bool, False, "(new) dense PIC: log the table's geometry under train/diag/ "
+             "every --pic-diagnostics-freq steps (staleness, positive vs max negative, stale rows vs embeddings)"),
+        Flag("--pic-diagnostics-freq", int, 10, "(new) steps between --pic-diagnostics measurements"),
     )
 
     def __init__(self, backbone: nn.Module, feat_dim: int, num_instances: int, feature_dim: int = 128,
                  mlp_head: bool = True, temperature: float = 0.2, multi_crop: bool = False,
                  classifier: InstanceClassifier | None = None, view_batching: str = "separate",
-                 hidden_dim: int = MLP_HIDDEN_DIM, num_crop: int = 1) -> None:
+                 hidden_dim: int = MLP_HIDDEN_DIM, num_crop: int = 1, head_center: bool = False) -> None:
         super().__init__(backbone, feat_dim, view_batching, multi_crop)
-        self.head = build_head(feat_dim, feature_dim, mlp_head, hidden_dim)
+        self.head = build_pic_head(feat_dim, feature_dim, mlp_head, hidden_dim, head_center)
         self.classifier = classifier if classifier is not None else \
             DenseInstanceClassifier(num_instances, feature_dim, temperature)
         if num_crop < 1 or (num_crop > 1 and not multi_crop):
@@ -115,11 +171,21 @@ class PIC(BaseMethod):
             num_instances, cfg.feature_dim, cfg.temperature, cfg.option("pic_num_negative"),
             momentum=cfg.optimizer_momentum, weight_decay=cfg.weight_decay,
             weight_correction=cfg.option("pic_weight_correction"), storage=cfg.option("pic_storage"),
-            storage_dir=storage_dir, seed=cfg.seed)
+            storage_dir=storage_dir, seed=cfg.seed,
+            table_lr=cfg.peak_lr if cfg.option("pic_table_constant_lr") else 0.0,
+            diagnostics=cls.build_diagnostics(cfg, num_instances) if cfg.option("pic_diagnostics") else None)
         backbone, feat_dim = cls.build_backbone(cfg)
         return cls(backbone, feat_dim, num_instances, cfg.feature_dim, cfg.mlp_head, cfg.temperature,
                    cfg.multi_crop, classifier, cfg.view_batching, cfg.head_hidden_dim,
-                   cfg.num_crop if cfg.multi_crop else 1)
+                   cfg.num_crop if cfg.multi_crop else 1, cfg.option("pic_head_center"))
+
+    @staticmethod
+    def build_diagnostics(cfg: MethodConfig, num_instances: int) -> PICDiagnostics:
+        """Rows seen within the steps an instance stays in the sliding window count as fresh."""
+        window = min(cfg.window_size or num_instances, num_instances)
+        stride = min(cfg.window_stride or window, window)
+        return PICDiagnostics(num_instances, window_steps_of(window, stride, cfg.total_batch_size),
+                              every=cfg.option("pic_diagnostics_freq"), seed=cfg.seed)
 
     def training_loss(self, views: List[torch.Tensor], index: torch.Tensor) -> Dict[str, torch.Tensor]:
         k = self.num_crop
