@@ -397,6 +397,10 @@ def export_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------------------------- tools and benchmarks
+#: The standard panels of ``tools/plot_curves.py``.
+PLOT_PANELS = ("loss", "lr", "throughput", "accuracy")
+
+
 def plot_curves_parser(doc: str = "") -> argparse.ArgumentParser:
     p = _parser("plot_curves.py", doc)
     p.add_argument("--runs", nargs="+", required=True, help="run output folders (or event / log files)")
@@ -407,6 +411,23 @@ def plot_curves_parser(doc: str = "") -> argparse.ArgumentParser:
                    help="x axis: iteration / epoch, or the fraction of each run done (runs of one budget)")
     p.add_argument("--recursive", action="store_true", help="also read the event files of sub-folders (by "
                    "default only the run folder's own: a pretraining run's eval/ is another run)")
+    p.add_argument("--panels", nargs="*", choices=PLOT_PANELS, default=list(PLOT_PANELS),
+                   help="standard panels to draw (none: only the --scalars panels)")
+    p.add_argument("--scalars", nargs="+", default=[], metavar="PATTERN",
+                   help="one extra panel per fnmatch pattern of scalar tags, e.g. 'train/diag/pos_cos*'")
+    p.add_argument("--hline", action="append", default=[], metavar="[PANEL:]VALUE[=LABEL]",
+                   help="horizontal reference line, on the accuracy panel unless PANEL (a panel name or a "
+                        "--scalars pattern) is given (repeatable)")
+    add_debug_flag(p)
+    return p
+
+
+def pic_stability_table_parser(doc: str = "") -> argparse.ArgumentParser:
+    """``tools/pic_stability_table.py``."""
+    p = _parser("pic_stability_table.py", doc)
+    p.add_argument("--runs", nargs="+", required=True, help="run output folders or log files")
+    p.add_argument("--labels", nargs="+", default=None, help="one label per run (default: folder names)")
+    p.add_argument("--output", default="", help="also write the table to this file")
     add_debug_flag(p)
     return p
 

@@ -8,6 +8,12 @@
 #
 #   bash scripts/PIC.sh [EPOCHS=400]
 #
+# Long runs (the release's Known Issue: unstable around 1600 epochs): EXTRA_ARGS="--pic-head-center"
+# centres the embeddings per batch before the L2 normalisation, which removes the collapse of all
+# embeddings into a drifting cap that makes dense PIC with the sliding window unstable (measured on
+# Fashion-MNIST, not yet at ImageNet scale: docs/pic_stability.md). Off by default: the default keeps
+# the release's numerics.
+#
 # Pretraining then linear evaluation; environment overrides (DATA_DIR, NPROC, OUTPUT_DIR, EXTRA_ARGS,
 # LINEAR_EXTRA_ARGS, MASTER_PORT) are described in scripts/recipe.sh. Deviations from the release:
 # docs/deviations.md.

@@ -22,7 +22,8 @@
 # schedule), SimCLR uses LARS at its paper's 0.3; MoCo's key encoder momentum is 0.99 instead of
 # 0.999 (a 0.999 average barely moves in a few hundred steps). PIC uses recent negative sampling
 # (PIC_NEGATIVE): with the full softmax, rows of instances outside the window only get pushed away
-# and, late in long runs here, end up anti-aligned with their own images. STANDARD_LINEAR names the methods
+# and, late in long runs here, end up anti-aligned with their own images (the cause, and the dense fix
+# EXTRA_FLAGS="--pic-head-center" with PIC_NEGATIVE=0: docs/pic_stability.md). STANDARD_LINEAR names the methods
 # whose checkpoint also gets the standard linear protocol (main_linear.py, augmented images,
 # STANDARD_EPOCHS epochs on the first STANDARD_LIMIT training images, scored on the first
 # STANDARD_VAL_LIMIT test images) next to the cached-feature one on the same images.

@@ -1,4 +1,6 @@
-"""scripts/bench_fashion_mnist.sh end to end on tiny synthetic IDX files (two methods, a few steps)."""
+"""The Fashion-MNIST scripts end to end on tiny synthetic IDX files: scripts/bench_fashion_mnist.sh (two
+methods, a few steps), scripts/pic_stability.sh and scripts/fmnist_60k.sh (their mechanics, not their
+accuracy)."""
 import json
 import os
 import re
@@ -12,17 +14,29 @@ from tests.test_prepare_fashion_mnist import idx_bytes, write
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_bench_script_writes_both_tables_and_curves(tmp_path):
+def fake_fashion_mnist(src, num_train=300, num_val=40):
+    """IDX files of 28 px images with a class-dependent bright band, so features carry the label."""
     rng = np.random.default_rng(0)
-    src = tmp_path / "src"
     src.mkdir()
-    for prefix, n in (("train", 300), ("t10k", 40)):
+    for prefix, n in (("train", num_train), ("t10k", num_val)):
         labels = np.arange(n, dtype=np.uint8) % 10
         images = rng.integers(0, 60, size=(n, 28, 28), dtype=np.uint8)
-        for i, label in enumerate(labels):  # a class-dependent bright band, so features carry the label
+        for i, label in enumerate(labels):
             images[i, 2 * label:2 * label + 6, 4:24] = 220
         write(src / f"{prefix}-images-idx3-ubyte", idx_bytes(images))
         write(src / f"{prefix}-labels-idx1-ubyte", idx_bytes(labels))
+    return src
+
+
+def run_script(name, env):
+    proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", name)], env=dict(os.environ, PY=sys.executable, **env),
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_bench_script_writes_both_tables_and_curves(tmp_path):
+    src = fake_fashion_mnist(tmp_path / "src")
     out = tmp_path / "bench"
     env = dict(os.environ, SRC=str(src), OUT=str(out), PY=sys.executable, METHODS="PIC SimCLR",
                PRETRAIN_LIMIT="64", BUDGET="128", BATCH="16", NUM_NEGATIVE="32", PIC_NEGATIVE="24", WINDOW="32", STRIDE="16",
@@ -56,3 +70,35 @@ def test_bench_script_writes_both_tables_and_curves(tmp_path):
     protocols = (out / "linear_protocols.md").read_text()
     assert re.search(r"^\| PIC \| [\d.]+ \| \d+ \| [\d.]+ \| [\d.]+ \| \d+ \|$", protocols, re.M), protocols
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pic_stability_script_runs_release_and_centred_and_tabulates(tmp_path):
+    src = fake_fashion_mnist(tmp_path / "src", num_train=64, num_val=20)
+    out = tmp_path / "stab"
+    stdout = run_script("pic_stability.sh", dict(SRC=str(src), OUT=str(out), N="64", VAL="20", WINDOW="32",
+                                                  STRIDE="16", BATCH="16", EPOCHS="2"))
+    table = (out / "table.md").read_text().splitlines()
+    # 2 epochs of 64 images over windows of 32 = 4 window-epochs
+    assert [line.split("|")[1:3] for line in table[2:]] == [[" release ", " 4/4 "], [" centred ", " 4/4 "]]
+    centred = {name: json.loads((out / name / "config.json").read_text())["pic_head_center"]
+               for name in ("release", "centred")}
+    assert centred == {"release": False, "centred": True}
+    assert "diag/feat_mean_norm" in (out / "release" / "log.txt").read_text()
+    assert "ln N = 4.16" in stdout
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fmnist_60k_script_baselines_run_table_and_curve(tmp_path):
+    src = fake_fashion_mnist(tmp_path / "src", num_train=96, num_val=20)
+    out = tmp_path / "fm"
+    run_script("fmnist_60k.sh", dict(SRC=str(src), OUT=str(out), EPOCHS="2", BATCH="16", MONITOR_POINTS="2",
+                                     LINEAR_EPOCHS="2", WORKERS="0"))
+    rows = [line for line in (out / "results_PIC.md").read_text().splitlines() if line.startswith("| ")]
+    assert [r.split("|")[1].strip() for r in rows[1:]] == ["baseline-raw-pixels", "baseline-random-init", "PIC"]
+    config = json.loads((out / "PIC" / "config.json").read_text())
+    assert config["pic_head_center"] is True and config["use_sliding_window_sampler"] is False
+    assert config["epochs"] == 2 and config["amp_opt_level"] == "O0"
+    # 2 epochs of 96 / 16 = 6 steps; the monitor every ceil(2 / 2) = 1 epoch
+    monitor = re.compile(r"knn epoch (\d+): top-1 [\d.]+")
+    assert [m.group(1) for m in monitor.finditer((out / "PIC" / "log.txt").read_text())] == ["1", "2"]
+    assert (out / "knn_curve_PIC.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -91,3 +91,37 @@ def test_progress_axis_puts_runs_of_different_lengths_on_zero_to_one():
     assert prog["train/lr"][-1] == (1.0, 0.0)
     assert prog["knn/top1"] == [(15 / 59, 60.0), (1.0, 70.0)]   # epochs scale by the last epoch, not iteration
     assert prog["epoch/other"] == [(3.0, 1.0)]                   # series not plotted are left alone
+
+
+LOG_EXTRAS = """\
+[2025-01-01 10:00:01 rank0] INFO train epoch [1/1] iter [2/4] lr 0.01 loss 7.0000 (7.1000) images/s 30.0 data 1% mem 0MB eta 0:00:10 pos_sim 0.5 w_norm_mean 0.12 diag/pos_cos 0.41 diag/pos_cos_return nan
+[2025-01-01 10:00:02 rank0] INFO train epoch [1/1] iter [4/4] lr 0.01 loss 6.0000 (6.5000) images/s 30.0 data 1% mem 0MB eta 0:00:00 pos_sim -0.25 w_norm_mean 0.13 diag/pos_cos 1e-3
+[2025-01-01 10:00:02 rank0] INFO knn epoch 1: top-1 80.00 top-5 99.00
+"""
+
+
+def test_log_extras_scalar_panels_and_reference_lines(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "log.txt").write_text(LOG_EXTRAS)
+    series = plot_curves.load_run(str(tmp_path / "run"))
+    assert series["train/pos_sim"] == [(2.0, 0.5), (4.0, -0.25)]
+    assert series["train/diag/pos_cos"] == [(2.0, 0.41), (4.0, 0.001)]
+    assert series["train/w_norm_mean"] == [(2.0, 0.12), (4.0, 0.13)]
+    assert len(series["train/diag/pos_cos_return"]) == 1 and np.isnan(series["train/diag/pos_cos_return"][0][1])
+    assert series["train/loss"] == [(2.0, 7.0), (4.0, 6.0)]                   # the standard series are intact
+    out = tmp_path / "diag.png"
+    drawn = plot_curves.main(["--runs", str(tmp_path / "run"), "--output", str(out), "--panels", "accuracy",
+                              "--scalars", "train/diag/pos_cos*", "train/*norm*", "--hline", "86.05=raw pixels",
+                              "--hline", "85", "--hline", "train/*norm*:0.125=init"])
+    assert drawn == {"accuracy": 2, "train/diag/pos_cos*": 2, "train/*norm*": 1}
+    assert out.stat().st_size > 0
+    assert plot_curves.parse_hline("86.05=raw pixels") == ("accuracy", 86.05, "raw pixels")
+    assert plot_curves.parse_hline("loss:7.6=ln N") == ("loss", 7.6, "ln N")
+    assert plot_curves.parse_hline("-1e-3") == ("accuracy", -0.001, "")
+    with pytest.raises(ValueError, match="no panel 'lr'"):
+        plot_curves.main(["--runs", str(tmp_path / "run"), "--output", str(out), "--panels", "loss",
+                          "--hline", "lr:0.1"])
+    with pytest.raises(SystemExit):
+        plot_curves.parse_args(["--runs", "a", "--hline", "abc"])
+    with pytest.raises(SystemExit):
+        plot_curves.parse_args(["--runs", "a", "--panels"])

@@ -20,17 +20,28 @@ epochs against plain ones). Each run has its own colour; several series of one r
 kNN / linear) differ by line style. Per-epoch summaries (``epoch/*`` tags) are
 skipped when the per-iteration series exist.
 
+Training lines of ``log.txt`` may end with extra ``name value`` pairs after ``eta``
+(``pos_sim 0.53 diag/pos_cos 0.41 ...``, the method's scalars); they are read as
+``train/<name>``. ``--scalars PATTERN ...`` adds one panel per pattern (``fnmatch`` on the tag,
+e.g. ``'train/diag/pos_cos*'``) with every matching scalar against the iteration; ``--panels``
+chooses which of the four standard panels to draw (``--panels accuracy`` for an accuracy-only
+figure); ``--hline VALUE=LABEL`` draws a horizontal reference line (e.g. a baseline's accuracy)
+on the accuracy panel (``--hline loss:7.6=ln N`` on another panel).
+
 Usage::
 
     python tools/plot_curves.py --runs output/PIC output/MoCo --labels PIC "MoCo v2" --output curves.png
+    python tools/plot_curves.py --runs output/PIC --panels accuracy --hline "86.05=raw pixels" --output knn.png
+    python tools/plot_curves.py --runs output/PIC --panels loss --scalars 'train/diag/pos_cos*' --output diag.png
 """
 from __future__ import annotations
 
+import fnmatch
 import glob
 import os
 import re
 import sys
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import matplotlib
 
@@ -39,13 +50,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from contrast import engine  # noqa: E402
-from contrast.option import plot_curves_parser  # noqa: E402
+from contrast.option import PLOT_PANELS as PANELS, plot_curves_parser  # noqa: E402
 
 Series = Dict[str, List[Tuple[float, float]]]   # name -> [(x, y), ...] sorted by x
-PANELS = ("loss", "lr", "throughput", "accuracy")
 _NUM = r"([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|nan|inf)"
 _TRAIN = re.compile(rf"train epoch \[(\d+)/\d+\] iter \[(\d+)/(\d+)\] lr {_NUM} loss {_NUM}(?: \({_NUM}\))?"
                     rf"(?: images/s {_NUM})?")
+_EXTRA = re.compile(rf"eta \S+((?: [\w/.-]+ {_NUM})+)\s*$")
+_PAIR = re.compile(rf" ([\w/.-]+) {_NUM}")
 _ACC = re.compile(rf"(\w+) epoch (\d+): top-1 {_NUM}(?: top-5 {_NUM})?")
 
 
@@ -89,6 +101,10 @@ def read_log(path: str) -> Series:
                 out.setdefault("train/loss", []).append((step, float(m.group(5))))
                 if m.group(7) is not None:
                     out.setdefault("train/images_per_s", []).append((step, float(m.group(7))))
+                extra = _EXTRA.search(line)
+                if extra:
+                    for name, value in _PAIR.findall(extra.group(1)):
+                        out.setdefault(f"train/{name}", []).append((step, float(value)))
                 continue
             m = _ACC.search(line)
             if m:
@@ -147,27 +163,67 @@ def as_progress(series: Series) -> Series:
     return out
 
 
-def plot_runs(runs: List[Tuple[str, Series]], output: str, title: str = "", x_axis: str = "step") -> Dict[str, int]:
-    """Draw the four panels for all runs into ``output`` (PNG); returns lines drawn per panel.
-    ``x_axis``: ``step`` (iteration / epoch) or ``progress`` (see ``as_progress``)."""
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
-    axes_of = dict(zip(PANELS, axes.flat))
+def parse_hline(text: str) -> Tuple[str, float, str]:
+    """``"86.05=raw pixels"`` -> ``("accuracy", 86.05, "raw pixels")``; ``"loss:7.6=ln N"`` puts the
+    line on another panel (a standard panel's name or a ``--scalars`` pattern). The label is optional."""
+    panel, value_label = "accuracy", text
+    head, sep, tail = text.partition(":")
+    if sep and not _is_number(head):
+        panel, value_label = head, tail
+    value, _, label = value_label.partition("=")
+    if not _is_number(value):
+        raise ValueError(f"--hline {text!r}: expected [PANEL:]VALUE[=LABEL]")
+    return panel, float(value), label.strip()
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def plot_runs(runs: List[Tuple[str, Series]], output: str, title: str = "", x_axis: str = "step",
+              panels: Sequence[str] = PANELS, scalars: Sequence[str] = (),
+              hlines: Sequence[Tuple[str, float, str]] = ()) -> Dict[str, int]:
+    """Draw the panels for all runs into ``output`` (PNG); returns lines drawn per panel.
+
+    ``x_axis``: ``step`` (iteration / epoch) or ``progress`` (see ``as_progress``); ``panels``: the
+    standard panels drawn; ``scalars``: one extra panel per ``fnmatch`` pattern of tags (against the
+    iteration); ``hlines``: ``(panel, value, label)`` horizontal reference lines."""
+    names = [p for p in PANELS if p in panels] + list(scalars)
+    if not names:
+        raise ValueError("nothing to draw: no --panels and no --scalars")
+    cols = 1 if len(names) == 1 else 2
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols + (2 if cols == 1 else 0), 4 * rows), squeeze=False)
+    axes_of = dict(zip(names, axes.flat))
+    for ax in list(axes.flat)[len(names):]:
+        ax.set_visible(False)
     styles = ["-", "--", ":", "-."]
-    drawn = {p: 0 for p in PANELS}
+    drawn = {p: 0 for p in names}
     for colour, (label, series) in enumerate(runs):
         style_index: Dict[str, int] = {}
         if x_axis == "progress":
             series = as_progress(series)
         for name, points in sorted(series.items()):
-            panel = panel_of(name)
-            if panel is None or not points:
-                continue
-            style = styles[style_index.setdefault(panel, 0) % len(styles)]
-            style_index[panel] += 1
-            xs, ys = zip(*points)
-            axes_of[panel].plot(xs, ys, linestyle=style, color=f"C{colour % 10}", label=f"{label}: {name}",
-                                marker="o" if len(points) < 20 else None, markersize=3)
-            drawn[panel] += 1
+            targets = [panel_of(name)] + [pat for pat in scalars if fnmatch.fnmatchcase(name, pat)]
+            for panel in targets:
+                if panel is None or panel not in axes_of or not points:
+                    continue
+                style = styles[style_index.setdefault(panel, 0) % len(styles)]
+                style_index[panel] += 1
+                xs, ys = zip(*points)
+                axes_of[panel].plot(xs, ys, linestyle=style, color=f"C{colour % 10}", label=f"{label}: {name}",
+                                    marker="o" if len(points) < 20 else None, markersize=3)
+                drawn[panel] += 1
+    for i, (panel, value, text) in enumerate(hlines):
+        if panel not in axes_of:
+            raise ValueError(f"--hline {panel}:{value:g}: no panel {panel!r} is drawn")
+        axes_of[panel].axhline(value, color="0.3", linestyle=styles[(i + 1) % len(styles)], linewidth=1,
+                               label=f"{text} ({value:g})" if text else f"{value:g}")
+    with_lines = {panel for panel, _, _ in hlines}
     for panel, ax in axes_of.items():
         ax.set_title(panel)
         if x_axis == "progress":
@@ -175,12 +231,14 @@ def plot_runs(runs: List[Tuple[str, Series]], output: str, title: str = "", x_ax
         else:
             ax.set_xlabel("epoch" if panel == "accuracy" else "iteration")
         ax.grid(alpha=0.3)
-        if drawn[panel]:
+        if drawn[panel] or panel in with_lines:
             ax.legend(fontsize=7)
         else:
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
-    axes_of["accuracy"].set_ylabel("%")
-    axes_of["throughput"].set_ylabel("images/s")
+    if "accuracy" in axes_of:
+        axes_of["accuracy"].set_ylabel("%")
+    if "throughput" in axes_of:
+        axes_of["throughput"].set_ylabel("images/s")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -195,6 +253,12 @@ def parse_args(argv: Optional[List[str]] = None):
     args = p.parse_args(argv)
     if args.labels is not None and len(args.labels) != len(args.runs):
         p.error(f"--labels: {len(args.labels)} labels for {len(args.runs)} runs")
+    try:
+        args.hline = [parse_hline(h) for h in args.hline]
+    except ValueError as e:
+        p.error(str(e))
+    if not args.panels and not args.scalars:
+        p.error("nothing to draw: give --panels or --scalars")
     return args
 
 
@@ -202,7 +266,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, int]:
     args = parse_args(argv)
     labels = args.labels or [os.path.basename(os.path.normpath(r)) for r in args.runs]
     runs = [(label, load_run(path, args.recursive)) for label, path in zip(labels, args.runs)]
-    drawn = plot_runs(runs, args.output, args.title, args.x)
+    drawn = plot_runs(runs, args.output, args.title, args.x, args.panels, args.scalars, args.hline)
     print(f"[plot] {args.output}: " + ", ".join(f"{p} {n} line(s)" for p, n in drawn.items()), flush=True)
     return drawn
 
