@@ -38,6 +38,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
+from contrast.checkpoint import read_checkpoint  # noqa: E402
 from contrast.option import parse_fault_drill_args  # noqa: E402
 from tools.make_demo_dataset import make_dataset  # noqa: E402
 
@@ -224,8 +225,8 @@ def main(argv=None) -> None:
     silent = [e for e in events if e["next_launch_resumed_from"] != e["committed"]]
     if final_resumed != done:
         silent.append({"final launch": final_resumed, "expected": done})
-    a = torch.load(os.path.join(ref, "current.pth"), map_location="cpu", weights_only=False)["model"]
-    b = torch.load(os.path.join(out, "current.pth"), map_location="cpu", weights_only=False)["model"]
+    a = read_checkpoint(os.path.join(ref, "current.pth")).model
+    b = read_checkpoint(os.path.join(out, "current.pth")).model
     differ = [k for k in a if not torch.equal(a[k], b[k])]
     summary = {
         "command": " ".join(["python benchmarks/fault_drill.py", *cli]), "run_flags": " ".join(argv).replace(ROOT + os.sep, ""),
