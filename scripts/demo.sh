@@ -23,6 +23,7 @@ linear_epochs=${LINEAR_EPOCHS:-8}
 per_class=${PER_CLASS:-30}
 workers=${NUM_WORKERS:-2}
 device=${DEVICE:-cpu}
+stem=${STEM:-imagenet}
 data_dir=${demo_dir}/data
 pre_dir=${demo_dir}/PIC
 eval_dir=${pre_dir}/eval
@@ -43,7 +44,7 @@ echo "[demo] pretraining PIC: ${epochs} epochs over ${num_train} images = ${loop
 # and the loss stays at ln N. --save-freq: only the last window-epoch gets a ckpt_epoch_<e>.pth.
 "${py}" main_pretrain.py --model PIC --aug SimCLR --crop 0.3 --mlp-head --contrast-temperature 0.2 \
     --use-sliding-window-sampler --window-size "${window}" --window-stride "${stride}" \
-    --data-dir "${data_dir}" --arch resnet18 --image-size 32 --feature-dim 64 \
+    --data-dir "${data_dir}" --arch resnet18 --stem "${stem}" --image-size 32 --feature-dim 64 \
     --batch-size 32 --base-learning-rate 0.08 --epochs "${epochs}" --warmup-epoch 1 \
     --num-workers "${workers}" --device "${device}" --print-freq 20 --save-freq "${loop_epochs}" \
     --output-dir "${pre_dir}" --auto-resume ${EXTRA_ARGS:-}
@@ -54,7 +55,7 @@ knn() {
     "${py}" main_knn.py --data-dir "${data_dir}" --knn-k 20 200 --linear-cached --num-workers 0 \
         --device "${device}" "$@"
 }
-knn --random-init --arch resnet18 --image-size 32 --output-json "${demo_dir}/knn_random_init.json"
+knn --random-init --arch resnet18 --stem "${stem}" --image-size 32 --output-json "${demo_dir}/knn_random_init.json"
 knn --pretrained-model "${pre_dir}/current.pth" --output-json "${demo_dir}/knn_PIC.json"
 
 # Arch, stem and image size come from the pretraining checkpoint.
