@@ -91,14 +91,15 @@ def test_pic_stability_script_runs_release_and_centred_and_tabulates(tmp_path):
 def test_fmnist_60k_script_baselines_run_table_and_curve(tmp_path):
     src = fake_fashion_mnist(tmp_path / "src", num_train=96, num_val=20)
     out = tmp_path / "fm"
-    run_script("fmnist_60k.sh", dict(SRC=str(src), OUT=str(out), EPOCHS="2", BATCH="16", MONITOR_POINTS="2",
-                                     LINEAR_EPOCHS="2", WORKERS="0"))
+    run_script("fmnist_60k.sh", dict(SRC=str(src), OUT=str(out), EPOCHS="2", BATCH="16", WINDOW="64", STRIDE="32",
+                                     MONITOR_POINTS="2", LINEAR_EPOCHS="2", WORKERS="0"))
     rows = [line for line in (out / "results_PIC.md").read_text().splitlines() if line.startswith("| ")]
     assert [r.split("|")[1].strip() for r in rows[1:]] == ["baseline-raw-pixels", "baseline-random-init", "PIC"]
     config = json.loads((out / "PIC" / "config.json").read_text())
-    assert config["pic_head_center"] is True and config["use_sliding_window_sampler"] is False
-    assert config["epochs"] == 2 and config["amp_opt_level"] == "O0"
-    # 2 epochs of 96 / 16 = 6 steps; the monitor every ceil(2 / 2) = 1 epoch
+    assert config["pic_head_center"] is True and config["use_sliding_window_sampler"] is True
+    assert (config["window_size"], config["window_stride"], config["amp_opt_level"]) == (64, 32, "O0")
+    # 2 epochs of 96 images = ceil(192 / 64) = 3 window-epochs; the monitor every ceil(3 / 2) = 2 and at the end
+    assert config["loop_epochs"] == 3
     monitor = re.compile(r"knn epoch (\d+): top-1 [\d.]+")
-    assert [m.group(1) for m in monitor.finditer((out / "PIC" / "log.txt").read_text())] == ["1", "2"]
+    assert [m.group(1) for m in monitor.finditer((out / "PIC" / "log.txt").read_text())] == ["2", "3"]
     assert (out / "knn_curve_PIC.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
