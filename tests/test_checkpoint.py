@@ -197,6 +197,7 @@ def _shard_worker(rank, world, out_dir, ckpt_dir):
     ck.restore_training_state(ckpt, fresh, torch.optim.SGD(fresh.parameters(), lr=0.1), None, None, sampler)
     out = {"loaded": fresh.loaded, "sampler": sampler.state, "rand": torch.rand(2), "after_save": after_save,
            "epoch": ckpt.epoch, "files": files}
+    torch.distributed.barrier()  # every rank has listed the folder before rank 0 starts the next save
     # a save that rank 1 cannot write (disk full) fails on every rank and changes nothing
     if rank == 1:
         os.environ["CONTRAST_TEST_ENOSPC_SHARD"] = "1"
