@@ -1,29 +1,30 @@
 #!/usr/bin/env bash
 # The whole job on the CPU in a few minutes, no download: build a synthetic 10-class dataset of
-# shapes and textures (300 train images), pretrain PIC (ResNet-18, 32 px, 25 epochs: each image is
-# seen 25 times), then kNN and a cached-feature linear probe of PIC and of a random-init ResNet-18
+# shapes and textures (300 train images), pretrain PIC (ResNet-18 with the small-image stem, 32 px,
+# --pic-head-center, 50 epochs: each image is seen 50 times), then kNN and a cached-feature linear probe of PIC and of a random-init ResNet-18
 # (the baseline PIC must beat), and the standard linear evaluation of PIC.
 #
 #   bash scripts/demo.sh                 # or: bash scripts/demo.sh > demo.log 2>&1
 #
 # PIC runs with its sliding-window data scheduler: --epochs counts passes over the data, and the loop
-# runs ceil(epochs x N / W) window-epochs of W images each (25 x 300 / 240 -> 32), which is what the
-# log's "train epoch [e/32]" counts. Disk: the dataset and one checkpoint per stage (the pretraining
+# runs ceil(epochs x N / W) window-epochs of W images each (50 x 300 / 240 -> 63), which is what the
+# log's "train epoch [e/63]" counts. Disk: the dataset and one checkpoint per stage (the pretraining
 # and the linear classifier's current.pth), no intermediate ones.
 #
-# Environment overrides: DEMO_DIR (./output/demo), EPOCHS (25), LINEAR_EPOCHS (8), PER_CLASS (30),
-# NUM_WORKERS (2), DEVICE (cpu), PYTHON (python), EXTRA_ARGS (appended to the pretraining command).
+# Environment overrides: DEMO_DIR (./output/demo), EPOCHS (50), LINEAR_EPOCHS (8), PER_CLASS (30),
+# NUM_WORKERS (2), DEVICE (cpu), STEM (small-maxpool; also used by the random-init baseline), PYTHON
+# (python), EXTRA_ARGS (appended to the pretraining command).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 py=${PYTHON:-python}
 demo_dir=${DEMO_DIR:-./output/demo}
-epochs=${EPOCHS:-25}
+epochs=${EPOCHS:-50}
 linear_epochs=${LINEAR_EPOCHS:-8}
 per_class=${PER_CLASS:-30}
 workers=${NUM_WORKERS:-2}
 device=${DEVICE:-cpu}
-stem=${STEM:-imagenet}
+stem=${STEM:-small-maxpool}
 data_dir=${demo_dir}/data
 pre_dir=${demo_dir}/PIC
 eval_dir=${pre_dir}/eval
@@ -42,7 +43,7 @@ echo "[demo] pretraining PIC: ${epochs} epochs over ${num_train} images = ${loop
      "of ${window} images (the log counts window-epochs: train epoch [e/${loop_epochs}])"
 # Small N: lr 0.02 (base 0.08 x 32 / 256); at lr 0.075 the tiny N(0, 0.01) rows of the table thrash
 # and the loss stays at ln N. --save-freq: only the last window-epoch gets a ckpt_epoch_<e>.pth.
-"${py}" main_pretrain.py --model PIC --aug SimCLR --crop 0.3 --mlp-head --contrast-temperature 0.2 \
+"${py}" main_pretrain.py --model PIC --aug SimCLR --crop 0.3 --mlp-head --pic-head-center --contrast-temperature 0.2 \
     --use-sliding-window-sampler --window-size "${window}" --window-stride "${stride}" \
     --data-dir "${data_dir}" --arch resnet18 --stem "${stem}" --image-size 32 --feature-dim 64 \
     --batch-size 32 --base-learning-rate 0.08 --epochs "${epochs}" --warmup-epoch 1 \

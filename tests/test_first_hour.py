@@ -277,14 +277,14 @@ def test_5_demo_log_survives_redirection_and_explains_window_epochs(tmp_path):
         for stream in ("stdout", "stderr"):
             assert f"{stream} of {script} line 0\n" in text and f"{stream} of {script} line 199\n" in text
     assert text.count("stdout of main_knn.py line 199") == 2               # random init and PIC
-    # 25 epochs over 300 images with a 240-image window: the loop (and its log) counts 32 window-epochs
-    assert "25 epochs over 300 images = 32 sliding-window epochs of 240 images" in text
-    assert "train epoch [e/32]" in text
+    # 50 epochs over 300 images with a 240-image window: the loop (and its log) counts 63 window-epochs
+    assert "50 epochs over 300 images = 63 sliding-window epochs of 240 images" in text
+    assert "train epoch [e/63]" in text
     assert "random init ResNet-18  : kNN top-1 k=20 61.5, k=200 55.0; cached linear top-1 70.2" in text \
         or "random init ResNet-18  : kNN top-1 k=20 61.5, k=200 55.0; cached linear top-1 70.3" in text
     assert "PIC, linear evaluation : last top-1 44.00 top-5 90.00, best top-1 45.00 (epoch 7) (8 epochs)" in text
     make_data, pretrain, knn_random, knn_pic, linear = _calls(calls)
-    assert pretrain[pretrain.index("--save-freq") + 1] == "32" and "--auto-resume" in pretrain
+    assert pretrain[pretrain.index("--save-freq") + 1] == "63" and "--auto-resume" in pretrain
     assert "--arch" not in linear and "--image-size" not in linear                # from the checkpoint
     assert "--random-init" in knn_random and knn_pic[knn_pic.index("--pretrained-model") + 1].endswith("current.pth")
     # only the checkpoints the demo needs: current.pth of each stage, no ckpt_epoch_*.pth
@@ -444,7 +444,7 @@ def test_10_readme_resume_claim_says_when_it_is_bit_exact():
     sentence = next(s for s in re.split(r"(?<=\.)\s", readme) if "--auto-resume" in s and "uninterrupted" in s)
     assert "with or without DataLoader workers" in sentence, sentence   # true since per-sample seeding
     quick = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
-    for fact in ("32 sliding-window epochs", "uptime", "lscpu"):              # measured, with the machine and load
+    for fact in ("63 sliding-window epochs", "uptime", "lscpu"):              # measured, with the machine and load
         assert fact in quick, fact
 
 
