@@ -16,7 +16,8 @@ They measure what explains the long-run instability of dense PIC with the slidin
 Row statistics use a fixed random subset of ``num_tracked`` instances (all of them for small N)
 whose last embedding is kept (``num_tracked x D`` floats); the batch statistics need one extra
 ``(B, N)`` similarity product. Both are computed every ``every`` steps only; the per-step cost is an
-index write of the batch's step numbers. Nothing here changes training, and nothing is saved in
+index write of the batch's step numbers, on the embeddings' device (no host copy, no device
+synchronisation between measurements). Nothing here changes training, and nothing is saved in
 checkpoints (after a resume staleness counts from the resume step).
 
 Scalars (returned by :meth:`PICDiagnostics.observe` on the steps it measures; cosines in [-1, 1]):
@@ -106,7 +107,8 @@ class PICDiagnostics:
         self.tracked = torch.randperm(num_instances, generator=g)[:m].sort().values
         self.slot = torch.full((num_instances,), -1, dtype=torch.int64)
         self.slot[self.tracked] = torch.arange(m)
-        self.last_feat: Optional[torch.Tensor] = None           # (m, D) last embedding of tracked ids
+        # (m + 1, D) last embedding of tracked ids; row m is scratch space for untracked ids
+        self.last_feat: Optional[torch.Tensor] = None
         self.prev_rows: Optional[torch.Tensor] = None           # (m, D) normalised rows at last measurement
         self.prev_step = 0
 
@@ -124,27 +126,29 @@ class PICDiagnostics:
         Returns:
             ``{name: float}`` on measuring steps (names in the module docstring), else ``{}``.
         """
-        z_dev = z.detach().float()
-        z = z_dev.cpu()
-        idx = index.detach().cpu().long()
-        before = staleness(self.last_seen[idx], self.step)          # staleness at this visit
+        z = z.detach().float()
+        idx = index.detach().long()
+        if self.last_seen.device != z.device:        # bookkeeping lives where the embeddings are
+            self.last_seen, self.slot = self.last_seen.to(z.device), self.slot.to(z.device)
+        if self.last_feat is None:
+            self.last_feat = torch.zeros(self.tracked.numel() + 1, z.shape[1], device=z.device)
         out: Dict[str, float] = {}
         if self.step % self.every == 0:
-            out = self._measure(z_dev, z, index.detach().long(), idx, before, weight.detach())
+            before = staleness(self.last_seen[idx], self.step)   # staleness at this visit
+            out = self._measure(z, idx, before, weight.detach())
         self.last_seen[idx] = self.step
         slots = self.slot[idx]
-        hit = slots >= 0
-        if self.last_feat is None:
-            self.last_feat = torch.zeros(self.tracked.numel(), z.shape[1])
-        self.last_feat[slots[hit]] = z[hit]
+        self.last_feat[torch.where(slots >= 0, slots, self.tracked.numel())] = z
         self.step += 1
         return out
 
-    def _measure(self, z_dev: torch.Tensor, z: torch.Tensor, idx_dev: torch.Tensor, idx: torch.Tensor,
-                 before: torch.Tensor, weight: torch.Tensor) -> Dict[str, float]:
-        """``*_dev`` and ``weight`` stay on the training device (one (B, N) product there); the
-        rest, and everything kept between steps, is on the CPU."""
+    def _measure(self, z_dev: torch.Tensor, idx_dev: torch.Tensor, before: torch.Tensor,
+                 weight: torch.Tensor) -> Dict[str, float]:
+        """One (B, N) product on the training device; the statistics are computed on the CPU."""
         out: Dict[str, float] = {}
+        z, idx, before = z_dev.cpu(), idx_dev.cpu(), before.cpu()
+        last_feat = self.last_feat[:-1].cpu()
+        last_seen_tracked = self.last_seen[self.tracked.to(self.last_seen.device)].cpu()
         # --- the batch: positive vs largest negative cosine (on the table's device)
         with torch.autocast(device_type=weight.device.type, enabled=False):
             cos = (z_dev @ weight.float().t()) / weight.float().norm(dim=1).clamp_min(1e-12)   # (B, N)
@@ -161,21 +165,19 @@ class PICDiagnostics:
         out["diag/pos_cos_return"] = _mean(pos, ret)
         out["diag/maxneg_cos_return"] = _mean(neg, ret)
         out["diag/pos_cos_revisit"] = _mean(pos, rev)
-        if self.last_feat is not None:
-            slots = self.slot[idx]
-            tracked_ret = ret & (slots >= 0)
-            then = self.last_feat[slots.clamp(min=0)]
-            out["diag/feat_cos_return"] = _mean((z * then).sum(dim=1), tracked_ret)
-            out["diag/row_cos_return"] = _mean((batch_rows * then).sum(dim=1), tracked_ret)
+        slots = self.slot[idx_dev].cpu()
+        tracked_ret = ret & (slots >= 0)
+        then = last_feat[slots.clamp(min=0)]
+        out["diag/feat_cos_return"] = _mean((z * then).sum(dim=1), tracked_ret)
+        out["diag/row_cos_return"] = _mean((batch_rows * then).sum(dim=1), tracked_ret)
         # --- tracked rows: alignment with their own last embedding and with the batch
         rows = F.normalize(rows_raw, dim=1)
-        age = staleness(self.last_seen[self.tracked], self.step)
+        age = staleness(last_seen_tracked, self.step)
         seen = age >= 0
         fresh, stale = seen & (age <= self.window_steps), seen & (age > self.window_steps)
-        if self.last_feat is not None:
-            own = (rows * self.last_feat).sum(dim=1)
-            out["diag/own_cos_fresh"] = _mean(own, fresh)
-            out["diag/own_cos_stale"] = _mean(own, stale)
+        own = (rows * last_feat).sum(dim=1)
+        out["diag/own_cos_fresh"] = _mean(own, fresh)
+        out["diag/own_cos_stale"] = _mean(own, stale)
         zbar = z.mean(dim=0)
         out["diag/feat_mean_norm"] = float(zbar.norm())
         mean_cos = rows @ F.normalize(zbar, dim=0)
