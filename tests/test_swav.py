@@ -123,7 +123,7 @@ def _step(method, opt, views, step):
 
 def test_network_and_joint_encoding():
     cfg = MethodConfig(name="SwAV", backbone=BackboneConfig("resnet18", "small"), mlp_head=True, feature_dim=128,
-                       head_hidden_dim=2048, temperature=0.1, view_batching="joint", multi_crop=True,
+                       head_hidden_dim=2048, temperature=0.1, view_batching="joint", multi_crop=True, num_crop=2,
                        options={f.dest: f.default for f in SwAV.flags})
     method = build_method(cfg, num_instances=10)
     assert [type(m) for m in method.head] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]

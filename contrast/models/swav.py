@@ -6,13 +6,17 @@ Assignments", NeurIPS 2020; facebookresearch/swav ``main_swav.py``).
   unit-norm: normalised at construction and after every optimiser step, so every forward sees
   unit rows (swav normalises them before every forward), and a resumed run continues from the
   saved rows bit for bit (normalising unit rows again would change their last bits).
-* crops: ``views[:2]`` are the large crops, the rest small ones (``--aug MultiCrop``). With
+* crops: ``views[:num_crop]`` are the large crops (``--num-crop``, 2 by default), the rest small ones
+  (``--aug MultiCrop``). The assignment crops are named explicitly (``--swav-crops-for-assign``,
+  swav's ``crops_for_assign``, default 0 1) and must be exactly the large crops: a ``--num-crop``
+  that would send a small crop into Sinkhorn and the queue, or leave a large crop without a code, is
+  refused. With
   ``--view-batching joint`` (SwAV's default) crops of equal size go through the backbone together
   and all crops through the head together, as ``main_swav.py`` does.
-* codes: for each large crop, :func:`~contrast.models.losses.sinkhorn_knopp` over the global batch
+* codes: for each assignment crop, :func:`~contrast.models.losses.sinkhorn_knopp` over the global batch
   (row and column sums reduced over ranks with ``contrast.distributed.all_reduce_sum``), with the
   queue's scores prepended once the queue is full; only the batch's rows are kept.
-* loss: :func:`~contrast.models.losses.swav_loss`, every other crop predicts each large crop's code.
+* loss: :func:`~contrast.models.losses.swav_loss`, every other crop predicts each assignment crop's code.
 * queue (small batches): each rank keeps the last floor(L / G) batches of its embeddings of the
   large crops (L = ``--swav-queue-length``, G = the global batch), written after each optimiser
   step from the step ``--swav-queue-start-epoch`` x iterations per epoch on, and used once full.
@@ -25,7 +29,7 @@ Assignments", NeurIPS 2020; facebookresearch/swav ``main_swav.py``).
 from __future__ import annotations
 
 import warnings
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -104,6 +108,24 @@ class RankQueue:
             self.filled = int(mine["filled"])
 
 
+def check_crops_for_assign(crops: Sequence[int], num_crop: int) -> Tuple[int, ...]:
+    """``crops`` as a tuple if they are exactly the ``num_crop`` large crops (any order); ``ValueError`` otherwise."""
+    crops = tuple(int(c) for c in crops)
+    given = " ".join(map(str, crops))
+    if not crops or len(set(crops)) != len(crops) or min(crops) < 0:
+        raise ValueError(f"SwAV: --swav-crops-for-assign {given!r} must name distinct crop indices >= 0")
+    small = [c for c in crops if c >= num_crop]
+    if small:
+        raise ValueError(f"SwAV: --swav-crops-for-assign {given} names crop(s) {' '.join(map(str, small))}, which "
+                         f"are not large crops (--num-crop {num_crop}: large crops 0..{num_crop - 1}); the codes "
+                         f"come from large crops only")
+    left = [c for c in range(num_crop) if c not in crops]
+    if left:
+        raise ValueError(f"SwAV: --num-crop {num_crop} gives large crop(s) {' '.join(map(str, left))} no code "
+                         f"(--swav-crops-for-assign {given}); name every large crop or lower --num-crop")
+    return crops
+
+
 class SwAV(BaseMethod):
     """Backbone, ``head`` (projection MLP with BN), ``prototypes``; a per-rank queue."""
 
@@ -121,14 +143,18 @@ class SwAV(BaseMethod):
              "epochs and is used once full"),
         Flag("--swav-freeze-prototypes-iters", int, 313, "(new) SwAV: the prototypes are not updated during this "
              "many first iterations"),
+        Flag("--swav-crops-for-assign", int, (0, 1), "(new) SwAV: the crops whose codes are computed (swav's "
+             "crops_for_assign); they must be the large crops 0 .. --num-crop - 1", nargs="+"),
     )
     sync_batchnorm = True
 
     def __init__(self, backbone: nn.Module, feat_dim: int, feature_dim: int = 128, hidden_dim: int = 2048,
                  num_prototypes: int = 3000, temperature: float = 0.1, epsilon: float = 0.05,
                  sinkhorn_iterations: int = 3, queue_length: int = 0, queue_start_epoch: int = 15,
-                 freeze_prototypes_iters: int = 313, view_batching: str = "joint", multi_crop: bool = False) -> None:
+                 freeze_prototypes_iters: int = 313, view_batching: str = "joint", multi_crop: bool = False,
+                 crops_for_assign: Sequence[int] = (0, 1), num_crop: int = 2) -> None:
         super().__init__(backbone, feat_dim, view_batching, multi_crop)
+        self.crops_for_assign = check_crops_for_assign(crops_for_assign, num_crop)
         if num_prototypes < 1 or epsilon <= 0 or sinkhorn_iterations < 1:
             raise ValueError(f"SwAV needs --swav-num-prototypes >= 1, --swav-epsilon > 0 and "
                              f"--swav-sinkhorn-iterations >= 1, got {num_prototypes}, {epsilon}, {sinkhorn_iterations}")
@@ -150,7 +176,8 @@ class SwAV(BaseMethod):
         o = cfg.option
         return cls(backbone, feat_dim, cfg.feature_dim, cfg.head_hidden_dim, o("swav_num_prototypes"),
                    cfg.temperature, o("swav_epsilon"), o("swav_sinkhorn_iterations"), o("swav_queue_length"),
-                   o("swav_queue_start_epoch"), o("swav_freeze_prototypes_iters"), cfg.view_batching, cfg.multi_crop)
+                   o("swav_queue_start_epoch"), o("swav_freeze_prototypes_iters"), cfg.view_batching, cfg.multi_crop,
+                   o("swav_crops_for_assign"), cfg.num_crop)
 
     @torch.no_grad()
     def normalize_prototypes(self) -> None:
@@ -171,12 +198,13 @@ class SwAV(BaseMethod):
 
     def training_loss(self, views: List[torch.Tensor], index: torch.Tensor) -> Dict[str, torch.Tensor]:
         z = [normalize_fp32(y) for y in self.encode(self.head, self.encode(self.backbone, views))]
-        assign = self.views.count
+        assign = self.crops_for_assign
         with torch.autocast(device_type=z[0].device.type, enabled=False):
             scores = [F.linear(e, self.prototypes.weight.float()) for e in z]
-            codes = [self.codes(s.detach(), i) for i, s in enumerate(scores[:assign])]
-            loss = swav_loss(scores, codes, self.temperature)
-        self._pending = torch.stack([e.detach() for e in z[:assign]], dim=1)
+            code_of = {crop: self.codes(scores[crop].detach(), j) for j, crop in enumerate(assign)}
+            # swav_loss takes the codes of crops 0 .. A - 1 in order; the assignment crops are exactly those
+            loss = swav_loss(scores, [code_of[crop] for crop in range(len(assign))], self.temperature)
+        self._pending = torch.stack([z[crop].detach() for crop in assign], dim=1)
         return {"loss": loss, "queue_used": torch.tensor(float(self.queue.full))}
 
     def on_before_optimizer_step(self, step: int) -> None:
