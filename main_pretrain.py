@@ -54,7 +54,8 @@ def pretrain(args, run: engine.Run) -> None:
     method = engine.prepare_model(method, env.device, method.sync_batchnorm, args.channels_last, args.compile)
     total_batch = args.batch_size * env.world_size
     lr = cfg.peak_lr
-    optimizer = build_optimizer(method, args.optimizer, lr, args.momentum, args.weight_decay, args.lars_form,
+    optimizer = build_optimizer(method.param_groups(lr, args.weight_decay), args.optimizer, lr, args.momentum,
+                                args.weight_decay, args.lars_form,
                                 args.lars_trust_coefficient, args.lars_eps)
     scheduler = build_scheduler(optimizer, args.lr_scheduler, epochs, iters, warmup, args.warmup_multiplier,
                                 decay, args.lr_decay_rate, cosine_form=args.cosine_form, samples_per_step=total_batch)

@@ -25,7 +25,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, List, Optional, Sequence
+from typing import Callable, Iterable, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -110,25 +110,39 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
-def split_decay_groups(model: nn.Module) -> List[dict]:
-    """Two groups: weights of rank >= 2 (conv/linear kernels, PIC's W), and the rest (biases, BN)."""
-    decay, rest = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else rest).append(p)
-    return [{"params": decay}, {"params": rest, "weight_decay": 0.0, "lars_exclude": True}]
+def split_decay_groups(params: Union[nn.Module, Sequence[dict]]) -> List[dict]:
+    """Each group split in two: weights of rank >= 2 (conv/linear kernels, PIC's W), and the rest
+    (biases, BN: no decay, ``lars_exclude``). A module counts as one group of its trainable parameters,
+    so it gives ``[decay, rest]``; a group's own keys (``lr``, ``constant_lr``, ...) go to both halves."""
+    out = []
+    for group in param_groups_of(params):
+        decay = [p for p in group["params"] if p.ndim >= 2]
+        rest = [p for p in group["params"] if p.ndim < 2]
+        out += [{**group, "params": decay}, {**group, "params": rest, "weight_decay": 0.0, "lars_exclude": True}]
+    return out
 
 
-def build_optimizer(model: nn.Module, name: str, lr: float, momentum: float, weight_decay: float,
-                    lars_form: str = "release", trust_coefficient: float = 0.001, lars_eps: Optional[float] = None
-                    ) -> torch.optim.Optimizer:
+def param_groups_of(params: Union[nn.Module, Sequence[dict]]) -> List[dict]:
+    """``params`` as optimiser groups: a module is one group of its trainable parameters."""
+    if isinstance(params, nn.Module):
+        return [{"params": [p for p in params.parameters() if p.requires_grad]}]
+    return [dict(group, params=list(group["params"])) for group in params]
+
+
+def build_optimizer(params: Union[nn.Module, Sequence[dict]], name: str, lr: float, momentum: float,
+                    weight_decay: float, lars_form: str = "release", trust_coefficient: float = 0.001,
+                    lars_eps: Optional[float] = None) -> torch.optim.Optimizer:
     """``--optimizer sgd`` (momentum SGD, decay on every parameter, as the release) or ``lars``
-    (:class:`LARS` of form ``lars_form``, trust coefficient 0.001 and eps as the release)."""
+    (:class:`LARS` of form ``lars_form``, trust coefficient 0.001 and eps as the release).
+
+    ``params``: a module (one group of all its trainable parameters) or the parameter groups a method
+    declares (:meth:`contrast.models.base.BaseMethod.param_groups`); a group's own ``lr`` /
+    ``weight_decay`` override ``lr`` / ``weight_decay``, and ``constant_lr=True`` keeps its lr out of
+    the schedule (:class:`ProgressLR`)."""
     if name == "sgd":
-        params = [p for p in model.parameters() if p.requires_grad]
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        return torch.optim.SGD(param_groups_of(params), lr=lr, momentum=momentum, weight_decay=weight_decay)
     if name == "lars":
-        return LARS(split_decay_groups(model), lr=lr, momentum=momentum, weight_decay=weight_decay,
+        return LARS(split_decay_groups(params), lr=lr, momentum=momentum, weight_decay=weight_decay,
                     trust_coefficient=trust_coefficient, eps=lars_eps, form=lars_form)
     raise ValueError(f"--optimizer {name!r} is not supported; choose sgd or lars")
 
@@ -187,7 +201,8 @@ def lr_factor(it: int, total_iters: int, iters_per_epoch: int, warmup_epochs: in
 
 
 class ProgressLR(LRScheduler):
-    """Learning rate ``base_lr * factor(samples_seen)``, stepped once per optimiser step.
+    """Learning rate ``base_lr * factor(samples_seen)``, stepped once per optimiser step; a parameter
+    group with ``constant_lr=True`` keeps its ``base_lr`` throughout.
 
     ``samples_seen`` is ``samples_per_step`` (the total batch of *this* run) per step since the
     last :meth:`load_state_dict`, added to the samples the loaded state had seen, so a run resumed
@@ -210,7 +225,8 @@ class ProgressLR(LRScheduler):
 
     def _lrs(self) -> List[float]:
         f = self.factor(self.samples_seen)
-        return [base * f for base in self.base_lrs]
+        return [base if group.get("constant_lr", False) else base * f
+                for base, group in zip(self.base_lrs, self.optimizer.param_groups)]
 
     def get_lr(self) -> List[float]:
         return self._lrs()
@@ -242,13 +258,15 @@ def build_scheduler(optimizer: torch.optim.Optimizer, schedule: str, epochs: int
     ``epochs``, ``warmup_epochs`` and ``decay_epochs`` are loop epochs (window-epochs with the
     sliding-window sampler; the caller maps them). Warm-up longer than the run is clamped to
     ``epochs - 1``. ``cosine_form``: see :func:`progress_factor`. ``eta_min`` is absolute for the
-    group with the largest lr (the release's groups all share one lr). ``samples_per_step``: the
+    scheduled group with the largest lr (the release's groups all share one lr). Groups with
+    ``constant_lr=True`` keep their lr (:class:`ProgressLR`). ``samples_per_step``: the
     total batch over all ranks (1 counts steps instead of samples; the lrs are the same).
     """
     if iters_per_epoch < 1 or epochs < 1 or samples_per_step < 1:
         raise ValueError(f"build_scheduler needs epochs >= 1, iters_per_epoch >= 1 and samples_per_step >= 1, "
                          f"got {epochs}, {iters_per_epoch}, {samples_per_step}")
-    peak = max(g["lr"] for g in optimizer.param_groups)
+    scheduled = [g["lr"] for g in optimizer.param_groups if not g.get("constant_lr", False)]
+    peak = max(scheduled, default=0.0)
     per_epoch = iters_per_epoch * samples_per_step
     total = epochs * per_epoch
     warmup = (min(warmup_epochs, epochs - 1) if epochs > 1 else 0) * per_epoch

@@ -14,6 +14,8 @@ and the hooks below, which the loop always calls (the defaults do nothing)::
 :class:`~contrast.models.views.Views`, the defaults it gives the shared flags and its own
 :class:`~contrast.config.Flag` declarations, and :meth:`BaseMethod.from_config`. Subclasses
 implement :meth:`BaseMethod.training_loss`; ``forward`` checks the number of views first.
+:meth:`BaseMethod.param_groups` (always called by the entry script that builds the optimiser) gives
+the optimiser's parameter groups: one by default, a method may give a part its own lr.
 """
 from __future__ import annotations
 
@@ -114,6 +116,13 @@ class BaseMethod(TrainModule):
     def training_loss(self, views: List[torch.Tensor], index: torch.Tensor) -> Dict[str, torch.Tensor]:
         """``{"loss": fp32 scalar, ...scalars to log}`` for a batch of (B, 3, H, W) ``views`` and (B,) ``index``."""
         raise NotImplementedError
+
+    def param_groups(self, base_lr: float, weight_decay: float) -> List[dict]:
+        """The optimiser's parameter groups (``torch.optim`` dicts) for peak lr ``base_lr`` and
+        ``weight_decay``: by default one group of all trainable parameters, which take both from the
+        optimiser. A group may set its own ``lr`` / ``weight_decay`` and ``constant_lr=True`` (the
+        schedule leaves its lr alone; see :func:`contrast.optim.build_scheduler`)."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
 
     def encode(self, encoder, views: List[torch.Tensor]) -> List[torch.Tensor]:
         """``encoder`` applied to every view, batched as ``--view-batching`` says."""

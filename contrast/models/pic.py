@@ -38,9 +38,10 @@ class DenseInstanceClassifier(InstanceClassifier):
     W is initialised N(0, 0.01) as in the paper and trained by the optimiser like any other
     parameter (under DDP its gradient is averaged over ranks, so every rank keeps the same table).
 
-    ``table_lr > 0`` (``--pic-table-constant-lr``): W's gradient is multiplied by ``table_lr / lr``
-    of the last step, so the optimiser moves W as with a constant lr while the rest follows the
-    schedule. ``diagnostics`` (``--pic-diagnostics``) observe every training batch.
+    ``table_lr > 0`` (``--pic-table-constant-lr``): W is a parameter group of its own with the
+    constant lr ``table_lr`` (:meth:`PIC.param_groups`), so the optimiser moves W (weight decay
+    included) as plain SGD at that lr while the rest follows the schedule. ``diagnostics``
+    (``--pic-diagnostics``) observe every training batch.
     """
 
     def __init__(self, num_instances: int, dim: int, temperature: float, table_lr: float = 0.0,
@@ -52,9 +53,7 @@ class DenseInstanceClassifier(InstanceClassifier):
             raise ValueError(f"PIC: the table lr must be >= 0, got {table_lr}")
         self.temperature = temperature
         self.weight = nn.Parameter(torch.randn(num_instances, dim) * 0.01)
-        self.table_lr, self.grad_multiplier = table_lr, 1.0
-        if table_lr > 0:
-            self.weight.register_hook(lambda g: g * self.grad_multiplier)
+        self.table_lr = table_lr
         self.diagnostics = diagnostics
         self._diag: Dict[str, float] = {}
 
@@ -79,8 +78,6 @@ class DenseInstanceClassifier(InstanceClassifier):
 
     @torch.no_grad()
     def on_train_step_end(self, step: int, lr: float, grad_scale: float = 1.0) -> None:
-        if self.table_lr > 0 and lr > 0:
-            self.grad_multiplier = self.table_lr / lr
         if self.diagnostics is not None:
             self.diagnostics.set_lr(lr)
 
@@ -143,7 +140,7 @@ class PIC(BaseMethod):
              "without affine parameters after the head) before the L2 normalisation; keeps dense PIC with the "
              "sliding window stable in long runs (docs/pic_stability.md)"),
         Flag("--pic-table-constant-lr", bool, False, "(new) dense PIC: train the table at the peak lr "
-             "throughout while the rest follows the schedule"),
+             "throughout (an optimiser parameter group of its own) while the rest follows the schedule"),
         Flag("--pic-diagnostics", bool, False, "(new) dense PIC: log the table's geometry under train/diag/ "
              "every --pic-diagnostics-freq steps (staleness, positive vs max negative, stale rows vs embeddings)"),
         Flag("--pic-diagnostics-freq", int, 10, "(new) steps between --pic-diagnostics measurements"),
@@ -212,6 +209,16 @@ class PIC(BaseMethod):
                 loss = loss + s * pic_loss(torch.cat(z_small), clf.weight.detach(), index.repeat(s),
                                            clf.temperature)
         return loss / (k + s)
+
+    def param_groups(self, base_lr: float, weight_decay: float) -> List[dict]:
+        """One group; with ``--pic-table-constant-lr`` the dense table is a second group at its constant
+        lr (``table_lr``, the peak lr) with the same weight decay, untouched by the schedule."""
+        clf = self.classifier
+        if not (isinstance(clf, DenseInstanceClassifier) and clf.table_lr > 0):
+            return super().param_groups(base_lr, weight_decay)
+        rest = [p for p in self.parameters() if p.requires_grad and p is not clf.weight]
+        return [{"params": rest},
+                {"params": [clf.weight], "lr": clf.table_lr, "weight_decay": weight_decay, "constant_lr": True}]
 
     @torch.no_grad()
     def on_train_step_end(self, step: int, lr: float, grad_scale: float = 1.0) -> None:
