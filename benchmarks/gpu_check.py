@@ -113,7 +113,8 @@ def flags(setting: Setting, mode: Mode, arch: str, size: int, multi_crop_sizes: 
     views of ``size`` px; multi-crop: ``multi_crop_sizes`` (large, small) with the release's crop
     scales (``--crop 0.08 --crop2 0.14``)."""
     argv = ["--model", setting.model, "--arch", arch, "--mlp-head", "--batch-size", str(batch),
-            "--contrast-num-negative", str(mode.num_negative), "--optimizer", OPTIMIZER.get(setting.model, "sgd")]
+            "--contrast-num-negative", str(mode.num_negative), "--optimizer", OPTIMIZER.get(setting.model, "sgd"),
+            "--bn-splits", str(min(8, max(1, batch // 2)))]   # one-process split batch norm: >= 2 images per group
     if setting.multi_crop:
         argv += ["--aug", MULTI_CROP_AUG, "--image-size", str(multi_crop_sizes[0]), "--image-size2",
                  str(multi_crop_sizes[1]), "--num-crop2", str(mode.num_crop2), "--crop", "0.08", "--crop2", "0.14"]

@@ -18,7 +18,8 @@ from tests.test_cli_pretrain import ROOT, tiny_args
 def pretrained(tmp_path_factory):
     root = tmp_path_factory.mktemp("lin")
     data = make_image_folder(str(root / "data"), num_classes=2, per_class=4, size=(36, 36))
-    main_pretrain.main(tiny_args(data, root / "pre", "--model", "MoCo", "--contrast-num-negative", "8"))
+    main_pretrain.main(tiny_args(data, root / "pre", "--model", "MoCo", "--contrast-num-negative", "8",
+                                      "--bn-splits", "2"))
     return data, str(root / "pre" / "current.pth")
 
 

@@ -6,7 +6,10 @@ is asymmetric, as in both papers: ``views[0]`` gives the queries, ``views[1]`` t
 
 * key encoder: a :class:`~contrast.models.momentum.MomentumEncoder` of backbone + head, updated
   after each optimiser step (the same sequence as MoCo's update at the start of the next forward).
-* shuffling BN: keys are encoded on a batch shuffled across ranks and unshuffled afterwards.
+* shuffling BN: keys are encoded on a batch shuffled across ranks and unshuffled afterwards. In one
+  process (where a shuffle alone changes no batch-norm statistic) the backbone's batch norms are
+  :class:`~contrast.models.split_bn.SplitBatchNorm` over ``--bn-splits`` groups (default 8, as the
+  MoCo authors' one-GPU demo), so the shuffled keys see other groups than the queries.
 * queue (K, D): ``forward`` gathers the keys of all ranks in rank order; ``on_train_step_end``
   writes them (wrapping around modulo K), so every rank keeps the same queue.
 """
@@ -18,12 +21,13 @@ import torch
 from torch import nn
 
 from contrast import distributed as cd
-from contrast.config import MethodConfig
+from contrast.config import Flag, MethodConfig
 from contrast.models.base import BaseMethod
 from contrast.models.heads import MLP_HIDDEN_DIM, build_head, normalize_fp32
 from contrast.models.losses import moco_loss
 from contrast.models.momentum import MomentumEncoder
 from contrast.models.queue import FeatureQueue
+from contrast.models.split_bn import convert_split_batchnorm
 from contrast.models.views import Views
 
 
@@ -33,11 +37,17 @@ class MoCo(BaseMethod):
     name = "MoCo"
     views = Views(count=2, aug="InstDisc")
     defaults = {"contrast_temperature": 0.07, "contrast_momentum": 0.999, "contrast_num_negative": 65536}
+    flags = (
+        Flag("--bn-splits", int, 8, "(new) MoCo in one process: batch norm over this many groups of the batch "
+             "(SplitBatchNorm of the MoCo authors' one-GPU demo), so that shuffling BN has an effect; 1 turns it "
+             "off; ignored with several processes (the shuffle crosses ranks)"),
+    )
 
     def __init__(self, backbone: nn.Module, feat_dim: int, feature_dim: int = 128, mlp_head: bool = False,
                  temperature: float = 0.07, momentum: float = 0.999, num_negative: int = 65536,
-                 seed: int = 0, view_batching: str = "separate", hidden_dim: int = MLP_HIDDEN_DIM) -> None:
-        super().__init__(backbone, feat_dim, view_batching)
+                 seed: int = 0, view_batching: str = "separate", hidden_dim: int = MLP_HIDDEN_DIM,
+                 bn_splits: int = 1) -> None:
+        super().__init__(convert_split_batchnorm(backbone, bn_splits), feat_dim, view_batching)
         if num_negative <= 0:
             raise ValueError(f"--contrast-num-negative (MoCo queue length) must be > 0, got {num_negative}")
         if not 0.0 <= momentum <= 1.0:
@@ -51,9 +61,18 @@ class MoCo(BaseMethod):
 
     @classmethod
     def from_config(cls, cfg: MethodConfig, num_instances: int) -> "MoCo":
+        splits = cfg.option("bn_splits")
+        if splits < 1:
+            raise ValueError(f"MoCo: --bn-splits must be >= 1, got {splits}")
+        world = cd.get_world_size()
+        splits = splits if world == 1 else 1   # several processes: the shuffle crosses ranks
+        batch = cfg.total_batch_size // world
+        if batch % splits:
+            raise ValueError(f"MoCo: --batch-size {batch} is not divisible by --bn-splits {splits} (one process "
+                             f"emulates the batch norm of {splits} GPUs; --bn-splits 1 turns it off)")
         backbone, feat_dim = cls.build_backbone(cfg)
         return cls(backbone, feat_dim, cfg.feature_dim, cfg.mlp_head, cfg.temperature, cfg.momentum,
-                   cfg.num_negative, cfg.seed, cfg.view_batching, cfg.head_hidden_dim)
+                   cfg.num_negative, cfg.seed, cfg.view_batching, cfg.head_hidden_dim, splits)
 
     @torch.no_grad()
     def encode_keys(self, x: torch.Tensor) -> torch.Tensor:
