@@ -237,8 +237,8 @@ def batch_shuffle(x: torch.Tensor, generator: Optional[torch.Generator] = None
     Gathers ``x`` (B, ...) from all ranks, applies one permutation chosen on
     rank 0 and broadcast, and returns this rank's B rows of the shuffled global
     batch together with the index that undoes the shuffle. In one process the
-    batch is permuted locally, which changes nothing for a model without BN and
-    keeps the code path identical.
+    batch is permuted locally, which by itself changes no batch-norm statistic
+    (one-process MoCo pairs it with ``contrast.models.split_bn.SplitBatchNorm``).
     """
     batch_local = x.shape[0]
     x_all = all_gather_no_grad(x)
