@@ -159,7 +159,8 @@ def build(setting: Setting, argv: List[str], num_instances: int, device: torch.d
         method.load_state_dict(state)
     method = engine.prepare_model(method, device, method.sync_batchnorm, channels_last, compile_backbone)
     lr = args.base_learning_rate * args.batch_size / 256
-    optimizer = build_optimizer(method, args.optimizer, lr, args.momentum, args.weight_decay, args.lars_form,
+    optimizer = build_optimizer(method.param_groups(lr, args.weight_decay), args.optimizer, lr, args.momentum,
+                                args.weight_decay, args.lars_form,
                                 args.lars_trust_coefficient, args.lars_eps)
     scheduler = build_scheduler(optimizer, "cosine", 1, total_steps, 0)
     method.on_train_start(total_steps, total_steps)
