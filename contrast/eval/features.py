@@ -88,13 +88,22 @@ def extract_features(model: Callable[[torch.Tensor], torch.Tensor], loader: Data
     feats, labels, indices = [], [], []
     bar = Progress(progress, total=len(loader.sampler) if loader.sampler is not None else n, unit="img",
                    enabled=bool(progress) and cd.get_rank() == 0)
+    block, filled = None, 0   # a ShardSampler block is written in place: one copy of it, not two
     try:
         for sample, index, label in loader:
             y = model(_as_batch(sample, device, device_transform)).flatten(1).float()
-            feats.append(F.normalize(y, dim=1) if normalize else y)
+            y = F.normalize(y, dim=1) if normalize else y
+            if isinstance(loader.sampler, ShardSampler):
+                block = y.new_empty((len(loader.sampler), y.shape[1])) if block is None else block
+                block[filled:filled + len(y)] = y
+                filled += len(y)
+            else:
+                feats.append(y)
             labels.append(label.to(device))
             indices.append(index.to(device))
             bar.update(len(label))
+        if block is not None:
+            feats.append(block[:filled])
         if not feats:  # an empty block still takes part in the gathers, with the right width
             feats.append(torch.zeros(0, _feature_dim(model, loader, device, device_transform), device=device))
             labels.append(torch.zeros(0, dtype=torch.long, device=device))

@@ -31,12 +31,14 @@ def _encode(sim: torch.Tensor, first_index: int) -> torch.Tensor:
     higher similarity, and among equal similarities the lower global index (a strict total order).
 
     High 32 bits: the float's bits mapped to an order-preserving integer (-0.0 read as +0.0);
-    low 32 bits: ``2^32 - 1 - index``.
+    low 32 bits: ``2^32 - 1 - index``. ``sim`` is overwritten (in place: ~12 bytes per entry at peak).
     """
-    bits = (sim.float() + 0.0).view(torch.int32)
-    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()
-    index = torch.arange(first_index, first_index + sim.shape[1], device=sim.device)
-    return bits * (1 << 32) + (_M32 - index)
+    bits = sim.add_(0.0).view(torch.int32)
+    bits ^= (bits >> 31) & 0x7FFFFFFF
+    keys = bits.long()
+    del sim, bits
+    index = torch.arange(first_index, first_index + keys.shape[1], device=keys.device)
+    return keys.mul_(1 << 32).add_(_M32 - index)
 
 
 def _decode(keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -53,6 +55,7 @@ def _local_top(queries: torch.Tensor, bank: torch.Tensor, offset: int, k: int, b
     for start in range(0, bank.shape[0], bank_chunk):
         tile = bank[start:start + bank_chunk].float()   # fp32 accumulation for fp16/bf16 storage
         keys = _encode(queries @ tile.T, offset + start)
+        del tile
         keys = keys.topk(min(k, keys.shape[1]), dim=1, sorted=False).values
         best = torch.cat([best, keys], dim=1).topk(k, dim=1, sorted=False).values
     return best
@@ -206,7 +209,8 @@ def knn_evaluate(train_feats: torch.Tensor, train_labels: torch.Tensor, query_fe
 
     With ``sharded`` the tensors are this rank's contiguous blocks of the training and query sets
     (:func:`knn_neighbours`) and every rank returns the accuracy over all queries. ``normalized``:
-    the features are already L2-normalised (used as they are, no copy). ``chunk_size``: queries
+    the features are already L2-normalised (used as they are, no copy). Classes of equal score rank
+    by class index. ``chunk_size``: queries
     per round (all ranks together); ``bank_chunk``: training rows per similarity block.
     ``progress``: see :func:`knn_predict_multi`.
     """
@@ -215,7 +219,8 @@ def knn_evaluate(train_feats: torch.Tensor, train_labels: torch.Tensor, query_fe
     labels = query_labels.to(train_feats.device).long()
     out = {}
     for k, s in scores.items():
-        hit = s.topk(min(5, num_classes), dim=1).indices == labels[:, None]
+        ranked = s.sort(dim=1, descending=True, stable=True).indices[:, :5]   # ties: the lower class
+        hit = ranked == labels[:, None]
         counts = torch.stack([hit[:, :1].any(dim=1).sum(), hit.any(dim=1).sum(), labels.new_tensor(len(labels))])
         top1, top5, total = (cd.all_reduce_sum(counts) if sharded else counts).float()
         out[k] = {"top1": 100.0 * (top1 / total).item(), "top5": 100.0 * (top5 / total).item()}
