@@ -112,7 +112,8 @@ def extract_features(model: Callable[[torch.Tensor], torch.Tensor], loader: Data
         bar.close()
         if was_training is not None:
             model.train(was_training)
-    feats_t, labels_t, index_t = torch.cat(feats), torch.cat(labels).long(), torch.cat(indices).long()
+    feats_t = feats[0] if len(feats) == 1 else torch.cat(feats)
+    labels_t, index_t = torch.cat(labels).long(), torch.cat(indices).long()
     if not gather:
         return _own_block(feats_t, labels_t, loader)
     if isinstance(loader.sampler, ShardSampler):

@@ -80,7 +80,8 @@ def knn_neighbours(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch
     ``bank`` (N, D) and ``queries`` (M, D) are L2-normalised (any float dtype; similarities are
     accumulated in fp32). With ``sharded``, every argument is this rank's block: the banks of the
     ranks, in rank order, form the training set (global index = offset of the block + row); each
-    round all ranks' next ``ceil(chunk_size / world)`` queries are all-gathered, each rank keeps its
+    round all ranks' next ``ceil(chunk_size / world)`` queries (fewer when no rank has that many) are
+    all-gathered, each rank keeps its
     top ``k`` over its bank, and the (k per query) candidates are all-gathered and merged by their
     owner. ``k`` is capped at the training set's size. ``progress``: see :func:`knn_predict_multi`.
     """
@@ -92,7 +93,7 @@ def knn_neighbours(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch
     if total == 0:
         raise ValueError("kNN needs at least one training feature")
     k = min(k, total)
-    per = -(-chunk_size // world)
+    per = max(1, min(-(-chunk_size // world), max(c[1] for c in counts)))
     labels = bank_labels.long().to(bank.device)
     out = []
     with Progress(progress, total=queries.shape[0], unit="query", enabled=bool(progress)) as bar:
