@@ -102,7 +102,7 @@ def _worker(rank, world, port, design, cfg, out_dir):
                          cfg["classes"])
     else:
         top1 = knn_evaluate(train, train_labels, val, val_labels, [cfg["k"]], 0.07, cfg["classes"],
-                            sharded=world > 1)[cfg["k"]]["top1"]
+                            sharded=world > 1, normalized=True)[cfg["k"]]["top1"]
     seconds = time.perf_counter() - start
     peak = _rss_kib("VmHWM") - rss
     with open(os.path.join(out_dir, f"{rank}.json"), "w") as f:

@@ -64,7 +64,7 @@ def _check_exact(got, ref):
 def test_keys_order_by_similarity_then_lower_index():
     g = torch.Generator().manual_seed(0)
     sim = torch.cat([torch.randn(1, 40, generator=g), torch.tensor([[0.5, 0.5, -0.0, 0.0, -0.5, -0.5, 1.0, -1.0]])], 1)
-    keys = _encode(sim.clone(), first_index=100)
+    keys = _encode(sim.clone(), torch.arange(100, 148))
     back, index = _decode(keys)
     assert torch.equal(back, sim.clone() + 0.0) and torch.equal(index[0], torch.arange(100, 148))
     order = keys[0].argsort(descending=True).tolist()

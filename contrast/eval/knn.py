@@ -26,9 +26,10 @@ _NO_NEIGHBOUR = torch.iinfo(torch.int64).min   # a padding candidate's key, belo
 BANK_CHUNK = 8192
 
 
-def _encode(sim: torch.Tensor, first_index: int) -> torch.Tensor:
-    """int64 keys of (Q, T) fp32 similarities of training rows ``first_index, ...``: a higher key is a
-    higher similarity, and among equal similarities the lower global index (a strict total order).
+def _encode(sim: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """int64 keys of fp32 similarities ``sim`` of the training rows ``index`` (broadcastable): a
+    higher key is a higher similarity, and among equal similarities the lower global index (a
+    strict total order).
 
     High 32 bits: the float's bits mapped to an order-preserving integer (-0.0 read as +0.0);
     low 32 bits: ``2^32 - 1 - index``. ``sim`` is overwritten (in place: ~12 bytes per entry at peak).
@@ -37,7 +38,6 @@ def _encode(sim: torch.Tensor, first_index: int) -> torch.Tensor:
     bits ^= (bits >> 31) & 0x7FFFFFFF
     keys = bits.long()
     del sim, bits
-    index = torch.arange(first_index, first_index + keys.shape[1], device=keys.device)
     return keys.mul_(1 << 32).add_(_M32 - index)
 
 
@@ -48,15 +48,33 @@ def _decode(keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return bits.view(torch.float32), _M32 - (keys & _M32)
 
 
+def _block_top(sim: torch.Tensor, first: int, k: int) -> torch.Tensor:
+    """(Q, min(k, T)) keys of the top of a (Q, T) similarity block of training rows ``first, ...``.
+
+    A float top-k picks the candidates; the rows where more than ``k`` entries reach the k-th
+    value (a tie at the boundary, where the float top-k's choice is arbitrary) are redone on the
+    keys of the whole row, so the result is exact (one host sync per block).
+    """
+    columns = torch.arange(first, first + sim.shape[1], device=sim.device)
+    if sim.shape[1] <= k:
+        return _encode(sim, columns)
+    values, where = sim.topk(k, dim=1, sorted=False)
+    tied = (sim >= values.min(dim=1, keepdim=True).values).sum(dim=1) > k
+    keys = _encode(values, where + first)
+    if bool(tied.any()):
+        rows = tied.nonzero().squeeze(1)
+        keys[rows] = _encode(sim[rows], columns).topk(k, dim=1, sorted=False).values
+    return keys
+
+
 def _local_top(queries: torch.Tensor, bank: torch.Tensor, offset: int, k: int, bank_chunk: int) -> torch.Tensor:
     """(Q, k) keys of the queries' k most similar rows of this rank's ``bank`` (padded with
     ``_NO_NEIGHBOUR`` where the bank has fewer rows), one (Q, bank_chunk) block at a time."""
     best = queries.new_full((queries.shape[0], k), _NO_NEIGHBOUR, dtype=torch.long)
     for start in range(0, bank.shape[0], bank_chunk):
         tile = bank[start:start + bank_chunk].float()   # fp32 accumulation for fp16/bf16 storage
-        keys = _encode(queries @ tile.T, offset + start)
+        keys = _block_top(queries @ tile.T, offset + start, k)
         del tile
-        keys = keys.topk(min(k, keys.shape[1]), dim=1, sorted=False).values
         best = torch.cat([best, keys], dim=1).topk(k, dim=1, sorted=False).values
     return best
 
