@@ -23,7 +23,7 @@ from contrast.logger import Progress
 
 _M32 = 0xFFFFFFFF
 _NO_NEIGHBOUR = torch.iinfo(torch.int64).min   # a padding candidate's key, below every real one
-BANK_CHUNK = 8192
+BANK_CHUNK = 32768
 
 
 def _encode(sim: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -51,16 +51,16 @@ def _decode(keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 def _block_top(sim: torch.Tensor, first: int, k: int) -> torch.Tensor:
     """(Q, min(k, T)) keys of the top of a (Q, T) similarity block of training rows ``first, ...``.
 
-    A float top-k picks the candidates; the rows where more than ``k`` entries reach the k-th
-    value (a tie at the boundary, where the float top-k's choice is arbitrary) are redone on the
-    keys of the whole row, so the result is exact (one host sync per block).
+    A float top-(k+1) picks the candidates; the rows whose (k+1)-th value equals the k-th (a tie
+    at the boundary, where the float top-k's choice is arbitrary) are redone on the keys of the
+    whole row, so the result is exact (one host sync per block).
     """
     columns = torch.arange(first, first + sim.shape[1], device=sim.device)
     if sim.shape[1] <= k:
         return _encode(sim, columns)
-    values, where = sim.topk(k, dim=1, sorted=False)
-    tied = (sim >= values.min(dim=1, keepdim=True).values).sum(dim=1) > k
-    keys = _encode(values, where + first)
+    values, where = sim.topk(k + 1, dim=1, sorted=True)
+    tied = values[:, k] == values[:, k - 1]
+    keys = _encode(values[:, :k].contiguous(), where[:, :k] + first)
     if bool(tied.any()):
         rows = tied.nonzero().squeeze(1)
         keys[rows] = _encode(sim[rows], columns).topk(k, dim=1, sorted=False).values
