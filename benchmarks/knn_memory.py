@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -111,10 +112,15 @@ def _worker(rank, world, port, design, cfg, out_dir):
         dist.destroy_process_group()
 
 
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def measure(design, world, cfg):
-    from tests.dist_utils import free_port
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.start_processes(_worker, args=(world, free_port(), design, cfg, out_dir), nprocs=world, join=True,
+        mp.start_processes(_worker, args=(world, _free_port(), design, cfg, out_dir), nprocs=world, join=True,
                            start_method="spawn")
         ranks = [json.load(open(os.path.join(out_dir, f"{r}.json"))) for r in range(world)]
     return {"peak_bytes_max_rank": max(r["peak_bytes"] for r in ranks),
@@ -140,7 +146,8 @@ def main(argv=None):
     for n in args.n:
         cfg = {"n": n, "queries": args.queries, "dim": args.dim, "k": args.k, "classes": args.classes}
         for world in args.worlds:
-            row = {**cfg, "world_size": world, **{design: measure(design, world, cfg) for design in ("before", "after")},
+            row = {**cfg, "world_size": world,
+                   **{design: measure(design, world, cfg) for design in ("before", "after")},
                    "model_bytes": memory_model(n, args.queries, args.dim, world, args.k, args.classes)}
             row["ratio"] = round(row["before"]["peak_bytes_max_rank"] / row["after"]["peak_bytes_max_rank"], 2)
             results.append(row)
@@ -155,7 +162,8 @@ def main(argv=None):
           f"{imagenet['fp32']['before'] / GIB:.2f} GiB, after {imagenet['fp32']['after'] / GIB:.2f} GiB "
           f"(bf16 bank {imagenet['bf16']['after'] / GIB:.2f} GiB) per rank")
     out = {"command": "python benchmarks/knn_memory.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "config": {"queries": args.queries, "dim": args.dim, "k": args.k, "classes": args.classes}, "torch": torch.__version__, "results": results,
+           "config": {"queries": args.queries, "dim": args.dim, "k": args.k, "classes": args.classes},
+           "torch": torch.__version__, "results": results,
            "model_imagenet_8_ranks_bytes": imagenet}
     os.makedirs(os.path.dirname(args.output_json) or ".", exist_ok=True)
     with open(args.output_json, "w") as f:

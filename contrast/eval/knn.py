@@ -100,7 +100,8 @@ def knn_neighbours(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch
     ranks, in rank order, form the training set (global index = offset of the block + row); each
     round all ranks' next ``ceil(chunk_size / world)`` queries (fewer when no rank has that many) are
     all-gathered, each rank keeps its top ``k`` over its bank, and the (k per query) candidates are
-    all-gathered and merged by their owner. ``k`` is capped at the training set's size. ``progress``: see :func:`knn_predict_multi`.
+    all-gathered and merged by their owner. ``k`` is capped at the training set's size.
+    ``progress``: see :func:`knn_predict_multi`.
     """
     world = cd.get_world_size() if sharded else 1
     rank = cd.get_rank() if sharded else 0
