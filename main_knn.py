@@ -3,9 +3,13 @@
 Weighted kNN as in InstDisc (Wu et al. 2018): cosine similarity of L2-normalised
 backbone features, the ``k`` nearest training images vote with ``exp(s / T)``.
 Features of both splits (``val`` transform) are extracted once, sharded over the
-processes when launched with ``torchrun --nproc_per_node=N``; several ``--knn-k``
+processes when launched with ``torchrun --nproc_per_node=N``; each process keeps
+only its block, and the kNN runs sharded (``contrast.eval.knn.knn_neighbours``:
+queries all-gathered in chunks, top-k candidates merged); several ``--knn-k``
 values reuse one extraction. ``--linear-cached`` also trains a linear classifier on
-cached features (:mod:`contrast.eval.linear_cached`).
+cached features (:mod:`contrast.eval.linear_cached`): only then (or with
+``--save-features``) are the features gathered, to rank 0's CPU, and the probe
+is trained on rank 0's device.
 
 Baselines without a checkpoint: ``--random-init`` (the ``--arch`` backbone at its
 random initialisation, seeded by ``--seed``) and ``--raw-pixels`` (the
@@ -32,7 +36,7 @@ from contrast import engine
 from contrast.data import build_dataset
 from contrast.data.transforms import build_augmentation
 from contrast.eval.features import backbone_from_checkpoint, build_eval_loader, extract_features
-from contrast.eval.knn import knn_evaluate
+from contrast.eval.knn import knn_evaluate, l2_normalize_
 from contrast.eval.linear_cached import train_linear_cached
 from contrast.models import build_backbone
 from contrast.option import parse_knn_args, resolve_from_config
@@ -65,9 +69,10 @@ def datasets(args, transform) -> Dict[str, object]:
 
 
 def extract(encoder: nn.Module, dataset, transform, args, device: torch.device, progress: str):
-    """``(features (N, D), labels (N,))`` of one split, sharded over the ranks."""
+    """``(features, labels)`` of this rank's contiguous block of one split (nothing is gathered)."""
     loader = build_eval_loader(dataset, args.batch_size, args.num_workers)
-    return extract_features(encoder, loader, device, device_transform=transform.device, progress=progress)
+    return extract_features(encoder, loader, device, device_transform=transform.device, progress=progress,
+                            gather=False)
 
 
 def main(argv: Optional[List[str]] = None) -> Dict:
@@ -88,18 +93,26 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     train_feats, train_labels = extract(encoder, splits["train"], val_aug, args, device, "train features")
     val_feats, val_labels = extract(encoder, splits["val"], val_aug, args, device, "val features")
     extract_s = time.time() - start
-    result: Dict = {"name": args.name or what, **info, "num_train": len(train_labels),
-                    "num_val": len(val_labels), "feat_dim": int(train_feats.shape[1]), "world_size": env.world_size,
+    num_train, num_val = len(splits["train"]), len(splits["val"])
+    result: Dict = {"name": args.name or what, **info, "num_train": num_train,
+                    "num_val": num_val, "feat_dim": int(train_feats.shape[1]), "world_size": env.world_size,
                     "extract_seconds": round(extract_s, 2), "knn_t": args.knn_t}
+    # The whole sets exist only on rank 0's CPU, and only for the options that read them.
+    full = {}
+    if args.save_features or args.linear_cached:
+        full = {name: cd.gather_rows_to_cpu(t) for name, t in (("train_feats", train_feats),
+                ("train_labels", train_labels), ("val_feats", val_feats), ("val_labels", val_labels))}
     if env.is_main and args.save_features:
         os.makedirs(os.path.dirname(os.path.abspath(args.save_features)), exist_ok=True)
-        torch.save({"train_feats": train_feats.cpu(), "train_labels": train_labels.cpu(), "val_feats": val_feats.cpu(),
-                    "val_labels": val_labels.cpu(), **info}, args.save_features)
+        torch.save({**full, **info}, args.save_features)
     if env.is_main:
-        print(f"[knn] {what}: {len(train_labels)} train / {len(val_labels)} val features of dim "
+        print(f"[knn] {what}: {num_train} train / {num_val} val features of dim "
               f"{train_feats.shape[1]} in {extract_s:.1f}s on {env.world_size} process(es)", flush=True)
-        knn = knn_evaluate(train_feats, train_labels, val_feats, val_labels, args.knn_k, args.knn_t,
-                           num_classes, args.chunk_size, progress="kNN")
+    knn = knn_evaluate(l2_normalize_(train_feats), train_labels, l2_normalize_(val_feats), val_labels, args.knn_k,
+                       args.knn_t, num_classes, args.chunk_size, progress="kNN" if env.is_main else "",
+                       sharded=True, normalized=True)
+    del train_feats, val_feats
+    if env.is_main:
         result["knn"] = {str(k): v for k, v in knn.items()}
         for k, acc in knn.items():
             print(f"[knn] k={k} T={args.knn_t}: top1 {acc['top1']:.2f}  top5 {acc['top5']:.2f}", flush=True)
@@ -113,14 +126,15 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             copies = []
             for c in range(args.linear_aug_copies):
                 torch.manual_seed(args.seed + 1000 * (c + 1) + env.rank)
-                copies.append(extract(encoder, null_train, null_aug, args, device,
-                                      f"augmented copy {c + 1}/{args.linear_aug_copies}")[0])
-            linear_train = torch.stack(copies)
+                copies.append(cd.gather_rows_to_cpu(extract(encoder, null_train, null_aug, args, device,
+                                                            f"augmented copy {c + 1}/{args.linear_aug_copies}")[0]))
+            linear_train = torch.stack(copies) if env.is_main else None
         else:
-            linear_train = train_feats
+            linear_train = full["train_feats"]
         if env.is_main:
             start = time.time()
-            _, acc = train_linear_cached(linear_train, train_labels, val_feats, val_labels, num_classes,
+            _, acc = train_linear_cached(linear_train.to(device), full["train_labels"], full["val_feats"].to(device),
+                                         full["val_labels"], num_classes,
                                          epochs=args.linear_epochs, lr=args.linear_lr,
                                          batch_size=args.linear_batch_size, weight_decay=args.linear_wd,
                                          seed=args.seed, progress="linear-cached")

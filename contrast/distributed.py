@@ -341,3 +341,28 @@ def shard_range(n: int, rank: Optional[int] = None, world_size: Optional[int] = 
     per = (n + world_size - 1) // world_size
     start = min(rank * per, n)
     return start, min(start + per, n)
+
+
+@torch.no_grad()
+def gather_rows_to_cpu(x: torch.Tensor, dst: int = 0, chunk_rows: int = 16384) -> Optional[torch.Tensor]:
+    """A copy of every rank's ``x`` (rows may differ between ranks) concatenated in rank order, on
+    ``dst``'s CPU (None on the other ranks). Rows travel ``chunk_rows`` per rank at a time, so no device holds more
+    than ``world_size * chunk_rows`` rows of it (all_gather: gloo and NCCL alike)."""
+    if get_world_size() == 1:
+        return x.to("cpu", copy=True)
+    world, rank = get_world_size(), get_rank()
+    sizes = all_gather_no_grad(torch.tensor([x.shape[0]], device=x.device)).tolist()
+    pieces: List[List[torch.Tensor]] = [[] for _ in range(world)]
+    for start in range(0, max(sizes), chunk_rows):
+        chunk = x[start:start + chunk_rows]
+        padded = x.new_zeros((chunk_rows,) + tuple(x.shape[1:]))
+        padded[:chunk.shape[0]] = chunk
+        gathered = all_gather_no_grad(padded)
+        if rank == dst:
+            for r in range(world):
+                n = min(max(sizes[r] - start, 0), chunk_rows)
+                pieces[r].append(gathered[r * chunk_rows:r * chunk_rows + n].cpu())
+    if rank != dst:
+        return None
+    flat = [p for per_rank in pieces for p in per_rank]
+    return torch.cat(flat) if flat else x.new_zeros((0,) + tuple(x.shape[1:]), device="cpu")

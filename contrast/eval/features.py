@@ -64,7 +64,8 @@ def _as_batch(sample, device: torch.device, device_transform: Optional[nn.Module
 @torch.no_grad()
 def extract_features(model: Callable[[torch.Tensor], torch.Tensor], loader: DataLoader, device: torch.device,
                      num_samples: Optional[int] = None, device_transform: Optional[nn.Module] = None,
-                     normalize: bool = False, progress: str = "") -> Tuple[torch.Tensor, torch.Tensor]:
+                     normalize: bool = False, progress: str = "", gather: bool = True,
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Encode every item of ``loader`` and return ``(features (N, D) fp32, labels (N,) int64)``.
 
     ``loader`` yields ``(sample, index, label)``; with several ranks each rank's
@@ -77,7 +78,8 @@ def extract_features(model: Callable[[torch.Tensor], torch.Tensor], loader: Data
     the rows are placed by sampler position, so an image the dataset replaced
     (corrupt file, ``strict=False``) fills its own row with the replacement's
     feature and label. ``progress``: a name to show this rank-0 block's progress under
-    (:class:`contrast.logger.Progress`; empty: silent).
+    (:class:`contrast.logger.Progress`; empty: silent). ``gather=False`` returns only this rank's
+    :class:`ShardSampler` block, in block order (nothing is gathered: what the sharded kNN needs).
     """
     n = len(loader.dataset) if num_samples is None else num_samples
     was_training = model.training if isinstance(model, nn.Module) else None
@@ -86,13 +88,22 @@ def extract_features(model: Callable[[torch.Tensor], torch.Tensor], loader: Data
     feats, labels, indices = [], [], []
     bar = Progress(progress, total=len(loader.sampler) if loader.sampler is not None else n, unit="img",
                    enabled=bool(progress) and cd.get_rank() == 0)
+    block, filled = None, 0   # a ShardSampler block is written in place: one copy of it, not two
     try:
         for sample, index, label in loader:
             y = model(_as_batch(sample, device, device_transform)).flatten(1).float()
-            feats.append(F.normalize(y, dim=1) if normalize else y)
+            y = F.normalize(y, dim=1) if normalize else y
+            if isinstance(loader.sampler, ShardSampler):
+                block = y.new_empty((len(loader.sampler), y.shape[1])) if block is None else block
+                block[filled:filled + len(y)] = y
+                filled += len(y)
+            else:
+                feats.append(y)
             labels.append(label.to(device))
             indices.append(index.to(device))
             bar.update(len(label))
+        if block is not None:
+            feats.append(block[:filled])
         if not feats:  # an empty block still takes part in the gathers, with the right width
             feats.append(torch.zeros(0, _feature_dim(model, loader, device, device_transform), device=device))
             labels.append(torch.zeros(0, dtype=torch.long, device=device))
@@ -101,7 +112,10 @@ def extract_features(model: Callable[[torch.Tensor], torch.Tensor], loader: Data
         bar.close()
         if was_training is not None:
             model.train(was_training)
-    feats_t, labels_t, index_t = torch.cat(feats), torch.cat(labels).long(), torch.cat(indices).long()
+    feats_t = feats[0] if len(feats) == 1 else torch.cat(feats)
+    labels_t, index_t = torch.cat(labels).long(), torch.cat(indices).long()
+    if not gather:
+        return _own_block(feats_t, labels_t, loader)
     if isinstance(loader.sampler, ShardSampler):
         # Slots, not returned indices: a corrupt image the dataset replaced by the next one keeps its slot.
         index_t = torch.arange(loader.sampler.start, loader.sampler.stop, device=device)[: len(feats_t)]
@@ -113,6 +127,19 @@ def extract_features(model: Callable[[torch.Tensor], torch.Tensor], loader: Data
                            f"{torch.unique(index_t).numel()} distinct indices, expected each of 0..{n - 1} once")
     order = torch.argsort(index_t)
     return feats_t[order], labels_t[order]
+
+
+def _own_block(feats: torch.Tensor, labels: torch.Tensor, loader: DataLoader) -> Tuple[torch.Tensor, torch.Tensor]:
+    """This rank's block as extracted, after checking it has one row per item of the block."""
+    sampler = loader.sampler
+    if not isinstance(sampler, ShardSampler):
+        if cd.get_world_size() > 1:
+            raise ValueError("extract_features(gather=False) on several ranks needs a ShardSampler loader")
+        sampler = ShardSampler(len(loader.dataset), 0, 1)
+    if len(feats) != len(sampler):
+        raise RuntimeError(f"feature extraction covered {len(feats)} items of the block "
+                           f"[{sampler.start}, {sampler.stop}), expected {len(sampler)}")
+    return feats, labels
 
 
 @torch.no_grad()

@@ -7,20 +7,24 @@ State kept identical on every rank:
 * ``bank`` (N, D): one unit-norm row per instance, initialised from normal
   rows normalised with a generator seeded by ``seed`` (the same on every rank).
 * negatives: for a step, K ids per sample are drawn uniformly (with
-  replacement, the positive may occur) for the whole global batch (G, K) from a
-  ``torch.Generator`` on the bank's device, and each rank takes its own rows. Every rank thus draws the same numbers, and the negatives do
-  not depend on the world size (requires equal per-rank batches, i.e. drop_last).
+  replacement, the positive may occur). Draw ``j`` of the sample at global batch
+  position ``p = rank * B + i`` in the run's ``d``-th step is a counter-based hash
+  (Philox4x32-10, :func:`philox4x32`) of the counter ``(j, p, d)`` under the key
+  ``seed``, mapped to ``[0, N)`` (:func:`counter_negatives`). Each rank computes only
+  its own (B, K) rows on its device, and the negatives do not depend on the world
+  size (requires equal per-rank batches, i.e. drop_last).
 * update: ``forward`` gathers the detached embeddings and indices of all ranks;
   ``on_train_step_end`` (after the optimiser step, so skipped steps leave the
   bank alone) applies ``M[i] <- normalize(m M[i] + (1 - m) z_i)``. When an index
   occurs several times in the gathered batch, its last occurrence in rank order
   is used.
-* the negatives of the d-th draw come from a generator seeded by ``(seed, d)``; the draw count
-  ``neg_draws`` is a buffer, so a resumed run draws the same negatives as an uninterrupted one.
+* the step counter ``d`` is the buffer ``neg_draws`` (in the checkpoint, kept on the bank's
+  device and read there, never on the host), so a resumed run draws the same negatives as an
+  uninterrupted one.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -34,11 +38,56 @@ from contrast.models.losses import instdisc_loss
 from contrast.models.views import Views
 
 
-def draw_seed(seed: int, draw: int) -> int:
-    """A 63-bit seed for draw ``draw`` of the run seeded ``seed`` (splitmix-style mixing)."""
-    x = (seed * 0x9E3779B97F4A7C15 + (draw + 1) * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
-    x ^= x >> 31
-    return x & ((1 << 63) - 1)
+_M32 = 0xFFFFFFFF
+_PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+
+
+def _mulhilo32(a: int, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(hi, lo)`` 32-bit halves of ``a * x`` for 32-bit ``a`` and int64 ``x`` in ``[0, 2^32)``.
+
+    The product is split at 16 bits so that no int64 intermediate exceeds 2^49 (no overflow).
+    """
+    p_lo, p_hi = x * (a & 0xFFFF), x * (a >> 16)
+    return (p_hi + (p_lo >> 16)) >> 16, (p_lo + ((p_hi & 0xFFFF) << 16)) & _M32
+
+
+def philox4x32(counter: Sequence[torch.Tensor], key: Tuple[int, int], rounds: int = 10) -> List[torch.Tensor]:
+    """Philox4x32 (Salmon et al., SC 2011) of four broadcastable int64 tensors of 32-bit words under
+    a 2-word key; returns the four output words (int64 in ``[0, 2^32)``), elementwise on any device."""
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+    for r in range(rounds):
+        if r:
+            k0, k1 = (k0 + _PHILOX_W[0]) & _M32, (k1 + _PHILOX_W[1]) & _M32
+        hi0, lo0 = _mulhilo32(_PHILOX_M[0], c0)
+        hi1, lo1 = _mulhilo32(_PHILOX_M[1], c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return [c0, c1, c2, c3]
+
+
+def counter_negatives(seed: int, step: torch.Tensor, positions: torch.Tensor, k: int, n: int) -> torch.Tensor:
+    """(len(positions), k) ids in ``[0, n)``: draw ``j`` of global position ``p`` in step ``step``.
+
+    ``step`` is a 0-dim int64 tensor (read on its device, no host sync). Each pair of draws
+    ``(2m, 2m + 1)`` is one Philox4x32-10 block of the counter ``(m, p, step_lo, step_hi)``
+    under the key ``seed`` (64 bits); a draw is the 64-bit word ``u`` of two output words
+    mapped to ``floor(u n / 2^64)``, computed exactly in int64 for ``n < 2^31``.
+    """
+    if not 0 < n < 2 ** 31:
+        raise ValueError(f"counter_negatives needs 0 < n < 2^31, got {n}")
+    device = positions.device
+    half = (k + 1) // 2
+    m = torch.arange(half, device=device, dtype=torch.long)[None, :]
+    p = positions.to(torch.long)[:, None]
+    step = step.to(device=device, dtype=torch.long)
+    seed &= (1 << 64) - 1
+    w = philox4x32((m, p, step & _M32, (step >> 32) & _M32), (seed & _M32, seed >> 32))
+    draws = []
+    for hi, lo in ((w[0], w[1]), (w[2], w[3])):
+        carry = (lo * n) >> 32
+        draws.append((hi * n + carry) >> 32)
+    return torch.stack(draws, dim=2).reshape(p.shape[0], 2 * half)[:, :k]
 
 
 def last_occurrence(index: torch.Tensor) -> torch.Tensor:
@@ -87,13 +136,10 @@ class InstDisc(BaseMethod):
     def draw_negatives(self, batch_size: int) -> torch.Tensor:
         """(B, K) uniform negative ids for this rank's B samples (see module docstring)."""
         device = self.bank.device
-        gen = torch.Generator(device=device).manual_seed(draw_seed(self.seed, int(self.neg_draws)))
+        positions = torch.arange(batch_size, device=device) + cd.get_rank() * batch_size
+        ids = counter_negatives(self.seed, self.neg_draws, positions, self.num_negative, self.bank.shape[0])
         self.neg_draws += 1
-        world = cd.get_world_size()
-        ids = torch.randint(self.bank.shape[0], (batch_size * world, self.num_negative), generator=gen,
-                            device=device)
-        rank = cd.get_rank()
-        return ids[rank * batch_size:(rank + 1) * batch_size]
+        return ids
 
     def training_loss(self, views: List[torch.Tensor], index: torch.Tensor) -> Dict[str, torch.Tensor]:
         z = normalize_fp32(self.head(self.backbone(views[0])))
