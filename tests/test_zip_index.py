@@ -15,9 +15,12 @@ import pytest
 
 from benchmarks.data_scale import synthetic_names, write_stored_zip, write_synthetic
 from contrast.data import DatasetError, ImageFolderInstance, ZipImageDataset, build_dataset
+from contrast.data import folder_index, mapfile, strings, zipformat
 from contrast.data import index as index_mod
-from contrast.data import zipformat
-from contrast.data.index import equal_strings, hash_strings, match_strings, parse_map, read_index, write_index
+from contrast.data.index import read_index, write_index
+from contrast.data.mapfile import parse_map
+from contrast.data.strings import equal_strings, hash_strings, match_strings
+from contrast.data.zip_index import ZIP_RECORD
 from contrast.data.zipformat import PaddedBytes, find_pattern, read_central_directory, read_entry
 from tests.synthetic import make_image_folder
 
@@ -180,7 +183,7 @@ def test_string_hash_equality_and_join():
 
 
 def test_join_survives_hash_collisions(monkeypatch):
-    monkeypatch.setattr(index_mod, "hash_strings", lambda buf, start, length: np.zeros(len(start), dtype=np.uint64))
+    monkeypatch.setattr(strings, "hash_strings", lambda buf, start, length: np.zeros(len(start), dtype=np.uint64))
     keys = [b"a", b"bb", b"ccc", b"bb"]
     kb, ks, kl = _strings(keys)
     qb, qs, ql = _strings([b"ccc", b"bb", b"zz", b"a"])
@@ -215,7 +218,7 @@ def test_parse_map(tmp_path, text):
 
 
 def test_fast_and_line_parsers_agree_on_large_map(tmp_path, monkeypatch):
-    monkeypatch.setattr(index_mod, "_SCAN", 1000)  # many scan chunks, lines cut at chunk edges
+    monkeypatch.setattr(mapfile, "_SCAN", 1000)  # many scan chunks, lines cut at chunk edges
     rng = np.random.default_rng(3)
     lines = [f"n{rng.integers(0, 99):02d}/{'x' * int(rng.integers(1, 40))}_{i}.JPEG\t{rng.integers(0, 10 ** 6)}"
              for i in range(5000)]
@@ -224,7 +227,7 @@ def test_fast_and_line_parsers_agree_on_large_map(tmp_path, monkeypatch):
     path.write_text(text)
     fast = parse_map(str(path))
     assert fast.lines is None  # the vectorised parser ran
-    slow = index_mod._parse_map_lines(str(path), PaddedBytes.of(text.encode()))
+    slow = mapfile._parse_map_lines(str(path), PaddedBytes.of(text.encode()))
     for a, b in ((fast.start, slow.start), (fast.length, slow.length), (fast.labels, slow.labels)):
         np.testing.assert_array_equal(a, b)
     assert [fast.line_of(i) for i in (0, 17, 4999)] == [1, 18, 5000]
@@ -234,7 +237,7 @@ def test_fast_and_line_parsers_agree_on_large_map(tmp_path, monkeypatch):
 
 
 def test_index_file_round_trip_and_damage(tmp_path):
-    rec = np.zeros(5, dtype=index_mod.ZIP_RECORD)
+    rec = np.zeros(5, dtype=ZIP_RECORD)
     rec["offset"] = [1, 2, 3, 2 ** 40, 5]
     rec["label"] = [0, 1, 2, 3, 4]
     path = str(tmp_path / "x.idx")
@@ -454,7 +457,7 @@ def test_folder_list_is_cached_and_refreshed(tmp_path, monkeypatch):
     def no_scan(*args):
         raise AssertionError("folder scanned again")
 
-    monkeypatch.setattr(index_mod, "scan_folder", no_scan)
+    monkeypatch.setattr(folder_index, "scan_folder", no_scan)
     again = ImageFolderInstance(root, "train")
     assert [again.describe(i) for i in range(4)] == [first.describe(i) for i in range(4)]
     monkeypatch.undo()

@@ -28,7 +28,8 @@ from typing import List, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from contrast.data.datasets import DatasetError, ZipImageDataset, scan_image_folder  # noqa: E402
+from contrast.data.datasets import ZipImageDataset, scan_image_folder  # noqa: E402
+from contrast.data.errors import DatasetError  # noqa: E402
 from contrast.logger import Progress  # noqa: E402
 from contrast.option import parse_make_zip_args  # noqa: E402
 

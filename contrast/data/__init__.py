@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-from contrast.data.datasets import (CACHE_MODES, DatasetError, ImageFolderInstance, ZipImageDataset,
-                                    shard_indices)
+from contrast.data.datasets import CACHE_MODES, ImageFolderInstance, ZipImageDataset, shard_indices
+from contrast.data.errors import DatasetError
 from contrast.data.samplers import (FeistelPermutation, ResumableDistributedSampler, SampleIndex,
                                     SlidingWindowSampler, build_sampler, sample_seed, window_epochs)
 

@@ -18,7 +18,7 @@ Layouts (see the seed README, "Datasets"):
   ``train/n01440764/x.JPEG`` while the map says ``n01440764/x.JPEG``): the prefix is detected
   (per zip) from its first map entry (the unique entry ending in ``/<entry>``) and then required
   for all. The map is resolved once against the zips' central directories into
-  ``root/<split>_map.idx`` (:mod:`contrast.data.index`).
+  ``root/<split>_map.idx`` (:mod:`contrast.data.zip_index`; file format: :mod:`contrast.data.index`).
 
 Index files are shared through the page cache by the DataLoader workers of every rank: a worker
 reads an entry's 40-byte record and then the entry with one ``os.pread`` each (no
@@ -62,9 +62,11 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from contrast.data.index import (ZIP_RECORD, DatasetError, RowReader, build_folder_index,  # noqa: F401
-                                 build_zip_index, find_folder_classes, is_image_file, load_or_build, parse_map,
-                                 read_index, scan_folder)
+from contrast.data.errors import DatasetError
+from contrast.data.folder_index import build_folder_index, scan_folder
+from contrast.data.index import RowReader, load_or_build, read_index
+from contrast.data.mapfile import parse_map
+from contrast.data.zip_index import ZIP_RECORD, build_zip_index
 from contrast.data.transforms import seeded_rng, to_rgb
 from contrast.logger import Progress
 from contrast.data.zipformat import BadZip, read_entry

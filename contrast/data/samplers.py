@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import DistributedSampler, Sampler
 
-from contrast.data.index import mix64
+from contrast.data.strings import mix64
 from contrast.distributed import get_rank, get_world_size
 
 _MASK63 = (1 << 63) - 1
