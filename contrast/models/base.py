@@ -121,7 +121,7 @@ class BaseMethod(TrainModule):
         if not ok:
             want = f"{count} large + >= 1 small crops" if self.multi_crop else f"{count}"
             raise ValueError(f"{self.name} takes {want} view(s) per image, got {len(views)} "
-                             f"(--aug {self.recipe.aug}{' or MultiCrop' if self.views.multi_crop else ''})")
+                             f"(--aug {self.recipe.aug}{' or MultiCrop' if self.views.multi_crop and not self.multi_crop else ''})")
         return self.training_loss(views, index)
 
     def training_loss(self, views: List[torch.Tensor], index: torch.Tensor) -> Dict[str, torch.Tensor]:
