@@ -90,7 +90,8 @@ def bench_one(args, arch: str, name: str, precision: str, channels_last: bool) -
     _sync(args.device)
     seconds = time.perf_counter() - start
     row = dict(arch=arch, stem=args.stem, method=name, optimizer=run.optimizer, precision=precision,
-               channels_last=channels_last, batch=args.batch_size, views="+".join(map(str, sizes)), iters=args.iters, seconds=round(seconds, 4),
+               channels_last=channels_last, batch=args.batch_size, views="+".join(map(str, sizes)), iters=args.iters,
+               seconds=round(seconds, 4),
                images_per_s=round(args.batch_size * args.iters / seconds, 2), loss=float(loss))
     if args.device.type == "cuda":
         row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(args.device) / 2 ** 30, 2)

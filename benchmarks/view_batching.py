@@ -17,8 +17,9 @@ the CPU. Two initialisations: the release's (the last batch-norm gamma of every 
 so at step 0 each residual branch adds nothing and batch-norm statistics matter least), and the
 same with those gammas at 1, a stand-in for a network some way into training. Reported per method: the ratio of the gradient norms joint / separate,
 the cosine between the two gradients, and the relative loss difference (mean, min and max over the
-seeds). The measurement is single-process: per-GPU batch B on one GPU (with several GPUs a method with
-``sync_batchnorm`` in its recipe synchronises batch norm over all of them, so the batch-norm batch is B x GPUs per view).
+seeds). The measurement is single-process: per-GPU batch B on one GPU (with several GPUs a method
+with ``sync_batchnorm`` in its recipe synchronises batch norm over all of them, so the batch-norm
+batch is B x GPUs per view).
 
     OMP_NUM_THREADS=2 python benchmarks/view_batching.py      # --batch 8 --seeds 3 --arch resnet50
 """

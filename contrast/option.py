@@ -297,8 +297,8 @@ def add_knn_flags(p: argparse.ArgumentParser, *, monitor: bool) -> None:
 # ---------------------------------------------------------------------------------------- parsers
 def _method_epilog() -> str:
     return ("Each method's recipe (its group above; the values not listed there are the release's defaults, "
-            "shown with each flag after 'else') fills every flag marked \"the method's recipe\" that is not given; a flag "
-            "given on the command line overrides it. The peak lr is --base-learning-rate x total batch / 256 "
+            "shown with each flag after 'else') fills every flag marked \"the method's recipe\" that is not "
+            "given; a flag given on the command line overrides it. The peak lr is --base-learning-rate x total batch / 256 "
             "(--lr-scaling linear) or x sqrt(total batch) (sqrt); the total batch is batch-size x world-size. "
             "With --use-sliding-window-sampler, --epochs, --warmup-epoch and --lr-decay-epochs count plain "
             "epochs and are mapped to window-epochs ceil(e x N / window-size); --save-freq counts window-epochs.")

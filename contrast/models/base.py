@@ -120,8 +120,9 @@ class BaseMethod(TrainModule):
         ok = len(views) > count if self.multi_crop else len(views) == count
         if not ok:
             want = f"{count} large + >= 1 small crops" if self.multi_crop else f"{count}"
+            other = " or MultiCrop" if self.views.multi_crop and not self.multi_crop else ""
             raise ValueError(f"{self.name} takes {want} view(s) per image, got {len(views)} "
-                             f"(--aug {self.recipe.aug}{' or MultiCrop' if self.views.multi_crop and not self.multi_crop else ''})")
+                             f"(--aug {self.recipe.aug}{other})")
         return self.training_loss(views, index)
 
     def training_loss(self, views: List[torch.Tensor], index: torch.Tensor) -> Dict[str, torch.Tensor]:
