@@ -1,6 +1,6 @@
 """Unsupervised pretraining with any registered method (PIC, InstDisc, MoCo v1/v2, SimCLR, ...).
 
-    python main_pretrain.py --model PIC --aug SimCLR --mlp-head --data-dir DATA ...      # one process
+    python main_pretrain.py --model PIC --data-dir DATA ...   # one process, the method's published recipe
     torchrun --nproc_per_node=4 main_pretrain.py ...                                    # DDP
 
 See ``python main_pretrain.py --help``; the loop is in ``contrast/engine.py``.
@@ -51,7 +51,8 @@ def pretrain(args, run: engine.Run) -> None:
     decay = [to_loop(e) for e in args.lr_decay_epochs]
 
     method = build_method(cfg, len(dataset))
-    method = engine.prepare_model(method, env.device, method.sync_batchnorm, args.channels_last, args.compile)
+    method = engine.prepare_model(method, env.device, method.recipe.sync_batchnorm, args.channels_last,
+                                  args.compile)
     total_batch = args.batch_size * env.world_size
     lr = cfg.peak_lr
     optimizer = build_optimizer(method.param_groups(lr, args.weight_decay), args.optimizer, lr, args.momentum,

@@ -47,7 +47,7 @@ EXIT_PREEMPTED = 75
 
 def run_flags(args, data: str, out: str) -> List[str]:
     workers = [] if args.num_workers is None else ["--num-workers", str(args.num_workers)]
-    return ["--data-dir", data, "--output-dir", out, "--model", "MoCo", "--aug", "MoCov2", "--mlp-head",
+    return ["--data-dir", data, "--output-dir", out, "--model", "MoCov2", "--aug", "MoCov2", "--mlp-head",
             "--contrast-num-negative", "256", "--feature-dim", "64", "--arch", "resnet18", "--image-size", "32",
             "--batch-size", str(args.batch_size), "--epochs", str(args.epochs), "--warmup-epoch", "1",
             "--print-freq", "1", "--no-tensorboard", "--base-learning-rate", "0.3", "--amp-opt-level", "O0",

@@ -1,10 +1,10 @@
-"""Images/s of one pretraining step (forward, backward, SGD update, on_train_step_end).
+"""Images/s of one pretraining step (forward, backward, optimiser update, on_train_step_end).
 
-For each method at the recipe's image sizes (PIC multi-crop 160 + 3 x 96 and
-single 224; MoCo / SimCLR 2 x 224; InstDisc 224), each architecture, fp32 vs
-bf16 autocast, channels_last off/on, on CUDA when present, else the CPU.
-Inputs are random tensors already on the device: this measures the model step
-only, not data loading or augmentation. Images/s counts images, not views.
+For every registered method at its recipe's views (``contrast.option.resolve_pretrain``: e.g. the
+multi-crop 160 + 3 x 96 of one recipe, 2 x 224 of the two-view ones) and optimiser, each
+architecture, fp32 vs bf16 autocast, channels_last off/on, on CUDA when present, else the CPU.
+Inputs are random tensors already on the device: this measures the model step only, not data
+loading or augmentation. Images/s counts images, not views.
 
     python benchmarks/train_step.py --quick                    # CPU smoke run
     python benchmarks/train_step.py --arch resnet18 resnet50   # full table
@@ -22,23 +22,15 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from contrast import engine  # noqa: E402
-from contrast.config import BackboneConfig, MethodConfig  # noqa: E402
+from contrast.data.transforms import view_specs  # noqa: E402
 from contrast.distributed import resolve_device  # noqa: E402
-from contrast.models import build_method, method_class  # noqa: E402
-from contrast.option import train_step_parser  # noqa: E402
-
-# name: (model, aug, [view sizes])
-CONFIGS: Dict[str, tuple] = {
-    "PIC-multicrop": ("PIC", "MultiCrop", [160, 96, 96, 96]),
-    "PIC": ("PIC", "SimCLR", [224]),
-    "InstDisc": ("InstDisc", "InstDisc", [224]),
-    "MoCo": ("MoCo", "MoCov2", [224, 224]),
-    "SimCLR": ("SimCLR", "SimCLR", [224, 224]),
-}
+from contrast.models import METHODS, build_method  # noqa: E402
+from contrast.optim import build_optimizer  # noqa: E402
+from contrast.option import resolve_pretrain, train_step_parser  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = train_step_parser(__doc__, list(CONFIGS), os.path.join(os.path.dirname(os.path.abspath(__file__)),
+    p = train_step_parser(__doc__, list(METHODS), os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                                "results", "train_step.json"))
     args = p.parse_args(argv)
     args.device = resolve_device(args.device)
@@ -51,32 +43,42 @@ def parse_args(argv=None):
     return args
 
 
+def recipe_of(args, arch: str, name: str):
+    """(flags, method config, view sizes) of method ``name``'s recipe with this benchmark's backbone."""
+    flags = ["--arch", arch, "--stem", args.stem, "--batch-size", str(args.batch_size)]
+    if args.contrast_num_negative is not None:
+        flags += ["--contrast-num-negative", str(args.contrast_num_negative)]
+    run, cfg = resolve_pretrain(name, *flags)
+    sizes = [v.size for v in view_specs(run.aug, cfg.num_crop, run.image_size, run.crop, run.image_size2,
+                                        run.crop2, run.num_crop2)]
+    return run, cfg, sizes
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def bench_one(args, arch: str, name: str, precision: str, channels_last: bool) -> Dict:
-    model, aug, sizes = CONFIGS[name]
-    cfg = MethodConfig(name=model, backbone=BackboneConfig(arch=arch, stem=args.stem), mlp_head=model != "InstDisc",
-                       momentum=0.999 if model == "MoCo" else 0.5, num_negative=args.contrast_num_negative,
-                       multi_crop=aug == "MultiCrop",
-                       options={f.dest: f.default for f in method_class(model).flags})
+    run, cfg, sizes = recipe_of(args, arch, name)
     torch.manual_seed(args.seed)
     method = build_method(cfg, args.num_instances).to(args.device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     method = method.to(memory_format=fmt)
-    opt = torch.optim.SGD(method.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
+    opt = build_optimizer(method, run.optimizer, cfg.peak_lr, run.momentum, run.weight_decay, run.lars_form,
+                          run.lars_trust_coefficient, run.lars_eps)
     views = [torch.randn(args.batch_size, 3, s, s, device=args.device).contiguous(memory_format=fmt) for s in sizes]
     index = torch.randint(args.num_instances, (args.batch_size,), device=args.device)
+    method.on_train_start(args.warmup + args.iters, args.warmup + args.iters)
 
     def step(i: int) -> float:
         with torch.autocast(device_type=args.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             out = method(views, index)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
+        method.on_before_optimizer_step(i)
         opt.step()
-        method.on_train_step_end(i, 0.03)
+        method.on_train_step_end(i, cfg.peak_lr)
         return out["loss"].detach()
 
     for i in range(args.warmup):
@@ -87,8 +89,9 @@ def bench_one(args, arch: str, name: str, precision: str, channels_last: bool) -
         loss = step(args.warmup + i)
     _sync(args.device)
     seconds = time.perf_counter() - start
-    row = dict(arch=arch, stem=args.stem, method=name, precision=precision, channels_last=channels_last,
-               batch=args.batch_size, views="+".join(map(str, sizes)), iters=args.iters, seconds=round(seconds, 4),
+    row = dict(arch=arch, stem=args.stem, method=name, optimizer=run.optimizer, precision=precision,
+               channels_last=channels_last, batch=args.batch_size, views="+".join(map(str, sizes)), iters=args.iters,
+               seconds=round(seconds, 4),
                images_per_s=round(args.batch_size * args.iters / seconds, 2), loss=float(loss))
     if args.device.type == "cuda":
         row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(args.device) / 2 ** 30, 2)

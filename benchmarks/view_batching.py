@@ -1,10 +1,14 @@
 """How much ``--view-batching joint`` changes a training step compared with ``separate`` (the release).
 
 ``separate`` encodes every view in its own forward pass, so each view is its own batch-norm batch
-(the release: PIC encodes the large crop and each small crop separately, SimCLR its two views);
-``joint`` concatenates views of equal shape into one forward pass (PIC multi-crop: the 3 small crops
-together; SimCLR: both views together), so their batch-norm statistics are shared. The large crop
-of PIC is encoded alone in both modes, so the table's gradient is identical; the backbone's is not.
+(the release: the large crop and each small crop separately, or each of two views);
+``joint`` concatenates views of equal shape into one forward pass (multi-crop: the 3 small crops
+together; two views: both together), so their batch-norm statistics are shared. A lone large crop
+is encoded alone in both modes.
+
+Measured: every registered method whose recipe makes more than one view per image, at its recipe's
+view sizes and crop scales (``contrast.option.resolve_pretrain``); a method that does not batch its
+views (one encoder per view) shows a ratio of 1.
 
 For each seed: one model (ResNet-50 by default), one batch of views cut from synthetic images
 (smooth random fields, so crops of different scales have different statistics), then the loss and
@@ -13,8 +17,9 @@ the CPU. Two initialisations: the release's (the last batch-norm gamma of every 
 so at step 0 each residual branch adds nothing and batch-norm statistics matter least), and the
 same with those gammas at 1, a stand-in for a network some way into training. Reported per method: the ratio of the gradient norms joint / separate,
 the cosine between the two gradients, and the relative loss difference (mean, min and max over the
-seeds). The measurement is single-process: per-GPU batch B on one GPU (with several GPUs the release
-synchronises SimCLR's batch norm over all of them, so the batch-norm batch is B x GPUs per view).
+seeds). The measurement is single-process: per-GPU batch B on one GPU (with several GPUs a method
+with ``sync_batchnorm`` in its recipe synchronises batch norm over all of them, so the batch-norm
+batch is B x GPUs per view).
 
     OMP_NUM_THREADS=2 python benchmarks/view_batching.py      # --batch 8 --seeds 3 --arch resnet50
 """
@@ -34,16 +39,25 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from contrast.config import BackboneConfig, MethodConfig  # noqa: E402
-from contrast.models import build_method, method_class  # noqa: E402
-from contrast.option import view_batching_parser  # noqa: E402
+from contrast.data.transforms import view_specs  # noqa: E402
+from contrast.models import METHODS, build_method  # noqa: E402
+from contrast.option import resolve_pretrain, view_batching_parser  # noqa: E402
 
-#: method -> (model, view sizes, crop scales per view, build options)
-SETTINGS = {
-    "PIC multi-crop 160+3x96": ("PIC", [160, 96, 96, 96], [(0.14, 1.0)] + [(0.08, 0.14)] * 3,
-                                dict(multi_crop=True, temperature=0.2)),
-    "SimCLR 2x224": ("SimCLR", [224, 224], [(0.08, 1.0)] * 2, dict(temperature=0.1)),
-}
+
+def recipe_views(name: str, arch: str) -> List:
+    """The ``ViewSpec`` (size, crop scale) of every view of method ``name``'s recipe."""
+    run, cfg = resolve_pretrain(name, "--arch", arch)
+    return view_specs(run.aug, cfg.num_crop, run.image_size, run.crop, run.image_size2, run.crop2, run.num_crop2)
+
+
+def settings(arch: str) -> Dict[str, tuple]:
+    """``"<method> <sizes>"`` -> (method, view specs) for every method with more than one view per image."""
+    out = {}
+    for name in METHODS:
+        views = recipe_views(name, arch)
+        if len(views) > 1:
+            out[f"{name} {'+'.join(str(v.size) for v in views)}"] = (name, views)
+    return out
 
 
 def synthetic_images(batch: int, size: int, gen: torch.Generator) -> torch.Tensor:
@@ -84,19 +98,17 @@ def gradients(method, views: List[torch.Tensor], index: torch.Tensor):
 INITS = {"release init (residual gamma 0)": True, "residual gamma 1": False}
 
 
-def measure(name: str, arch: str, batch: int, seed: int, zero_init_residual: bool) -> Dict[str, float]:
-    model, sizes, scales, opts = SETTINGS[name]
+def measure(model: str, specs: List, arch: str, batch: int, seed: int, zero_init_residual: bool) -> Dict[str, float]:
     gen = torch.Generator().manual_seed(seed)
     images = synthetic_images(batch, 256, gen)
-    views = [random_resized_crops(images, s, sc, gen) for s, sc in zip(sizes, scales)]
+    views = [random_resized_crops(images, v.size, v.scale, gen) for v in specs]
     index = torch.randint(0, 1000, (batch,), generator=gen)
     torch.manual_seed(seed)
-    defaults = {f.dest: f.default for f in method_class(model).flags}
     results = {}
     base = None
     for batching in ("separate", "joint"):
-        cfg = MethodConfig(name=model, backbone=BackboneConfig(arch, "imagenet", zero_init_residual), mlp_head=True,
-                           view_batching=batching, options=defaults, **opts)
+        _, cfg = resolve_pretrain(model, "--arch", arch, "--view-batching", batching,
+                                  "--zero-init-residual" if zero_init_residual else "--no-zero-init-residual")
         if base is None:
             base = build_method(cfg, num_instances=1000).train()
             method = base
@@ -119,8 +131,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows = {}
     for init, zero in INITS.items():
-        for name in SETTINGS:
-            runs = [measure(name, args.arch, args.batch, seed, zero) for seed in range(args.seeds)]
+        for name, (model, specs) in settings(args.arch).items():
+            runs = [measure(model, specs, args.arch, args.batch, seed, zero) for seed in range(args.seeds)]
             summary = {}
             for key in ("grad_norm_ratio_joint_over_separate", "grad_cosine", "loss_rel_diff"):
                 values = [r[key] for r in runs]

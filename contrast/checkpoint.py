@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from contrast import distributed as cd
+from contrast import state_migrations
 
 #: Format version written by this code. 1: the first release. 2: MoCo's key encoder and queue became
 #: modules (``key_encoder.*``, ``queue.features``/``queue.ptr``), InstDisc counts its negative draws
@@ -308,18 +309,20 @@ def _drop_stale_shards(path: str, keep: List[str]) -> None:
 
 
 # ----------------------------------------------------------------------------------- versions
-def _rename_prefix(state: Dict[str, Any], old: str, new: str) -> Dict[str, Any]:
-    return {(new + k[len(old):] if k.startswith(old) else k): v for k, v in state.items()}
+def _method_state(raw: Dict[str, Any], model: Dict[str, Any], version: int) -> Dict[str, Any]:
+    """``model`` through the migration its method registered (:mod:`contrast.state_migrations`)."""
+    config = raw.get("config") or {}
+    name = (config if isinstance(config, dict) else vars(config)).get("model")
+    if name is None:   # a linear-evaluation checkpoint: no method state
+        return model
+    try:
+        return state_migrations.migrate_state(name, model, version)
+    except KeyError as e:
+        raise CheckpointError(f"format version {version} checkpoint of --model {name}: {e.args[0]}") from None
 
 
 def _v1_to_v2(raw: Dict[str, Any]) -> Dict[str, Any]:
-    model = strip_prefix(raw["model"])
-    model = _rename_prefix(_rename_prefix(model, "backbone_k.", "key_encoder.backbone."), "head_k.",
-                           "key_encoder.head.")
-    if "queue_ptr" in model and "queue" in model:
-        model["queue.features"], model["queue.ptr"] = model.pop("queue"), model.pop("queue_ptr")
-    if "bank" in model and "neg_draws" not in model:
-        model["neg_draws"] = torch.zeros((), dtype=torch.long)
+    model = _method_state(raw, strip_prefix(raw["model"]), 1)
     kind = LINEAR if "fc.weight" in model and not any(k.startswith("head") for k in model) else PRETRAIN
     extra = {"best": raw["best"]} if "best" in raw else {}
     config = dict(raw.get("config") or {})
@@ -355,8 +358,8 @@ def migrate(raw: Dict[str, Any], path: str) -> Dict[str, Any]:
     """``raw`` brought to :data:`VERSION`; ``CheckpointError`` for a newer or unknown version."""
     version = raw.get("version")
     if not isinstance(version, int):
-        raise CheckpointError(f"{path}: no format version; not a checkpoint written by contrast (a PIC release "
-                              f"checkpoint? convert it with tools/convert_release_checkpoint.py)")
+        raise CheckpointError(f"{path}: no format version; not a checkpoint written by contrast (a checkpoint of the "
+                              f"release, github.com/bl0/PIC? convert it with tools/convert_release_checkpoint.py)")
     if version > VERSION:
         raise CheckpointError(f"{path}: format version {version} is newer than this code's ({VERSION}); "
                               f"update contrast")

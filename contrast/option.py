@@ -4,22 +4,26 @@ Flag names and meanings follow the PIC release (``contrast/option.py`` of github
 flags it did not have are marked "(new)" in ``--help``. Parsers are assembled from shared flag
 groups (``add_*_flags``), so one concept has one flag name everywhere (old names stay as aliases).
 
-Per-method defaults: the methods of :data:`contrast.models.METHODS` declare the defaults they give
-the shared flags (``--contrast-temperature``, ``--contrast-momentum``, ``--contrast-num-negative``,
-``--aug``, ...) and their own flags; here they become argparse arguments, and a flag the user did not
-give takes the method's value. The resolved values are written to ``config.json`` and to every
-checkpoint. :func:`method_config` turns the parsed flags into the typed
-:class:`~contrast.config.MethodConfig` the models are built from.
+Per-method values: every method of :data:`contrast.models.METHODS` declares its published recipe
+(:class:`~contrast.models.recipe.Recipe`: augmentation, crops, temperature, momentum, optimiser,
+lr, weight decay, warm-up, schedule) and its own flags. The pretraining parser gives the recipe's
+flags no default; a flag the user did not give takes the method's recipe value
+(:func:`contrast.models.recipe.resolve`), so ``--model X`` alone trains X's recipe. The resolved
+values are written to ``config.json`` and to every checkpoint. :func:`method_config` turns the
+parsed flags into the typed :class:`~contrast.config.MethodConfig` the models are built from;
+:func:`resolve_pretrain` is the one way benchmarks, tools and tests obtain a method's configuration.
 """
 from __future__ import annotations
 
 import argparse
 import os
-from typing import Any, Dict, List, Optional, Sequence
+import textwrap
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from contrast.config import VIEW_BATCHING, BackboneConfig, Flag, MethodConfig
 from contrast.data.transforms import AUG_NAMES
 from contrast.models import ARCHS, METHODS, STEMS
+from contrast.models.recipe import FLAG_FIELDS, LR_SCALINGS, Recipe, describe, peak_lr, resolve
 from contrast.models.views import MULTI_CROP_AUG
 from contrast.optim import COSINE_FORMS, LARS_FORMS
 from contrast.precision import OPT_LEVELS
@@ -29,15 +33,14 @@ AMP_HELP = ("mixed precision (torch.amp, replaces Apex): auto = O1 on CUDA (the 
             "when it has fast bf16 (AMX / AVX512-BF16) and fp32 otherwise (the log says which); O0 = fp32; O1 = "
             "autocast, fp16 with a GradScaler on CUDA, bf16 on the CPU; O2 = bf16 autocast (no scaler). Logits and "
             "losses stay fp32.")
-#: Shared flags whose default depends on the method (``None`` at parse time, then resolved): the
-#: release's option.py defaults, unless the method declares its own (docs/deviations.md lists those).
-_GLOBAL_DEFAULTS: Dict[str, Any] = {"contrast_temperature": 0.07, "contrast_momentum": 0.999,
-                                    "contrast_num_negative": 65536, "mlp_head": False, "view_batching": "separate",
-                                    "feature_dim": 128, "mlp_hidden_dim": 2048, "crop": 0.2}
+RECIPE_NOTE = " (default: the method's recipe)"
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None:   # resolved later (the method's recipe, a checkpoint's config)
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 def _parser(prog: str, description: str, epilog: Optional[str] = None) -> argparse.ArgumentParser:
@@ -75,10 +78,9 @@ def add_data_flags(p: argparse.ArgumentParser, *, train: bool, default_aug: Opti
         g.add_argument("--batch-size", type=int, default=256, help="images per forward pass and process")
     if not train:
         return
-    g.add_argument("--aug", type=str, default=default_aug, choices=AUGS,
-                   help="augmentation" + (" (default: the method's, see below)" if default_aug is None else ""))
+    g.add_argument("--aug", type=str, default=default_aug, choices=AUGS, help="augmentation recipe")
     g.add_argument("--crop", type=float, default=crop, help="minimum scale of RandomResizedCrop (MultiCrop: of "
-                   "the small crops)" + (" (default: the method's, else 0.2 as the release)" if crop is None else ""))
+                   "the small crops)")
     g.add_argument("--plain-aug", action="store_true", help="(new) run the whole augmentation in the "
                    "DataLoader workers (seed style) instead of colour ops batched on the device")
 
@@ -86,7 +88,7 @@ def add_data_flags(p: argparse.ArgumentParser, *, train: bool, default_aug: Opti
 def add_multicrop_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("multi-crop (--aug MultiCrop)")
     g.add_argument("--num-crop", type=int, default=None, help="MultiCrop: number of large crops (--image-size, "
-                   "scale --crop2..1; default: the method's, 1 for PIC as in the release)")
+                   "scale --crop2..1; default: the method's number of views)")
     g.add_argument("--image-size2", type=int, default=96, help="MultiCrop: small crop size")
     g.add_argument("--crop2", type=float, default=0.14, help="MultiCrop: max scale of the small crops "
                    "(and min scale of the large crops)")
@@ -94,11 +96,13 @@ def add_multicrop_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_sampler_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("sliding-window data scheduler (PIC)")
-    g.add_argument("--use-sliding-window-sampler", action="store_true", help="PIC sliding-window data scheduler")
+    g = p.add_argument_group("sliding-window data scheduler")
+    g.add_argument("--use-sliding-window-sampler", action=argparse.BooleanOptionalAction, default=False,
+                   help="sliding-window data scheduler (Cao et al. 2020)")
     g.add_argument("--window-size", type=int, default=131072, help="sliding window size W (all ranks)")
     g.add_argument("--window-stride", type=int, default=16384, help="sliding window stride S")
-    g.add_argument("--shuffle-per-epoch", action="store_true", help="sliding window: new permutation per pass")
+    g.add_argument("--shuffle-per-epoch", action=argparse.BooleanOptionalAction, default=False,
+                   help="sliding window: new permutation per pass")
 
 
 def add_backbone_flags(p: argparse.ArgumentParser, *, from_checkpoint: bool) -> None:
@@ -122,30 +126,36 @@ def add_backbone_flags(p: argparse.ArgumentParser, *, from_checkpoint: bool) -> 
 
 
 def add_method_flags(p: argparse.ArgumentParser) -> None:
-    """``--model`` and the flags of every registered method (shared ones first)."""
+    """``--model``, the shared method flags, and one group per registered method: its recipe (the
+    values the shared flags take when not given) and its own flags."""
     g = p.add_argument_group("method")
-    g.add_argument("--model", type=str, default="PIC", choices=list(METHODS), help="method (PIC, as the release)")
-    g.add_argument("--feature-dim", type=int, default=None, help="embedding dimension (default: 128, or the "
-                   "method's)")
+    g.add_argument("--model", type=str, default=next(iter(METHODS)), choices=list(METHODS),
+                   help="method (the first registered one, as the release)")
+    g.add_argument("--feature-dim", type=int, default=None, help="embedding dimension" + RECIPE_NOTE)
     g.add_argument("--mlp-head", action=argparse.BooleanOptionalAction, default=None,
-                   help="2-layer MLP projection head (default: off, as the release)")
+                   help="2-layer MLP projection head" + RECIPE_NOTE)
     g.add_argument("--mlp-hidden-dim", type=int, default=None, help="(new flag, the release's width) hidden width "
-                   "of the MLP head, for every backbone (default: 2048, or the method's)")
-    g.add_argument("--contrast-temperature", type=float, default=None, help="softmax temperature "
-                   "(default: per method, see below)")
-    g.add_argument("--contrast-momentum", type=float, default=None, help="InstDisc memory-bank momentum, MoCo "
-                   "key-encoder momentum, BYOL base target decay (default: per method)")
-    g.add_argument("--contrast-num-negative", type=int, default=None, help="InstDisc negatives / MoCo queue "
-                   "length (default: per method)")
+                   "of the MLP head, for every backbone" + RECIPE_NOTE)
+    g.add_argument("--contrast-temperature", type=float, default=None, help="softmax temperature" + RECIPE_NOTE)
+    g.add_argument("--contrast-momentum", type=float, default=None, help="memory-bank momentum, key-encoder "
+                   "momentum or base target decay, as the method uses it" + RECIPE_NOTE)
+    g.add_argument("--contrast-num-negative", type=int, default=None, help="negatives per sample or queue "
+                   "length, as the method uses it" + RECIPE_NOTE)
     g.add_argument("--view-batching", type=str, default=None, choices=VIEW_BATCHING,
                    help="(new) separate: one forward pass per view, each view its own batch-norm batch (the "
-                        "release, and the default unless the method says otherwise); joint: equal-sized views "
-                        "concatenated into one batch")
+                        "release); joint: equal-sized views concatenated into one batch" + RECIPE_NOTE)
+    added: Dict[str, Flag] = {}
     for cls in METHODS.values():
-        if cls.flags:
-            mg = p.add_argument_group(f"{cls.name} (--model {cls.name})")
-            for flag in cls.flags:
-                _add_flag(mg, flag)
+        recipe = textwrap.fill(f"recipe: {describe(cls.recipe)}", 100, subsequent_indent="  ",
+                               break_on_hyphens=False)
+        mg = p.add_argument_group(f"--model {cls.name}", recipe)
+        for flag in cls.flags:
+            if added.get(flag.name) is flag:   # inherited from a registered parent class (MoCo v2's from v1)
+                continue
+            if flag.name in added:
+                raise ValueError(f"{cls.name}: flag {flag.name} is already declared by another method")
+            added[flag.name] = flag
+            _add_flag(mg, flag)
 
 
 def _add_flag(group, flag: Flag) -> None:
@@ -285,25 +295,19 @@ def add_knn_flags(p: argparse.ArgumentParser, *, monitor: bool) -> None:
         g.add_argument("--knn-k", type=int, default=200, help="(new) kNN monitor: neighbours")
     else:
         g.add_argument("--knn-k", type=int, nargs="+", default=[200], help="neighbours; several values share "
-                       "one feature extraction (InstDisc: 200)")
+                       "one feature extraction (Wu et al. 2018: 200)")
         g.add_argument("--chunk-size", type=int, default=1024, help="queries per similarity block (memory bound)")
     g.add_argument("--knn-t", type=float, default=0.07, help="temperature T of the exp(sim / T) weights")
 
 
 # ---------------------------------------------------------------------------------------- parsers
 def _method_epilog() -> str:
-    lines = []
-    for cls in METHODS.values():
-        crops = " large + --num-crop2 small crops" if cls.views.aug == MULTI_CROP_AUG else " view(s)"
-        lines.append(f"{cls.name}: --aug {cls.views.aug}, {cls.views.count}{crops}"
-                     + (" (or MultiCrop)" if cls.views.multi_crop and cls.views.aug != MULTI_CROP_AUG else "")
-                     + "".join(f", --{k.replace('_', '-')} {v}" for k, v in cls.defaults.items()))
-    return ("Per-method defaults when a flag is omitted (otherwise " + ", ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in _GLOBAL_DEFAULTS.items()) + "): " + "; ".join(lines)
-        + ". The effective lr is "
-            "--base-learning-rate x batch-size x world-size / 256. With --use-sliding-window-sampler, --epochs, "
-            "--warmup-epoch and --lr-decay-epochs count plain epochs and are mapped to window-epochs "
-            "ceil(e x N / window-size); --save-freq counts window-epochs.")
+    return ("Each method's recipe (its group above; the values not listed there are the release's defaults, "
+            "shown with each flag after 'else') fills every flag marked \"the method's recipe\" that is not "
+            "given; a flag given on the command line overrides it. The peak lr is --base-learning-rate x total batch / 256 "
+            "(--lr-scaling linear) or x sqrt(total batch) (sqrt); the total batch is batch-size x world-size. "
+            "With --use-sliding-window-sampler, --epochs, --warmup-epoch and --lr-decay-epochs count plain "
+            "epochs and are mapped to window-epochs ceil(e x N / window-size); --save-freq counts window-epochs.")
 
 
 def pretrain_parser() -> argparse.ArgumentParser:
@@ -318,20 +322,31 @@ def pretrain_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("pretraining optimiser")
     g.add_argument("--batch-size", type=int, default=64, help="batch size per process")
     g.add_argument("--base-learning-rate", "--base-lr", dest="base_learning_rate", type=float, default=0.03,
-                   help="lr for a total batch of 256")
+                   help="lr for a total batch of 256 (see --lr-scaling)")
+    g.add_argument("--lr-scaling", type=str, default="linear", choices=list(LR_SCALINGS),
+                   help="(new) peak lr = base lr x total batch / 256 (linear, the release) or base lr x "
+                        "sqrt(total batch) (sqrt, google-research/simclr's option)")
     g.add_argument("--optimizer", type=str, default="sgd", choices=["sgd", "lars"],
-                   help="LARS: no decay or adaptation on biases and BN parameters, trust coefficient 0.001 (the "
-                        "sampled PIC table, --pic-num-negative > 0, always runs its own momentum SGD)")
+                   help="LARS: no decay or adaptation on biases and BN parameters, trust coefficient 0.001 (state "
+                        "a method updates itself with its own optimiser is not affected)")
     g.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay")
     g.add_argument("--lars-form", type=str, default="release", choices=list(LARS_FORMS),
                    help="(new) release: SGD momentum on the trust-scaled gradient, w -= lr * v, eps 1e-8 (the "
-                        "release); fold-lr: the lr folded into the momentum buffer (SimCLR's TensorFlow LARS)")
+                        "release); fold-lr: the lr folded into the momentum buffer (the TensorFlow LARS of "
+                        "google-research/simclr)")
     g.add_argument("--lars-trust-coefficient", type=float, default=0.001, help="(new) LARS trust coefficient")
     g.add_argument("--lars-eps", type=float, default=None, help="(new) LARS: added to the trust-ratio denominator "
                    "(default: 1e-8 for the release form, 0 for fold-lr)")
     add_knn_flags(p, monitor=True)
     add_runtime_flags(p)
     add_checkpoint_flags(p)
+    base = Recipe().flag_values()
+    for action in p._actions:   # resolved from the method's recipe after parsing
+        if action.dest in FLAG_FIELDS:
+            action.default = None
+            value = base[action.dest]
+            shown = " ".join(map(str, value)) if isinstance(value, list) else value
+            action.help = (action.help or "").replace(RECIPE_NOTE, "") + f"{RECIPE_NOTE[:-1]}, else {shown})"
     return p
 
 
@@ -487,7 +502,7 @@ def train_step_parser(doc: str = "", methods: Sequence[str] = (), output_json: s
                    default=["resnet18", "resnet50"], help="backbones (--archs: alias)")
     p.add_argument("--stem", type=str, default="imagenet", choices=STEMS, help="layers before layer1")
     p.add_argument("--methods", action=_ListAction, item_choices=tuple(methods), default=list(methods),
-                   help="recipes to time")
+                   help="methods to time, each at its recipe's views (default: every registered method)")
     p.add_argument("--precisions", action=_ListAction, item_choices=("fp32", "bf16"), default=["fp32", "bf16"],
                    help="fp32 and/or bf16 autocast")
     p.add_argument("--channels-last", action=_ListAction, item_type=int, item_choices=(0, 1), default=[0, 1],
@@ -496,9 +511,11 @@ def train_step_parser(doc: str = "", methods: Sequence[str] = (), output_json: s
                    help="images per step (default 64 on CUDA, 8 on CPU; --batch: alias)")
     p.add_argument("--iters", type=int, default=None, help="timed steps (default 20 on CUDA, 3 on CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 5 on CUDA, 1 on CPU)")
-    p.add_argument("--num-instances", type=int, default=10000, help="N for PIC / InstDisc")
+    p.add_argument("--num-instances", type=int, default=10000, help="training-set size N (methods with one "
+                   "state row per image)")
     p.add_argument("--contrast-num-negative", "--num-negative", dest="contrast_num_negative", type=int,
-                   default=65536, help="MoCo queue / InstDisc K (--num-negative: alias)")
+                   default=None, help="negatives / queue length of the methods that use them (default: the "
+                   "recipe's; --num-negative: alias)")
     p.add_argument("--quick", action="store_true", help="ResNet-18 only, batch 8, 2 timed steps")
     add_device_flag(p)
     add_seed_flag(p)
@@ -542,7 +559,7 @@ def data_pipeline_parser(doc: str = "", output_json: str = "") -> argparse.Argum
 
 
 def convert_parser() -> argparse.ArgumentParser:
-    p = _parser("convert_release_checkpoint.py", "Convert a pretraining checkpoint written by the PIC release "
+    p = _parser("convert_release_checkpoint.py", "Convert a pretraining checkpoint written by the release "
                 "(github.com/bl0/PIC) into this project's checkpoint format (for main_linear.py, main_knn.py and "
                 "tools/export_backbone.py; weights only, not resumable) and a backbone state dict.")
     p.add_argument("--release-checkpoint", type=str, required=True, help="the release's ckpt_epoch_<e>.pth or "
@@ -614,18 +631,13 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace, positive: Seque
 
 
 def parse_pretrain_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    """Parse and resolve pretraining flags (fills the per-method defaults)."""
+    """Parse pretraining flags; those not given take the method's recipe values."""
     p = pretrain_parser()
     args = p.parse_args(argv)
-    _check(p, args, ["epochs", "print_freq", "save_freq", "image_size", "batch_size", "max_nonfinite", "knn_freq"])
     cls = METHODS[args.model]
-    for key, value in {**_GLOBAL_DEFAULTS, **cls.defaults}.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.aug is None:
-        args.aug = cls.views.aug
-    if not 0 < args.crop <= 1:
-        p.error(f"--crop must be in (0, 1], got {args.crop}")
+    for key, value in resolve(cls.recipe, vars(args), args.epochs).items():
+        setattr(args, key, value)
+    _check(p, args, ["epochs", "print_freq", "save_freq", "image_size", "batch_size", "max_nonfinite", "knn_freq"])
     if args.aug == MULTI_CROP_AUG and not cls.views.multi_crop:
         p.error(f"--aug MultiCrop is not supported by --model {args.model}")
     if args.num_crop is not None and args.num_crop != 1 and args.aug != MULTI_CROP_AUG:
@@ -640,11 +652,20 @@ def parse_pretrain_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                 f"{args.crop2}; the release's recipe (scripts/PIC.sh) uses --crop 0.08 --crop2 0.14")
     if args.val_crop_fraction is None:
         args.val_crop_fraction = 0.875
-    if args.model in ("InstDisc", "MoCo") and args.contrast_num_negative < 1:
-        p.error(f"--contrast-num-negative must be >= 1 for {args.model}")
     if args.use_sliding_window_sampler and not 1 <= args.window_stride <= args.window_size:
         p.error(f"need 1 <= --window-stride <= --window-size, got {args.window_stride} and {args.window_size}")
+    try:
+        cls.check_config(method_config(args))
+    except ValueError as e:
+        p.error(str(e))
     return args
+
+
+def resolve_pretrain(model: str, *flags: str, world_size: int = 1) -> Tuple[argparse.Namespace, MethodConfig]:
+    """``main_pretrain.py --model model *flags`` resolved: (all flags, the method's typed configuration for
+    ``world_size`` processes). The one way benchmarks, tools and tests obtain a method's configuration."""
+    args = parse_pretrain_args(["--model", model, *flags])
+    return args, method_config(args, world_size)
 
 
 def parse_linear_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -728,7 +749,7 @@ def method_config(args: argparse.Namespace, world_size: int = 1) -> MethodConfig
         view_batching=args.view_batching, multi_crop=args.aug == MULTI_CROP_AUG,
         num_crop=args.num_crop if args.aug == MULTI_CROP_AUG else cls.views.count, seed=args.seed,
         optimizer_momentum=args.momentum, weight_decay=args.weight_decay,
-        peak_lr=args.base_learning_rate * total_batch / 256, total_batch_size=total_batch,
+        peak_lr=peak_lr(args.base_learning_rate, total_batch, args.lr_scaling), total_batch_size=total_batch,
         window_size=args.window_size if window else 0, window_stride=args.window_stride if window else 0,
         output_dir=args.output_dir, options={f.dest: getattr(args, f.dest) for f in cls.flags})
 

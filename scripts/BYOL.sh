@@ -5,9 +5,11 @@
 #
 #   bash scripts/BYOL.sh [EPOCHS=300]
 #
-# Hyper-parameters per epoch count are those of deepmind-research/byol/configs/byol.py (base lr per 256 images,
-# weight decay, tau_base): 40: 0.45, 1e-6, 0.97; 100: 0.45, 1e-6, 0.99; 300: 0.3, 1e-6, 0.99; 1000: 0.2,
-# 1.5e-6, 0.996 (the paper's Sec. 3.3). The lr is --base-learning-rate x total batch / 256, as BYOL's.
+# The recipe is BYOL's own (contrast/models/byol.py, `--model BYOL` alone): the 1000-epoch configuration of
+# deepmind-research/byol/configs/byol.py (base lr 0.2 per 256 images, weight decay 1.5e-6, tau_base 0.996, the
+# paper's Sec. 3.3). Its presets for shorter runs are scale, so this script passes them (base lr, weight decay,
+# tau_base): 40: 0.45, 1e-6, 0.97; 100: 0.45, 1e-6, 0.99; 300: 0.3, 1e-6, 0.99. The lr is --base-learning-rate
+# x total batch / 256, as BYOL's.
 # The paper's batch is 4096 (e.g. 8 nodes x 8 GPUs x 64); the default here is NPROC=4 x 64 = 256 on one node
 # (EXTRA_ARGS="--batch-size 512" NPROC=8 gives 4096). Linear evaluation: 80 epochs, lr 0.2 x batch / 256, no
 # weight decay, as BYOL's eval config (which uses Nesterov momentum; ours is plain momentum).
@@ -19,15 +21,11 @@
 source "$(dirname "$0")/recipe.sh"
 epochs=${1:-300}
 case "${epochs}" in
-    40) lr=0.45 wd=1e-6 tau=0.97 ;;
-    100) lr=0.45 wd=1e-6 tau=0.99 ;;
-    1000) lr=0.2 wd=1.5e-6 tau=0.996 ;;
-    *) lr=0.3 wd=1e-6 tau=0.99 ;;   # 300 epochs, and any other count
+    40) preset=(--base-learning-rate 0.45 --weight-decay 1e-6 --contrast-momentum 0.97) ;;
+    100) preset=(--base-learning-rate 0.45 --weight-decay 1e-6 --contrast-momentum 0.99) ;;
+    1000) preset=() ;;   # the recipe
+    *) preset=(--base-learning-rate 0.3 --weight-decay 1e-6 --contrast-momentum 0.99) ;;   # 300, and any other count
 esac
 
-run_recipe BYOL "${epochs}" \
-    --model BYOL --aug BYOL --crop 0.08 --mlp-head --feature-dim 256 --mlp-hidden-dim 4096 \
-    --contrast-momentum "${tau}" \
-    --optimizer lars --base-learning-rate "${lr}" --weight-decay "${wd}" \
-    --warmup-epoch 10 --warmup-multiplier 1e6 --lr-scheduler cosine \
+run_recipe BYOL "${epochs}" --model BYOL "${preset[@]}" \
     -- --learning-rate 0.2 --weight-decay 0 --epochs 80 --warmup-epoch 0

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# MoCo v1 (He et al. 2020) as run by the PIC release (its scripts/MoCov1.sh, flag for flag): linear
+# MoCo v1 (He et al. 2020) as run by the PIC release (its scripts/MoCov1.sh, flag for flag; the recipe is
+# `--model MoCo`'s own, contrast/models/moco.py, and this script adds the release's scale and data): linear
 # head, tau 0.07, queue 65536, key-encoder momentum 0.999, InstDisc augmentation (crop 0.2), step
 # schedule (x0.1 at epochs 120 and 160, the release's --lr-decay-epochs default) with warm-up =
 # epochs / 40, mixed precision (--amp-opt-level auto = O1 on CUDA), ResNet-50, 4 x 64 images.
@@ -11,10 +12,6 @@
 # LINEAR_EXTRA_ARGS, MASTER_PORT) are described in scripts/recipe.sh.
 source "$(dirname "$0")/recipe.sh"
 epochs=${1:-200}
-warmup=$((epochs / 40))
 OUTPUT_DIR=${OUTPUT_DIR:-./output/MoCov1/epoch-${epochs}}
 
-run_recipe MoCov1 "${epochs}" \
-    --crop 0.2 --aug InstDisc --cache-mode part --model MoCo \
-    --contrast-temperature 0.07 --lr-scheduler step --warmup-epoch "${warmup}" --save-freq 10 \
-    -- --cache-mode part
+run_recipe MoCov1 "${epochs}" --model MoCo --cache-mode part -- --cache-mode part

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# MoCo v2 (Chen et al. 2020) as run by the PIC release (its scripts/MoCov2.sh, flag for flag): MLP head,
+# MoCo v2 (Chen et al. 2020) as run by the PIC release (its scripts/MoCov2.sh, flag for flag; the recipe is
+# `--model MoCov2`'s own, contrast/models/moco.py, the release's `--model MoCo` with these flags): MLP head,
 # tau 0.2, queue 65536, key-encoder momentum 0.999, MoCov2 augmentation (crop 0.2), cosine lr with
 # warm-up = epochs / 40, mixed precision (--amp-opt-level auto = O1 on CUDA), ResNet-50, 4 x 64 images.
 # PIC paper, 2x200 (the default; two views per image): 67.9 top-1.
@@ -10,10 +11,6 @@
 # LINEAR_EXTRA_ARGS, MASTER_PORT) are described in scripts/recipe.sh.
 source "$(dirname "$0")/recipe.sh"
 epochs=${1:-200}
-warmup=$((epochs / 40))
 OUTPUT_DIR=${OUTPUT_DIR:-./output/MoCo/epoch-${epochs}}
 
-run_recipe MoCov2 "${epochs}" \
-    --crop 0.2 --aug MoCov2 --cache-mode part --model MoCo \
-    --contrast-temperature 0.2 --mlp-head --warmup-epoch "${warmup}" --save-freq 10 \
-    -- --cache-mode part
+run_recipe MoCov2 "${epochs}" --model MoCov2 --cache-mode part -- --cache-mode part

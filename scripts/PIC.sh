@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# PIC (Cao et al., NeurIPS 2020): the paper's recipe, exactly the release's scripts/PIC.sh. Multi-crop
+# PIC (Cao et al., NeurIPS 2020): the paper's recipe, exactly the release's scripts/PIC.sh. The recipe is
+# PIC's own (contrast/models/pic.py, `--model PIC` alone); this script adds the release's scale and data. Multi-crop
 # (1 x 160 px large crop, scale 0.14-1, + 3 x 96 px small crops, scale 0.08-0.14), MLP head, tau 0.2,
 # sliding-window data scheduler (window 131072, stride 16384, --shuffle-per-epoch), cosine lr with
 # warm-up = epochs / 40, mixed precision (--amp-opt-level auto = O1 on CUDA), ResNet-50, 4 x 64 images.
@@ -19,12 +20,7 @@
 # docs/deviations.md.
 source "$(dirname "$0")/recipe.sh"
 epochs=${1:-400}
-warmup=$((epochs / 40))
 OUTPUT_DIR=${OUTPUT_DIR:-./output/PIC/epoch-${epochs}}
 
-run_recipe PIC "${epochs}" \
-    --crop 0.08 --aug MultiCrop --cache-mode part --arch resnet50 --model PIC \
-    --contrast-temperature 0.2 --mlp-head --warmup-epoch "${warmup}" \
-    --window-size 131072 --window-stride 16384 --use-sliding-window-sampler --shuffle-per-epoch \
-    --crop2 0.14 --image-size 160 --image-size2 96 --num-crop 1 --num-crop2 3 \
+run_recipe PIC "${epochs}" --model PIC --cache-mode part --arch resnet50 \
     -- --cache-mode part --arch resnet50 --image-size 224

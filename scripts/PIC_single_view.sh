@@ -11,11 +11,8 @@
 # LINEAR_EXTRA_ARGS, MASTER_PORT) are described in scripts/recipe.sh.
 source "$(dirname "$0")/recipe.sh"
 epochs=${1:-200}
-warmup=$((epochs / 40))
 OUTPUT_DIR=${OUTPUT_DIR:-./output/PIC_single_view/epoch-${epochs}}
 
-run_recipe PIC_single_view "${epochs}" \
-    --crop 0.08 --aug SimCLR --cache-mode part --arch resnet50 --model PIC \
-    --contrast-temperature 0.2 --mlp-head --warmup-epoch "${warmup}" \
-    --window-size 131072 --window-stride 16384 --use-sliding-window-sampler --shuffle-per-epoch \
+# PIC's recipe (contrast/models/pic.py) with one 224 px SimCLR view instead of the multi-crop
+run_recipe PIC_single_view "${epochs}" --model PIC --aug SimCLR --image-size 224 --cache-mode part --arch resnet50 \
     -- --cache-mode part --arch resnet50

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# SimCLR (Chen et al. 2020) as run by the PIC release (its scripts/SimCLR.sh, flag for flag): MLP head,
+# SimCLR (Chen et al. 2020) as run by the PIC release (its scripts/SimCLR.sh, flag for flag; the recipe is
+# SimCLR's own, contrast/models/simclr.py, and this script adds the release's scale and data): MLP head,
 # tau 0.1, NT-Xent over the global batch (4 x 64 = 256), LARS at base lr 0.3, weight decay 1e-6,
 # SimCLR augmentation (crop 0.08), cosine lr with warm-up = epochs / 40, batch norm over all GPUs,
 # mixed precision (--amp-opt-level auto = O1 on CUDA), ResNet-50; linear evaluation at lr 0.1, weight
@@ -13,11 +14,7 @@
 # continues a run of another length).
 source "$(dirname "$0")/recipe.sh"
 epochs=${1:-200}
-warmup=$((epochs / 40))
 OUTPUT_DIR=${OUTPUT_DIR:-./output/SimCLR/epoch-${epochs}}
 
-run_recipe SimCLR "${epochs}" \
-    --crop 0.08 --aug SimCLR --cache-mode part --model SimCLR --optimizer lars \
-    --contrast-temperature 0.1 --mlp-head --base-lr 0.3 --warmup-epoch "${warmup}" --weight-decay 1e-6 \
-    --save-freq 10 \
+run_recipe SimCLR "${epochs}" --model SimCLR --cache-mode part \
     -- --cache-mode part --learning-rate 0.1 --weight-decay 1e-6

@@ -96,17 +96,17 @@ for method in $METHODS; do
   windowed=0
   crop=(--crop "$CROP")
   case $method in
-    PIC)           flags=(--model PIC --aug SimCLR --mlp-head --base-learning-rate "$LR"
+    PIC)           flags=(--model PIC --aug SimCLR --mlp-head --base-learning-rate "$LR" --no-shuffle-per-epoch
                           --use-sliding-window-sampler --window-size "$WINDOW" --window-stride "$STRIDE"
                           --pic-num-negative "$PIC_NEGATIVE"); windowed=1 ;;
     PIC-multicrop) flags=(--model PIC --aug MultiCrop --mlp-head --base-learning-rate "$LR" --image-size2 "$IMAGE_SIZE2"
-                          --use-sliding-window-sampler --window-size "$WINDOW" --window-stride "$STRIDE"
+                          --no-shuffle-per-epoch --use-sliding-window-sampler --window-size "$WINDOW" --window-stride "$STRIDE"
                           --pic-num-negative "$PIC_NEGATIVE"); views=2
                    windowed=1
                    crop=(--crop 0.08 --crop2 "$CROP") ;;  # large crop (CROP, 1), small crops (0.08, CROP)
-    InstDisc)      flags=(--model InstDisc --aug InstDisc --base-learning-rate "$LR"
+    InstDisc)      flags=(--model InstDisc --aug InstDisc --no-mlp-head --base-learning-rate "$LR"
                           --contrast-num-negative "$NUM_NEGATIVE") ;;
-    MoCov2)        flags=(--model MoCo --aug MoCov2 --mlp-head --base-learning-rate "$LR" --contrast-temperature 0.2
+    MoCov2)        flags=(--model MoCov2 --aug MoCov2 --mlp-head --base-learning-rate "$LR" --contrast-temperature 0.2
                           --contrast-momentum 0.99 --contrast-num-negative "$NUM_NEGATIVE"); views=2 ;;
     SimCLR)        flags=(--model SimCLR --aug SimCLR --mlp-head --optimizer lars --base-learning-rate 0.3
                           --weight-decay 1e-6); views=2 ;;

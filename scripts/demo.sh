@@ -44,7 +44,7 @@ echo "[demo] pretraining PIC: ${epochs} epochs over ${num_train} images = ${loop
 # Small N: lr 0.02 (base 0.08 x 32 / 256); at lr 0.075 the tiny N(0, 0.01) rows of the table thrash
 # and the loss stays at ln N. --save-freq: only the last window-epoch gets a ckpt_epoch_<e>.pth.
 "${py}" main_pretrain.py --model PIC --aug SimCLR --crop 0.3 --mlp-head --pic-head-center --contrast-temperature 0.2 \
-    --use-sliding-window-sampler --window-size "${window}" --window-stride "${stride}" \
+    --use-sliding-window-sampler --window-size "${window}" --window-stride "${stride}" --no-shuffle-per-epoch \
     --data-dir "${data_dir}" --arch resnet18 --stem "${stem}" --image-size 32 --feature-dim 64 \
     --batch-size 32 --base-learning-rate 0.08 --epochs "${epochs}" --warmup-epoch 1 \
     --num-workers "${workers}" --device "${device}" --print-freq 20 --save-freq "${loop_epochs}" \

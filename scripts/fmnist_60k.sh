@@ -83,9 +83,10 @@ run_eval baseline-random-init --random-init --arch "$ARCH" --stem "$STEM"
 monitor_s=$($PY -c "import json; print(int(json.load(open('$OUT/results/baseline-random-init.json'))['extract_seconds']) + 5)")
 
 window=()
+window=(--no-use-sliding-window-sampler)
 [ "$WINDOW" -gt 0 ] && window=(--use-sliding-window-sampler --window-size "$WINDOW" --window-stride "$STRIDE")
 pretrain_args=(--model PIC --aug "$AUG" --mlp-head --contrast-temperature "$TEMPERATURE" --base-learning-rate "$LR"
-               "${window[@]}" $PIC_FLAGS
+               "${window[@]}" --no-shuffle-per-epoch $PIC_FLAGS
                --data-dir "$DATA" --zip --cache-mode full --arch "$ARCH" --stem "$STEM" --image-size 28
                --crop "$CROP" --batch-size "$BATCH" --num-workers "$WORKERS" --warmup-epoch 0 $PRECISION
                --save-freq 1000000 --print-freq 50 --seed "$SEED" --device cpu $EXTRA_FLAGS)

@@ -43,7 +43,7 @@ run() {  # name, extra flags
   [ -f "$OUT/$name/current.pth" ] && grep -q "done: checkpoint" "$OUT/$name/log.txt" && { echo "[pic_stability] $name: done already"; return; }
   echo "[pic_stability] $name: $loop_epochs window-epochs, flags: $*"
   ${THREADS:+env OMP_NUM_THREADS=$THREADS} $PY main_pretrain.py --model PIC --aug SimCLR --mlp-head \
-      --base-learning-rate "$LR" --use-sliding-window-sampler --window-size "$WINDOW" --window-stride "$STRIDE" \
+      --base-learning-rate "$LR" --no-shuffle-per-epoch --use-sliding-window-sampler --window-size "$WINDOW" --window-stride "$STRIDE" \
       --pic-num-negative 0 --data-dir "$DATA" --zip --cache-mode full --arch resnet18 --stem small-maxpool \
       --image-size 28 --crop 0.2 --batch-size "$BATCH" --num-workers 1 --epochs "$EPOCHS" --warmup-epoch 0 \
       --save-freq 1000000 --print-freq 4 --seed "$SEED" --device cpu --knn-monitor --knn-k 20 \

@@ -60,7 +60,7 @@ def test_network_shapes_and_defaults():
         assert [type(m) for m in mlp] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
         assert (mlp[0].in_features, mlp[0].out_features, mlp[3].out_features) == dims
         assert mlp[0].bias is not None and mlp[3].bias is None   # the reference code's output layer has no bias
-    assert method.sync_batchnorm and BYOL.views.count == 2 and BYOL.views.aug == "BYOL"
+    assert method.recipe.sync_batchnorm and BYOL.views.count == 2 and BYOL.recipe.aug == "BYOL"
     assert not any(p.requires_grad for p in method.target_encoder.parameters())
     assert not any(k.startswith("target_encoder.predictor") for k in method.state_dict())
     with pytest.raises(ValueError, match="--no-mlp-head"):

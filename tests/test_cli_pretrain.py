@@ -177,7 +177,7 @@ def test_compile(data_dir, tmp_path, monkeypatch):
         return PIC(backbone, 8, n, feature_dim=16, mlp_head=False, temperature=0.2)
     monkeypatch.setattr(main_pretrain, "build_method", tiny_pic)
     out = tmp_path / "c"
-    main_pretrain.main(tiny_args(data_dir, out, "--model", "PIC", "--compile", epochs=2))
+    main_pretrain.main(tiny_args(data_dir, out, "--model", "PIC", "--aug", "SimCLR", "--compile", epochs=2))
     ckpt = read_checkpoint(str(out / "current.pth"))
     assert ckpt.step == 4
     assert "backbone.0.weight" in ckpt.model and not any("_orig_mod" in k for k in ckpt.model)

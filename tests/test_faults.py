@@ -44,7 +44,7 @@ STEPS = 12  # 3 epochs x 4 steps
 EXIT_PREEMPTED = 75
 
 
-METHODS = {"MoCo": ["--model", "MoCo", "--aug", "MoCov2", "--contrast-num-negative", "16", "--bn-splits", "2"],
+METHODS = {"MoCo": ["--model", "MoCov2", "--contrast-num-negative", "16", "--bn-splits", "2"],
            "PIC_sampled": ["--model", "PIC", "--aug", "SimCLR", "--pic-num-negative", "4"]}
 
 

@@ -8,6 +8,10 @@ script passes on top of its ``option.py`` defaults. Both tables below are copied
 release (github.com/bl0/PIC, commit 21fa56a: ``scripts/*.sh``, ``contrast/option.py``); nothing in
 them is computed by our code. The only differences allowed are the deviations named in
 ``ALLOWED`` (each a row of docs/deviations.md, which the last test checks).
+
+The scripts pass only what the release's scripts set beyond the method's recipe (scale, data,
+epochs): each method class declares its recipe, so ``--model X`` alone resolves to the release's
+script for X (:func:`test_bare_model_is_the_release_script`).
 """
 import math
 import os
@@ -19,7 +23,6 @@ import pytest
 import torch
 
 from contrast.data import window_epochs
-from contrast.models import METHODS
 from contrast.option import default_num_workers, parse_linear_args, parse_pretrain_args, resolve_from_config
 from contrast.precision import resolve_precision
 
@@ -114,6 +117,11 @@ ALLOWED = {
 #: SimCLR.sh only: its run folder is ./output/SimCLR/epoch-E instead of ./output/SimCLR (applied to the
 #: release's values below, then compared exactly).
 SIMCLR_FOLDER = ("`./output/SimCLR`", "./output/SimCLR", "./output/SimCLR/epoch-{epochs}")
+#: MoCov2.sh only: the release's ``--model MoCo`` with its MoCov2.sh flags is our registered ``--model MoCov2``
+#: (the same model with that recipe); applied to the release's values below, then compared exactly.
+MOCOV2_MODEL = ("`--model MoCov2`", "MoCo", "MoCov2")
+#: The flags a release script sets beyond its method's recipe: scale, data, epochs, output.
+SCRIPT_SCALE = ("data_dir", "zip", "cache_mode", "arch", "epochs", "output_dir", "save_freq")
 #: Per-method defaults and other option.py defaults that differ from the release's (only visible when a
 #: script does not pass the flag: the scripts pass all of them). flag -> phrase of its row.
 ALLOWED_DEFAULTS = {
@@ -126,7 +134,7 @@ ALLOWED_DEFAULTS = {
 OURS_AT_RELEASE = {
     "view_batching": "separate", "zero_init_residual": True, "mlp_hidden_dim": 2048, "cosine_form": "release",
     "lars_form": "release", "lars_trust_coefficient": 0.001, "lars_eps": None, "stem": "imagenet",
-    "pic_num_negative": 0, "channels_last": False, "compile": False,
+    "pic_num_negative": 0, "channels_last": False, "compile": False, "lr_scaling": "linear",
 }
 
 
@@ -229,6 +237,9 @@ def test_script_equals_release(script, epochs, stub, tmp_path):
             for key in ("output_dir", "pretrained_model"):
                 if key in d:
                     d[key] = d[key].replace(old, new.format(epochs=epochs_run))
+    if script == "MoCov2":
+        assert rel_pre["model"] == MOCOV2_MODEL[1]
+        rel_pre["model"] = MOCOV2_MODEL[2]
     compare(pre, rel_pre, "pretraining", script, ALLOWED)
     compare(lin, rel_lin, "linear", script, set(ALLOWED) | set(RELEASE_LINEAR_UNUSED))
     check_allowed(pre, rel_pre, script, "pretraining")
@@ -285,25 +296,37 @@ def test_environment_overrides_still_work(stub, tmp_path):
     assert (lin["epochs"], lin["pretrained_model"]) == (5, "/tmp/x/current.pth")
 
 
-RELEASE_MODELS = ("PIC", "InstDisc", "MoCo", "SimCLR")   # the release's --model choices
+#: release script -> our --model
+SCRIPT_MODEL = {"PIC": "PIC", "InstDisc": "InstDisc", "MoCov1": "MoCo", "MoCov2": "MoCov2", "SimCLR": "SimCLR"}
 
 
-@pytest.mark.parametrize("model", RELEASE_MODELS)
-def test_defaults_equal_the_release_except_documented(model):
-    """Every pretraining default that no script overrides equals the release's option.py, except the
-    documented per-method and option deviations (methods the release did not have are not compared)."""
-    ours = vars(parse_pretrain_args(["--model", model]))
-    compare(ours, {**RELEASE_PRETRAIN_DEFAULTS, "model": model}, "pretraining defaults", model,
-            set(ALLOWED) | set(ALLOWED_DEFAULTS))
-    cls = METHODS[model]
-    assert ours["aug"] == cls.views.aug and ours["cache_mode"] == "no"
-    assert ours["contrast_temperature"] == cls.defaults.get("contrast_temperature", 0.07)
-    assert ours["contrast_momentum"] == cls.defaults.get("contrast_momentum", 0.999)
-    assert ours["auto_resume"] is False and ours["output_dir"] == "./output"
+@pytest.mark.parametrize("script", list(RELEASE_SCRIPTS))
+@pytest.mark.parametrize("epochs", [100, 200, 400])
+def test_bare_model_is_the_release_script(script, epochs):
+    """``--model X --epochs E`` and nothing else resolves to the release's scripts/<X>.sh at E epochs in every
+    value but the scale and data the script sets (``SCRIPT_SCALE``) and the documented deviations."""
+    model = SCRIPT_MODEL[script]
+    ours = vars(parse_pretrain_args(["--model", model, "--epochs", str(epochs)]))
+    flags, _, _ = release_script(script, epochs)
+    release = {**RELEASE_PRETRAIN_DEFAULTS, **flags, "model": model}
+    compare(ours, release, "bare --model", script, set(ALLOWED) | set(SCRIPT_SCALE))
+    assert ours["cache_mode"] == "no" and ours["auto_resume"] is False and ours["output_dir"] == "./output"
     for key, value in OURS_AT_RELEASE.items():
         if key in ours:
             assert ours[key] == value, key
     assert parse_pretrain_args([]).model == "PIC"  # the release's default --model
+
+
+@pytest.mark.parametrize("script", list(RELEASE_SCRIPTS))
+def test_scripts_pass_only_scale_and_data(script):
+    """The pretraining stage of scripts/<X>.sh sets no flag of the method's recipe (PIC_single_view.sh, the
+    ablation, is the one script that overrides PIC's views)."""
+    from contrast.models.recipe import FLAG_FIELDS
+    text = open(os.path.join(ROOT, "scripts", f"{script}.sh")).read()
+    call = text[text.index("run_recipe "):].split(" -- ")[0]
+    for field in FLAG_FIELDS:
+        assert f"--{field.replace('_', '-')} " not in call and f"--{field.replace('_', '-')}\n" not in call, \
+            (script, field)
 
 
 def test_linear_defaults_equal_the_release_except_documented():
@@ -311,8 +334,8 @@ def test_linear_defaults_equal_the_release_except_documented():
     args = parse_linear_args(["--pretrained-model", "x.pth"])
     assert args.arch is None and args.image_size is None  # taken from the checkpoint's config
     resolve_from_config(args, vars(parse_pretrain_args([])))
-    ours = vars(args)
-    assert (ours["arch"], ours["image_size"], ours["val_crop_fraction"]) == ("resnet50", 224, 0.875)
+    ours = vars(args)   # the default --model PIC pretrains at 160 px (its recipe), so its linear stage too
+    assert (ours["arch"], ours["image_size"], ours["val_crop_fraction"]) == ("resnet50", 160, 0.875)
     compare(ours, RELEASE_LINEAR_DEFAULTS, "linear defaults", "main_linear.py",
             set(ALLOWED) | set(ALLOWED_DEFAULTS) | set(RELEASE_LINEAR_UNUSED))
     assert ours["cache_mode"] == "no"
@@ -322,7 +345,7 @@ def test_every_allowed_difference_is_a_row_of_the_deviation_table():
     text = open(os.path.join(ROOT, "docs", "deviations.md")).read()
     for flag, (_, phrase) in ALLOWED.items():
         assert phrase in text, f"docs/deviations.md has no row for {flag} ({phrase})"
-    assert SIMCLR_FOLDER[0] in text
+    assert SIMCLR_FOLDER[0] in text and MOCOV2_MODEL[0] in text
     for flag, phrase in ALLOWED_DEFAULTS.items():
         assert phrase in text, f"docs/deviations.md has no row for {flag} ({phrase})"
     for flag in ("--view-batching", "--zero-init-residual", "--mlp-hidden-dim", "--cosine-form", "--lars-form",
@@ -332,7 +355,8 @@ def test_every_allowed_difference_is_a_row_of_the_deviation_table():
 
 @pytest.mark.parametrize("argv,message", [
     (["--model", "MoCo", "--num-crop", "3"], "--num-crop counts the large crops of --aug MultiCrop"),
-    (["--aug", "MultiCrop"], "--aug MultiCrop needs --crop (small crops' minimum scale) < --crop2, got 0.2 and 0.14"),
+    (["--aug", "MultiCrop", "--crop", "0.2"],
+     "--aug MultiCrop needs --crop (small crops' minimum scale) < --crop2, got 0.2 and 0.14"),
     (["--aug", "MultiCrop", "--crop", "0.08", "--num-crop", "0"], "need --num-crop >= 1"),
 ])
 def test_multicrop_flag_errors(argv, message, capsys):

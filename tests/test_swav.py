@@ -130,7 +130,7 @@ def test_network_and_joint_encoding():
     assert (method.head[0].in_features, method.head[0].out_features, method.head[3].out_features) == (512, 2048, 128)
     assert method.prototypes.weight.shape == (3000, 128) and method.prototypes.bias is None
     assert torch.allclose(method.prototypes.weight.norm(dim=1), torch.ones(3000), atol=1e-5)
-    assert method.sync_batchnorm and SwAV.views.multi_crop and SwAV.defaults["view_batching"] == "joint"
+    assert method.recipe.sync_batchnorm and SwAV.views.multi_crop and SwAV.recipe.view_batching == "joint"
     assert method.rank_state_dict() is None   # no queue by default
     # joint: crops of one size through the backbone together, all crops through the head together
     small = _swav(view_batching="joint")

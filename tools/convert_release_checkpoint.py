@@ -42,10 +42,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from contrast import engine  # noqa: E402
 from contrast.checkpoint import CheckpointError, load_file, load_model_state, write_pretrained_checkpoint  # noqa: E402
-from contrast.config import BackboneConfig, MethodConfig  # noqa: E402
+from contrast.data.transforms import AUG_NAMES  # noqa: E402
 from contrast.models import ARCHS, METHODS, build_backbone, build_method, method_class  # noqa: E402
 from contrast.models.backbones import RESNET_D  # noqa: E402
-from contrast.option import parse_convert_args  # noqa: E402
+from contrast.models.views import MULTI_CROP_AUG  # noqa: E402
+from contrast.option import parse_convert_args, resolve_pretrain  # noqa: E402
 
 ENCODER, ENCODER_K = "module.encoder.", "module.encoder_k."
 HEAD_NAMES = {"fc.weight": "weight", "fc.bias": "bias", "fc1.weight": "0.weight", "fc1.bias": "0.bias",
@@ -139,16 +140,25 @@ def converted_config(opt: Dict[str, Any], path: str) -> Dict[str, Any]:
 
 
 def method_for(config: Dict[str, Any], num_instances: int) -> nn.Module:
-    """The method the converted state must fit (built from the converted config)."""
+    """The method the converted state must fit: its recipe with the release run's values of the flags
+    that shape the state (``contrast.option.resolve_pretrain``, as ``main_pretrain.py`` resolves them)."""
     cls = method_class(config["model"])
-    cfg = MethodConfig(name=config["model"], backbone=BackboneConfig(config["arch"], "imagenet", True),
-                       feature_dim=config["feature_dim"], mlp_head=config["mlp_head"],
-                       head_hidden_dim=config["mlp_hidden_dim"],
-                       temperature=float(config.get("contrast_temperature", 0.07)),
-                       momentum=float(config.get("contrast_momentum", 0.999)),
-                       num_negative=int(config.get("contrast_num_negative", 65536)),
-                       multi_crop=config.get("aug") == "MultiCrop" and cls.views.multi_crop,
-                       options={f.dest: f.default for f in cls.flags})
+    flags = ["--arch", config["arch"], "--stem", "imagenet", "--feature-dim", str(config["feature_dim"]),
+             "--mlp-head" if config["mlp_head"] else "--no-mlp-head", "--mlp-hidden-dim", str(config["mlp_hidden_dim"]),
+             "--view-batching", "separate"]
+    for key in ("contrast_temperature", "contrast_momentum", "contrast_num_negative"):
+        if config.get(key) is not None:
+            flags += [f"--{key.replace('_', '-')}", str(config[key])]
+    aug = config.get("aug")
+    if aug == MULTI_CROP_AUG and cls.views.multi_crop:
+        flags += ["--aug", aug, "--crop", str(config.get("crop", 0.08)), "--crop2", str(config.get("crop2", 0.14))]
+    elif aug in AUG_NAMES and aug != MULTI_CROP_AUG:
+        flags += ["--aug", aug]
+    try:
+        _, cfg = resolve_pretrain(config["model"], *flags)
+    except SystemExit:
+        raise CheckpointError(f"release --model {config['model']} with {' '.join(flags)}: not a valid "
+                              f"configuration here (see the message above)") from None
     return build_method(cfg, num_instances)
 
 

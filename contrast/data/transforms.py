@@ -356,6 +356,12 @@ def _views_and_colors(name: str, num_views: int, image_size: int, crop: float, i
     return [ViewSpec(image_size, (crop, 1.0))] * n, [cycle[i % len(cycle)] for i in range(n)]
 
 
+def view_specs(name: str, num_views: int = 1, image_size: int = 224, crop: float = 0.08, image_size2: int = 96,
+               crop2: float = 0.14, num_crop2: int = 3) -> list[ViewSpec]:
+    """The size and crop scale of every view ``build_augmentation`` makes with these arguments (not ``val``)."""
+    return _views_and_colors(name, num_views, image_size, crop, image_size2, crop2, num_crop2)[0]
+
+
 def _randaugment() -> v2.RandAugment:
     return v2.RandAugment(num_ops=2, magnitude=10, fill=RANDAUG_FILL)
 

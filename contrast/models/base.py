@@ -11,21 +11,24 @@ and the hooks below, which the loop always calls (the defaults do nothing)::
     rank_state_dict() / load_rank_state_dicts()    per-rank state saved next to the checkpoint
 
 :class:`BaseMethod` adds what every pretraining method declares: its registry ``name``, its
-:class:`~contrast.models.views.Views`, the defaults it gives the shared flags and its own
-:class:`~contrast.config.Flag` declarations, and :meth:`BaseMethod.from_config`. Subclasses
+:class:`~contrast.models.views.Views`, its published :class:`~contrast.models.recipe.Recipe` (the
+values of the shared flags when not given), its own :class:`~contrast.config.Flag` declarations,
+the checks of its configuration (:meth:`BaseMethod.check_config`), the migration of its older
+checkpoint keys (:meth:`BaseMethod.migrate_state`) and :meth:`BaseMethod.from_config`. Subclasses
 implement :meth:`BaseMethod.training_loss`; ``forward`` checks the number of views first.
 :meth:`BaseMethod.param_groups` (always called by the entry script that builds the optimiser) gives
 the optimiser's parameter groups: one by default, a method may give a part its own lr.
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Dict, List, Mapping, Optional, Tuple
+from typing import Any, ClassVar, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from contrast.config import Flag, MethodConfig
 from contrast.models.backbones import build_backbone
+from contrast.models.recipe import Recipe
 from contrast.models.views import Views, encode_views
 
 
@@ -64,11 +67,11 @@ class BaseMethod(TrainModule):
 
     Class attributes each method declares:
         name: the ``--model`` value (registry key).
-        views: :class:`Views` (count, default ``--aug``, multi-crop support).
-        defaults: values the shared flags take for this method when not given on the command line
-            (flag dests, e.g. ``{"contrast_temperature": 0.2}``).
-        flags: the method's own command-line flags.
-        sync_batchnorm: batch norm over the global batch when distributed (the loop converts).
+        views: :class:`Views` (full-size views per image, multi-crop support).
+        recipe: :class:`Recipe`, everything the method's official recipe fixes (augmentation, crops,
+            temperature, momentum, optimiser, lr, weight decay, warm-up, schedule, batch norm): the
+            values the shared flags take when not given on the command line.
+        flags: the method's own command-line flags (their defaults are the recipe's values).
 
     Attributes:
         backbone: a torchvision-compatible ResNet whose ``fc`` is ``nn.Identity``; its state dict
@@ -77,10 +80,9 @@ class BaseMethod(TrainModule):
     """
 
     name: ClassVar[str] = ""
-    views: ClassVar[Views] = Views(count=1, aug="SimCLR")
-    defaults: ClassVar[Mapping[str, Any]] = {}
+    views: ClassVar[Views] = Views(count=1)
+    recipe: ClassVar[Recipe] = Recipe()
     flags: ClassVar[Tuple[Flag, ...]] = ()
-    sync_batchnorm: ClassVar[bool] = False
 
     def __init__(self, backbone: nn.Module, feat_dim: int, view_batching: str = "separate",
                  multi_crop: bool = False) -> None:
@@ -97,6 +99,17 @@ class BaseMethod(TrainModule):
         """Build the method from its configuration for a training set of ``num_instances`` images."""
         raise NotImplementedError
 
+    @classmethod
+    def check_config(cls, cfg: MethodConfig) -> None:
+        """Refuse a configuration the method cannot train (``ValueError`` with a one-line message
+        naming the flag); called when the command line is parsed, before anything is built."""
+
+    @classmethod
+    def migrate_state(cls, state: Dict[str, Any], version: int) -> Dict[str, Any]:
+        """The model state dict of a checkpoint of format ``version`` (prefixes stripped) renamed to
+        today's keys; called for each older version in turn (see ``contrast/checkpoint.py``)."""
+        return state
+
     @staticmethod
     def build_backbone(cfg: MethodConfig) -> Tuple[nn.Module, int]:
         """``(backbone, feat_dim)`` of ``cfg.backbone``."""
@@ -109,8 +122,9 @@ class BaseMethod(TrainModule):
         ok = len(views) > count if self.multi_crop else len(views) == count
         if not ok:
             want = f"{count} large + >= 1 small crops" if self.multi_crop else f"{count}"
+            other = " or MultiCrop" if self.views.multi_crop and not self.multi_crop else ""
             raise ValueError(f"{self.name} takes {want} view(s) per image, got {len(views)} "
-                             f"(--aug {self.views.aug}{' or MultiCrop' if self.views.multi_crop else ''})")
+                             f"(--aug {self.recipe.aug}{other})")
         return self.training_loss(views, index)
 
     def training_loss(self, views: List[torch.Tensor], index: torch.Tensor) -> Dict[str, torch.Tensor]:

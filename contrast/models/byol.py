@@ -23,6 +23,7 @@ from contrast.models.base import BaseMethod
 from contrast.models.heads import build_mlp
 from contrast.models.losses import byol_loss
 from contrast.models.momentum import MomentumEncoder, cosine_momentum
+from contrast.models.recipe import Recipe
 from contrast.models.views import Views
 
 
@@ -30,9 +31,11 @@ class BYOL(BaseMethod):
     """Online ``backbone``, ``head`` (projector), ``predictor``; EMA ``target_encoder``."""
 
     name = "BYOL"
-    views = Views(count=2, aug="BYOL")
-    defaults = {"contrast_momentum": 0.996, "mlp_head": True, "feature_dim": 256, "mlp_hidden_dim": 4096, "crop": 0.08}
-    sync_batchnorm = True
+    views = Views(count=2)
+    #: deepmind-research/byol, configs/byol.py at 1000 epochs (docs/methods.md cites each value)
+    recipe = Recipe(aug="BYOL", crop=0.08, mlp_head=True, feature_dim=256, mlp_hidden_dim=4096,
+                    contrast_momentum=0.996, optimizer="lars", base_learning_rate=0.2, weight_decay=1.5e-6,
+                    warmup_epoch=10, warmup_multiplier=1e6, lr_scheduler="cosine", sync_batchnorm=True)
 
     def __init__(self, backbone: nn.Module, feat_dim: int, feature_dim: int = 256, hidden_dim: int = 4096,
                  base_momentum: float = 0.996, view_batching: str = "separate") -> None:
@@ -47,9 +50,15 @@ class BYOL(BaseMethod):
         self.total_steps = 0
 
     @classmethod
-    def from_config(cls, cfg: MethodConfig, num_instances: int) -> "BYOL":
+    def check_config(cls, cfg: MethodConfig) -> None:
         if not cfg.mlp_head:
-            raise ValueError("BYOL's projector is always an MLP; --no-mlp-head is not supported")
+            raise ValueError(f"{cls.name}'s projector is always an MLP; --no-mlp-head is not supported")
+        if not 0.0 <= cfg.momentum <= 1.0:
+            raise ValueError(f"--contrast-momentum ({cls.name}'s base target decay) must be in [0, 1], "
+                             f"got {cfg.momentum}")
+
+    @classmethod
+    def from_config(cls, cfg: MethodConfig, num_instances: int) -> "BYOL":
         backbone, feat_dim = cls.build_backbone(cfg)
         return cls(backbone, feat_dim, cfg.feature_dim, cfg.head_hidden_dim, cfg.momentum, cfg.view_batching)
 

@@ -24,7 +24,7 @@ State kept identical on every rank:
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,7 @@ from contrast.config import MethodConfig
 from contrast.models.base import BaseMethod
 from contrast.models.heads import MLP_HIDDEN_DIM, build_head, normalize_fp32
 from contrast.models.losses import instdisc_loss
+from contrast.models.recipe import Recipe
 from contrast.models.views import Views
 
 
@@ -103,8 +104,10 @@ class InstDisc(BaseMethod):
     """Backbone + head + memory bank (see the module docstring for the state)."""
 
     name = "InstDisc"
-    views = Views(count=1, aug="InstDisc")
-    defaults = {"contrast_temperature": 0.07, "contrast_momentum": 0.5, "contrast_num_negative": 65536}
+    views = Views(count=1)
+    #: the release's scripts/InstDisc.sh (docs/methods.md cites each value)
+    recipe = Recipe(aug="InstDisc", crop=0.2, mlp_head=True, contrast_temperature=0.07, contrast_momentum=0.5,
+                    contrast_num_negative=65536, warmup_divisor=40)
 
     def __init__(self, backbone: nn.Module, feat_dim: int, num_instances: int, feature_dim: int = 128,
                  mlp_head: bool = False, temperature: float = 0.07, num_negative: int = 4096,
@@ -126,6 +129,20 @@ class InstDisc(BaseMethod):
         self.register_buffer("bank", F.normalize(torch.randn(num_instances, feature_dim, generator=gen), dim=1))
         self.register_buffer("neg_draws", torch.zeros((), dtype=torch.long))
         self._pending: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+
+    @classmethod
+    def check_config(cls, cfg: MethodConfig) -> None:
+        if cfg.num_negative < 1:
+            raise ValueError(f"--contrast-num-negative must be >= 1 for {cls.name}, got {cfg.num_negative}")
+        if not 0.0 <= cfg.momentum < 1.0:
+            raise ValueError(f"--contrast-momentum (bank momentum) must be in [0, 1), got {cfg.momentum}")
+
+    @classmethod
+    def migrate_state(cls, state: Dict[str, Any], version: int) -> Dict[str, Any]:
+        """Version 1 did not count the negative draws: the resumed run starts a fresh sequence."""
+        if version == 1 and "bank" in state and "neg_draws" not in state:
+            state = {**state, "neg_draws": torch.zeros((), dtype=torch.long)}
+        return state
 
     @classmethod
     def from_config(cls, cfg: MethodConfig, num_instances: int) -> "InstDisc":

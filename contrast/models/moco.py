@@ -15,7 +15,7 @@ is asymmetric, as in both papers: ``views[0]`` gives the queries, ``views[1]`` t
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -28,6 +28,7 @@ from contrast.models.losses import moco_loss
 from contrast.models.momentum import MomentumEncoder
 from contrast.models.queue import FeatureQueue
 from contrast.models.split_bn import convert_split_batchnorm
+from contrast.models.recipe import Recipe, replace
 from contrast.models.views import Views
 
 
@@ -35,8 +36,10 @@ class MoCo(BaseMethod):
     """Query encoder (``backbone``, ``head``), key encoder (``key_encoder``), ``queue``."""
 
     name = "MoCo"
-    views = Views(count=2, aug="InstDisc")
-    defaults = {"contrast_temperature": 0.07, "contrast_momentum": 0.999, "contrast_num_negative": 65536}
+    views = Views(count=2)
+    #: MoCo v1: the release's scripts/MoCov1.sh (docs/methods.md cites each value)
+    recipe = Recipe(aug="InstDisc", crop=0.2, contrast_temperature=0.07, contrast_momentum=0.999,
+                    contrast_num_negative=65536, lr_scheduler="step", warmup_divisor=40)
     flags = (
         Flag("--bn-splits", int, 8, "(new) MoCo in one process: batch norm over this many groups of the batch "
              "(SplitBatchNorm of the MoCo authors' one-GPU demo), so that shuffling BN has an effect; 1 turns it "
@@ -58,6 +61,29 @@ class MoCo(BaseMethod):
         self.temperature = temperature
         self.momentum = momentum
         self._pending_keys: Optional[torch.Tensor] = None
+
+    @classmethod
+    def check_config(cls, cfg: MethodConfig) -> None:
+        if cfg.num_negative < 1:
+            raise ValueError(f"--contrast-num-negative (queue length) must be >= 1 for {cls.name}, "
+                             f"got {cfg.num_negative}")
+        if not 0.0 <= cfg.momentum <= 1.0:
+            raise ValueError(f"--contrast-momentum must be in [0, 1], got {cfg.momentum}")
+
+    @classmethod
+    def migrate_state(cls, state: Dict[str, Any], version: int) -> Dict[str, Any]:
+        """Version 1 kept the key encoder as ``backbone_k.``/``head_k.`` and the queue as ``queue``/``queue_ptr``."""
+        if version != 1:
+            return state
+        out = {}
+        for k, v in state.items():
+            for old, new in (("backbone_k.", "key_encoder.backbone."), ("head_k.", "key_encoder.head.")):
+                if k.startswith(old):
+                    k = new + k[len(old):]
+            out[k] = v
+        if "queue_ptr" in out and "queue" in out:
+            out["queue.features"], out["queue.ptr"] = out.pop("queue"), out.pop("queue_ptr")
+        return out
 
     @classmethod
     def from_config(cls, cfg: MethodConfig, num_instances: int) -> "MoCo":
@@ -96,3 +122,11 @@ class MoCo(BaseMethod):
         if self._pending_keys is not None:
             self.queue.enqueue(self._pending_keys)
             self._pending_keys = None
+
+
+class MoCoV2(MoCo):
+    """MoCo v2: the same model with the release's scripts/MoCov2.sh recipe (MLP head, tau 0.2, the
+    MoCov2 augmentation, cosine schedule)."""
+
+    name = "MoCov2"
+    recipe = replace(MoCo.recipe, aug="MoCov2", mlp_head=True, contrast_temperature=0.2, lr_scheduler="cosine")

@@ -29,6 +29,7 @@ from contrast.models.instance_classifier import InstanceClassifier
 from contrast.models.losses import pic_loss
 from contrast.models.pic_diagnostics import PICDiagnostics, window_steps_of
 from contrast.models.pic_sampled import STORAGES, SampledInstanceClassifier
+from contrast.models.recipe import Recipe
 from contrast.models.views import Views
 
 
@@ -125,8 +126,11 @@ class PIC(BaseMethod):
     """Backbone + head + instance classifier."""
 
     name = "PIC"
-    views = Views(count=1, aug="SimCLR", multi_crop=True)
-    defaults = {"contrast_temperature": 0.2}
+    views = Views(count=1, multi_crop=True)
+    #: the release's scripts/PIC.sh, the paper's multi-crop recipe (docs/methods.md cites each value)
+    recipe = Recipe(aug="MultiCrop", crop=0.08, image_size=160, image_size2=96, crop2=0.14, num_crop2=3,
+                    use_sliding_window_sampler=True, window_size=131072, window_stride=16384,
+                    shuffle_per_epoch=True, mlp_head=True, contrast_temperature=0.2, warmup_divisor=40)
     flags = (
         Flag("--pic-num-negative", int, 0, "(new) PIC recent negative sampling: number of negatives K "
              "(0 = full softmax over all instances)"),

@@ -41,6 +41,7 @@ from contrast.models.base import BaseMethod
 from contrast.models.heads import build_mlp, normalize_fp32
 from contrast.models.losses import sinkhorn_knopp, swav_loss
 from contrast.models.queue import FeatureQueue
+from contrast.models.recipe import Recipe
 from contrast.models.views import Views
 
 
@@ -130,9 +131,13 @@ class SwAV(BaseMethod):
     """Backbone, ``head`` (projection MLP with BN), ``prototypes``; a per-rank queue."""
 
     name = "SwAV"
-    views = Views(count=2, aug="MultiCrop", multi_crop=True)
-    defaults = {"contrast_temperature": 0.1, "mlp_head": True, "feature_dim": 128, "mlp_hidden_dim": 2048,
-                "view_batching": "joint", "crop": 0.05}
+    views = Views(count=2, multi_crop=True)
+    #: facebookresearch/swav, scripts/swav_800ep_pretrain.sh (batch 4096; base lr 4.8 = 0.3 per 256 images)
+    #: and main_swav.py's defaults (docs/methods.md cites each value)
+    recipe = Recipe(aug="MultiCrop", crop=0.05, crop2=0.14, image_size=224, image_size2=96, num_crop2=6,
+                    mlp_head=True, feature_dim=128, mlp_hidden_dim=2048, view_batching="joint",
+                    contrast_temperature=0.1, optimizer="lars", base_learning_rate=0.3, weight_decay=1e-6,
+                    warmup_epoch=10, warmup_multiplier=16, lr_scheduler="cosine", sync_batchnorm=True)
     flags = (
         Flag("--swav-num-prototypes", int, 3000, "(new) SwAV: number of prototypes K"),
         Flag("--swav-epsilon", float, 0.05, "(new) SwAV: entropy regularisation of Sinkhorn-Knopp"),
@@ -146,7 +151,6 @@ class SwAV(BaseMethod):
         Flag("--swav-crops-for-assign", int, (0, 1), "(new) SwAV: the crops whose codes are computed (swav's "
              "crops_for_assign); they must be the large crops 0 .. --num-crop - 1", nargs="+"),
     )
-    sync_batchnorm = True
 
     def __init__(self, backbone: nn.Module, feat_dim: int, feature_dim: int = 128, hidden_dim: int = 2048,
                  num_prototypes: int = 3000, temperature: float = 0.1, epsilon: float = 0.05,
@@ -169,9 +173,12 @@ class SwAV(BaseMethod):
         self._pending: Optional[torch.Tensor] = None
 
     @classmethod
-    def from_config(cls, cfg: MethodConfig, num_instances: int) -> "SwAV":
+    def check_config(cls, cfg: MethodConfig) -> None:
         if not cfg.mlp_head:
-            raise ValueError("SwAV's projection head is always an MLP; --no-mlp-head is not supported")
+            raise ValueError(f"{cls.name}'s projection head is always an MLP; --no-mlp-head is not supported")
+
+    @classmethod
+    def from_config(cls, cfg: MethodConfig, num_instances: int) -> "SwAV":
         backbone, feat_dim = cls.build_backbone(cfg)
         o = cfg.option
         return cls(backbone, feat_dim, cfg.feature_dim, cfg.head_hidden_dim, o("swav_num_prototypes"),

@@ -1,8 +1,8 @@
 """What a method asks of the data (its views) and how it encodes several views.
 
-A method class declares :class:`Views`: how many full-size views per image it trains on, the
-augmentation recipe its papers use, and whether it takes multi-crop (``--aug MultiCrop`` adds
-``--num-crop2`` small crops after the large ones). :func:`encode_views` runs an encoder over a
+A method class declares :class:`Views`: how many full-size views per image it trains on and
+whether it takes multi-crop (``--aug MultiCrop`` adds ``--num-crop2`` small crops after the large
+ones; which augmentation it uses is its :class:`~contrast.models.recipe.Recipe`'s). :func:`encode_views` runs an encoder over a
 list of views, either one forward pass per view (``separate``: every view is its own batch-norm
 batch, as in the PIC release) or with equal-sized views concatenated (``joint``: SimCLR's and
 SwAV's reference code).
@@ -23,12 +23,10 @@ class Views:
 
     Attributes:
         count: full-size views per image (1 for PIC and InstDisc, 2 for the two-view methods).
-        aug: default ``--aug`` recipe.
         multi_crop: whether ``--aug MultiCrop`` (``count`` large + ``num_crop2`` small crops) is accepted.
     """
 
     count: int
-    aug: str
     multi_crop: bool = False
 
     def total(self, aug: str, num_crop2: int) -> int:
