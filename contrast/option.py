@@ -183,7 +183,11 @@ def add_schedule_flags(p: argparse.ArgumentParser, *, default_epochs: int) -> No
                    "steps with a non-finite loss (each is skipped on all ranks)")
     g.add_argument("--channels-last", action="store_true", help="(new) channels-last memory format")
     g.add_argument("--compile", action="store_true", help="(new) torch.compile the backbone "
-                   "(nn.Module.compile, checkpoint keys unchanged; needs a C compiler on the CPU)")
+                   "(nn.Module.compile, checkpoint keys unchanged; needs a C compiler on the CPU; skipped "
+                   "with a warning where SyncBatchNorm runs on several ranks, pytorch#107372)")
+    g.add_argument("--deterministic", action="store_true", help="(new) deterministic kernels "
+                   "(torch.use_deterministic_algorithms, cudnn.benchmark off): repeatable, slower; by default "
+                   "CUDA runs with cudnn.benchmark")
 
 
 def add_runtime_flags(p: argparse.ArgumentParser, *, output_dir: Optional[str] = "./output",
