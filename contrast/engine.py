@@ -56,6 +56,7 @@ from contrast.models.base import TrainModule
 from contrast.placement import place, place_inputs
 from contrast.precision import Precision
 from contrast.runlock import RunLock, RunLockError
+from contrast.watchdog import SignalWatchdog
 
 #: Exit code of a run stopped by a signal (or by its launcher's death) after saving a checkpoint:
 #: ``EX_TEMPFAIL`` of sysexits.h, "try again": resume it with ``--auto-resume``.
@@ -93,7 +94,9 @@ class StopSignals:
 
     Before :meth:`arm` (nothing to save yet) a signal raises :class:`Preempted` at once. Armed, the
     first signal only records a request that the loop turns into "save, then exit" at the next
-    step (every rank agrees first); a second signal exits at once with code ``128 + signum``.
+    step (every rank agrees first); a second signal exits at once with code ``128 + signum``. A
+    :class:`~contrast.watchdog.SignalWatchdog` enforces both exits while the main thread is blocked in
+    C code (a CUDA synchronisation on a dead peer's collective), where this handler cannot run.
     """
 
     def __init__(self) -> None:
@@ -101,6 +104,8 @@ class StopSignals:
         self.armed = False
         self.where = ""
         self._previous: Dict[int, Any] = {}
+        self.watchdog = SignalWatchdog([getattr(signal, n) for n in STOP_SIGNALS if hasattr(signal, n)],
+                                       where=lambda: self.where)
 
     def install(self) -> "StopSignals":
         if threading.current_thread() is not threading.main_thread():
@@ -109,9 +114,11 @@ class StopSignals:
             sig = getattr(signal, name, None)
             if sig is not None:
                 self._previous[sig] = signal.signal(sig, self._handle)
+        self.watchdog.start()
         return self
 
     def uninstall(self) -> None:
+        self.watchdog.stop()
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous = {}
@@ -126,11 +133,9 @@ class StopSignals:
 
     def _handle(self, signum: int, frame) -> None:
         name = signal.Signals(signum).name
-        prog = os.path.basename(sys.argv[0]) or "contrast"
+        self.watchdog.acknowledge()
         if self.requested is not None:
-            print(f"{prog}: second {name}: exiting at once without saving (last checkpoint: "
-                  f"{self.where or 'none'})", file=sys.stderr, flush=True)
-            os._exit(128 + signum)
+            self.watchdog.leave(self.watchdog.second_signal_line(signum), signum)
         self.requested = name
         if not self.armed:
             raise Preempted(f"stopped by {name} before training started (nothing to save)")
