@@ -504,6 +504,9 @@ def train_step_parser(doc: str = "", methods: Sequence[str] = (), output_json: s
     p.add_argument("--contrast-num-negative", "--num-negative", dest="contrast_num_negative", type=int,
                    default=65536, help="MoCo queue / InstDisc K (--num-negative: alias)")
     p.add_argument("--quick", action="store_true", help="ResNet-18 only, batch 8, 2 timed steps")
+    p.add_argument("--loop", action="store_true", help="time the training loop (Trainer.train_epoch: device "
+                   "augmentation, agreement, logging) with the host reads of the loop before issue 29 emulated "
+                   "(old) and without them (new), in the same process; prints steps/s and the ratio")
     add_device_flag(p)
     add_seed_flag(p)
     add_output_json_flag(p, output_json, "--out")
