@@ -40,6 +40,7 @@ from contrast.eval.knn import knn_evaluate, l2_normalize_
 from contrast.eval.linear_cached import train_linear_cached
 from contrast.models import build_backbone
 from contrast.option import parse_knn_args, resolve_from_config
+from contrast.placement import place
 
 
 def build_encoder(args) -> tuple[nn.Module, dict]:
@@ -82,10 +83,10 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     encoder, info = build_encoder(args)
     resolve_from_config(args, {}, ("image_size", "val_crop_fraction"))
     what = info["encoder"]
-    encoder.to(device)
+    place(encoder, device)
     val_aug = build_augmentation("val", num_views=1, image_size=args.image_size,
                                  val_crop_fraction=args.val_crop_fraction)
-    val_aug.device.to(device)
+    place(val_aug.device, device)
 
     splits = datasets(args, val_aug)
     num_classes = splits["train"].num_classes
@@ -120,7 +121,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     if args.linear_cached:
         if args.linear_aug_copies > 0:
             null_aug = build_augmentation("NULL", num_views=1, image_size=args.image_size, crop=args.linear_crop)
-            null_aug.device.to(device)
+            place(null_aug.device, device)
             null_train = build_dataset(args.data_dir, "train", args.zip, args.cache_mode, null_aug.cpu, 0, 1,
                                        index_dir=args.index_dir)
             copies = []

@@ -24,6 +24,7 @@ from contrast.data.transforms import build_augmentation
 from contrast.eval.features import ShardSampler
 from contrast.models import TrainModule, build_backbone
 from contrast.optim import build_scheduler
+from contrast.placement import configure_backends, place
 from contrast.precision import resolve_precision
 from contrast.option import parse_linear_args, resolve_from_config
 
@@ -67,21 +68,24 @@ def evaluate(model: LinearClassifier, loader, device_aug: nn.Module, run: engine
     """Top-1 / top-5 (%) and mean loss over the whole val split (summed over ranks)."""
     model.eval()
     device = run.env.device
+    device_aug = place(device_aug, device)
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, loss sum, count
     for views, _, label in loader:
-        x = device_aug([views[0].to(device)])[0]
+        x = device_aug([views[0].to(device, non_blocking=True)])[0]
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        label = label.to(device)
+        label = label.to(device, non_blocking=True)
         with precision.autocast(device):
             logits = model.logits(x)
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hit = top == label[:, None]
-        sums += torch.stack([hit[:, 0].sum(), hit.any(1).sum(), F.cross_entropy(logits, label, reduction="sum"),
-                             torch.tensor(len(label), device=device)]).double()
+        sums[:3] += torch.stack([hit[:, 0].sum(), hit.any(1).sum(),
+                                 F.cross_entropy(logits, label, reduction="sum")]).double()
+        sums[3] += len(label)
     cd.all_reduce_sum(sums)
-    n = max(sums[3].item(), 1)
-    return {"acc1": 100 * sums[0].item() / n, "acc5": 100 * sums[1].item() / n, "loss": sums[2].item() / n}
+    correct1, correct5, loss, n = sums.tolist()
+    n = max(n, 1)
+    return {"acc1": 100 * correct1 / n, "acc5": 100 * correct5 / n, "loss": loss / n}
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
@@ -96,6 +100,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
 
 def linear(args, run: engine.Run) -> Dict[str, float]:
     env, logger = run.env, run.logger
+    logger.info(configure_backends(env.device, args.deterministic))
     if args.total_batch_size % env.world_size:
         raise ValueError(f"--total-batch-size {args.total_batch_size} is not divisible by {env.world_size} processes")
     batch = args.total_batch_size // env.world_size

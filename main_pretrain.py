@@ -16,6 +16,7 @@ from contrast.data.transforms import build_augmentation
 from contrast.eval.knn import KNNMonitor
 from contrast.models import build_method
 from contrast.optim import build_optimizer, build_scheduler
+from contrast.placement import configure_backends
 from contrast.option import method_config, parse_pretrain_args
 from contrast.precision import resolve_precision
 
@@ -32,6 +33,7 @@ def main(argv: Optional[List[str]] = None) -> None:
 
 def pretrain(args, run: engine.Run) -> None:
     env, logger = run.env, run.logger
+    logger.info(configure_backends(env.device, args.deterministic))
     cfg = method_config(args, env.world_size)
 
     aug = build_augmentation(args.aug, cfg.num_crop, args.image_size, args.crop, args.image_size2, args.crop2,

@@ -6,12 +6,22 @@ architecture, fp32 vs bf16 autocast, channels_last off/on, on CUDA when present,
 Inputs are random tensors already on the device: this measures the model step only, not data
 loading or augmentation. Images/s counts images, not views.
 
+``--loop`` times the whole training loop instead (``Trainer.train_epoch`` over uint8 batches:
+copy to the device, the augmentation's device stage, forward, backward, the agreement, the
+optimiser step, logging every ``--print-freq`` 1000 steps), twice in the same process: "old"
+with the host-device synchronisations of the loop before issue 29 emulated (the loss's
+finiteness read on its own, every logged value read at every step, GradScaler's scale read
+twice, the colour ops' ``nonzero`` path), "new" as it runs now; it prints steps/s and their ratio
+(the gain is on accelerators: on a CPU a host read costs nothing).
+
     python benchmarks/train_step.py --quick                    # CPU smoke run
     python benchmarks/train_step.py --arch resnet18 resnet50   # full table
+    python benchmarks/train_step.py --loop --arch resnet50 --precisions fp32 --channels-last 1
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import sys
@@ -19,14 +29,19 @@ import time
 from typing import Dict, List
 
 import torch
+from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from contrast import distributed as cd  # noqa: E402
 from contrast import engine  # noqa: E402
-from contrast.data.transforms import view_specs  # noqa: E402
+from contrast.data.batched_ops import RandomOp  # noqa: E402
+from contrast.data.transforms import build_augmentation, view_specs  # noqa: E402
 from contrast.distributed import resolve_device  # noqa: E402
+from contrast.logger import TensorBoard  # noqa: E402
 from contrast.models import METHODS, build_method  # noqa: E402
 from contrast.optim import build_optimizer  # noqa: E402
 from contrast.option import resolve_pretrain, train_step_parser  # noqa: E402
+from contrast.precision import Precision  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -99,8 +114,92 @@ def bench_one(args, arch: str, name: str, precision: str, channels_last: bool) -
     return row
 
 
+class _Recorded(nn.Module):
+    """The method, remembering its last output (for the old loop's per-step reads)."""
+
+    def __init__(self, method: nn.Module) -> None:
+        super().__init__()
+        self.method = method
+        self.last: Dict = {}
+
+    def forward(self, views, target):
+        self.last = self.method(views, target)
+        return self.last
+
+
+class OldSyncTrainer(engine.Trainer):
+    """The loop with the host reads it made before issue 29 added back."""
+
+    def _agree(self, loss, overflow):
+        bool(torch.isfinite(loss).item())
+        if self.precision.scaler is not None:
+            self.precision.scaler.get_scale()
+        return super()._agree(loss, overflow)
+
+    def _step(self, overflow: bool) -> None:
+        super()._step(overflow)
+        if self.precision.scaler is not None:
+            self.precision.scaler.get_scale()
+        for v in self.model.last.values():
+            if torch.is_tensor(v):
+                v.float().item()
+
+
+def bench_loop(args, arch: str, name: str, precision: str, channels_last: bool) -> Dict:
+    """steps/s of ``Trainer.train_epoch`` with the old loop's host reads emulated and without them."""
+    run_args, cfg, _ = recipe_of(args, arch, name)
+    if args.quick:
+        run_args.image_size = max(16, run_args.image_size // 4)
+        run_args.image_size2 = max(16, run_args.image_size2 // 4)
+    aug = build_augmentation(run_args.aug, cfg.num_crop, run_args.image_size, run_args.crop, run_args.image_size2,
+                             run_args.crop2, run_args.num_crop2)
+    sizes = [v.size for v in view_specs(run_args.aug, cfg.num_crop, run_args.image_size, run_args.crop,
+                                        run_args.image_size2, run_args.crop2, run_args.num_crop2)]
+    g = torch.Generator().manual_seed(args.seed)
+    pin = args.device.type == "cuda"
+    batches = []
+    for i in range(args.iters):
+        views = [torch.randint(0, 256, (args.batch_size, 3, s, s), dtype=torch.uint8, generator=g) for s in sizes]
+        batches.append(([v.pin_memory() if pin else v for v in views],
+                        torch.randint(args.num_instances, (args.batch_size,), generator=g),
+                        torch.zeros(args.batch_size, dtype=torch.long)))
+    env = cd.DistEnv(rank=0, world_size=1, local_rank=0, device=args.device, backend=None)
+    logger = logging.getLogger("contrast.train_step")
+    logger.propagate = False
+    run = engine.Run(env, logger, TensorBoard("", False), "")
+    dtype = torch.bfloat16 if precision == "bf16" else None
+    trainers = {}
+    for mode, trainer_class in (("old", OldSyncTrainer), ("new", engine.Trainer)):
+        torch.manual_seed(args.seed)
+        method = engine.prepare_model(build_method(cfg, args.num_instances), args.device,
+                                      channels_last=channels_last)
+        opt = torch.optim.SGD(method.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        trainers[mode] = trainer_class(_Recorded(method), method, opt, sched, Precision(dtype, None), run,
+                                       engine.LoopOptions(print_freq=1000, channels_last=channels_last,
+                                                          seed=args.seed), aug.device)
+    result = {"old": 0.0, "new": 0.0}
+    for round_ in range(3):   # alternate, keep the best of each: load drifts on a shared machine
+        for mode, sync_free in (("old", False), ("new", None)):
+            for op in aug.device.modules():
+                if isinstance(op, RandomOp):
+                    op.sync_free = sync_free     # False: the nonzero path the colour ops took on every device
+            if round_ == 0:
+                trainers[mode].train_epoch(batches[:args.warmup], 1, 1)
+            _sync(args.device)
+            start = time.perf_counter()
+            trainers[mode].train_epoch(batches, 1, 1)
+            _sync(args.device)
+            result[mode] = max(result[mode], args.iters / (time.perf_counter() - start))
+    return dict(arch=arch, method=name, precision=precision, channels_last=channels_last, batch=args.batch_size,
+                views="+".join(map(str, sizes)), iters=args.iters, steps_per_s_old=round(result["old"], 3),
+                steps_per_s_new=round(result["new"], 3), ratio=round(result["new"] / result["old"], 3))
+
+
 def main(argv=None) -> List[Dict]:
     args = parse_args(argv)
+    if args.loop:
+        return main_loop(args)
     if args.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     rows = []
@@ -120,6 +219,29 @@ def main(argv=None) -> List[Dict]:
     with open(args.output_json, "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {args.output_json}")
+    return rows
+
+
+def main_loop(args) -> List[Dict]:
+    rows = []
+    for arch in args.arch:
+        for name in args.methods:
+            for precision in args.precisions:
+                for cl in (bool(c) for c in args.channels_last):
+                    row = bench_loop(args, arch, name, precision, cl)
+                    rows.append(row)
+                    print(f"{arch:10s} {name:14s} {precision:5s} cl={int(cl)} steps/s old {row['steps_per_s_old']:8.3f}"
+                          f" new {row['steps_per_s_new']:8.3f}  ratio {row['ratio']:.3f}", flush=True)
+    device = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else platform.processor() or "cpu"
+    root, ext = os.path.splitext(args.output_json)
+    out = f"{root}_loop{ext or '.json'}"
+    result = dict(device=device, device_type=args.device.type, torch=torch.__version__, threads=torch.get_num_threads(),
+                  what="Trainer.train_epoch steps/s, old = host reads of the loop before issue 29 emulated",
+                  rows=rows)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {os.path.relpath(out)}")
     return rows
 
 

@@ -550,17 +550,29 @@ def load_pretrained_backbone(backbone: nn.Module, path: str) -> int:
 
 # ----------------------------------------------------------------------------------- RNG
 def rng_state() -> Dict[str, Any]:
-    """torch, CUDA (all devices), numpy and Python random states of this process."""
+    """torch, CUDA (this process's current device only), numpy and Python random states of this process.
+
+    One CUDA state, not ``get_rng_state_all()``: under torchrun every rank sees all GPUs of the node, and
+    a list of them cannot be restored on a node with fewer (an 8 -> 4 GPU requeue)."""
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: Dict[str, Any]) -> None:
+    """Restore :func:`rng_state`; an older checkpoint's list of CUDA states (one per visible GPU) gives
+    the state of this process's current device when the list has it, else of its first one."""
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is None or not torch.cuda.is_available():
+        return
+    if isinstance(cuda, (list, tuple)):
+        if not cuda:
+            return
+        current = torch.cuda.current_device()
+        cuda = cuda[current] if current < len(cuda) else cuda[0]
+    torch.cuda.set_rng_state(cuda)
 
 
 # ----------------------------------------------------------------------------------- writing

@@ -54,14 +54,22 @@ def barrier() -> None:
 
 
 def resolve_device(device: Optional[str] = None, local_rank: int = 0) -> torch.device:
-    """``device`` None/"auto" picks ``cuda:<local_rank>`` when CUDA exists, else the CPU."""
+    """``device`` None/"auto" picks ``cuda:<local_rank % visible GPUs>`` when CUDA exists, else the CPU.
+
+    The modulo covers launchers that bind GPUs per task (``srun --gpus-per-task=1``: each process
+    sees one GPU, index 0, whatever its ``LOCAL_RANK``) as well as torchrun (every process sees all
+    of them)."""
     if device in (None, "", "auto"):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError(f"--device {device} was asked for but CUDA is not available")
-        dev = torch.device("cuda", local_rank if dev.index is None else dev.index)
+        visible = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= visible:
+            raise RuntimeError(f"--device {device}: this process sees {visible} GPU(s) (CUDA_VISIBLE_DEVICES="
+                               f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
+        dev = torch.device("cuda", local_rank % visible if dev.index is None else dev.index)
         torch.cuda.set_device(dev)
     return dev
 
@@ -80,6 +88,10 @@ def init_distributed(device: Optional[str] = None, local_rank: Optional[int] = N
     backend = None
     if world_size > 1 and not is_dist():
         backend = "nccl" if dev.type == "cuda" else "gloo"
+        if backend == "nccl":
+            # NCCL's watchdog aborts the communicator and ends this process when a collective fails or
+            # times out (a peer died), instead of leaving it blocked in a CUDA synchronisation
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     elif is_dist():
         backend = dist.get_backend()

@@ -16,11 +16,14 @@ One iteration of :meth:`Trainer.train_epoch` (``module`` is the :class:`TrainMod
     views -> device -> aug.device (batched colour ops) -> [channels_last]
     target = module.target(index, label)
     out = model(views, target)                   # under autocast; out["loss"] is fp32
-    agree across ranks: loss finite? stop requested? save due?   (one all-reduce)
+    backward [GradScaler: scaled, then unscale_ and "any gradient non-finite?" on the device]
+    agree across ranks: loss finite? gradients overflowed? stop requested? save due?
+        (one all-reduce, and the step's only host read of the device)
     if the loss is non-finite on any rank: skip the step everywhere, count it,
         stop after --max-nonfinite consecutive ones (NonFiniteLossError)
-    backward [GradScaler, unscale] -> module.on_before_optimizer_step(step) -> optimizer.step
-    -> module.on_train_step_end(step, lr, grad_scale) (real steps only) -> scheduler.step
+    unless the gradients overflowed (GradScaler): module.on_before_optimizer_step(step) -> optimizer.step
+    [GradScaler.update] -> module.on_train_step_end(step, lr, grad_scale) (real steps only) -> scheduler.step
+    logged values accumulate on the device, read every --print-freq steps
     [save current.pth mid-epoch if due or stopping] [raise Preempted if stopping]
 """
 from __future__ import annotations
@@ -48,10 +51,12 @@ from contrast.checkpoint import (CURRENT, EPOCH_PREFIX, PRETRAIN, Checkpoint, Ch
                                  choose_resume, copy_checkpoint, prune_epoch_checkpoints, read_checkpoint,
                                  recover_output_dir, save_training_checkpoint)
 from contrast.data import DatasetError
-from contrast.logger import AverageMeter, TensorBoard, format_eta, peak_memory_mb, setup_logger
+from contrast.logger import AverageMeter, DeviceMeters, TensorBoard, format_eta, peak_memory_mb, setup_logger
 from contrast.models.base import TrainModule
+from contrast.placement import place, place_inputs
 from contrast.precision import Precision
 from contrast.runlock import RunLock, RunLockError
+from contrast.watchdog import SignalWatchdog
 
 #: Exit code of a run stopped by a signal (or by its launcher's death) after saving a checkpoint:
 #: ``EX_TEMPFAIL`` of sysexits.h, "try again": resume it with ``--auto-resume``.
@@ -89,7 +94,9 @@ class StopSignals:
 
     Before :meth:`arm` (nothing to save yet) a signal raises :class:`Preempted` at once. Armed, the
     first signal only records a request that the loop turns into "save, then exit" at the next
-    step (every rank agrees first); a second signal exits at once with code ``128 + signum``.
+    step (every rank agrees first); a second signal exits at once with code ``128 + signum``. A
+    :class:`~contrast.watchdog.SignalWatchdog` enforces both exits while the main thread is blocked in
+    C code (a CUDA synchronisation on a dead peer's collective), where this handler cannot run.
     """
 
     def __init__(self) -> None:
@@ -97,6 +104,8 @@ class StopSignals:
         self.armed = False
         self.where = ""
         self._previous: Dict[int, Any] = {}
+        self.watchdog = SignalWatchdog([getattr(signal, n) for n in STOP_SIGNALS if hasattr(signal, n)],
+                                       where=lambda: self.where)
 
     def install(self) -> "StopSignals":
         if threading.current_thread() is not threading.main_thread():
@@ -105,9 +114,11 @@ class StopSignals:
             sig = getattr(signal, name, None)
             if sig is not None:
                 self._previous[sig] = signal.signal(sig, self._handle)
+        self.watchdog.start()
         return self
 
     def uninstall(self) -> None:
+        self.watchdog.stop()
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous = {}
@@ -122,11 +133,9 @@ class StopSignals:
 
     def _handle(self, signum: int, frame) -> None:
         name = signal.Signals(signum).name
-        prog = os.path.basename(sys.argv[0]) or "contrast"
+        self.watchdog.acknowledge()
         if self.requested is not None:
-            print(f"{prog}: second {name}: exiting at once without saving (last checkpoint: "
-                  f"{self.where or 'none'})", file=sys.stderr, flush=True)
-            os._exit(128 + signum)
+            self.watchdog.leave(self.watchdog.second_signal_line(signum), signum)
         self.requested = name
         if not self.armed:
             raise Preempted(f"stopped by {name} before training started (nothing to save)")
@@ -305,15 +314,20 @@ def wrap_ddp(model: nn.Module, env: cd.DistEnv) -> nn.Module:
 
 def prepare_model(model: nn.Module, device: torch.device, sync_batchnorm: bool = False,
                   channels_last: bool = False, compile_backbone: bool = False) -> nn.Module:
-    """Move to ``device``; cross-rank batch norm when ``sync_batchnorm`` and distributed;
-    ``--channels-last``; ``--compile`` compiles the backbone in place (``nn.Module.compile`` keeps
-    state-dict keys, so checkpoints stay portable)."""
+    """Move to ``device`` (:func:`~contrast.placement.place`); cross-rank batch norm when
+    ``sync_batchnorm`` and distributed; ``--channels-last``; ``--compile`` compiles the backbone in
+    place (``nn.Module.compile`` keeps state-dict keys, so checkpoints stay portable), except with
+    ``SyncBatchNorm`` on several ranks, which graph-breaks at every layer and fails upstream
+    (pytorch#107372): a warning, and the backbone runs eagerly."""
+    distributed_bn = sync_batchnorm and cd.get_world_size() > 1
     if sync_batchnorm:
         model = cd.convert_sync_batchnorm(model, device)
-    model = model.to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if compile_backbone:
+    model = place(model, device, channels_last)
+    if compile_backbone and distributed_bn:
+        logging.getLogger("contrast").warning(
+            "--compile skipped: this method uses SyncBatchNorm on several ranks, which torch.compile "
+            "breaks the graph at and fails on (pytorch#107372); the backbone runs eagerly")
+    elif compile_backbone:
         model.backbone.compile()
     return model
 
@@ -325,10 +339,6 @@ def check_iters(loader: DataLoader, batch_size: int, world_size: int, flag: str 
         raise ValueError(f"{flag} {batch_size} per process is larger than the {len(loader.sampler)} images "
                          f"each of the {world_size} process(es) gets per epoch; lower the batch size")
     return n
-
-
-def _scalar(v) -> float:
-    return float(v.detach().float().item()) if torch.is_tensor(v) else float(v)
 
 
 @dataclass(frozen=True)
@@ -450,6 +460,9 @@ class Trainer:
         self.run, self.options, self.device_aug = run, options, device_aug
         self.state = state if state is not None else TrainState()
         self.checkpointer = checkpointer
+        place(module, run.env.device)
+        self.device_aug = place(device_aug, run.env.device)
+        self._grad_scale: Any = 1.0
         # torchrun's workers: a changed parent pid means the launcher died and nobody supervises us
         self._launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
         run.signals.arm(checkpointer.path if checkpointer is not None else "")
@@ -460,7 +473,7 @@ class Trainer:
 
     def _inputs(self, views, index: torch.Tensor, label: torch.Tensor, epoch: int, it: int):
         device = self.run.env.device
-        views = [v.to(device, non_blocking=True) for v in (views if isinstance(views, (list, tuple)) else [views])]
+        views = place_inputs(views if isinstance(views, (list, tuple)) else [views], device)
         if self.device_aug is not None:
             generator = torch.Generator(device=device)
             generator.manual_seed(mix_seed(self.options.seed, self.run.env.rank, epoch, it))
@@ -470,23 +483,32 @@ class Trainer:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         return views, self.module.target(index, label).to(device, non_blocking=True)
 
-    def _agree(self, finite: bool) -> tuple:
-        """(loss finite on every rank, stop requested on any rank, time-based save due): one all-reduce."""
+    def _agree(self, loss: torch.Tensor, overflow: Optional[torch.Tensor]) -> tuple:
+        """(loss finite on every rank, GradScaler overflow on any rank, stop requested on any rank,
+        time-based save due): one all-reduce and the step's one host read of the device."""
         signals = self.run.signals
         if self._launcher is not None and signals.requested is None and os.getppid() != self._launcher:
             signals.request("the death of its launcher")
             self.run.logger.warning(f"the launcher (pid {self._launcher}) died: saving a checkpoint after this step, "
                                     f"then exiting")
         save = self.checkpointer is not None and self.run.env.is_main and self.checkpointer.save_due()
-        flags = torch.tensor([0.0 if finite else 1.0, float(signals.requested is not None), float(save)],
-                             device=self.run.env.device)
+        flags = loss.detach().new_zeros(4, dtype=torch.float32)   # filled on the device: no host copy
+        flags[0] = (~torch.isfinite(loss.detach())).float()
+        if overflow is not None:
+            flags[1] = overflow.float()
+        if signals.requested is not None:
+            flags[2] = 1.0
+        if save:
+            flags[3] = 1.0
         cd.all_reduce_max(flags)
-        nonfinite, stop, save = (v > 0.5 for v in flags.tolist())
-        return not nonfinite, stop, save
+        nonfinite, overflow, stop, save = (v > 0.5 for v in flags.tolist())
+        return not nonfinite, overflow, stop, save
 
     def _skip_nonfinite(self, epoch: int, it: int) -> None:
         state, opts = self.state, self.options
         self.optimizer.zero_grad(set_to_none=True)
+        if self.precision.scaler is not None:
+            self.precision.scaler.update()   # consumes this step's unscale_ (the scale backs off)
         state.nonfinite_run += 1
         state.nonfinite_total += 1
         self.run.logger.warning(f"non-finite loss at epoch {epoch} iteration {it + 1}: step skipped on all ranks "
@@ -497,24 +519,32 @@ class Trainer:
                 f"{opts.max_nonfinite}) at epoch {epoch} iteration {it + 1}; the last good checkpoint is "
                 f"{os.path.join(self.run.output_dir, CURRENT)} (lower the lr, use --amp-opt-level O0 or resume)")
 
-    def _step(self, loss: torch.Tensor) -> None:
-        """backward, the module's pre-step hook, optimiser step; the post-step hook on real steps only."""
-        scaler, step = self.precision.scaler, self.state.step
-        grad_scale, stepped = 1.0, True
-        if scaler is not None:
-            grad_scale = scaler.get_scale()
-            scaler.scale(loss).backward()
-            scaler.unscale_(self.optimizer)
-            self.module.on_before_optimizer_step(step)
-            scaler.step(self.optimizer)
-            scaler.update()
-            stepped = scaler.get_scale() >= grad_scale   # the scale only drops on a skipped step
-        else:
+    def _backward(self, loss: torch.Tensor) -> Optional[torch.Tensor]:
+        """backward; with a GradScaler also unscale the gradients and return whether any is
+        non-finite, as a device tensor (no host read: :meth:`_agree` reads it with the rest)."""
+        scaler = self.precision.scaler
+        if scaler is None:
             loss.backward()
+            return None
+        self._grad_scale = scaler.scale(torch.ones((), device=loss.device))   # this step's scale, on the device
+        scaler.scale(loss).backward()
+        scaler.unscale_(self.optimizer)
+        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        return ~torch.isfinite(torch.nn.utils.get_total_norm(grads)) if grads else None
+
+    def _step(self, overflow: bool) -> None:
+        """The module's pre-step hook and the optimiser step, skipped on a GradScaler ``overflow``
+        (the scale backs off); the post-step hook on real steps only. ``GradScaler.step`` is not
+        used: it reads ``found_inf`` on the host, which :meth:`_agree` already did."""
+        scaler, step = self.precision.scaler, self.state.step
+        if not overflow:
             self.module.on_before_optimizer_step(step)
             self.optimizer.step()
+        grad_scale = self._grad_scale if scaler is not None else 1.0
+        if scaler is not None:
+            scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        if stepped:
+        if not overflow:
             self.module.on_train_step_end(step, self.optimizer.param_groups[0]["lr"], grad_scale)
         self.scheduler.step()
         self.state.step += 1
@@ -541,8 +571,7 @@ class Trainer:
         sampler, batch_size = getattr(loader, "sampler", None), getattr(loader, "batch_size", None) or 1
         offset = len(sampler) - sampler.num_remaining if hasattr(sampler, "num_remaining") else 0
         first = offset // batch_size
-        loss_meter, time_meter, data_meter = AverageMeter(), AverageMeter(), AverageMeter()
-        extras: Dict[str, AverageMeter] = {}
+        meters, time_meter, data_meter = DeviceMeters(), AverageMeter(), AverageMeter()
         images = 0
         end = time.perf_counter()
         for it, (views, index, label) in enumerate(loader, start=first):
@@ -552,7 +581,8 @@ class Trainer:
             with self.precision.autocast(device):
                 out = self.model(views, target)
             loss = out["loss"]
-            finite, stop, save = self._agree(bool(torch.isfinite(loss).item()))
+            overflow = self._backward(loss)
+            finite, overflow, stop, save = self._agree(loss, overflow)
             consumed = offset + (it - first + 1) * batch_size
             if not finite:
                 self._skip_nonfinite(epoch, it)
@@ -560,33 +590,33 @@ class Trainer:
                 end = time.perf_counter()
                 continue
             self.state.nonfinite_run = 0
-            self._step(loss)
+            self._step(overflow)
 
             batch = views[0].shape[0]
             images += batch
-            loss_meter.update(loss.item(), batch)
-            for k, v in out.items():
-                if k != "loss":
-                    extras.setdefault(k, AverageMeter()).update(_scalar(v), batch)
+            meters.update(out, batch)   # no host read
             time_meter.update(time.perf_counter() - end)
             data_meter.update(data_time)
             if (it + 1) % opts.print_freq == 0 or it + 1 == num_iters:
+                last, mean = meters.read()   # the logged values: read on print steps only
                 ips = batch * run.env.world_size / max(time_meter.avg, 1e-9)
                 eta = time_meter.avg * ((num_iters - it - 1) + (num_epochs - epoch) * num_iters)
+                extras = {k: v for k, v in last.items() if k != "loss"}
                 logger.info(f"train epoch [{epoch}/{num_epochs}] iter [{it + 1}/{num_iters}] lr {lr:.4g} "
-                            f"loss {loss_meter.val:.4f} ({loss_meter.avg:.4f}) images/s {ips:.1f} "
+                            f"loss {last['loss']:.4f} ({mean['loss']:.4f}) images/s {ips:.1f} "
                             f"data {100 * data_meter.sum / max(time_meter.sum, 1e-9):.0f}% "
                             f"mem {peak_memory_mb(device):.0f}MB eta {format_eta(eta)}"
-                            + "".join(f" {k} {m.val:.4g}" for k, m in extras.items()))
-                run.tb.scalars({"loss": loss_meter.val, "lr": lr, "images_per_s": ips,
-                                **{k: m.val for k, m in extras.items()}}, self.state.step, prefix="train/")
+                            + "".join(f" {k} {v:.4g}" for k, v in extras.items()))
+                run.tb.scalars({"loss": last["loss"], "lr": lr, "images_per_s": ips, **extras}, self.state.step,
+                               prefix="train/")
             self._between_steps(epoch, it, consumed, stop, save, it + 1 >= num_iters)
             end = time.perf_counter()
         corrupt = getattr(getattr(loader, "dataset", None), "num_corrupt", 0)
         if corrupt:
             logger.warning(f"{corrupt} corrupt image(s) replaced so far (see the warnings above for the files)")
-        return {"loss": loss_meter.avg, "images_per_s": images * run.env.world_size / max(time_meter.sum, 1e-9),
-                **{k: m.avg for k, m in extras.items()}}
+        _, mean = meters.read()
+        return {"loss": mean.get("loss", 0.0), "images_per_s": images * run.env.world_size / max(time_meter.sum, 1e-9),
+                **{k: v for k, v in mean.items() if k != "loss"}}
 
 
 def save_epoch(checkpointer: Checkpointer, epoch: int, last_epoch: int, step: int) -> None:

@@ -11,7 +11,7 @@ import os
 import resource
 import sys
 import time
-from typing import Dict, Optional, TextIO
+from typing import Dict, List, Optional, TextIO, Tuple
 
 import torch
 from termcolor import colored
@@ -62,6 +62,39 @@ class AverageMeter:
     @property
     def avg(self) -> float:
         return self.sum / max(self.count, 1)
+
+
+class DeviceMeters:
+    """Last value and running mean of named scalars, kept as tensors where they were computed.
+
+    :meth:`update` queues device arithmetic only (no host read); :meth:`read` copies everything to
+    the host with one synchronisation per device, so the loop reads its logged values on print
+    steps only. Python numbers are kept on the host.
+    """
+
+    def __init__(self) -> None:
+        self._last: Dict[str, torch.Tensor] = {}
+        self._sum: Dict[str, torch.Tensor] = {}
+        self._count: Dict[str, int] = {}
+
+    def update(self, values: Dict[str, object], n: int = 1) -> None:
+        for k, v in values.items():
+            t = v.detach().float().reshape(()) if torch.is_tensor(v) else torch.tensor(float(v))
+            self._last[k] = t
+            self._sum[k] = t * n if k not in self._sum else self._sum[k].add(t, alpha=n)
+            self._count[k] = self._count.get(k, 0) + n
+
+    def read(self) -> Tuple[Dict[str, float], Dict[str, float]]:
+        """``(last values, means)`` as Python floats."""
+        by_device: Dict[torch.device, List[str]] = {}
+        for k, t in self._last.items():
+            by_device.setdefault(t.device, []).append(k)
+        last, mean = {}, {}
+        for keys in by_device.values():
+            values = torch.stack([self._last[k] for k in keys] + [self._sum[k] for k in keys]).tolist()
+            for i, k in enumerate(keys):
+                last[k], mean[k] = values[i], values[len(keys) + i] / max(self._count[k], 1)
+        return last, mean
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -79,34 +79,38 @@ class LARS(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One update of every group, with multi-tensor (``torch._foreach_*``) kernels: a handful of
+        launches per group instead of several per tensor."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr = group["lr"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                d = p.grad
-                if not group.get("lars_exclude", False):
-                    if group["weight_decay"] != 0:
-                        d = d.add(p, alpha=group["weight_decay"])
-                    w_norm, d_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
-                    ratio = torch.where((w_norm > 0) & (d_norm > 0),
-                                        group["trust_coefficient"] * w_norm / (d_norm + group.get("eps", 0.0)),
-                                        torch.ones_like(w_norm))
-                    d = d * ratio
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            lr, d = group["lr"], [p.grad for p in params]
+            if not group.get("lars_exclude", False):
+                if group["weight_decay"] != 0:
+                    d = torch._foreach_add(d, params, alpha=group["weight_decay"])
+                w_norm, d_norm = torch.stack(torch._foreach_norm(params)), torch.stack(torch._foreach_norm(d))
+                ratio = torch.where((w_norm > 0) & (d_norm > 0),
+                                    group["trust_coefficient"] * w_norm / (d_norm + group.get("eps", 0.0)),
+                                    torch.ones_like(w_norm))
+                d = torch._foreach_mul(d, list(ratio.unbind()))
+            bufs = []
+            for p in params:
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"]
-                if self.form == "release":
-                    buf.mul_(group["momentum"]).add_(d)
-                    p.add_(buf, alpha=-lr)
-                else:
-                    buf.mul_(group["momentum"]).add_(d, alpha=lr)
-                    p.sub_(buf)
+                bufs.append(state["momentum_buffer"])
+            torch._foreach_mul_(bufs, group["momentum"])
+            if self.form == "release":
+                torch._foreach_add_(bufs, d)
+                torch._foreach_add_(params, bufs, alpha=-lr)
+            else:
+                torch._foreach_add_(bufs, d, alpha=lr)
+                torch._foreach_sub_(params, bufs)
         return loss
 
 

@@ -193,7 +193,11 @@ def add_schedule_flags(p: argparse.ArgumentParser, *, default_epochs: int) -> No
                    "steps with a non-finite loss (each is skipped on all ranks)")
     g.add_argument("--channels-last", action="store_true", help="(new) channels-last memory format")
     g.add_argument("--compile", action="store_true", help="(new) torch.compile the backbone "
-                   "(nn.Module.compile, checkpoint keys unchanged; needs a C compiler on the CPU)")
+                   "(nn.Module.compile, checkpoint keys unchanged; needs a C compiler on the CPU; skipped "
+                   "with a warning where SyncBatchNorm runs on several ranks, pytorch#107372)")
+    g.add_argument("--deterministic", action="store_true", help="(new) deterministic kernels "
+                   "(torch.use_deterministic_algorithms, cudnn.benchmark off): repeatable, slower; by default "
+                   "CUDA runs with cudnn.benchmark")
 
 
 def add_runtime_flags(p: argparse.ArgumentParser, *, output_dir: Optional[str] = "./output",
@@ -517,6 +521,9 @@ def train_step_parser(doc: str = "", methods: Sequence[str] = (), output_json: s
                    default=None, help="negatives / queue length of the methods that use them (default: the "
                    "recipe's; --num-negative: alias)")
     p.add_argument("--quick", action="store_true", help="ResNet-18 only, batch 8, 2 timed steps")
+    p.add_argument("--loop", action="store_true", help="time the training loop (Trainer.train_epoch: device "
+                   "augmentation, agreement, logging) with the host reads of the loop before issue 29 emulated "
+                   "(old) and without them (new), in the same process; prints steps/s and the ratio")
     add_device_flag(p)
     add_seed_flag(p)
     add_output_json_flag(p, output_json, "--out")

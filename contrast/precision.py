@@ -17,6 +17,7 @@ Logits and losses stay fp32 in every mode (the methods disable autocast around t
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
@@ -35,7 +36,9 @@ class Precision:
     scaler: Optional[torch.amp.GradScaler]
 
     def autocast(self, device: torch.device):
-        return torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype is not None)
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.dtype)
 
 
 def _cpuinfo_flags(path: str = "/proc/cpuinfo") -> set:

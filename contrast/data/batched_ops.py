@@ -10,7 +10,13 @@ arithmetic follows ``torchvision.transforms.v2.functional`` on float tensors.
 
 Randomness: every module's ``forward(x, generator=None)`` draws from ``generator`` when given
 (parameters are sampled on the generator's device, then moved to ``x.device``), otherwise from
-the global RNG of ``x.device``, so nothing forces a host/device synchronisation.
+the global RNG of ``x.device``.
+
+Synchronisation: on the CPU an op that applies to some samples only (blur, greyscale, hue)
+selects them with ``nonzero`` and transforms just those. On an accelerator that would be a
+host-device synchronisation per op (the host needs the count), so there every sample is
+transformed and ``torch.where`` keeps the selected ones: the same values, no host read
+(:func:`sync_free`; a module's ``sync_free`` attribute forces either path).
 """
 from __future__ import annotations
 
@@ -38,6 +44,17 @@ def _uniform(n: int, low: float, high: float, device: torch.device,
              generator: Optional[torch.Generator]) -> Tensor:
     """``(n,)`` samples of ``U[low, high)``."""
     return low + (high - low) * _rand((n,), device, generator)
+
+
+def sync_free(x: Tensor, forced: Optional[bool] = None) -> bool:
+    """Whether ops on ``x`` use masks instead of ``nonzero`` (off the CPU, unless ``forced``)."""
+    return forced if forced is not None else x.device.type != "cpu"
+
+
+class RandomOp(nn.Module):
+    """Base of the random modules: ``sync_free`` None picks the path by device (:func:`sync_free`)."""
+
+    sync_free: Optional[bool] = None
 
 
 def _per_sample(v: Tensor) -> Tensor:
@@ -153,7 +170,7 @@ def solarize(x: Tensor, threshold: float) -> Tensor:
     return torch.where(x >= threshold, 1.0 - x, x)
 
 
-def color_jitter(x: Tensor, factors: Tensor, order: Tensor) -> Tensor:
+def color_jitter(x: Tensor, factors: Tensor, order: Tensor, masked: bool = False) -> Tensor:
     """ColorJitter with per-sample factors and per-sample order of the four operations.
 
     Args:
@@ -164,7 +181,8 @@ def color_jitter(x: Tensor, factors: Tensor, order: Tensor) -> Tensor:
 
     Brightness, contrast and saturation are all ``f x + (1 - f) r`` with ``r`` = 0, the mean
     grey level or the grey image, so each of the four slots is one blend over the whole batch
-    plus a hue rotation on the samples whose slot holds the hue operation.
+    plus a hue rotation on the samples whose slot holds the hue operation (``masked``: computed
+    for every sample and kept where selected, without a host read).
     """
     rows = torch.arange(x.shape[0], device=x.device)
     zero = torch.zeros((), device=x.device, dtype=x.dtype)
@@ -178,11 +196,15 @@ def color_jitter(x: Tensor, factors: Tensor, order: Tensor) -> Tensor:
         # = f x + a * gray + c with per-sample a, c
         a = torch.where(op == SATURATION, 1.0 - f_cheap, zero)
         c = torch.where(op == CONTRAST, 1.0 - f_cheap, zero)
-        if bool((op == CONTRAST).any()):
+        if masked or bool((op == CONTRAST).any()):
             c = c * gray.mean(dim=(-3, -2, -1))
         offset = torch.addcmul(_per_sample(c), gray, _per_sample(a))
         x = torch.addcmul(offset, x, _per_sample(f_cheap)).clamp_(0.0, 1.0)
-        hue_idx = torch.nonzero(~cheap & (f != 0)).flatten()
+        hue = ~cheap & (f != 0)
+        if masked:
+            x = torch.where(_per_sample(hue), adjust_hue(x, torch.where(hue, f, zero)), x)
+            continue
+        hue_idx = torch.nonzero(hue).flatten()
         if hue_idx.numel() > 0:
             # x is this function's own tensor since the first addcmul: update it in place
             x.index_copy_(0, hue_idx, adjust_hue(x.index_select(0, hue_idx), f.index_select(0, hue_idx)))
@@ -193,7 +215,7 @@ def color_jitter(x: Tensor, factors: Tensor, order: Tensor) -> Tensor:
 # Random modules: forward(x (B, 3, H, W) float in [0, 1], generator=None) -> same shape
 # --------------------------------------------------------------------------------------------
 
-class RandomColorJitter(nn.Module):
+class RandomColorJitter(RandomOp):
     """``RandomApply([ColorJitter(brightness, contrast, saturation, hue)], p)``, per sample.
 
     As ``torchvision.transforms.ColorJitter``: brightness, contrast and saturation factors are
@@ -228,14 +250,14 @@ class RandomColorJitter(nn.Module):
 
     def forward(self, x: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
         factors, order = self.sample_params(x.shape[0], x.device, generator)
-        return color_jitter(x, factors, order)
+        return color_jitter(x, factors, order, sync_free(x, self.sync_free))
 
     def extra_repr(self) -> str:
         return (f"brightness={self.brightness}, contrast={self.contrast}, saturation={self.saturation}, "
                 f"hue={self.hue}, p={self.p}")
 
 
-class RandomGrayscale(nn.Module):
+class RandomGrayscale(RandomOp):
     """``RandomGrayscale(p)`` per sample: the luma replicated on 3 channels."""
 
     def __init__(self, p: float = 0.1) -> None:
@@ -243,7 +265,10 @@ class RandomGrayscale(nn.Module):
         self.p = p
 
     def forward(self, x: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
-        idx = torch.nonzero(_rand((x.shape[0],), x.device, generator) < self.p).flatten()
+        applied = _rand((x.shape[0],), x.device, generator) < self.p
+        if sync_free(x, self.sync_free):
+            return torch.where(_per_sample(applied), rgb_to_grayscale(x).expand(-1, 3, -1, -1), x)
+        idx = torch.nonzero(applied).flatten()
         if idx.numel() == 0:
             return x
         return x.index_copy(0, idx, rgb_to_grayscale(x.index_select(0, idx)).expand(-1, 3, -1, -1))
@@ -252,7 +277,7 @@ class RandomGrayscale(nn.Module):
         return f"p={self.p}"
 
 
-class RandomGaussianBlur(nn.Module):
+class RandomGaussianBlur(RandomOp):
     """``RandomApply([GaussianBlur(kernel_size, sigma)], p)`` per sample.
 
     ``sigma ~ U[sigma_min, sigma_max]`` per sample, the same for both axes (as torchvision).
@@ -271,6 +296,8 @@ class RandomGaussianBlur(nn.Module):
         n = x.shape[0]
         applied = _rand((n,), x.device, generator) < self.p
         sigma = _uniform(n, self.sigma[0], self.sigma[1], x.device, generator)
+        if sync_free(x, self.sync_free):
+            return torch.where(_per_sample(applied), gaussian_blur(x, self.kernel_size, sigma), x)
         idx = torch.nonzero(applied).flatten()
         if idx.numel() == 0:
             return x

@@ -19,6 +19,7 @@ from contrast.data import build_dataset
 from contrast.data.transforms import VAL_CROP_FRACTION, build_augmentation
 from contrast.eval.features import build_eval_loader, extract_features
 from contrast.logger import Progress
+from contrast.placement import place
 
 
 _M32 = 0xFFFFFFFF
@@ -270,7 +271,7 @@ class KNNMonitor:
         self.device = torch.device(device)
         self.k, self.temperature = k, temperature
         self.batch_size, self.num_workers = batch_size, num_workers
-        self.device_transform = device_transform.to(self.device) if device_transform is not None else None
+        self.device_transform = place(device_transform, self.device)
         self.num_classes = num_classes if num_classes is not None else _num_classes(train_set)
         self.best: Dict[str, float] = {"top1": float("-inf"), "top5": float("-inf")}
 

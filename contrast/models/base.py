@@ -49,8 +49,9 @@ class TrainModule(nn.Module):
     def on_train_step_end(self, step: int, lr: float, grad_scale: float = 1.0) -> None:
         """Called after a real ``optimizer.step()`` (not after a skipped one).
 
-        ``grad_scale`` is the AMP loss scale (1 without a GradScaler), for state updated from
-        gradients outside the optimiser (the sampled PIC table).
+        ``grad_scale`` is the AMP loss scale (1 without a GradScaler; with one a 0-dim tensor on the
+        device, so reading it costs no synchronisation), for state updated from gradients outside the
+        optimiser (the sampled PIC table).
         """
 
     def rank_state_dict(self) -> Optional[dict]:

@@ -76,6 +76,16 @@ def _mean(x: torch.Tensor, mask: torch.Tensor) -> float:
     return float(x[mask].mean()) if bool(mask.any()) else float("nan")
 
 
+def last_occurrence_rows(slots: torch.Tensor, scratch: int) -> torch.Tensor:
+    """Rows to write a batch to: ``slots`` (B,) where a slot is tracked (>= 0) and this is its last
+    occurrence in the batch, else the ``scratch`` row. An index write with repeated rows has no
+    defined order on CUDA; with every real row written once the last occurrence wins on any device."""
+    rows = torch.where(slots >= 0, slots, scratch)
+    pos = torch.arange(rows.numel(), device=rows.device)
+    last = torch.full((scratch + 1,), -1, dtype=torch.long, device=rows.device).scatter_reduce_(0, rows, pos, "amax")
+    return torch.where(last[rows] == pos, rows, scratch)
+
+
 def window_steps_of(window_size: int, window_stride: int, batch_size: int) -> int:
     """Steps an instance stays inside PIC's sliding window: (W / S) window-epochs of W / B steps."""
     return max(1, -(-window_size // window_stride)) * max(1, -(-window_size // batch_size))
@@ -137,8 +147,7 @@ class PICDiagnostics:
             before = staleness(self.last_seen[idx], self.step)   # staleness at this visit
             out = self._measure(z, idx, before, weight.detach())
         self.last_seen[idx] = self.step
-        slots = self.slot[idx]
-        self.last_feat[torch.where(slots >= 0, slots, self.tracked.numel())] = z
+        self.last_feat[last_occurrence_rows(self.slot[idx], self.tracked.numel())] = z
         self.step += 1
         return out
 

@@ -265,6 +265,7 @@ class SampledInstanceClassifier(InstanceClassifier):
         self.queue = torch.full((min(num_negative, num_instances),), -1, dtype=torch.int64)
         self.queue_ptr = 0
         self._pending: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+        self._target: Tuple[Optional[torch.Tensor], Optional[torch.Tensor]] = (None, None)
         self._own_rows: Optional[torch.Tensor] = None
         self.last_stats: Dict[str, torch.Tensor] = {}
 
@@ -343,16 +344,19 @@ class SampledInstanceClassifier(InstanceClassifier):
                 z_small: Sequence[torch.Tensor] = ()) -> torch.Tensor:
         """Loss of (B, D) normalised ``z_large`` with targets ``index`` (B,) against the rows in play;
         ``z_small`` (list of (B, D)) use a detached W. Returns an fp32 scalar."""
-        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.num_instances):
+        index_host = index.detach().cpu()   # the table lives on the host: one copy of the ids, checked there
+        if index_host.numel() and (int(index_host.min()) < 0 or int(index_host.max()) >= self.num_instances):
             raise ValueError(f"PIC index out of range [0, {self.num_instances}): "
-                             f"min {int(index.min())}, max {int(index.max())}")
-        batch_ids = cd.all_gather_variable(index.detach()).cpu().unique()
+                             f"min {int(index_host.min())}, max {int(index_host.max())}")
+        gathered = cd.all_gather_variable(index.detach()).cpu() if cd.get_world_size() > 1 else index_host
+        batch_ids = gathered.unique()
         candidates = self._candidates(batch_ids)
         weight = self.gather_rows(candidates, z_large.device).requires_grad_(torch.is_grad_enabled())
-        target = torch.searchsorted(candidates, index.detach().cpu()).to(z_large.device)
+        target = torch.searchsorted(candidates, index_host).to(z_large.device, non_blocking=True)
         with torch.autocast(device_type=z_large.device.type, enabled=False):
             loss = pic_loss(z_large, weight, target, self.temperature, z_small)
         self._pending = (candidates, weight, batch_ids)
+        self._target = (index, target)   # positive_similarity of this batch reuses it (no second host copy)
         norms = weight.detach().norm(dim=1)
         self.last_stats = {"w_norm_min": norms.min(), "w_norm_mean": norms.mean(), "w_norm_max": norms.max(),
                            "num_candidates": torch.tensor(float(candidates.shape[0]))}
@@ -371,7 +375,9 @@ class SampledInstanceClassifier(InstanceClassifier):
         if self._pending is None:
             raise RuntimeError("positive_similarity needs a forward pass first")
         candidates, weight, _ = self._pending
-        rows = weight.detach()[torch.searchsorted(candidates, index.cpu()).to(weight.device)]
+        target = self._target[1] if self._target[0] is index else \
+            torch.searchsorted(candidates, index.cpu()).to(weight.device)
+        rows = weight.detach()[target]
         return (z * normalize_fp32(rows)).sum(dim=1).mean()
 
     def stats(self) -> Dict[str, torch.Tensor]:
