@@ -29,8 +29,9 @@ the log's ``mem`` (peak CUDA memory allocated; peak RSS on a CPU), rank 0.
     bash benchmarks/gpu_check.sh --tiny     # CPU (CI): ResNet-18, 32 px, batch 8, a subset, every method once
 
 The markdown table is printed and written, with the rest, as JSON (``--out``; paths in it are
-relative to the work folder, which is deleted unless ``--keep-work``). Exit code 0: every row
-passed or is n/a; 1: a row failed or was not run; 2: full mode without CUDA.
+relative to the work folder: a temporary one deleted at the end unless ``--keep-work``, or
+``--workdir``). Exit code 0: every row passed or is n/a; 1: a row failed or was not run; 2: full mode
+without CUDA, or a non-empty ``--workdir``.
 """
 from __future__ import annotations
 
@@ -233,9 +234,10 @@ def judge(s: Setting, rc: Optional[int], log: str, ckpt: Optional[dict], epochs:
         problems.append(f"exit code {rc}")
     lines = train_lines(resume_log or log)
     if lines:
-        last = lines[-1]
-        row["images_per_s"] = last["images_per_s"]
+        row["images_per_s"] = lines[-1]["images_per_s"]
         row["peak_mem_mb"] = max(x["mem_mb"] for x in lines)
+    elif s.kind != "knn" and not problems:
+        problems.append("no 'train epoch' line in the log")
     if any(not math.isfinite(x["loss"]) or not math.isfinite(x["avg_loss"]) for x in train_lines(log + resume_log)):
         problems.append("non-finite loss in the log")
     if s.kind == "pretrain":
@@ -282,6 +284,12 @@ def judge(s: Setting, rc: Optional[int], log: str, ckpt: Optional[dict], epochs:
     if problems:
         row["error"] = "; ".join(problems)
     return row
+
+
+def failures(rows: List[Dict]) -> List[str]:
+    """One line per row that failed or was not run (n/a rows are not failures)."""
+    return [f"{r['name']}: {r['status']} {r.get('error') or r.get('reason') or ''}".strip()
+            for r in rows if r["status"] not in (OK,) + NOT_APPLICABLE]
 
 
 def table(rows: List[Dict], batch_of: Callable[[Dict], int]) -> str:
@@ -352,8 +360,7 @@ def read_text(path: str) -> str:
 
 
 def last_line(console: str) -> str:
-    lines = [x for x in read_text(console).splitlines() if x.strip()]
-    return lines[-1][-300:] if lines else ""
+    return ([x for x in read_text(console).splitlines() if x.strip()] or [""])[-1][-300:]
 
 
 class Check:
@@ -381,8 +388,8 @@ class Check:
         if s.not_run:
             return {**base, "status": s.not_run}
         if self.remaining() < self.estimate(s):
-            return {**base, "status": NOT_RUN, "reason": f"the {self.budget:.0f} s time budget would be exceeded "
-                                                         f"({self.remaining():.0f} s left, ~{self.estimate(s):.0f} s needed)"}
+            return {**base, "status": NOT_RUN, "reason": f"the {self.budget:.0f} s time budget would be exceeded ("
+                    f"{self.remaining():.0f} s left, ~{self.estimate(s):.0f} s needed)"}
         if s.source and done.get(s.source, {}).get("status") != OK:
             return {**base, "status": FAILED, "error": f"its checkpoint's run ({s.source}) failed"}
         out = os.path.join(self.work, run_dir(s))
@@ -399,7 +406,7 @@ class Check:
                 s, r["rc"], read_text(os.path.join(out, "log.txt")), None, 1, timed_out=r["timed_out"],
                 knn_json=json.loads(read_text(knn)) if os.path.exists(knn) else None), "seconds": r["seconds"]}
         if row["status"] != OK:
-            row.setdefault("console_last_line", last_line(console))
+            row["console_last_line"] = last_line(console).replace(self.work, ".").replace(ROOT, "<repo>")
         return row
 
     def pretrain(self, s: Setting, out: str, console: str, base: Dict) -> Dict:
@@ -410,24 +417,22 @@ class Check:
         commands, seconds, log = [cmd], r["seconds"], read_text(os.path.join(out, "log.txt"))
         resume_log, final = "", r
         if s.kill and r["killed"]:
-            env = {"CUDA_VISIBLE_DEVICES": "0"} if nproc2 < s.nproc and self.device != "cpu" else None
+            first_gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+            env = {"CUDA_VISIBLE_DEVICES": first_gpu} if nproc2 < s.nproc and self.device != "cpu" else None
             cmd2 = command("main_pretrain.py", pretrain_argv(s, self.mode, self.device, nproc2) + ["--auto-resume"],
                            nproc2)
             final = self.process(cmd2, console, env=env)
-            commands.append(cmd2 if env is None else ["CUDA_VISIBLE_DEVICES=0"] + cmd2)
+            commands.append(cmd2 if env is None else [f"CUDA_VISIBLE_DEVICES={first_gpu}"] + cmd2)
             seconds += final["seconds"]
             resume_log = read_text(os.path.join(out, "log.txt"))[len(log):]
-        ckpt = None
         try:
             ckpt = load_file(os.path.join(out, "current.pth"))
-        except CheckpointError:
-            pass
+        except CheckpointError:   # missing or unreadable: judged as "no final checkpoint"
+            ckpt = None
         epochs = self.mode.kill_epochs if s.kill else self.mode.epochs
-        batch = self.mode.batch * s.nproc
-        row = {**base, "commands": commands, "total_batch": batch, **judge(
-            s, final["rc"] if not (s.kill and not r["killed"]) else r["rc"], log, ckpt, epochs, killed=r["killed"],
-            resume_log=resume_log, timed_out=final["timed_out"]), "seconds": seconds}
-        return row
+        return {**base, "commands": commands, "total_batch": self.mode.batch * s.nproc, **judge(
+            s, final["rc"], log, ckpt, epochs, killed=r["killed"], resume_log=resume_log,
+            timed_out=final["timed_out"]), "seconds": seconds}
 
 
 def tidy(work: str, row: Dict, keep: set) -> None:
@@ -453,6 +458,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     budget = args.time_budget or mode.budget_s + (MULTI_GPU_BUDGET_S if gpus >= 2 else 0.0)
     out_path = args.out or f"benchmarks/results/gpu_check{'_tiny' if args.tiny else ''}.json"
     rows_plan = plan(mode, cuda, gpus, args.methods)
+    if args.workdir and os.path.isdir(args.workdir) and os.listdir(args.workdir):
+        print(f"gpu_check: --workdir {args.workdir} is not empty", file=sys.stderr)
+        return 2
     work = args.workdir or tempfile.mkdtemp(prefix="gpu_check_")
     check = Check(mode, "auto" if device == "cuda" else device, work, budget)
     make_dataset(os.path.join(work, "data"), mode.train_per_class, mode.val_per_class, mode.data_px)
@@ -467,29 +475,28 @@ def main(argv: Optional[List[str]] = None) -> int:
                   + (f"{row['seconds']:.0f} s " if "seconds" in row else "")
                   + (row.get("error") or row.get("reason") or ""), flush=True)
     finally:
-        if not args.keep_work:
+        if not args.keep_work and not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
     rows = list(done.values())
     text = table(rows, lambda r: r.get("total_batch") or mode.batch)
-    failures = [f"{r['name']}: {r['status']} {r.get('error') or r.get('reason') or ''}".strip()
-                for r in rows if r["status"] not in (OK,) + NOT_APPLICABLE]
+    failed = failures(rows)
     total = time.monotonic() - check.start
     gpu = torch.cuda.get_device_name(0) if cuda else None
     doc = {"mode": mode.name, "device": device, "gpu": gpu, "gpus": gpus,
            "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
            "settings": asdict(mode), "methods": list(METHODS), "time_budget_s": budget, "seconds": total,
-           "failures": failures, "table": text, "rows": rows,
+           "failures": failed, "table": text, "rows": rows,
            "paths": "relative to the work folder (data/, runs/<setting>/); python = this interpreter"}
     os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
     with open(out_path, "w") as f:
         json.dump(doc, f, indent=2, default=str)
     print(f"\nfirst-GPU-run check, {mode.name} mode, {device} ({gpu or doc['cpu']}), {mode.arch} at "
           f"{mode.image_size} px, batch {mode.batch} per process:\n\n{text}\n")
-    print(f"{len(rows)} rows in {total:.0f} s (budget {budget:.0f} s); {len(failures)} failed or not run; "
-          f"wrote {out_path}" + (f"; work folder kept: {work}" if args.keep_work else ""))
-    for f_ in failures:
+    print(f"{len(rows)} rows in {total:.0f} s (budget {budget:.0f} s); {len(failed)} failed or not run; "
+          f"wrote {out_path}" + (f"; work folder kept: {work}" if args.keep_work or args.workdir else ""))
+    for f_ in failed:
         print(f"FAILED: {f_}", file=sys.stderr)
-    return 1 if failures else 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

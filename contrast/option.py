@@ -761,8 +761,10 @@ def gpu_check_parser(doc: str = "") -> argparse.ArgumentParser:
     p.add_argument("--time-budget", type=float, default=None, help="seconds for the whole check: a row that would "
                    "not fit is NOT RUN (a failure) (default 480 on one GPU, +180 with 2+ GPUs, 600 with --tiny)")
     p.add_argument("--methods", nargs="*", default=None, help="only these methods or settings (default: all)")
-    p.add_argument("--workdir", default=None, help="folder for the data and the runs (default: a temporary one)")
-    p.add_argument("--keep-work", action="store_true", help="keep the work folder (logs, the evaluated checkpoint)")
+    p.add_argument("--workdir", default=None, help="an empty or new folder for the data and the runs, kept "
+                   "(default: a temporary one)")
+    p.add_argument("--keep-work", action="store_true", help="keep the temporary work folder (logs, the evaluated "
+                   "checkpoint)")
     return p
 
 
