@@ -5,7 +5,10 @@ Every row of the check is one or two processes of ``main_pretrain.py``, ``main_l
 ``tools/make_demo_dataset.py``, with DataLoader workers and the device augmentation stage (never
 ``--plain-aug``). The plan comes from the registry (``contrast.models.METHODS``) and each class's
 declarations: one pretraining setting per method with its own ``--aug``, plus ``--aug MultiCrop``
-for a method whose ``views`` accept it; the methods' own defaults are kept (no per-method flags).
+for a method whose ``views`` accept it (with the release's multi-crop ``--crop 0.08``); the methods'
+own defaults are kept (no per-method flags). The kill is a SIGKILL of every process of the run at
+once (torchrun, each rank's own session, the DataLoader workers); rows are judged in
+``benchmarks/gpu_check_report.py``.
 
 * every setting in fp32 (with ``--knn-monitor``), fp16 (``--amp-opt-level O1``: fp16 + GradScaler
   on CUDA; "n/a on cpu") and bf16 (``O2``);
@@ -26,7 +29,7 @@ the budget cuts short. images/s: the last epoch's mean from ``log.txt`` (all ran
 the log's ``mem`` (peak CUDA memory allocated; peak RSS on a CPU), rank 0.
 
     bash benchmarks/gpu_check.sh            # one GPU: ResNet-50, 64 px, batch 32; --time-budget 480 s
-    bash benchmarks/gpu_check.sh --tiny     # CPU (CI): ResNet-18, 32 px, batch 8, a subset, every method once
+    bash benchmarks/gpu_check.sh --tiny     # CPU (CI): ResNet-18, 32 px, batch 16, a subset, every method once
 
 The markdown table is printed and written, with the rest, as JSON (``--out``; paths in it are
 relative to the work folder: a temporary one deleted at the end unless ``--keep-work``, or
@@ -36,7 +39,6 @@ without CUDA, or a non-empty ``--workdir``.
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import re
@@ -54,6 +56,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
+from benchmarks.gpu_check_report import (FAILED, KNN_K, NOT_APPLICABLE, NOT_RUN, OK, failures, judge,  # noqa: E402
+                                         table)
 from contrast.checkpoint import CheckpointError, load_file  # noqa: E402
 from contrast.models import METHODS  # noqa: E402
 from contrast.models.views import MULTI_CROP_AUG  # noqa: E402
@@ -62,15 +66,9 @@ from tools.make_demo_dataset import make_dataset  # noqa: E402
 
 SCRIPTS = ("main_pretrain.py", "main_linear.py", "main_knn.py")
 PRECISIONS = {"fp32": "O0", "fp16": "O1", "bf16": "O2"}
-#: GradScaler's initial scale and growth interval (torch's defaults, which contrast.precision keeps)
-INIT_SCALE, GROWTH_INTERVAL = 2.0 ** 16, 2000
-KNN_K = 5
 #: --crop of a --aug MultiCrop setting added to a method whose own recipe has other crop scales: the
 #: release's multi-crop recipe (small crops 0.08-0.14, large 0.14-1; scripts/PIC.sh)
 MULTI_CROP_SCALE = 0.08
-OK, FAILED, NOT_RUN = "ok", "FAILED", "NOT RUN"
-#: statuses that do not fail the check (a setting the device cannot run, or outside the --tiny subset)
-NOT_APPLICABLE = ("n/a on cpu", "not in --tiny")
 
 
 @dataclass(frozen=True)
@@ -80,7 +78,7 @@ class Mode:
     image_size: int
     image_size2: int        # MultiCrop's small crops
     num_crop2: int
-    batch: int              # per process
+    batch: int              # total over the processes of a run (one-process MoCo splits it into 8 BN groups)
     epochs: int
     kill_epochs: int        # the killed-and-resumed runs (killed after their first checkpoint)
     data_px: int
@@ -92,7 +90,7 @@ class Mode:
     process_s: float        # guessed seconds of one process until one has been timed
 
 
-TINY = Mode("tiny", "resnet18", 32, 24, 2, 8, 2, 3, 40, 4, 2, 2, True, 600.0, 10.0)
+TINY = Mode("tiny", "resnet18", 32, 24, 2, 16, 2, 3, 40, 8, 2, 2, True, 600.0, 10.0)
 FULL = Mode("full", "resnet50", 64, 32, 2, 32, 2, 3, 80, 32, 8, 2, False, 480.0, 12.0)
 MULTI_GPU_BUDGET_S = 180.0
 
@@ -171,7 +169,7 @@ def pretrain_argv(s: Setting, mode: Mode, device: str, nproc: int) -> List[str]:
     epochs = mode.kill_epochs if s.kill else mode.epochs
     argv = ["--data-dir", "data", "--output-dir", run_dir(s), "--model", s.model, "--arch", mode.arch,
             "--image-size", str(mode.image_size), "--image-size2", str(mode.image_size2),
-            "--num-crop2", str(mode.num_crop2), "--batch-size", str(mode.batch * s.nproc // nproc),
+            "--num-crop2", str(mode.num_crop2), "--batch-size", str(mode.batch // nproc),
             "--epochs", str(epochs), "--warmup-epoch", "0", "--num-workers", str(mode.workers),
             "--amp-opt-level", PRECISIONS[s.precision], "--device", device, "--print-freq", "1000",
             "--no-tensorboard", "--save-every-minutes", "0", "--seed", "0"]
@@ -192,129 +190,6 @@ def eval_argv(s: Setting, source_dir: str, mode: Mode, device: str) -> List[str]
                      os.path.join(run_dir(s), "knn.json")]
 
 
-# ------------------------------------------------------------------------------------------ reading the runs
-_TRAIN = re.compile(r"train epoch \[(\d+)/(\d+)\] iter \[(\d+)/(\d+)\] lr \S+ loss (\S+) \((\S+)\) "
-                    r"images/s (\S+) data \S+ mem (\S+)MB")
-
-
-def train_lines(log: str) -> List[Dict[str, float]]:
-    """Every ``train epoch`` line of a log: epoch, iteration, loss, mean loss, images/s, mem (MiB)."""
-    return [{"epoch": int(m[1]), "iter": int(m[3]), "loss": float(m[5]), "avg_loss": float(m[6]),
-             "images_per_s": float(m[7]), "mem_mb": float(m[8])} for m in _TRAIN.finditer(log)]
-
-
-def nonfinite_skips(log: str) -> int:
-    """Steps the loop skipped for a non-finite loss (one warning each)."""
-    return len(re.findall(r"non-finite loss at epoch \d+ iteration \d+: step skipped", log))
-
-
-def resumed_from(log: str) -> Optional[Tuple[int, int]]:
-    """(epoch, step) of the last ``resumed from`` line, or None."""
-    found = re.findall(r"resumed from \S+ \(epoch (\d+), step (\d+)", log)
-    return (int(found[-1][0]), int(found[-1][1])) if found else None
-
-
-def scaler_skipped(scaler: Optional[dict], steps: int) -> Optional[int]:
-    """Optimiser steps the GradScaler skipped, from its saved state after ``steps`` steps: each skip
-    multiplies the scale by the backoff factor, and below ``growth_interval`` real steps it never grows.
-    None when that cannot be told (a longer run, or no scaler)."""
-    if not scaler or steps >= scaler.get("growth_interval", GROWTH_INTERVAL):
-        return None
-    ratio = math.log(INIT_SCALE / float(scaler["scale"])) / -math.log(scaler.get("backoff_factor", 0.5))
-    return int(round(ratio))
-
-
-def judge(s: Setting, rc: Optional[int], log: str, ckpt: Optional[dict], epochs: int, *, killed: bool = False,
-          resume_log: str = "", timed_out: bool = False, knn_json: Optional[dict] = None) -> Dict:
-    """Status and figures of a finished row (``ckpt``: the final ``current.pth`` as a dict)."""
-    problems, row = [], {}
-    if timed_out:
-        problems.append("cut short by the time budget")
-    elif rc != 0:
-        problems.append(f"exit code {rc}")
-    lines = train_lines(resume_log or log)
-    if lines:
-        row["images_per_s"] = lines[-1]["images_per_s"]
-        row["peak_mem_mb"] = max(x["mem_mb"] for x in lines)
-    elif s.kind != "knn" and not problems:
-        problems.append("no 'train epoch' line in the log")
-    if any(not math.isfinite(x["loss"]) or not math.isfinite(x["avg_loss"]) for x in train_lines(log + resume_log)):
-        problems.append("non-finite loss in the log")
-    if s.kind == "pretrain":
-        if s.kill and not killed:
-            problems.append("the run ended before the kill (no SIGKILL after a checkpoint)")
-        if s.kill and resumed_from(resume_log) is None:
-            problems.append("no 'resumed from' line after the kill")
-        elif s.kill:
-            row["resumed_from"] = "epoch {}, step {}".format(*resumed_from(resume_log))
-        if s.knn_monitor:
-            top1 = re.findall(r"knn epoch \d+: top-1 (\S+)", log + resume_log)
-            if top1:
-                row["knn_top1"] = float(top1[-1])
-            else:
-                problems.append("no kNN monitor line")
-        if ckpt is None:
-            problems.append("no final checkpoint")
-        else:
-            row["steps"] = steps = int(ckpt["step"])
-            if int(ckpt["epoch"]) != epochs:
-                problems.append(f"final checkpoint at epoch {ckpt['epoch']}, not {epochs}")
-            skipped = nonfinite_skips(log + resume_log)
-            scaled = scaler_skipped(ckpt.get("scaler"), steps)
-            if ckpt.get("scaler") is not None:
-                row["scaler_skipped"] = scaled
-                skipped += scaled or 0
-            row["skipped_steps"] = skipped
-            if steps - (scaled or 0) <= 0:
-                problems.append(f"all {steps} steps skipped" + (" by the GradScaler" if scaled else ""))
-    elif s.kind == "linear":
-        found = re.findall(r"linear evaluation done: last top-1 (\S+)", log)
-        if found:
-            row["top1"] = float(found[-1])
-        elif not problems:
-            problems.append("no 'linear evaluation done' line")
-    elif s.kind == "knn":
-        if knn_json and knn_json.get("knn"):
-            row["top1"] = knn_json["knn"][str(KNN_K)]["top1"]
-            row["images_per_s"] = (knn_json["num_train"] + knn_json["num_val"]) / max(knn_json["extract_seconds"],
-                                                                                       1e-9)
-        elif not problems:
-            problems.append("no kNN result JSON")
-    row["status"] = FAILED if problems else OK
-    if problems:
-        row["error"] = "; ".join(problems)
-    return row
-
-
-def failures(rows: List[Dict]) -> List[str]:
-    """One line per row that failed or was not run (n/a rows are not failures)."""
-    return [f"{r['name']}: {r['status']} {r.get('error') or r.get('reason') or ''}".strip()
-            for r in rows if r["status"] not in (OK,) + NOT_APPLICABLE]
-
-
-def table(rows: List[Dict], batch_of: Callable[[Dict], int]) -> str:
-    """Markdown: setting, status, images/s, steps/s, skipped steps, peak memory, seconds, detail."""
-    out = ["| setting | status | images/s | steps/s | skipped steps | peak mem (MiB) | s | detail |",
-           "|---|---|---:|---:|---:|---:|---:|---|"]
-
-    def num(v, fmt):
-        return format(v, fmt) if isinstance(v, (int, float)) and v is not None else "-"
-    for r in rows:
-        ips = r.get("images_per_s")
-        sps = ips / batch_of(r) if ips is not None and r.get("kind") != "knn" else None
-        skipped = r.get("skipped_steps")
-        if skipped is not None and r.get("steps") is not None:
-            skipped = f"{skipped} of {r['steps']}"
-        detail = r.get("error") or r.get("reason") or "; ".join(
-            f"{name} {r[k]:.1f}" if isinstance(r[k], float) else f"{name} {r[k]}"
-            for k, name in (("resumed_from", "resumed from"), ("knn_top1", "kNN monitor top-1"), ("top1", "top-1"))
-            if k in r)
-        out.append(f"| {r['name']} | {r['status']} | {num(ips, '.0f')} | {num(sps, '.2f')} | "
-                   f"{skipped if skipped is not None else '-'} | {num(r.get('peak_mem_mb'), '.0f')} | "
-                   f"{num(r.get('seconds'), '.0f')} | {detail} |")
-    return "\n".join(out)
-
-
 # ------------------------------------------------------------------------------------------ running them
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -330,10 +205,35 @@ def command(script: str, argv: List[str], nproc: int) -> List[str]:
     return ["python", script, *argv]
 
 
+def process_tree(pid: int) -> List[int]:
+    """``pid`` and its descendants (torchrun starts each rank in a session of its own)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except OSError:
+            pass
+    return out
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL the process groups of ``pid`` and of all its descendants at once (a node failure)."""
+    for p in process_tree(pid):
+        for kill in (lambda: os.killpg(os.getpgid(p), signal.SIGKILL), lambda: os.kill(p, signal.SIGKILL)):
+            try:
+                kill()
+            except OSError:
+                pass
+
+
 def run_process(cmd: List[str], cwd: str, console: str, timeout: float, env: Optional[Dict[str, str]] = None,
                 kill_when: Optional[Callable[[], bool]] = None) -> Dict:
     """Run ``cmd`` (``python`` -> this interpreter, the script from the repository) in its own process
-    group; SIGKILL the group when ``kill_when()`` turns true or after ``timeout`` s."""
+    group; SIGKILL it and every descendant when ``kill_when()`` turns true or after ``timeout`` s."""
     argv = [sys.executable] + [os.path.join(ROOT, a) if a in SCRIPTS else a for a in cmd[1:]]
     full_env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
     start, killed, timed_out = time.monotonic(), False, False
@@ -344,7 +244,7 @@ def run_process(cmd: List[str], cwd: str, console: str, timeout: float, env: Opt
             over = time.monotonic() - start > timeout
             if over or (kill_when is not None and kill_when()):
                 killed, timed_out = not over, over
-                os.killpg(p.pid, signal.SIGKILL)
+                kill_tree(p.pid)
                 p.wait()
                 break
             time.sleep(0.01)
@@ -430,7 +330,7 @@ class Check:
         except CheckpointError:   # missing or unreadable: judged as "no final checkpoint"
             ckpt = None
         epochs = self.mode.kill_epochs if s.kill else self.mode.epochs
-        return {**base, "commands": commands, "total_batch": self.mode.batch * s.nproc, **judge(
+        return {**base, "commands": commands, "total_batch": self.mode.batch, **judge(
             s, final["rc"], log, ckpt, epochs, killed=r["killed"], resume_log=resume_log,
             timed_out=final["timed_out"]), "seconds": seconds}
 
@@ -478,7 +378,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not args.keep_work and not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
     rows = list(done.values())
-    text = table(rows, lambda r: r.get("total_batch") or mode.batch)
+    text = table(rows, mode.batch)
     failed = failures(rows)
     total = time.monotonic() - check.start
     gpu = torch.cuda.get_device_name(0) if cuda else None
@@ -491,7 +391,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     with open(out_path, "w") as f:
         json.dump(doc, f, indent=2, default=str)
     print(f"\nfirst-GPU-run check, {mode.name} mode, {device} ({gpu or doc['cpu']}), {mode.arch} at "
-          f"{mode.image_size} px, batch {mode.batch} per process:\n\n{text}\n")
+          f"{mode.image_size} px, total batch {mode.batch}:\n\n{text}\n")
     print(f"{len(rows)} rows in {total:.0f} s (budget {budget:.0f} s); {len(failed)} failed or not run; "
           f"wrote {out_path}" + (f"; work folder kept: {work}" if args.keep_work or args.workdir else ""))
     for f_ in failed:

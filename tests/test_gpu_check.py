@@ -1,23 +1,21 @@
 """benchmarks/gpu_check.py: the plan follows the registry, rows are judged from what the runs record
 (GradScaler skips, resume, kNN lines), the budget marks rows NOT RUN, and ``--tiny`` (what CI runs)
 passes with the real entry scripts on the CPU."""
-import importlib.util
 import json
 import math
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
+from benchmarks import gpu_check
+from benchmarks import gpu_check_report as report
 from contrast.models import METHODS, PIC, SimCLR
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(ROOT, "benchmarks", "gpu_check.py"))
-gpu_check = importlib.util.module_from_spec(_spec)
-sys.modules["gpu_check"] = gpu_check   # its dataclasses look their module up
-_spec.loader.exec_module(gpu_check)
 
 # Lines in the format contrast.engine.Trainer logs (log.txt of a run).
 LOG = ("[2026-12-06 02:12:21 rank0] INFO train epoch [1/2] iter [5/5] lr 0.0006 loss 3.7896 (2.9355) images/s 44.8 "
@@ -43,12 +41,12 @@ def scaler_state(skips, steps):
 
 @pytest.mark.parametrize("skips,steps", [((), 6), ((0,), 6), ((0, 1, 4), 6), (tuple(range(5)), 5)])
 def test_scaler_skipped_counts_the_steps_a_real_gradscaler_skipped(skips, steps):
-    assert gpu_check.scaler_skipped(scaler_state(set(skips), steps), steps) == len(skips)
+    assert report.scaler_skipped(scaler_state(set(skips), steps), steps) == len(skips)
 
 
 def test_scaler_skipped_is_unknown_past_the_growth_interval_or_without_a_scaler():
-    assert gpu_check.scaler_skipped({"scale": 2.0 ** 16, "growth_interval": 10}, 10) is None
-    assert gpu_check.scaler_skipped(None, 5) is None
+    assert report.scaler_skipped({"scale": 2.0 ** 16, "growth_interval": 10}, 10) is None
+    assert report.scaler_skipped(None, 5) is None
 
 
 def fp16():
@@ -56,13 +54,13 @@ def fp16():
 
 
 def test_an_fp16_run_whose_steps_were_all_skipped_fails():
-    row = gpu_check.judge(fp16(), 0, LOG, {"epoch": 2, "step": 10, "scaler": scaler_state(set(range(10)), 10)}, 2)
+    row = report.judge(fp16(), 0, LOG, {"epoch": 2, "step": 10, "scaler": scaler_state(set(range(10)), 10)}, 2)
     assert row["status"] == "FAILED" and "all 10 steps skipped by the GradScaler" in row["error"]
     assert row["skipped_steps"] == 10 and row["scaler_skipped"] == 10
 
 
 def test_an_fp16_run_with_some_skipped_steps_passes_and_reports_them():
-    row = gpu_check.judge(fp16(), 0, LOG, {"epoch": 2, "step": 10, "scaler": scaler_state({0, 1, 7}, 10)}, 2)
+    row = report.judge(fp16(), 0, LOG, {"epoch": 2, "step": 10, "scaler": scaler_state({0, 1, 7}, 10)}, 2)
     assert row["status"] == "ok" and row["skipped_steps"] == 3
     assert row["images_per_s"] == 60.4 and row["peak_mem_mb"] == 940
 
@@ -71,41 +69,41 @@ def test_nonfinite_loss_skips_are_counted_and_a_nonfinite_logged_loss_fails():
     warn = ("[t rank0] WARNING non-finite loss at epoch 1 iteration 3: step skipped on all ranks "
             "(1 in a row, 1 in total)\n")
     s = gpu_check.Setting("MoCo fp32", model="MoCo")
-    row = gpu_check.judge(s, 0, LOG + warn, {"epoch": 2, "step": 9}, 2)
+    row = report.judge(s, 0, LOG + warn, {"epoch": 2, "step": 9}, 2)
     assert row["status"] == "ok" and row["skipped_steps"] == 1
     bad = LOG.replace("loss 4.7394 (4.7141)", "loss nan (nan)")
-    assert "non-finite loss in the log" in gpu_check.judge(s, 0, bad, {"epoch": 2, "step": 10}, 2)["error"]
+    assert "non-finite loss in the log" in report.judge(s, 0, bad, {"epoch": 2, "step": 10}, 2)["error"]
 
 
 def test_pretrain_rows_fail_on_what_the_run_did_not_do():
     s = gpu_check.Setting("PIC fp32", model="PIC", knn_monitor=True, kill=True)
     ck = {"epoch": 3, "step": 15}
     resume = "[t rank0] INFO resumed from runs/PIC-fp32/current.pth (epoch 1, step 5, 40 of 120 samples seen)\n" + LOG
-    row = gpu_check.judge(s, 0, "", ck, 3, killed=True, resume_log=resume)
+    row = report.judge(s, 0, "", ck, 3, killed=True, resume_log=resume)
     assert row["status"] == "ok" and row["resumed_from"] == "epoch 1, step 5" and row["knn_top1"] == 25.0
-    assert "ended before the kill" in gpu_check.judge(s, 0, "", ck, 3, killed=False, resume_log=resume)["error"]
-    assert "no 'resumed from' line" in gpu_check.judge(s, 0, LOG, ck, 3, killed=True, resume_log=LOG)["error"]
+    assert "ended before the kill" in report.judge(s, 0, "", ck, 3, killed=False, resume_log=resume)["error"]
+    assert "no 'resumed from' line" in report.judge(s, 0, LOG, ck, 3, killed=True, resume_log=LOG)["error"]
     no_knn = LOG.replace("knn epoch", "kxx epoch")
-    assert "no kNN monitor line" in gpu_check.judge(s, 0, "", ck, 3, killed=True,
+    assert "no kNN monitor line" in report.judge(s, 0, "", ck, 3, killed=True,
                                                     resume_log=resume.replace(LOG, no_knn))["error"]
-    assert "not 3" in gpu_check.judge(s, 0, "", {"epoch": 2, "step": 10}, 3, killed=True, resume_log=resume)["error"]
-    crashed = gpu_check.judge(gpu_check.Setting("PIC bf16", model="PIC"), 1, "", None, 2)
+    assert "not 3" in report.judge(s, 0, "", {"epoch": 2, "step": 10}, 3, killed=True, resume_log=resume)["error"]
+    crashed = report.judge(gpu_check.Setting("PIC bf16", model="PIC"), 1, "", None, 2)
     assert crashed["status"] == "FAILED" and "exit code 1" in crashed["error"]
     assert "no final checkpoint" in crashed["error"]
-    assert "time budget" in gpu_check.judge(gpu_check.Setting("x", model="PIC"), -9, LOG, None, 2,
+    assert "time budget" in report.judge(gpu_check.Setting("x", model="PIC"), -9, LOG, None, 2,
                                             timed_out=True)["error"]
 
 
 def test_evaluation_rows():
     lin = gpu_check.Setting("main_linear.py", "linear", source="PIC fp32")
     done = LOG + "[t rank0] INFO linear evaluation done: last top-1 20.00 top-5 60.00, best top-1 20.00 (epoch 1)\n"
-    assert gpu_check.judge(lin, 0, done, None, 1)["top1"] == 20.0
-    assert gpu_check.judge(lin, 0, LOG, None, 1)["status"] == "FAILED"
+    assert report.judge(lin, 0, done, None, 1)["top1"] == 20.0
+    assert report.judge(lin, 0, LOG, None, 1)["status"] == "FAILED"
     knn = gpu_check.Setting("main_knn.py", "knn", source="PIC fp32")
-    result = {"knn": {str(gpu_check.KNN_K): {"top1": 35.0}}, "num_train": 40, "num_val": 20, "extract_seconds": 2.0}
-    row = gpu_check.judge(knn, 0, "", None, 1, knn_json=result)
+    result = {"knn": {str(report.KNN_K): {"top1": 35.0}}, "num_train": 40, "num_val": 20, "extract_seconds": 2.0}
+    row = report.judge(knn, 0, "", None, 1, knn_json=result)
     assert row["status"] == "ok" and row["images_per_s"] == 30.0
-    assert gpu_check.judge(knn, 1, "", None, 1)["status"] == "FAILED"
+    assert report.judge(knn, 1, "", None, 1)["status"] == "FAILED"
 
 
 def test_plan_follows_the_registry_and_says_what_a_cpu_cannot_run(monkeypatch):
@@ -153,9 +151,35 @@ def test_rows_over_the_budget_are_not_run_and_fail(tmp_path):
     row = check.run(gpu_check.Setting("PIC fp32", model="PIC"), {})
     assert row["status"] == "NOT RUN" and "time budget" in row["reason"] and not os.listdir(tmp_path)
     na = check.run(gpu_check.Setting("PIC fp16", model="PIC", not_run="n/a on cpu"), {})
-    assert gpu_check.failures([row, na]) == [f"PIC fp32: NOT RUN {row['reason']}"]
-    text = gpu_check.table([row, na], lambda r: 8)
+    assert report.failures([row, na]) == [f"PIC fp32: NOT RUN {row['reason']}"]
+    text = report.table([row, na], 8)
     assert "| PIC fp32 | NOT RUN |" in text and "| PIC fp16 | n/a on cpu |" in text
+
+
+def _gone(pid, timeout=10.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(")")[-1].split()[0] == "Z":
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads the process tree from /proc")
+def test_the_kill_reaches_processes_in_sessions_of_their_own(tmp_path):
+    """torchrun starts every rank with start_new_session: killing the launcher's group would spare them."""
+    spawn = ("import subprocess, sys, time\n"
+             "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], start_new_session=True)\n"
+             "print(c.pid, flush=True)\ntime.sleep(120)\n")
+    p = subprocess.Popen([sys.executable, "-c", spawn], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    child = int(p.stdout.readline())
+    assert child in gpu_check.process_tree(p.pid)
+    gpu_check.kill_tree(p.pid)
+    assert p.wait(timeout=10) == -9 and _gone(child)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the message is for machines without a GPU")
