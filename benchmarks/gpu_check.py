@@ -34,7 +34,7 @@ the log's ``mem`` (peak CUDA memory allocated; peak RSS on a CPU), rank 0.
 The markdown table is printed and written, with the rest, as JSON (``--out``; paths in it are
 relative to the work folder: a temporary one deleted at the end unless ``--keep-work``, or
 ``--workdir``). Exit code 0: every row passed or is n/a; 1: a row failed or was not run; 2: full mode
-without CUDA, or a non-empty ``--workdir``.
+without CUDA, a non-empty ``--workdir`` or no method matching ``--methods``.
 """
 from __future__ import annotations
 
@@ -357,7 +357,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     gpus = torch.cuda.device_count() if cuda else 0
     budget = args.time_budget or mode.budget_s + (MULTI_GPU_BUDGET_S if gpus >= 2 else 0.0)
     out_path = args.out or f"benchmarks/results/gpu_check{'_tiny' if args.tiny else ''}.json"
-    rows_plan = plan(mode, cuda, gpus, args.methods)
+    try:
+        rows_plan = plan(mode, cuda, gpus, args.methods)
+    except ValueError as e:
+        print(f"gpu_check: {e}", file=sys.stderr)
+        return 2
     if args.workdir and os.path.isdir(args.workdir) and os.listdir(args.workdir):
         print(f"gpu_check: --workdir {args.workdir} is not empty", file=sys.stderr)
         return 2

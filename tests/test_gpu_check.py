@@ -188,6 +188,14 @@ def test_full_mode_without_a_gpu_says_so(capsys):
     assert "no CUDA device" in capsys.readouterr().err
 
 
+def test_bad_arguments_end_in_one_line(tmp_path, capsys):
+    assert gpu_check.main(["--tiny", "--methods", "NoSuchMethod"]) == 2
+    assert capsys.readouterr().err.startswith("gpu_check: --methods ['NoSuchMethod']: no registered method")
+    (tmp_path / "old").write_text("")
+    assert gpu_check.main(["--tiny", "--workdir", str(tmp_path)]) == 2
+    assert "is not empty" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_tiny_mode_runs_the_entry_scripts_for_every_method(tmp_path):
     out = tmp_path / "gpu_check_tiny.json"
