@@ -17,7 +17,8 @@
 # H100-class machine: ~4-6 minutes. --time-budget (480 s; +180 s with 2+ GPUs for the 2-process rows)
 # is enforced: a row whose estimated time (mean of the processes timed so far) no longer fits is NOT
 # RUN, and one still running at the deadline is killed; both count as failures. --tiny: 13 processes,
-# 87 s of CPU time (user + sys) on the shared 2-core development machine, 4 min 54 s wall at load average 9.
+# 87-96 s of CPU time (user + sys, two runs) on the shared 2-core development machine, ~4 min 50 s wall
+# at load average 5-9.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 exec "${PYTHON:-python}" benchmarks/gpu_check.py "$@"
