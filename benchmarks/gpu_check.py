@@ -1,324 +1,406 @@
-"""One-shot GPU check: every registered method trains, fp32 on the GPU equals the CPU, and how fast.
+"""The first-GPU-run check: the real entry scripts, run as a user runs them, on a generated dataset.
 
-For every method of ``contrast.models.METHODS`` (so methods added later are included; multi-crop
-methods also get a multi-crop setting), on synthetic data, through the real training loop
-(``contrast.engine.Trainer``) and the flags' own resolution (``contrast.option``):
+Every row of the check is one or two processes of ``main_pretrain.py``, ``main_linear.py`` or
+``main_knn.py`` (subprocesses, their own command lines) on a tiny image-folder dataset written by
+``tools/make_demo_dataset.py``, with DataLoader workers and the device augmentation stage (never
+``--plain-aug``). The plan comes from the registry (``contrast.models.METHODS``) and each class's
+declarations: one pretraining setting per method with its own ``--aug``, plus ``--aug MultiCrop``
+for a method whose ``views`` accept it (with the release's multi-crop ``--crop 0.08``); the methods'
+own defaults are kept (no per-method flags). The kill is a SIGKILL of every process of the run at
+once (torchrun, each rank's own session, the DataLoader workers); rows are judged in
+``benchmarks/gpu_check_report.py``.
 
-1. **Correctness**: the first ``--check-steps`` losses of an fp32 run on the device equal those of
-   the same run on the CPU (same weights, same batches, TF32 off) within ``--tolerance`` (1e-4).
-   InstDisc draws its negatives from a generator on its bank's device, and CUDA and CPU generators
-   give different numbers for one seed, so for this check its negatives are drawn on the CPU.
-2. **Precision**: every method trains ``--iters`` iterations in fp32, fp16 + GradScaler
-   (``--amp-opt-level O1`` on CUDA) and bf16 (``O2``) with finite losses.
-3. **Speed**: images/s per method (ResNet-50 at 224 px, multi-crop 160 + 3 x 96 px, 64 images per
-   step, the release's per-GPU batch) for each precision with channels-last off and on, and for fp16
-   (the GPU default, ``--amp-opt-level auto``) with channels-last + ``torch.compile``.
+* every setting in fp32 (with ``--knn-monitor``), fp16 (``--amp-opt-level O1``: fp16 + GradScaler
+  on CUDA; "n/a on cpu") and bf16 (``O2``);
+* save, SIGKILL after the first committed checkpoint (its manifest exists), ``--auto-resume`` to the
+  end: the fp16 run of every setting on a GPU, the fp32 run of the first one on a CPU;
+* ``main_linear.py`` and ``main_knn.py`` on the checkpoint of that resumed run;
+* with 2+ GPUs, every setting on 2 processes over NCCL (torchrun), the first one killed and resumed
+  on 1 process that sees 1 GPU (same total batch); on a CPU (``--tiny``) one gloo pair, the first
+  setting whose class declares ``sync_batchnorm``, killed and resumed on 1 process.
 
-The table is printed and written as JSON (``--out``, a relative path by default). The exit code is
-1 when a check fails or a run errors. ``--time-budget`` (seconds) stops starting new speed runs once
-exceeded, so the full mode stays under 8 minutes (see ``benchmarks/gpu_check.sh`` for the estimate).
+A row passes when its processes exit 0 (the killed one by our SIGKILL), the final checkpoint holds
+the last epoch, every logged loss is finite, the kNN monitor / resume / evaluation lines are in the
+log, and some optimiser steps were real: GradScaler-skipped steps are counted from the checkpoint's
+scaler state (every skip halves the scale from 2**16; no growth before 2000 steps) plus the
+non-finite-loss skips the log warns about, and an fp16 run whose steps were all skipped FAILS. A row
+not started because the time budget would be exceeded is NOT RUN and fails the check, as does one
+the budget cuts short. images/s: the last epoch's mean from ``log.txt`` (all ranks); peak memory:
+the log's ``mem`` (peak CUDA memory allocated; peak RSS on a CPU), rank 0.
 
-``--tiny`` runs the same code on the CPU in seconds (ResNet-18 at 32 px, multi-crop 32 + 2 x 24 (not
-smaller: torch 2.14.1's CPU bf16 convolution backward is unreliable at 16 px),
-batch 8, 2 iterations, fp32 and bf16 + channels-last, compile off, 2 steps compared), for CI.
+    bash benchmarks/gpu_check.sh            # one GPU: ResNet-50, 64 px, batch 32; --time-budget 480 s
+    bash benchmarks/gpu_check.sh --tiny     # CPU (CI): ResNet-18, 32 px, batch 16, a subset, every method once
 
-    bash benchmarks/gpu_check.sh            # full mode on the GPU
-    bash benchmarks/gpu_check.sh --tiny     # CI
+The markdown table is printed and written, with the rest, as JSON (``--out``; paths in it are
+relative to the work folder: a temporary one deleted at the end unless ``--keep-work``, or
+``--workdir``). Exit code 0: every row passed or is n/a; 1: a row failed or was not run; 2: full mode
+without CUDA, a non-empty ``--workdir`` or no method matching ``--methods``.
 """
 from __future__ import annotations
 
-import copy
 import json
-import math
 import os
 import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
 import sys
 import tempfile
 import time
-import traceback
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, List, Optional, Tuple
 
-import torch
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import torch  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from contrast import engine  # noqa: E402
-from contrast.distributed import DistEnv  # noqa: E402
-from contrast.logger import TensorBoard, setup_logger  # noqa: E402
-from contrast.option import gpu_check_parser  # noqa: E402
-from contrast.models import METHODS, build_method  # noqa: E402
+from benchmarks.gpu_check_report import (FAILED, KNN_K, NOT_APPLICABLE, NOT_RUN, OK, failures, judge,  # noqa: E402
+                                         table)
+from contrast.checkpoint import CheckpointError, load_file  # noqa: E402
+from contrast.models import METHODS  # noqa: E402
 from contrast.models.views import MULTI_CROP_AUG  # noqa: E402
-from contrast.optim import build_optimizer, build_scheduler  # noqa: E402
-from contrast.option import method_config, parse_pretrain_args  # noqa: E402
-from contrast.precision import resolve_precision  # noqa: E402
+from contrast.option import gpu_check_parser  # noqa: E402
+from tools.make_demo_dataset import make_dataset  # noqa: E402
 
-#: precision name -> --amp-opt-level on CUDA (on a CPU, O1 and O2 are both bf16)
+SCRIPTS = ("main_pretrain.py", "main_linear.py", "main_knn.py")
 PRECISIONS = {"fp32": "O0", "fp16": "O1", "bf16": "O2"}
-#: optimiser per method where its recipe (scripts/<method>.sh) differs from SGD
-OPTIMIZER = {"SimCLR": "lars", "BYOL": "lars", "SwAV": "lars"}
+#: --crop of a --aug MultiCrop setting added to a method whose own recipe has other crop scales: the
+#: release's multi-crop recipe (small crops 0.08-0.14, large 0.14-1; scripts/PIC.sh)
+MULTI_CROP_SCALE = 0.08
 
 
 @dataclass(frozen=True)
 class Mode:
-    arch: str
-    size: int
-    #: multi-crop: large and small crop sides (the release: 160 and 96 for 224 px training)
-    multi_crop_sizes: Tuple[int, int]
-    num_crop2: int
-    batch: int
-    iters: int
-    warmup_iters: int
-    num_instances: int
-    num_negative: int
-    #: (precision, channels_last, compile) combinations timed per setting
-    combos: Tuple[Tuple[str, bool, bool], ...]
-    check_arch: str
-    check_size: int
-    check_multi_crop_sizes: Tuple[int, int]
-    check_batch: int
-    check_instances: int
-
-
-FULL = Mode("resnet50", 224, (160, 96), 3, 64, 20, 5, 1281167, 65536,
-            (("fp32", False, False), ("fp32", True, False), ("fp16", False, False), ("fp16", True, False),
-             ("bf16", False, False), ("bf16", True, False), ("fp16", True, True)),
-            "resnet18", 64, (48, 32), 16, 4096)
-TINY = Mode("resnet18", 32, (32, 24), 2, 8, 2, 1, 64, 16,
-            (("fp32", False, False), ("bf16", True, False)),
-            "resnet18", 32, (32, 24), 8, 64)
-
-
-@dataclass(frozen=True)
-class Setting:
     name: str
-    model: str
-    multi_crop: bool
+    arch: str
+    image_size: int
+    image_size2: int        # MultiCrop's small crops
+    num_crop2: int
+    batch: int              # total over the processes of a run (one-process MoCo splits it into 8 BN groups)
+    epochs: int
+    kill_epochs: int        # the killed-and-resumed runs (killed after their first checkpoint)
+    data_px: int
+    train_per_class: int    # x 10 classes (tools/make_demo_dataset.py)
+    val_per_class: int
+    workers: int
+    subset: bool            # bf16 and kill/resume only for the first setting (the others "not in --tiny")
+    budget_s: float         # one device; 2+ GPUs add MULTI_GPU_BUDGET_S
+    process_s: float        # guessed seconds of one process until one has been timed
 
 
-def settings() -> List[Setting]:
-    """One setting per registered method with its own --aug, plus a multi-crop one for methods that take
-    it (a method whose own --aug is MultiCrop gets the multi-crop one only)."""
+TINY = Mode("tiny", "resnet18", 32, 24, 2, 16, 2, 3, 40, 8, 2, 2, True, 600.0, 10.0)
+FULL = Mode("full", "resnet50", 64, 32, 2, 32, 2, 3, 80, 32, 8, 2, False, 480.0, 12.0)
+MULTI_GPU_BUDGET_S = 180.0
+
+
+@dataclass
+class Setting:
+    """One row: a pretraining run (``kind`` "pretrain") or an evaluation of ``source``'s checkpoint."""
+
+    name: str
+    kind: str = "pretrain"
+    model: str = ""
+    multi_crop: bool = False
+    precision: str = "fp32"
+    nproc: int = 1
+    knn_monitor: bool = False
+    kill: bool = False
+    resume_nproc: int = 0   # processes of the resume (0: nproc)
+    not_run: str = ""       # why it is listed but not run (one of NOT_APPLICABLE)
+    source: str = ""
+
+    @property
+    def processes(self) -> int:
+        return 0 if self.not_run else 2 if self.kill else 1
+
+
+def variants(only: Optional[List[str]] = None) -> List[Tuple[str, bool]]:
+    """(method, multi-crop) of every registered method, in registry order (``only``: names to keep)."""
     out = []
     for name, cls in METHODS.items():
         if cls.views.aug != MULTI_CROP_AUG:
-            out.append(Setting(name, name, False))
+            out.append((name, False))
         if cls.views.multi_crop:
-            out.append(Setting(f"{name} multi-crop", name, True))
-    return out
+            out.append((name, True))
+    return [v for v in out if only is None or v[0] in only or label(*v) in only]
 
 
-def flags(setting: Setting, mode: Mode, arch: str, size: int, multi_crop_sizes: Tuple[int, int],
-          batch: int) -> List[str]:
-    """The command line of this setting (parsed by ``contrast.option`` like ``main_pretrain.py``'s):
-    views of ``size`` px; multi-crop: ``multi_crop_sizes`` (large, small) with the release's crop
-    scales (``--crop 0.08 --crop2 0.14``)."""
-    argv = ["--model", setting.model, "--arch", arch, "--mlp-head", "--batch-size", str(batch),
-            "--contrast-num-negative", str(mode.num_negative), "--optimizer", OPTIMIZER.get(setting.model, "sgd"),
-            "--bn-splits", str(min(8, max(1, batch // 2)))]   # one-process split batch norm: >= 2 images per group
-    if setting.multi_crop:
-        argv += ["--aug", MULTI_CROP_AUG, "--image-size", str(multi_crop_sizes[0]), "--image-size2",
-                 str(multi_crop_sizes[1]), "--num-crop2", str(mode.num_crop2), "--crop", "0.08", "--crop2", "0.14"]
-    else:
-        argv += ["--image-size", str(size)]
+def label(model: str, multi_crop: bool) -> str:
+    return f"{model} multi-crop" if multi_crop and METHODS[model].views.aug != MULTI_CROP_AUG else model
+
+
+def plan(mode: Mode, cuda: bool, gpus: int, only: Optional[List[str]] = None) -> List[Setting]:
+    """The rows, the evaluated (killed and resumed) run first, then its evaluations."""
+    vs = variants(only)
+    if not vs:
+        raise ValueError(f"--methods {only}: no registered method matches ({', '.join(METHODS)})")
+    killed = "fp16" if cuda else "fp32"
+    rows = []
+    for i, (model, mc) in enumerate(vs):
+        for prec in PRECISIONS:
+            s = Setting(f"{label(model, mc)} {prec}", model=model, multi_crop=mc, precision=prec,
+                        knn_monitor=prec == "fp32", kill=prec == killed and (i == 0 or not mode.subset))
+            if prec == "fp16" and not cuda:
+                s.not_run = "n/a on cpu"
+            elif prec == "bf16" and i > 0 and mode.subset:
+                s.not_run = "not in --tiny"
+            rows.append(s)
+    source = rows.pop(next(i for i, r in enumerate(rows) if r.kill))
+    rows[:0] = [source, Setting("main_linear.py", "linear", source=source.name),
+                Setting("main_knn.py", "knn", source=source.name)]
+    if cuda and gpus >= 2:
+        rows += [Setting(f"{label(m, mc)} fp16 2-proc nccl", model=m, multi_crop=mc, precision="fp16", nproc=2,
+                         kill=i == 0, resume_nproc=1) for i, (m, mc) in enumerate(vs)]
+    elif not cuda:
+        m, mc = next((v for v in vs if METHODS[v[0]].sync_batchnorm), vs[0])
+        rows.append(Setting(f"{label(m, mc)} fp32 2-proc gloo", model=m, multi_crop=mc, nproc=2, kill=True,
+                            resume_nproc=1))
+    return rows
+
+
+def run_dir(s: Setting) -> str:
+    return os.path.join("runs", re.sub(r"[^A-Za-z0-9]+", "-", s.name.replace(".py", "")).strip("-"))
+
+
+def pretrain_argv(s: Setting, mode: Mode, device: str, nproc: int) -> List[str]:
+    """``main_pretrain.py`` flags of ``s`` on ``nproc`` processes (the total batch does not depend on it)."""
+    epochs = mode.kill_epochs if s.kill else mode.epochs
+    argv = ["--data-dir", "data", "--output-dir", run_dir(s), "--model", s.model, "--arch", mode.arch,
+            "--image-size", str(mode.image_size), "--image-size2", str(mode.image_size2),
+            "--num-crop2", str(mode.num_crop2), "--batch-size", str(mode.batch // nproc),
+            "--epochs", str(epochs), "--warmup-epoch", "0", "--num-workers", str(mode.workers),
+            "--amp-opt-level", PRECISIONS[s.precision], "--device", device, "--print-freq", "1000",
+            "--no-tensorboard", "--save-every-minutes", "0", "--seed", "0"]
+    if s.multi_crop and METHODS[s.model].views.aug != MULTI_CROP_AUG:
+        argv += ["--aug", MULTI_CROP_AUG, "--crop", str(MULTI_CROP_SCALE)]
+    if s.knn_monitor:
+        argv += ["--knn-monitor", "--knn-freq", str(epochs), "--knn-k", str(KNN_K)]
     return argv
 
 
-def view_sizes(setting: Setting, args) -> List[int]:
-    """Side of every view of one image, as the data pipeline would produce them."""
-    cls = METHODS[setting.model]
-    if setting.multi_crop:
-        return [args.image_size] * args.num_crop + [args.image_size2] * args.num_crop2
-    return [args.image_size] * cls.views.count
+def eval_argv(s: Setting, source_dir: str, mode: Mode, device: str) -> List[str]:
+    ckpt = os.path.join(source_dir, "current.pth")
+    common = ["--pretrained-model", ckpt, "--data-dir", "data", "--num-workers", str(mode.workers), "--device", device]
+    if s.kind == "linear":
+        return common + ["--output-dir", run_dir(s), "--epochs", "1", "--total-batch-size", str(mode.batch),
+                         "--print-freq", "1000", "--no-tensorboard", "--save-every-minutes", "0"]
+    return common + ["--knn-k", str(KNN_K), "--batch-size", str(mode.batch), "--output-json",
+                     os.path.join(run_dir(s), "knn.json")]
 
 
-def make_batches(sizes: List[int], batch: int, num_instances: int, count: int, seed: int,
-                 device: torch.device) -> List[Tuple[List[torch.Tensor], torch.Tensor, torch.Tensor]]:
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(count):
-        views = [torch.randn(batch, 3, s, s, generator=gen).to(device) for s in sizes]
-        index = torch.randint(0, num_instances, (batch,), generator=gen).to(device)
-        out.append((views, index, index.clone()))
+# ------------------------------------------------------------------------------------------ running them
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def command(script: str, argv: List[str], nproc: int) -> List[str]:
+    """The command line, with the script relative to the repository (as recorded in the JSON)."""
+    if nproc > 1:
+        return ["python", "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+                script, *argv]
+    return ["python", script, *argv]
+
+
+def process_tree(pid: int) -> List[int]:
+    """``pid`` and its descendants (torchrun starts each rank in a session of its own)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except OSError:
+            pass
     return out
 
 
-def make_run(device: torch.device, logdir: str) -> engine.Run:
-    logger = setup_logger(logdir, 0, name="contrast.gpu_check")
-    for h in logger.handlers:
-        if not hasattr(h, "baseFilename"):
-            h.setLevel("WARNING")   # the per-epoch lines go to the log file only
-    return engine.Run(DistEnv(0, 1, 0, device, None), logger, TensorBoard(logdir, False), logdir)
+def kill_tree(pid: int) -> None:
+    """SIGKILL the process groups of ``pid`` and of all its descendants at once (a node failure)."""
+    for p in process_tree(pid):
+        for kill in (lambda: os.killpg(os.getpgid(p), signal.SIGKILL), lambda: os.kill(p, signal.SIGKILL)):
+            try:
+                kill()
+            except OSError:
+                pass
 
 
-def build(setting: Setting, argv: List[str], num_instances: int, device: torch.device, channels_last: bool,
-          compile_backbone: bool, total_steps: int, seed: int = 0, state: Optional[dict] = None):
-    args = parse_pretrain_args(argv)
-    torch.manual_seed(seed)
-    method = build_method(method_config(args), num_instances)
-    if state is not None:
-        method.load_state_dict(state)
-    method = engine.prepare_model(method, device, method.sync_batchnorm, channels_last, compile_backbone)
-    lr = args.base_learning_rate * args.batch_size / 256
-    optimizer = build_optimizer(method.param_groups(lr, args.weight_decay), args.optimizer, lr, args.momentum,
-                                args.weight_decay, args.lars_form,
-                                args.lars_trust_coefficient, args.lars_eps)
-    scheduler = build_scheduler(optimizer, "cosine", 1, total_steps, 0)
-    method.on_train_start(total_steps, total_steps)
-    return args, method, optimizer, scheduler
+def run_process(cmd: List[str], cwd: str, console: str, timeout: float, env: Optional[Dict[str, str]] = None,
+                kill_when: Optional[Callable[[], bool]] = None) -> Dict:
+    """Run ``cmd`` (``python`` -> this interpreter, the script from the repository) in its own process
+    group; SIGKILL it and every descendant when ``kill_when()`` turns true or after ``timeout`` s."""
+    argv = [sys.executable] + [os.path.join(ROOT, a) if a in SCRIPTS else a for a in cmd[1:]]
+    full_env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
+    start, killed, timed_out = time.monotonic(), False, False
+    with open(console, "a") as out:
+        p = subprocess.Popen(argv, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=full_env,
+                             start_new_session=True)
+        while p.poll() is None:
+            over = time.monotonic() - start > timeout
+            if over or (kill_when is not None and kill_when()):
+                killed, timed_out = not over, over
+                kill_tree(p.pid)
+                p.wait()
+                break
+            time.sleep(0.01)
+    return {"rc": p.returncode, "seconds": time.monotonic() - start, "killed": killed, "timed_out": timed_out}
 
 
-def cpu_negatives(method) -> None:
-    """InstDisc only (see the module docstring): draw its negatives on the CPU, then move them."""
-    draw = method.draw_negatives
-
-    def on_cpu(batch_size: int) -> torch.Tensor:
-        bank = method.bank
-        method.bank = bank.cpu()
-        try:
-            return draw(batch_size).to(bank.device)
-        finally:
-            method.bank = bank
-    method.draw_negatives = on_cpu
-
-
-def losses_of(setting: Setting, argv, mode: Mode, device: torch.device, run: engine.Run, steps: int,
-              state: dict) -> List[float]:
-    args, method, opt, sched = build(setting, argv, mode.check_instances, device, False, False, steps, state=state)
-    if setting.model == "InstDisc" and device.type != "cpu":
-        cpu_negatives(method)
-    precision, _ = resolve_precision("O0", device)
-    trainer = engine.Trainer(method, method, opt, sched, precision, run, engine.LoopOptions(10 ** 9, 1, False))
-    torch.manual_seed(1)
-    batches = make_batches(view_sizes(setting, args), mode.check_batch, mode.check_instances, steps, 7, device)
-    return [trainer.train_epoch([b], 1, 1)["loss"] for b in batches]
-
-
-def check_against_cpu(setting: Setting, mode: Mode, device: torch.device, run: engine.Run, steps: int,
-                      tolerance: float) -> Dict:
-    argv = flags(setting, mode, mode.check_arch, mode.check_size, mode.check_multi_crop_sizes, mode.check_batch)
-    _, ref_method, _, _ = build(setting, argv, mode.check_instances, torch.device("cpu"), False, False, steps)
-    state = copy.deepcopy(ref_method.state_dict())
-    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+def read_text(path: str) -> str:
     try:
-        cpu = losses_of(setting, argv, mode, torch.device("cpu"), run, steps, state)
-        dev = losses_of(setting, argv, mode, device, run, steps, state)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
-    diff = max(abs(a - b) for a, b in zip(cpu, dev))
-    return {"cpu_losses": cpu, "device_losses": dev, "max_abs_diff": diff,
-            "ok": bool(diff <= tolerance and all(math.isfinite(x) for x in cpu + dev))}
+        with open(path, errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def last_line(console: str) -> str:
+    return ([x for x in read_text(console).splitlines() if x.strip()] or [""])[-1][-300:]
 
 
-def throughput(setting: Setting, mode: Mode, combo, device: torch.device, run: engine.Run) -> Dict:
-    precision_name, channels_last, compile_backbone = combo
-    argv = flags(setting, mode, mode.arch, mode.size, mode.multi_crop_sizes, mode.batch)
-    steps = mode.warmup_iters + mode.iters
-    args, method, opt, sched = build(setting, argv, mode.num_instances, device, channels_last, compile_backbone, steps)
-    precision, note = resolve_precision(PRECISIONS[precision_name], device)
-    trainer = engine.Trainer(method, method, opt, sched, precision, run,
-                             engine.LoopOptions(10 ** 9, 3, channels_last))
-    batches = make_batches(view_sizes(setting, args), mode.batch, mode.num_instances, 2, 3, device)
-    t0 = time.perf_counter()
-    warm = trainer.train_epoch([batches[i % 2] for i in range(mode.warmup_iters)], 1, 2)
-    sync(device)
-    t1 = time.perf_counter()
-    stats = trainer.train_epoch([batches[i % 2] for i in range(mode.iters)], 2, 2)
-    sync(device)
-    t2 = time.perf_counter()
-    ok = math.isfinite(warm["loss"]) and math.isfinite(stats["loss"])
-    return {"images_per_s": mode.batch * mode.iters / (t2 - t1), "loss": stats["loss"], "finite": ok,
-            "warmup_s": t1 - t0, "precision": note,
-            "peak_mem_mb": torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None}
+class Check:
+    """Runs the rows of a plan within a time budget; each row's processes run in ``work``."""
+
+    def __init__(self, mode: Mode, device: str, work: str, budget_s: float) -> None:
+        self.mode, self.device, self.work, self.budget = mode, device, work, budget_s
+        self.start = time.monotonic()
+        self.durations: List[float] = []
+
+    def remaining(self) -> float:
+        return self.budget - (time.monotonic() - self.start)
+
+    def estimate(self, s: Setting) -> float:
+        one = sum(self.durations) / len(self.durations) if self.durations else self.mode.process_s
+        return s.processes * one * (1.5 if s.nproc > 1 else 1.0)
+
+    def process(self, cmd: List[str], console: str, **kw) -> Dict:
+        r = run_process(cmd, self.work, console, max(self.remaining(), 1.0), **kw)
+        self.durations.append(r["seconds"])
+        return r
+
+    def run(self, s: Setting, done: Dict[str, Dict]) -> Dict:
+        base = {"name": s.name, "kind": s.kind, "model": s.model, "precision": s.precision, "nproc": s.nproc}
+        if s.not_run:
+            return {**base, "status": s.not_run}
+        if self.remaining() < self.estimate(s):
+            return {**base, "status": NOT_RUN, "reason": f"the {self.budget:.0f} s time budget would be exceeded ("
+                    f"{self.remaining():.0f} s left, ~{self.estimate(s):.0f} s needed)"}
+        if s.source and done.get(s.source, {}).get("status") != OK:
+            return {**base, "status": FAILED, "error": f"its checkpoint's run ({s.source}) failed"}
+        out = os.path.join(self.work, run_dir(s))
+        os.makedirs(out, exist_ok=True)
+        console = os.path.join(out, "console.txt")
+        if s.kind == "pretrain":
+            row = self.pretrain(s, out, console, base)
+        else:
+            cmd = command("main_linear.py" if s.kind == "linear" else "main_knn.py",
+                          eval_argv(s, run_dir(Setting(s.source)), self.mode, self.device), 1)
+            r = self.process(cmd, console)
+            knn = os.path.join(out, "knn.json")
+            row = {**base, "commands": [cmd], **judge(
+                s, r["rc"], read_text(os.path.join(out, "log.txt")), None, 1, timed_out=r["timed_out"],
+                knn_json=json.loads(read_text(knn)) if os.path.exists(knn) else None), "seconds": r["seconds"]}
+        if row["status"] != OK:
+            row["console_last_line"] = last_line(console).replace(self.work, ".").replace(ROOT, "<repo>")
+        return row
+
+    def pretrain(self, s: Setting, out: str, console: str, base: Dict) -> Dict:
+        nproc2 = s.resume_nproc or s.nproc
+        cmd = command("main_pretrain.py", pretrain_argv(s, self.mode, self.device, s.nproc), s.nproc)
+        manifest = os.path.join(out, "current.manifest.json")
+        r = self.process(cmd, console, kill_when=(lambda: os.path.exists(manifest)) if s.kill else None)
+        commands, seconds, log = [cmd], r["seconds"], read_text(os.path.join(out, "log.txt"))
+        resume_log, final = "", r
+        if s.kill and r["killed"]:
+            first_gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+            env = {"CUDA_VISIBLE_DEVICES": first_gpu} if nproc2 < s.nproc and self.device != "cpu" else None
+            cmd2 = command("main_pretrain.py", pretrain_argv(s, self.mode, self.device, nproc2) + ["--auto-resume"],
+                           nproc2)
+            final = self.process(cmd2, console, env=env)
+            commands.append(cmd2 if env is None else [f"CUDA_VISIBLE_DEVICES={first_gpu}"] + cmd2)
+            seconds += final["seconds"]
+            resume_log = read_text(os.path.join(out, "log.txt"))[len(log):]
+        try:
+            ckpt = load_file(os.path.join(out, "current.pth"))
+        except CheckpointError:   # missing or unreadable: judged as "no final checkpoint"
+            ckpt = None
+        epochs = self.mode.kill_epochs if s.kill else self.mode.epochs
+        return {**base, "commands": commands, "total_batch": self.mode.batch, **judge(
+            s, final["rc"], log, ckpt, epochs, killed=r["killed"], resume_log=resume_log,
+            timed_out=final["timed_out"]), "seconds": seconds}
 
 
-def combo_name(combo) -> str:
-    p, cl, comp = combo
-    return p + ("+cl" if cl else "") + ("+compile" if comp else "")
+def tidy(work: str, row: Dict, keep: set) -> None:
+    """Delete a finished row's checkpoints unless an evaluation still needs them (disk stays small)."""
+    if row["name"] in keep:
+        return
+    folder = os.path.join(work, run_dir(Setting(row["name"])))
+    for dirpath, _, files in os.walk(folder):
+        for f in files:
+            if f.endswith(".pth"):
+                os.remove(os.path.join(dirpath, f))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = gpu_check_parser(__doc__).parse_args(argv)
     mode = TINY if args.tiny else FULL
-    if args.check_steps is None:
-        args.check_steps = 2 if args.tiny else 3
-    device = torch.device(args.device or ("cpu" if args.tiny else "cuda"))
-    if device.type == "cuda" and not torch.cuda.is_available():
+    device = args.device or ("cpu" if args.tiny else "cuda")
+    cuda = device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
         print("gpu_check: no CUDA device; run with --tiny for the CPU check", file=sys.stderr)
         return 2
-    if device.type == "cpu" and not args.tiny:
-        torch.set_num_threads(os.cpu_count() or 1)
-    out_path = args.out or ("benchmarks/results/gpu_check_tiny.json" if args.tiny else "benchmarks/results/gpu_check.json")
-    start = time.perf_counter()
-    logdir = tempfile.mkdtemp(prefix="gpu_check_")
-    run = make_run(device, logdir)
-    chosen = [s for s in settings() if args.methods is None or s.name in args.methods]
-    results: Dict = {"checks": {}, "speed": {}}
-    failures = []
-    for s in chosen:
-        try:
-            c = check_against_cpu(s, mode, device, run, args.check_steps, args.tolerance)
-        except (Exception, SystemExit) as e:  # noqa: BLE001  report and go on (SystemExit: a flag error)
-            c = {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
-        results["checks"][s.name] = c
-        if not c["ok"]:
-            failures.append(f"check {s.name}: {c.get('error') or c['max_abs_diff']}")
-        print(f"[check] {s.name:22s} fp32 {device.type} vs cpu: " +
-              (f"max |loss diff| {c['max_abs_diff']:.2e} over {args.check_steps} steps "
-               f"{'ok' if c['ok'] else 'FAILED'}" if "max_abs_diff" in c else f"ERROR {c['error']}"), flush=True)
-    for s in chosen:
-        row = results["speed"].setdefault(s.name, {})
-        for combo in mode.combos:
-            name = combo_name(combo)
-            if time.perf_counter() - start > args.time_budget:
-                row[name] = {"skipped": f"time budget {args.time_budget:.0f} s exceeded"}
-                continue
-            try:
-                r = throughput(s, mode, combo, device, run)
-                if not r["finite"]:
-                    failures.append(f"{s.name} {name}: non-finite loss")
-            except (Exception, SystemExit) as e:  # noqa: BLE001
-                r = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
-                failures.append(f"{s.name} {name}: {r['error']}")
-            row[name] = r
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(device)
-        print(f"[speed] {s.name:22s} " + "  ".join(
-            f"{n} {v['images_per_s']:.0f}" if "images_per_s" in v else f"{n} {'skip' if 'skipped' in v else 'ERR'}"
-            for n, v in row.items()) + " img/s", flush=True)
-
-    names = [combo_name(c) for c in mode.combos]
-    lines = ["| setting | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for s in chosen:
-        row = results["speed"][s.name]
-        lines.append(f"| {s.name} | " + " | ".join(
-            f"{row[n]['images_per_s']:.0f}" if "images_per_s" in row[n] else ("skipped" if "skipped" in row[n]
-                                                                                else "error") for n in names) + " |")
-    table = "\n".join(lines)
-    total = time.perf_counter() - start
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    doc = {"mode": "tiny" if args.tiny else "full", "device": str(device), "gpu": gpu,
-           "cpu": platform.processor() or platform.machine(), "torch": torch.__version__, "arch": mode.arch,
-           "image_size": mode.size, "multi_crop": f"{mode.multi_crop_sizes[0]}+{mode.num_crop2}x{mode.multi_crop_sizes[1]}",
-           "batch": mode.batch, "iters": mode.iters,
-           "warmup_iters": mode.warmup_iters, "check": {"arch": mode.check_arch, "size": mode.check_size,
-                                                        "batch": mode.check_batch, "steps": args.check_steps,
-                                                        "tolerance": args.tolerance},
-           "seconds": total, "failures": failures, "table": table, **results}
+    gpus = torch.cuda.device_count() if cuda else 0
+    budget = args.time_budget or mode.budget_s + (MULTI_GPU_BUDGET_S if gpus >= 2 else 0.0)
+    out_path = args.out or f"benchmarks/results/gpu_check{'_tiny' if args.tiny else ''}.json"
+    try:
+        rows_plan = plan(mode, cuda, gpus, args.methods)
+    except ValueError as e:
+        print(f"gpu_check: {e}", file=sys.stderr)
+        return 2
+    if args.workdir and os.path.isdir(args.workdir) and os.listdir(args.workdir):
+        print(f"gpu_check: --workdir {args.workdir} is not empty", file=sys.stderr)
+        return 2
+    work = args.workdir or tempfile.mkdtemp(prefix="gpu_check_")
+    check = Check(mode, "auto" if device == "cuda" else device, work, budget)
+    make_dataset(os.path.join(work, "data"), mode.train_per_class, mode.val_per_class, mode.data_px)
+    done: Dict[str, Dict] = {}
+    keep = {s.source for s in rows_plan if s.source}
+    try:
+        for s in rows_plan:
+            row = check.run(s, done)
+            done[s.name] = row
+            tidy(work, row, keep)
+            print(f"[gpu_check] {s.name:34s} {row['status']:10s} "
+                  + (f"{row['seconds']:.0f} s " if "seconds" in row else "")
+                  + (row.get("error") or row.get("reason") or ""), flush=True)
+    finally:
+        if not args.keep_work and not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    rows = list(done.values())
+    text = table(rows, mode.batch)
+    failed = failures(rows)
+    total = time.monotonic() - check.start
+    gpu = torch.cuda.get_device_name(0) if cuda else None
+    doc = {"mode": mode.name, "device": device, "gpu": gpu, "gpus": gpus,
+           "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+           "settings": asdict(mode), "methods": list(METHODS), "time_budget_s": budget, "seconds": total,
+           "failures": failed, "table": text, "rows": rows,
+           "paths": "relative to the work folder (data/, runs/<setting>/); python = this interpreter"}
     os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
     with open(out_path, "w") as f:
         json.dump(doc, f, indent=2, default=str)
-    print(f"\nimages/s, {mode.arch}, batch {mode.batch}, {device} ({gpu or doc['cpu']}):\n{table}")
-    print(f"\n{len(chosen)} settings in {total:.0f} s; {len(failures)} failure(s); wrote {out_path}")
-    for f_ in failures:
+    print(f"\nfirst-GPU-run check, {mode.name} mode, {device} ({gpu or doc['cpu']}), {mode.arch} at "
+          f"{mode.image_size} px, total batch {mode.batch}:\n\n{text}\n")
+    print(f"{len(rows)} rows in {total:.0f} s (budget {budget:.0f} s); {len(failed)} failed or not run; "
+          f"wrote {out_path}" + (f"; work folder kept: {work}" if args.keep_work or args.workdir else ""))
+    for f_ in failed:
         print(f"FAILED: {f_}", file=sys.stderr)
-    return 1 if failures else 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -1,22 +1,24 @@
 #!/usr/bin/env bash
-# One prepared GPU check of every registered method (benchmarks/gpu_check.py): fp32 on the GPU equals
-# the CPU (first 3 losses within 1e-4), every method trains in fp32, fp16 + GradScaler and bf16, and
-# a table of images/s (ResNet-50, 224 px, multi-crop 160 + 3 x 96, batch 64) with channels-last and
-# torch.compile off and on, written to benchmarks/results/gpu_check.json. Exit code 1 on a failure.
+# The first-GPU-run check (benchmarks/gpu_check.py): the real entry scripts as subprocesses on a
+# generated image folder, with DataLoader workers and the device augmentation stage. main_pretrain.py
+# for every registered method in fp32 (+ kNN monitor), fp16 + GradScaler (save, SIGKILL, --auto-resume)
+# and bf16; main_linear.py and main_knn.py on the resumed checkpoint; with 2+ GPUs every method on 2
+# NCCL processes (one killed and resumed on 1 GPU). Prints a markdown table (status, images/s,
+# GradScaler-skipped steps, peak memory), writes JSON; exit code 1 when a row failed or was not run.
 #
-#   bash benchmarks/gpu_check.sh            # one GPU, under 8 minutes
-#   bash benchmarks/gpu_check.sh --tiny     # CPU, seconds (CI: ResNet-18 at 32 px, 2 iterations, fp32 + bf16)
+#   bash benchmarks/gpu_check.sh                 # one GPU: ResNet-50 at 64 px, batch 32, within 8 minutes
+#   bash benchmarks/gpu_check.sh --tiny          # CPU (CI): ResNet-18 at 32 px, batch 16, every method once
+#   bash benchmarks/gpu_check.sh --workdir /tmp/gc      # keep the data, logs and the evaluated checkpoint there
 #
-# Duration of the full mode: ESTIMATED, not yet run on a GPU. 5 settings today (PIC, PIC multi-crop,
-# InstDisc, MoCo, SimCLR; a method registered later adds its own). (1) CPU comparison: ResNet-18 at 64 px,
-# batch 16, 3 steps per setting on the CPU and the GPU: ~15 s in all. (2) 7 timed runs per setting of 25
-# iterations (5 warm-up) of ResNet-50, batch 64: at ~0.1 s (fp32/TF32) and ~0.05 s (fp16, bf16) per
-# iteration and view on an H100/H200-class GPU, and 6.4 view-equivalents per round of the 5 settings
-# (MoCo's key forward ~ 1/3, SimCLR 2, multi-crop ~1.1), ~70 s of steps, plus ~100 s of model builds
-# (the 1.28 M-row PIC table) and first-iteration cuDNN autotuning. (3) torch.compile (fp16 +
-# channels-last): a cold compile of the backbone per input shape (224, 160, 96) ~ 1 min each, the other
-# methods hit inductor's cache: ~3-4 min. In all ~6-7 minutes; --time-budget (360 s by default) stops
-# starting new timed runs after 6 minutes (skipped runs are marked in the table), so it ends in time.
+# Time of the full mode: ESTIMATED, not yet run on a GPU. 30 processes on one GPU (7 settings: PIC,
+# PIC multi-crop, InstDisc, MoCo, SimCLR, BYOL, SwAV; a method registered later adds its own): 7 x 3
+# pretraining runs of 20-30 steps plus 7 resumes, main_linear.py, main_knn.py. Each process is mostly
+# start-up (import, CUDA context, workers, cuDNN autotuning) and 2-4 checkpoint saves, ~8-12 s on an
+# H100-class machine: ~4-6 minutes. --time-budget (480 s; +180 s with 2+ GPUs for the 2-process rows)
+# is enforced: a row whose estimated time (mean of the processes timed so far) no longer fits is NOT
+# RUN, and one still running at the deadline is killed; both count as failures. --tiny: 13 processes,
+# 87-96 s of CPU time (user + sys, two runs) on the shared 2-core development machine, ~4 min 50 s wall
+# at load average 5-9.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 exec "${PYTHON:-python}" benchmarks/gpu_check.py "$@"
