@@ -120,7 +120,7 @@ def variants(only: Optional[List[str]] = None) -> List[Tuple[str, bool]]:
     """(method, multi-crop) of every registered method, in registry order (``only``: names to keep)."""
     out = []
     for name, cls in METHODS.items():
-        if cls.views.aug != MULTI_CROP_AUG:
+        if cls.recipe.aug != MULTI_CROP_AUG:
             out.append((name, False))
         if cls.views.multi_crop:
             out.append((name, True))
@@ -128,7 +128,7 @@ def variants(only: Optional[List[str]] = None) -> List[Tuple[str, bool]]:
 
 
 def label(model: str, multi_crop: bool) -> str:
-    return f"{model} multi-crop" if multi_crop and METHODS[model].views.aug != MULTI_CROP_AUG else model
+    return f"{model} multi-crop" if multi_crop and METHODS[model].recipe.aug != MULTI_CROP_AUG else model
 
 
 def plan(mode: Mode, cuda: bool, gpus: int, only: Optional[List[str]] = None) -> List[Setting]:
@@ -154,7 +154,7 @@ def plan(mode: Mode, cuda: bool, gpus: int, only: Optional[List[str]] = None) ->
         rows += [Setting(f"{label(m, mc)} fp16 2-proc nccl", model=m, multi_crop=mc, precision="fp16", nproc=2,
                          kill=i == 0, resume_nproc=1) for i, (m, mc) in enumerate(vs)]
     elif not cuda:
-        m, mc = next((v for v in vs if METHODS[v[0]].sync_batchnorm), vs[0])
+        m, mc = next((v for v in vs if METHODS[v[0]].recipe.sync_batchnorm), vs[0])
         rows.append(Setting(f"{label(m, mc)} fp32 2-proc gloo", model=m, multi_crop=mc, nproc=2, kill=True,
                             resume_nproc=1))
     return rows
@@ -173,7 +173,7 @@ def pretrain_argv(s: Setting, mode: Mode, device: str, nproc: int) -> List[str]:
             "--epochs", str(epochs), "--warmup-epoch", "0", "--num-workers", str(mode.workers),
             "--amp-opt-level", PRECISIONS[s.precision], "--device", device, "--print-freq", "1000",
             "--no-tensorboard", "--save-every-minutes", "0", "--seed", "0"]
-    if s.multi_crop and METHODS[s.model].views.aug != MULTI_CROP_AUG:
+    if s.multi_crop and METHODS[s.model].recipe.aug != MULTI_CROP_AUG:
         argv += ["--aug", MULTI_CROP_AUG, "--crop", str(MULTI_CROP_SCALE)]
     if s.knn_monitor:
         argv += ["--knn-monitor", "--knn-freq", str(epochs), "--knn-k", str(KNN_K)]

@@ -113,13 +113,13 @@ def test_plan_follows_the_registry_and_says_what_a_cpu_cannot_run(monkeypatch):
     rows = gpu_check.plan(gpu_check.TINY, cuda=False, gpus=0)
     by = {r.name: r for r in rows}
     ran = {r.model for r in rows if not r.not_run and r.kind == "pretrain"}
-    assert ran == set(METHODS) and "Later multi-crop fp32" in by and "PIC multi-crop fp32" in by
+    assert ran == set(METHODS) and by["Later fp32"].multi_crop and by["PIC fp32"].multi_crop   # their recipe
     assert all(r.not_run == "n/a on cpu" for r in rows if r.precision == "fp16" and r.kind == "pretrain")
     assert [r.kind for r in rows[:3]] == ["pretrain", "linear", "knn"] and rows[0].kill
     assert rows[1].source == rows[2].source == rows[0].name
     gloo = [r for r in rows if r.nproc == 2]
     assert len(gloo) == 1 and gloo[0].kill and gloo[0].resume_nproc == 1
-    assert METHODS[gloo[0].model].sync_batchnorm
+    assert METHODS[gloo[0].model].recipe.sync_batchnorm
     assert all(r.knn_monitor for r in rows if r.precision == "fp32" and r.nproc == 1 and r.kind == "pretrain")
 
 
@@ -134,7 +134,8 @@ def test_full_plan_on_gpus(monkeypatch):
 
 
 def test_flags_come_from_the_class_declarations():
-    s = gpu_check.Setting("PIC multi-crop fp16", model="PIC", multi_crop=True, precision="fp16", knn_monitor=True)
+    s = gpu_check.Setting("MoCov2 multi-crop fp16", model="MoCov2", multi_crop=True, precision="fp16",
+                          knn_monitor=True)
     argv = gpu_check.pretrain_argv(s, gpu_check.FULL, "auto", 1)
     assert argv[argv.index("--aug") + 1] == "MultiCrop" and argv[argv.index("--amp-opt-level") + 1] == "O1"
     assert "--knn-monitor" in argv and "--plain-aug" not in argv and int(argv[argv.index("--num-workers") + 1]) >= 2

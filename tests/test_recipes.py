@@ -289,7 +289,6 @@ SHARED = ["contrast/engine.py", "contrast/option.py", "contrast/checkpoint.py",
             for p in sorted(glob.glob(os.path.join(ROOT, folder, "*.py"))))]
 #: Files exempt for now, with the reason (the lead removes an entry when its branch is merged).
 PENDING = {
-    "benchmarks/gpu_check.py": "rewritten to iterate the registry on another branch (issue 24)",
     "benchmarks/fault_drill.py": "its workload is one fixed method (outside this change's files)",
 }
 
