@@ -48,6 +48,7 @@ from contrast.checkpoint import (CURRENT, EPOCH_PREFIX, PRETRAIN, Checkpoint, Ch
                                  choose_resume, copy_checkpoint, prune_epoch_checkpoints, read_checkpoint,
                                  recover_output_dir, save_training_checkpoint)
 from contrast.data import DatasetError
+from contrast.data.workers import STOP_SIGNALS, Loader, kill_workers, shutdown_workers
 from contrast.logger import AverageMeter, TensorBoard, format_eta, peak_memory_mb, setup_logger
 from contrast.models.base import TrainModule
 from contrast.precision import Precision
@@ -56,7 +57,6 @@ from contrast.runlock import RunLock, RunLockError
 #: Exit code of a run stopped by a signal (or by its launcher's death) after saving a checkpoint:
 #: ``EX_TEMPFAIL`` of sysexits.h, "try again": resume it with ``--auto-resume``.
 EXIT_PREEMPTED = 75
-STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
 _MASK64 = (1 << 64) - 1
 _DIST_ERRORS = tuple(getattr(torch.distributed, n) for n in ("DistBackendError", "DistNetworkError")
                      if hasattr(torch.distributed, n))
@@ -126,6 +126,7 @@ class StopSignals:
         if self.requested is not None:
             print(f"{prog}: second {name}: exiting at once without saving (last checkpoint: "
                   f"{self.where or 'none'})", file=sys.stderr, flush=True)
+            kill_workers()
             os._exit(128 + signum)
         self.requested = name
         if not self.armed:
@@ -166,19 +167,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)
-
-
-def seed_worker(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: numpy and random follow the worker's torch seed
-    (``base_seed + worker_id``, the base drawn from the loader's own generator). Workers ignore
-    the stop signals: a scheduler signals every process of a job, and the main process, which
-    handles them, still needs its workers for the step before it saves."""
-    seed = torch.initial_seed() % 2 ** 32
-    np.random.seed(seed)
-    random.seed(seed)
-    for name in STOP_SIGNALS:
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 def setup_run(name: str, output_dir: str, device: str = "auto", local_rank: int = -1, seed: int = 0,
@@ -281,14 +269,15 @@ def write_config(run: Run, flags: Dict[str, Any], **resolved: Any) -> Dict[str, 
 
 def build_loader(dataset, sampler: Sampler, batch_size: int, num_workers: int, device: torch.device,
                  train: bool, seed: int = 0) -> DataLoader:
-    """DataLoader: pinned memory on CUDA, persistent seeded workers, ``drop_last`` when training.
+    """DataLoader (:class:`~contrast.data.workers.Loader`: its workers end on every exit path): pinned
+    memory on CUDA, persistent seeded workers, ``drop_last`` when training.
     Its own generator (seeded by ``seed`` and the rank) draws the workers' base seed, so creating
     an iterator does not consume the global RNG, whose state a checkpoint restores."""
     generator = torch.Generator()
     generator.manual_seed(mix_seed(seed, cd.get_rank(), 0x10AD))
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      pin_memory=device.type == "cuda", drop_last=train, persistent_workers=num_workers > 0,
-                      worker_init_fn=seed_worker, generator=generator)
+    return Loader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                  pin_memory=device.type == "cuda", drop_last=train, persistent_workers=num_workers > 0,
+                  generator=generator)
 
 
 def wrap_ddp(model: nn.Module, env: cd.DistEnv) -> nn.Module:
@@ -663,4 +652,5 @@ def run_cli(main: Callable[[Optional[List[str]]], Any], argv: Optional[List[str]
             print(line, file=sys.stderr, flush=True)
         sys.exit(1)
     finally:
+        shutdown_workers()
         cd.cleanup()
