@@ -49,6 +49,7 @@ from contrast.checkpoint import (CURRENT, EPOCH_PREFIX, PRETRAIN, Checkpoint, Ch
                                  recover_output_dir, save_training_checkpoint)
 from contrast.data import DatasetError
 from contrast.data.workers import STOP_SIGNALS, Loader, kill_workers, shutdown_workers
+from contrast.divergence import Divergence, RolledBack
 from contrast.logger import AverageMeter, TensorBoard, format_eta, peak_memory_mb, setup_logger
 from contrast.models.base import TrainModule
 from contrast.precision import Precision
@@ -57,6 +58,10 @@ from contrast.runlock import RunLock, RunLockError
 #: Exit code of a run stopped by a signal (or by its launcher's death) after saving a checkpoint:
 #: ``EX_TEMPFAIL`` of sysexits.h, "try again": resume it with ``--auto-resume``.
 EXIT_PREEMPTED = 75
+#: Exit code of a run stopped because its checkpoints cannot be written (``--max-failed-saves``
+#: consecutive saves failed, each retried once): ``EX_IOERR`` of sysexits.h. The error line names
+#: the last good checkpoint; free space and resume it with ``--auto-resume``.
+EXIT_SAVE_FAILED = 74
 _MASK64 = (1 << 64) - 1
 _DIST_ERRORS = tuple(getattr(torch.distributed, n) for n in ("DistBackendError", "DistNetworkError")
                      if hasattr(torch.distributed, n))
@@ -64,6 +69,12 @@ _DIST_ERRORS = tuple(getattr(torch.distributed, n) for n in ("DistBackendError",
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive iterations with a NaN/inf loss."""
+
+
+class SavesFailing(CheckpointSaveError):
+    """Saves keep failing (see :class:`Checkpointer`): :func:`run_cli` exits with :data:`EXIT_SAVE_FAILED`."""
+
+    exit_code = EXIT_SAVE_FAILED
 
 
 class Preempted(RuntimeError):
@@ -323,12 +334,15 @@ def _scalar(v) -> float:
 @dataclass(frozen=True)
 class LoopOptions:
     """How the loop runs and reports (``--print-freq``, ``--max-nonfinite``, ``--channels-last``;
-    ``seed`` seeds the per-step generator of the device-side augmentation)."""
+    ``seed`` seeds the per-step generator of the device-side augmentation; ``--on-divergence``,
+    ``--rollback-lr-factor``: see :mod:`contrast.divergence`)."""
 
     print_freq: int = 100
     max_nonfinite: int = 10
     channels_last: bool = False
     seed: int = 0
+    on_divergence: str = "stop"
+    rollback_lr_factor: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -338,6 +352,8 @@ class CheckpointPolicy:
     save_freq: int = 10
     keep_last: int = 0
     save_every_minutes: float = 30.0
+    max_failed_saves: int = 2
+    retry_delay_s: float = 1.0
 
 
 class Checkpointer:
@@ -349,10 +365,13 @@ class Checkpointer:
     keeps all). ``extra`` (a dict the entry script updates, e.g. the kNN monitor's best) goes into
     every checkpoint.
 
-    A failed save (disk full) logs one warning naming the path and the error, leaves no partial
-    file and keeps the previous checkpoint; training continues (the next time-based save tries
-    again), except for the save at the end of the run or on a stop, whose failure ends the run
-    (:class:`~contrast.checkpoint.CheckpointSaveError`, exit code 1).
+    A failed save (disk full) leaves no partial file, keeps the previous checkpoint and is retried
+    once after ``policy.retry_delay_s``. When the retry fails too, one warning names the path and
+    the error and training continues (the next save tries again), unless this is the
+    ``policy.max_failed_saves``-th failed save in a row (:class:`SavesFailing`, exit code
+    :data:`EXIT_SAVE_FAILED`) or the save at the end of the run or on a stop
+    (:class:`~contrast.checkpoint.CheckpointSaveError`, exit code 1); both errors name the last
+    good checkpoint.
     """
 
     def __init__(self, run: Run, model: nn.Module, optimizer, scheduler, scaler, sampler, config: Dict[str, Any],
@@ -364,6 +383,8 @@ class Checkpointer:
         self.extra: Dict[str, Any] = dict(extra or {})
         self.last_save = time.monotonic()
         self.last_saved: Optional[tuple] = None
+        self.failed_saves = 0
+        self.last_good = ""
 
     @property
     def path(self) -> str:
@@ -381,20 +402,38 @@ class Checkpointer:
         position = (epoch, step, consumed)
         if position == self.last_saved:
             return True
-        try:
-            save_training_checkpoint(self.path, self.model, self.optimizer, self.scheduler, self.scaler,
-                                     self.sampler, epoch, step, self.config, self.effective_lr, self.kind,
-                                     self.extra, consumed=consumed,
-                                     samples_seen=getattr(self.scheduler, "samples_seen", None),
-                                     total_batch=self.total_batch)
-        except CheckpointSaveError as e:
-            self.last_save = time.monotonic()
-            if fatal:
-                raise
-            self.run.logger.warning(f"{e}; the previous checkpoint is kept and training continues")
-            return False
-        self.last_save, self.last_saved = time.monotonic(), position
-        return True
+        error = None
+        for attempt in range(2):
+            try:
+                save_training_checkpoint(self.path, self.model, self.optimizer, self.scheduler, self.scaler,
+                                         self.sampler, epoch, step, self.config, self.effective_lr, self.kind,
+                                         self.extra, consumed=consumed,
+                                         samples_seen=getattr(self.scheduler, "samples_seen", None),
+                                         total_batch=self.total_batch)
+                error = None
+                break
+            except CheckpointSaveError as e:
+                error = e
+                if attempt == 0:
+                    self.run.logger.warning(f"{e}; retrying once")
+                    time.sleep(self.policy.retry_delay_s)
+        self.last_save = time.monotonic()
+        if error is None:
+            self.failed_saves, self.last_saved = 0, position
+            self.last_good = f"{self.path} (epoch {epoch}, step {step})"
+            return True
+        self.failed_saves += 1
+        last_good = self.last_good or (f"{self.path} (written before this launch)" if os.path.exists(self.path)
+                                       else "none: nothing was saved yet")
+        if fatal:
+            raise CheckpointSaveError(f"{error}; the last good checkpoint is {last_good}") from error
+        if self.failed_saves >= self.policy.max_failed_saves:
+            raise SavesFailing(f"{error}; {self.failed_saves} saves in a row failed (each retried once): stopping "
+                               f"instead of training on without checkpoints; the last good checkpoint is "
+                               f"{last_good}, resume it with --auto-resume") from error
+        self.run.logger.warning(f"{error}; the previous checkpoint is kept and training continues (the run stops "
+                                f"if {self.policy.max_failed_saves - self.failed_saves} more save(s) fail in a row)")
+        return False
 
     def save_epoch(self, epoch: int, last_epoch: int, step: int) -> None:
         """``current.pth`` for finished ``epoch``, and ``ckpt_epoch_<epoch>.pth`` when it is due."""
@@ -439,6 +478,8 @@ class Trainer:
         self.run, self.options, self.device_aug = run, options, device_aug
         self.state = state if state is not None else TrainState()
         self.checkpointer = checkpointer
+        self.divergence = Divergence(options.on_divergence, options.rollback_lr_factor, checkpointer, self.state,
+                                     run.logger)
         # torchrun's workers: a changed parent pid means the launcher died and nobody supervises us
         self._launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
         run.signals.arm(checkpointer.path if checkpointer is not None else "")
@@ -480,11 +521,14 @@ class Trainer:
         state.nonfinite_total += 1
         self.run.logger.warning(f"non-finite loss at epoch {epoch} iteration {it + 1}: step skipped on all ranks "
                                 f"({state.nonfinite_run} in a row, {state.nonfinite_total} in total)")
+        self.divergence.nonfinite(epoch, it, state.nonfinite_run)
         if state.nonfinite_run >= opts.max_nonfinite:
+            why_not = self.divergence.try_roll_back(epoch)   # raises RolledBack when it rolled back
             raise NonFiniteLossError(
                 f"stopping: {state.nonfinite_run} consecutive non-finite losses (--max-nonfinite "
                 f"{opts.max_nonfinite}) at epoch {epoch} iteration {it + 1}; the last good checkpoint is "
-                f"{os.path.join(self.run.output_dir, CURRENT)} (lower the lr, use --amp-opt-level O0 or resume)")
+                f"{os.path.join(self.run.output_dir, CURRENT)} (lower the lr, use --amp-opt-level O0, "
+                f"--on-divergence rollback or resume){why_not}")
 
     def _step(self, loss: torch.Tensor) -> None:
         """backward, the module's pre-step hook, optimiser step; the post-step hook on real steps only."""
@@ -522,7 +566,14 @@ class Trainer:
 
     def train_epoch(self, loader: Iterable, epoch: int, num_epochs: int) -> Dict[str, float]:
         """One epoch (or its rest, after a mid-epoch resume); returns its mean loss, throughput and the
-        mean of every logged scalar."""
+        mean of every logged scalar (of the part after the last rollback, :mod:`contrast.divergence`)."""
+        while True:
+            try:
+                return self._train_pass(loader, epoch, num_epochs)
+            except RolledBack:   # the state is the checkpoint's: continue the epoch from its position
+                continue
+
+    def _train_pass(self, loader: Iterable, epoch: int, num_epochs: int) -> Dict[str, float]:
         run, opts = self.run, self.options
         device, logger = run.env.device, run.logger
         self.model.train()
@@ -535,6 +586,9 @@ class Trainer:
         images = 0
         end = time.perf_counter()
         for it, (views, index, label) in enumerate(loader, start=first):
+            if self.divergence.skip(epoch, it):
+                end = time.perf_counter()
+                continue
             data_time = time.perf_counter() - end
             views, target = self._inputs(views, index, label, epoch, it)
             lr = self.optimizer.param_groups[0]["lr"]
@@ -613,7 +667,8 @@ def run_cli(main: Callable[[Optional[List[str]]], Any], argv: Optional[List[str]
     """Run an entry point; a user error (bad input, bad checkpoint, non-finite loss, a missing file, a
     locked output dir, a lost peer, ...) ends with one clear line and exit code 1, its traceback only in
     the log file (and on the console with ``--debug``). A run stopped by a signal ends with one line and
-    :data:`EXIT_PREEMPTED`.
+    :data:`EXIT_PREEMPTED`; one whose saves keep failing with :data:`EXIT_SAVE_FAILED`. The DataLoader
+    workers are ended on every way out (:func:`~contrast.data.workers.shutdown_workers`).
 
     Under torchrun the line also goes to the agent's error file; rank 0 prints it at once, another rank
     after a 1 s pause (an error every rank meets is then reported by rank 0, whose exit makes torchrun
@@ -650,7 +705,7 @@ def run_cli(main: Callable[[Optional[List[str]]], Any], argv: Optional[List[str]
         reported = _write_error_file(line) and os.environ.get(LAUNCHER_ENV) == "1"
         if not reported:
             print(line, file=sys.stderr, flush=True)
-        sys.exit(1)
+        sys.exit(EXIT_SAVE_FAILED if isinstance(e, SavesFailing) else 1)
     finally:
         shutdown_workers()
         cd.cleanup()
