@@ -58,8 +58,8 @@ from contrast.runlock import RunLock, RunLockError
 #: Exit code of a run stopped by a signal (or by its launcher's death) after saving a checkpoint:
 #: ``EX_TEMPFAIL`` of sysexits.h, "try again": resume it with ``--auto-resume``.
 EXIT_PREEMPTED = 75
-#: Exit code of a run stopped because its checkpoints cannot be written (``--max-failed-saves``
-#: consecutive saves failed, each retried once): ``EX_IOERR`` of sysexits.h. The error line names
+#: Exit code of a run stopped because its checkpoints cannot be written (two consecutive saves
+#: failed, each retried once: ``CheckpointPolicy.max_failed_saves``): ``EX_IOERR`` of sysexits.h. The error line names
 #: the last good checkpoint; free space and resume it with ``--auto-resume``.
 EXIT_SAVE_FAILED = 74
 _MASK64 = (1 << 64) - 1
@@ -597,9 +597,9 @@ class Trainer:
             loss = out["loss"]
             finite, stop, save = self._agree(bool(torch.isfinite(loss).item()))
             consumed = offset + (it - first + 1) * batch_size
-            if not finite:
+            if not finite:   # no time-based save: the forward pass may have changed buffers (queues, BN stats)
                 self._skip_nonfinite(epoch, it)
-                self._between_steps(epoch, it, consumed, stop, save, it + 1 >= num_iters)
+                self._between_steps(epoch, it, consumed, stop, False, it + 1 >= num_iters)
                 end = time.perf_counter()
                 continue
             self.state.nonfinite_run = 0
