@@ -100,13 +100,18 @@ class StopSignals:
 
     Before :meth:`arm` (nothing to save yet) a signal raises :class:`Preempted` at once. Armed, the
     first signal only records a request that the loop turns into "save, then exit" at the next
-    step (every rank agrees first); a second signal exits at once with code ``128 + signum``.
+    step (every rank agrees first); a second signal exits at once with code ``128 + signum`` (rank 0
+    prints the line), its DataLoader workers killed. A signal within :attr:`DUPLICATE_S` seconds of
+    the first is the same request (a process group's signal that its launcher forwards again).
     """
+
+    DUPLICATE_S = 2.0
 
     def __init__(self) -> None:
         self.requested: Optional[str] = None
         self.armed = False
         self.where = ""
+        self.first_at = 0.0
         self._previous: Dict[int, Any] = {}
 
     def install(self) -> "StopSignals":
@@ -135,11 +140,14 @@ class StopSignals:
         name = signal.Signals(signum).name
         prog = os.path.basename(sys.argv[0]) or "contrast"
         if self.requested is not None:
-            print(f"{prog}: second {name}: exiting at once without saving (last checkpoint: "
-                  f"{self.where or 'none'})", file=sys.stderr, flush=True)
+            if time.monotonic() - self.first_at < self.DUPLICATE_S:
+                return
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"{prog}: second {name}: exiting at once without saving (last checkpoint: "
+                      f"{self.where or 'none'})", file=sys.stderr, flush=True)
             kill_workers()
             os._exit(128 + signum)
-        self.requested = name
+        self.requested, self.first_at = name, time.monotonic()
         if not self.armed:
             raise Preempted(f"stopped by {name} before training started (nothing to save)")
         logging.getLogger("contrast").warning(f"{name} received: saving a checkpoint after the current step, "
