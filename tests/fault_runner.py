@@ -15,6 +15,8 @@ runner flags inject faults into it (they are removed before ``main_pretrain.py``
   poisoned);
 * ``--test-enospc-from N``: the N-th save of the process and every later one fail with ENOSPC
   half-way through the main file (a disk that became full);
+* ``--test-pause-in-save MARKER``: the first save of the process stops half-way through the main
+  file (rank 0), creates MARKER and sleeps until the process is killed or exits;
 * with ``--on-divergence rollback``, each rollback writes ``<output-dir>/test-rollback-<k>.pt``
   (rank 0): ``{"file": the model tensors of current.pth read from disk just before the rollback,
   "restored": the model's tensors right after it}``.
@@ -23,6 +25,7 @@ import errno
 import json
 import os
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -87,6 +90,19 @@ def inject_enospc(first):
     checkpoint._fault = _fault
 
 
+def inject_pause(marker):
+    fault = checkpoint._fault
+
+    def _fault(point):
+        fault(point)
+        if point == "main" and checkpoint._save_calls == 1:
+            with open(marker, "w") as f:
+                f.write(f"{os.getpid()}\n")
+            while True:
+                time.sleep(0.1)
+    checkpoint._fault = _fault
+
+
 def record_rollbacks(out):
     roll_back = divergence.Divergence._roll_back
 
@@ -106,6 +122,9 @@ def main(argv):
         inject_poison(poison, _output_dir(argv))
     if enospc:
         inject_enospc(int(enospc))
+    pause = _take(argv, "--test-pause-in-save")
+    if pause:
+        inject_pause(pause)
     if "--on-divergence" in argv:
         record_rollbacks(_output_dir(argv))
     engine.run_cli(main_pretrain.main, argv)
