@@ -650,9 +650,29 @@ def save_epoch(checkpointer: Checkpointer, epoch: int, last_epoch: int, step: in
 
 #: Set by ``python -m contrast.launch`` for the processes it starts: it reports their errors itself.
 LAUNCHER_ENV = "CONTRAST_LAUNCHER"
+#: How a rank reports the loss of a peer (a consequence: the launcher prefers another rank's line).
+LOST_CONTACT = "lost contact with another process of the run"
 #: User errors :func:`run_cli` reports in one line, exit code 1 (bad flags, data, checkpoints, files,
 #: non-finite losses, a locked output dir, a lost peer process).
 USER_ERRORS = (CheckpointError, NonFiniteLossError, DatasetError, ValueError, OSError, RunLockError) + _DIST_ERRORS
+
+
+#: What gloo / NCCL raise (as a plain RuntimeError) when a peer process is gone.
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted")
+
+
+def _peer_lost(e: BaseException) -> bool:
+    return cd.is_dist() and isinstance(e, RuntimeError) and any(s in str(e) for s in _PEER_LOST)
+
+
+def _ignore_stop_signals() -> None:
+    """On the way out (the cause and its exit code are known) a stop signal changes nothing: torchrun
+    sends SIGTERM to the ranks still running when one exits, and would otherwise replace the exit
+    code by -15."""
+    if threading.current_thread() is threading.main_thread():
+        for name in STOP_SIGNALS:
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 def _write_error_file(line: str) -> bool:
@@ -686,6 +706,7 @@ def run_cli(main: Callable[[Optional[List[str]]], Any], argv: Optional[List[str]
     try:
         main(argv)
     except Preempted as e:
+        _ignore_stop_signals()
         logging.getLogger("contrast").warning(str(e))
         if (cd.get_rank() if cd.is_dist() else int(os.environ.get("RANK", "0"))) == 0:
             print(f"{os.path.basename(sys.argv[0])}: {e} (exit code {e.exit_code})", file=sys.stderr, flush=True)
@@ -693,11 +714,13 @@ def run_cli(main: Callable[[Optional[List[str]]], Any], argv: Optional[List[str]
     except KeyboardInterrupt:  # before the signal handlers were installed
         print(f"{os.path.basename(sys.argv[0])}: interrupted", file=sys.stderr, flush=True)
         sys.exit(128 + signal.SIGINT)
-    except USER_ERRORS as e:
-        if "--debug" in args:
+    except (*USER_ERRORS, RuntimeError) as e:
+        lost = isinstance(e, _DIST_ERRORS) or _peer_lost(e)
+        if "--debug" in args or not (lost or isinstance(e, USER_ERRORS)):
             raise
-        if isinstance(e, _DIST_ERRORS):
-            e = RuntimeError(f"lost contact with another process of the run (it died or was killed): "
+        _ignore_stop_signals()
+        if lost:
+            e = RuntimeError(f"{LOST_CONTACT} (it died or was killed): "
                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}; the last checkpoint is "
                              f"kept, resume with --auto-resume")
         record = logging.makeLogRecord({"name": "contrast", "levelno": logging.ERROR, "levelname": "ERROR",

@@ -21,7 +21,7 @@ import signal
 import sys
 from typing import List, Optional, Tuple
 
-from contrast.engine import EXIT_PREEMPTED, LAUNCHER_ENV, STOP_SIGNALS
+from contrast.engine import EXIT_PREEMPTED, LAUNCHER_ENV, LOST_CONTACT, STOP_SIGNALS
 
 PROG = "contrast.launch"
 
@@ -35,14 +35,26 @@ def _silence_agent_logging() -> None:
 
 def first_failure(failures) -> Tuple[int, object]:
     """``(rank, ProcessFailure)`` to report: a process that left an error line (the lowest rank: an error
-    all ranks meet is rank 0's), else one that exited by itself before one stopped by a signal (torchrun
-    stops the others when one fails), the earliest first."""
+    all ranks meet is rank 0's; "lost contact with another process" only when no rank left another
+    line), else one that exited by itself before one stopped by a signal (torchrun stops the others
+    when one fails), the earliest first, then the lowest rank that stopped on a stop signal (75, 128 + N)."""
+    stops = _stop_codes()
+
     def key(item):
         rank, failure = item
         if _has_message(failure):
-            return (0, rank, 0)
-        return (1 if failure.exitcode > 0 else 2, failure.timestamp, rank)
+            return (0, int(LOST_CONTACT in _text(failure)), rank, 0)
+        if failure.exitcode > 0 and failure.exitcode not in stops:
+            return (1, 0, failure.timestamp, rank)
+        if failure.exitcode in stops:
+            return (2, 0, rank, 0)
+        return (3, 0, failure.timestamp, rank)
     return min(failures.items(), key=key)
+
+
+def _text(failure) -> str:
+    message = failure.message   # a str, or ErrorHandler's {"message": ..., "extraInfo": ...}
+    return message.get("message", "") if isinstance(message, dict) else str(message)
 
 
 def _has_message(failure) -> bool:
@@ -61,8 +73,7 @@ def failure_line(script: str, rank: int, failure) -> Optional[str]:
             return None
         return f"{PROG}: {script}: rank {rank} stopped on a signal with exit code {failure.exitcode}"
     if _has_message(failure):
-        message = failure.message   # a str, or ErrorHandler's {"message": ..., "extraInfo": ...}
-        text = message.get("message", "") if isinstance(message, dict) else message
+        text = _text(failure)
         return text if text.startswith(f"{script}: error") else f"{script}: error (rank {rank}): {text}"
     code = failure.exitcode
     if code < 0:

@@ -50,3 +50,7 @@ def pretrained_checkpoint():
         return str(path)
 
     return make
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: multi-process or end-to-end")

@@ -1,0 +1,354 @@
+"""Every way a run ends, it ends (issue 23): real processes, {exit path} x {0, 2 DataLoader workers} x
+{one process, ``python -m contrast.launch`` with 2 gloo processes}.
+
+Each cell runs ``tests/fault_runner.py`` (MoCo v2 on a 2-conv backbone, 16 images of 32 px, 2 epochs
+of 4 steps, a save after every step) with one fault, in its own session, and asserts
+
+* the whole process tree (launcher, ranks, DataLoader workers) is gone at most ``BOUND_S`` seconds
+  after the cause (the signal sent, the launcher killed, or the first line on stderr / "done" in
+  the log);
+* the exit code and the number of lines on stderr (0 for a normal end, else 1, no traceback);
+* the last good checkpoint, where there is one, verifies and a relaunch with ``--auto-resume``
+  resumes it and finishes.
+
+The cells run a few at a time (``PARALLEL``); a module fixture runs them all once. The two commands
+of the issue's first finding are reproduced by the last two tests.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from contrast.checkpoint import read_checkpoint
+from tests.dist_utils import free_port
+from tests.synthetic import make_image_folder
+from tests.test_faults import _mount_tmpfs, flags, resumed_step, train_lines
+
+pytestmark = pytest.mark.slow
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNNER = os.path.join(ROOT, "tests", "fault_runner.py")
+BOUND_S = 20.0
+PARALLEL = 3
+STEPS = 8   # 2 epochs x 4 steps
+EPOCHS = 2
+
+
+# ----------------------------------------------------------------------------------- processes
+def _session_alive(sid):
+    """Live (non-zombie) processes of session ``sid``."""
+    alive = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                rest = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if rest[0] != "Z" and int(rest[3]) == sid:
+            alive.append(int(name))
+    return alive
+
+
+def stderr_lines(text):
+    return [line for line in text.splitlines() if line.strip() and "FutureWarning" not in line
+            and "warnings.warn" not in line]
+
+
+class Launch:
+    """One launch of the runner (1 process) or of ``contrast.launch`` (2 processes) in its own session."""
+
+    def __init__(self, argv, out, nproc):
+        self.out = str(out)
+        os.makedirs(self.out, exist_ok=True)
+        self.err_path = os.path.join(self.out, f"stderr-{time.monotonic_ns()}.txt")
+        cmd = [sys.executable, RUNNER, *argv] if nproc == 1 else \
+            [sys.executable, "-m", "contrast.launch", "--nproc_per_node=2", f"--master_port={free_port()}",
+             RUNNER, *argv]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+        self.started = time.monotonic()
+        with open(self.err_path, "w") as err:
+            self.p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, env=env,
+                                      start_new_session=True)
+        self.cause = None
+
+    def stderr(self):
+        with open(self.err_path) as f:
+            return f.read()
+
+    def log(self):
+        text = ""
+        for name in ("log.txt", "log_rank1.txt"):
+            try:
+                with open(os.path.join(self.out, name)) as f:
+                    text += f.read()
+            except FileNotFoundError:
+                pass
+        return text
+
+    def wait_for(self, predicate, timeout=120):
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert self.p.poll() is None, f"the run ended early: {self.stderr()}"
+            assert time.monotonic() < deadline, "timed out"
+            time.sleep(0.02)
+
+    def wait_steps(self, n):
+        self.wait_for(lambda: len(train_lines(self.out)) >= n)
+
+    def signal_group(self, sig):
+        os.killpg(self.p.pid, sig)
+        if self.cause is None:
+            self.cause = time.monotonic()
+
+    def finish(self, timeout=150):
+        """Wait until every process of the session is gone; returns (exit code, seconds from the cause)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.p.poll()
+            if self.cause is None and (os.path.getsize(self.err_path) > 0 or "done: checkpoint" in self.log()
+                                       or " ERROR " in self.log()):
+                self.cause = time.monotonic()
+            if self.p.returncode is not None and not _session_alive(self.p.pid):
+                break
+            if time.monotonic() > deadline:
+                left = _session_alive(self.p.pid)
+                for pid in left:
+                    os.kill(pid, signal.SIGKILL)
+                raise AssertionError(f"processes {left} still alive {timeout} s after the start: {self.stderr()}")
+            time.sleep(0.05)
+        gone = time.monotonic()
+        return self.p.returncode, gone - (self.cause if self.cause is not None else self.started)
+
+
+# ----------------------------------------------------------------------------------- exit paths
+def _normal(ctx):
+    return Launch(ctx.argv(), ctx.out, ctx.nproc)
+
+
+def _user_error(ctx):
+    return Launch(ctx.argv("--resume", os.path.join(ctx.out, "missing.pth")), ctx.out, ctx.nproc)
+
+
+def _data_error(ctx):
+    return Launch(ctx.argv("--strict-data", data=ctx.dirty), ctx.out, ctx.nproc)
+
+
+def _nonfinite(ctx):
+    return Launch(ctx.argv("--test-poison", "2:0,2:1", "--max-nonfinite", "2"), ctx.out, ctx.nproc)
+
+
+def _saves_fail(ctx):
+    return Launch(ctx.argv("--test-enospc-from", "3"), ctx.out, ctx.nproc)
+
+
+def _final_save_fails(ctx):
+    return Launch(ctx.argv("--test-enospc-from", str(STEPS)), ctx.out, ctx.nproc)
+
+
+def _stop_signal(ctx):
+    launch = Launch(ctx.argv(), ctx.out, ctx.nproc)
+    launch.wait_steps(2)
+    launch.signal_group(signal.SIGTERM)   # as a scheduler does: every process, workers included
+    return launch
+
+
+def _second_signal(ctx):
+    marker = os.path.join(ctx.out, "paused")
+    launch = Launch(ctx.argv("--test-pause-in-save", marker, "--save-every-minutes", "0"), ctx.out, ctx.nproc)
+    launch.wait_steps(1)
+    launch.signal_group(signal.SIGTERM)
+    launch.wait_for(lambda: os.path.exists(marker))   # the stop's save hangs half-way
+    time.sleep(2.5)   # later than a duplicate of the first signal (StopSignals.DUPLICATE_S)
+    launch.cause = None
+    launch.signal_group(signal.SIGTERM)
+    return launch
+
+
+def _launcher_death(ctx):
+    launch = Launch(ctx.argv(), ctx.out, ctx.nproc)
+    launch.wait_steps(2)
+    launch.p.kill()
+    launch.cause = time.monotonic()
+    return launch
+
+
+# path: (start, expected exit code of the launched process, stderr line pattern or None for no line)
+PATHS = {
+    "normal": (_normal, 0, None),
+    "user_error": (_user_error, 1, r"error: .*missing\.pth"),
+    "data_error": (_data_error, 1, r"error( \(rank 1\))?: \S+img_0\.png: cannot read or decode image "
+                                   r"\(UnidentifiedImageError: cannot identify image file .*\)$"),
+    "nonfinite": (_nonfinite, 1, r"error( \(rank 1\))?: stopping: 2 consecutive non-finite losses "
+                                 r"\(--max-nonfinite 2\) at epoch 2 iteration 2"),
+    "saves_fail": (_saves_fail, 74, r"No space left on device; 2 saves in a row failed \(each retried once\): "
+                                    r"stopping .* the last good checkpoint is \S+current\.pth \(epoch 0, step 2\)"),
+    "final_save_fails": (_final_save_fails, 1, r"checkpoint not saved: \S+current\.pth: \[Errno 28\] No space left "
+                                               r"on device; the last good checkpoint is \S+current\.pth \(epoch 1, "
+                                               r"step 7\)$"),
+    "stop_signal": (_stop_signal, 75, r"stopped by SIGTERM at epoch \d iteration \d: checkpoint \S+ \(step \d\) "
+                                      r"saved; resume with --auto-resume \(exit code 75\)$"),
+    "second_signal": (_second_signal, 128 + signal.SIGTERM, r"second SIGTERM: exiting at once without saving"),
+    "launcher_death": (_launcher_death, -signal.SIGKILL, r"stopped by the death of its launcher at epoch \d "
+                                                         r"iteration \d: checkpoint \S+ saved"),
+}
+# what the last good checkpoint holds after each path (None: no checkpoint)
+CHECKPOINT_STEP = {"normal": STEPS, "user_error": None, "nonfinite": 4, "saves_fail": 2, "final_save_fails": 7,
+                   "second_signal": None}
+CELLS = [(path, workers, nproc) for path in PATHS for nproc in (1, 2) for workers in (0, 2)
+         if not (path == "launcher_death" and nproc == 1)]
+
+
+class Cell:
+    def __init__(self, path, workers, nproc, root, data, dirty):
+        self.path, self.workers, self.nproc = path, workers, nproc
+        self.out = os.path.join(root, f"{path}-{workers}w-{nproc}p")
+        self.data, self.dirty = data, dirty
+
+    def argv(self, *extra, data=None):
+        return flags(data or self.data, self.out, *extra, workers=self.workers, batch=4 // self.nproc, epochs=EPOCHS)
+
+    def run(self):
+        start, _, _ = PATHS[self.path]
+        launch = start(self)
+        self.rc, self.seconds = launch.finish()
+        self.stderr = launch.stderr()
+        self.log = launch.log()
+        self.checkpoint = None
+        self.resume = None
+        path = os.path.join(self.out, "current.pth")
+        if os.path.exists(path):
+            self.checkpoint = read_checkpoint(path)   # raises when it does not verify
+            again = Launch(self.argv("--auto-resume"), self.out, self.nproc)
+            rc, _ = again.finish()
+            self.resume = (rc, again.stderr(), resumed_step(self.out), read_checkpoint(path).step)
+        return self
+
+
+@pytest.fixture(scope="module")
+def matrix(tmp_path_factory, request):
+    """The cells of the collected tests (all of them, or those ``-k`` selected), run a few at a time."""
+    wanted = []
+    for item in request.session.items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if item.module is sys.modules[__name__] and "path" in params:
+            wanted.append((params["path"], params["workers"], params["nproc"]))
+    root = str(tmp_path_factory.mktemp("exits"))
+    data = make_image_folder(os.path.join(root, "data"), num_classes=2, per_class=8, size=(36, 36))
+    dirty = make_image_folder(os.path.join(root, "dirty"), num_classes=2, per_class=8, size=(36, 36))
+    with open(os.path.join(dirty, "train", "class_1", "img_0.png"), "w") as f:
+        f.write("not an image")
+    started = time.monotonic()
+    cells = [Cell(p, w, n, root, data, dirty) for p, w, n in wanted]
+    with ThreadPoolExecutor(PARALLEL) as pool:
+        done = list(pool.map(lambda c: c.run(), cells))
+    print(f"\nexit-path matrix: {len(done)} cells in {time.monotonic() - started:.0f} s")
+    return {(c.path, c.workers, c.nproc): c for c in done}
+
+
+@pytest.mark.parametrize("path,workers,nproc", CELLS, ids=[f"{p}-{w}w-{n}p" for p, w, n in CELLS])
+def test_exit_path(matrix, path, workers, nproc):
+    cell = matrix[path, workers, nproc]
+    _, code, pattern = PATHS[path]
+    where = f"{path} {workers} workers {nproc} process(es): rc {cell.rc}, stderr:\n{cell.stderr}\nlog tail:\n" \
+            f"{cell.log[-3000:]}"
+    assert cell.seconds <= BOUND_S, f"process tree alive {cell.seconds:.1f} s after the cause; {where}"
+    assert cell.rc == code, where
+    lines = stderr_lines(cell.stderr)
+    assert "Traceback" not in cell.stderr, where
+    if pattern is None:
+        assert lines == [], where
+    else:
+        assert len(lines) == 1 and re.search(pattern, lines[0]), where
+    step = CHECKPOINT_STEP.get(path, "any")
+    if step is None:
+        assert cell.checkpoint is None, where
+    elif step != "any":
+        assert cell.checkpoint is not None and cell.checkpoint.step == step, where
+    if path in ("stop_signal", "launcher_death"):   # saved on the way out: nothing lost
+        assert cell.checkpoint is not None and cell.checkpoint.step >= 2, where
+    if cell.checkpoint is not None:   # intact (it verified) and resumable
+        rc, err, resumed, final = cell.resume
+        assert rc == 0 and stderr_lines(err) == [], err
+        assert resumed == cell.checkpoint.step and final == STEPS, (resumed, final)
+
+
+# ----------------------------------------------------------------------------------- the issue's commands
+def _issue_command(data, out, *extra, workers=1):
+    return [sys.executable, os.path.join(ROOT, "main_pretrain.py"), "--data-dir", str(data), "--output-dir", str(out),
+            "--arch", "resnet18", "--image-size", "32", "--batch-size", "8", "--epochs", "1", "--model", "MoCo",
+            "--aug", "MoCov2", "--contrast-num-negative", "32", "--num-workers", str(workers), "--no-tensorboard",
+            *extra]
+
+
+def _run_timed(cmd, out):
+    """Run ``cmd`` in its own session; (exit code, one-line stderr, seconds from its first stderr line
+    until the whole session is gone)."""
+    os.makedirs(out, exist_ok=True)
+    err_path = os.path.join(str(out), "stderr.txt")
+    with open(err_path, "w") as err:
+        p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT})
+    first, deadline = None, time.monotonic() + 300
+    while p.poll() is None or _session_alive(p.pid):
+        if first is None and os.path.getsize(err_path) > 0:
+            first = time.monotonic()
+        if first is not None and time.monotonic() - first > BOUND_S or time.monotonic() > deadline:
+            for pid in _session_alive(p.pid):
+                os.kill(pid, signal.SIGKILL)
+            p.wait()
+            raise AssertionError(f"still running {BOUND_S} s after its error line: {open(err_path).read()}")
+        time.sleep(0.05)
+    first = first or time.monotonic()
+    return p.returncode, open(err_path).read(), time.monotonic() - first
+
+
+def _normalise(line):
+    return re.sub(r"0x[0-9a-f]+", "0x?", re.sub(r"/\S+/(dirty|o\d)/", "/", line))
+
+
+def test_issue_finding_1_and_2_dirty_data_with_a_worker_exits_at_once_in_one_line(tmp_path):
+    """``--strict-data --num-workers 1`` on a folder with one non-image .png: exit 1 within 20 s, and the
+    one line is the one ``--num-workers 0`` prints (not torch's "Caught DatasetError in DataLoader
+    worker process 0" block); the worker's traceback is in log.txt."""
+    dirty = make_image_folder(str(tmp_path / "dirty"), num_classes=2, per_class=8, size=(36, 36))
+    with open(os.path.join(dirty, "train", "class_0", "img_2.png"), "w") as f:
+        f.write("not an image")
+    lines = {}
+    for workers in (1, 0):
+        out = tmp_path / f"o{workers}"
+        rc, err, seconds = _run_timed(_issue_command(dirty, out, "--strict-data", workers=workers), out)
+        assert rc == 1 and seconds <= BOUND_S and len(stderr_lines(err)) == 1 and "Traceback" not in err, err
+        lines[workers] = _normalise(stderr_lines(err)[0])
+    assert lines[1] == lines[0]
+    assert re.fullmatch(r"main_pretrain\.py: error: \S*img_2\.png: cannot read or decode image "
+                        r"\(UnidentifiedImageError: .*\)", lines[1]), lines[1]
+    log = open(tmp_path / "o1" / "log.txt").read()
+    assert "raised in DataLoader worker process 0; its traceback:" in log and "_decode_and_transform" in log
+
+
+def test_issue_finding_1_full_disk_exits_at_once_in_one_line(tmp_path):
+    """A 60 MB tmpfs as output directory (a ResNet-18 MoCo checkpoint does not fit): the final save fails,
+    exit 1 within 20 s, one line naming the error. Where mounting is not allowed, the same through an
+    injected ENOSPC on the tiny runner."""
+    data = make_image_folder(str(tmp_path / "data"), num_classes=2, per_class=8, size=(36, 36))
+    out = tmp_path / "full"
+    real = _mount_tmpfs(out, "60m")
+    try:
+        cmd = _issue_command(data, out) if real else \
+            [sys.executable, RUNNER, *flags(data, out, "--test-enospc-from", "1", workers=1, epochs=1)]
+        rc, err, seconds = _run_timed(cmd, out)
+        assert rc == 1 and seconds <= BOUND_S and len(stderr_lines(err)) == 1 and "Traceback" not in err, err
+        assert re.search(r"checkpoint not saved: \S+current\.pth: \[Errno 28\] No space left on device; the last "
+                         r"good checkpoint is none: nothing was saved yet$", stderr_lines(err)[0]), err
+    finally:
+        if real:
+            subprocess.run(["umount", str(out)], capture_output=True)
