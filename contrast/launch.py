@@ -58,7 +58,10 @@ def _text(failure) -> str:
 
 
 def _has_message(failure) -> bool:
-    return bool(failure.error_file_data) and bool(failure.message)
+    """Whether the process left an error file (torch makes a message up for those that did not, and
+    marks their ``error_file_data`` with ``"<NONE>"``)."""
+    data = failure.error_file_data or {}
+    return bool(failure.message) and data.get("message", "<NONE>") != "<NONE>"
 
 
 def _stop_codes() -> Tuple[int, ...]:

@@ -352,3 +352,37 @@ def test_issue_finding_1_full_disk_exits_at_once_in_one_line(tmp_path):
     finally:
         if real:
             subprocess.run(["umount", str(out)], capture_output=True)
+
+
+# ----------------------------------------------------------------------------------- launcher reports
+def test_launcher_reports_real_failures_of_torch_elastic(tmp_path):
+    """``contrast.launch`` on torch's own ``ProcessFailure`` records (no error file: torch makes a
+    message up): rank 0 stopped by a signal (75, 128 + N) printed its own line, so the launcher prints
+    none; a rank's real error line wins over another rank's "lost contact" line."""
+    import json
+
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from contrast import launch
+    from contrast.engine import LOST_CONTACT
+
+    def failure(rank, code, line=None):
+        path = str(tmp_path / f"error-{time.monotonic_ns()}.json")
+        if line is not None:
+            with open(path, "w") as f:
+                json.dump({"message": {"message": line, "extraInfo": {"timestamp": "1"}}}, f)
+        return ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=code, error_file=path)
+
+    stopped = {0: failure(0, 75), 1: failure(1, 75)}
+    rank, first = launch.first_failure(stopped)
+    assert rank == 0 and launch.failure_line("x.py", rank, first) is None
+    second = {0: failure(0, 128 + signal.SIGTERM), 1: failure(1, 128 + signal.SIGTERM)}
+    assert launch.failure_line("x.py", *launch.first_failure(second)) is None
+    assert "rank 1 stopped on a signal" in launch.failure_line("x.py", 1, failure(1, 75))
+    errors = {0: failure(0, 1, f"x.py: error: {LOST_CONTACT} (it died or was killed): ..."),
+              1: failure(1, 1, "x.py: error (rank 1): /data/a.png: cannot read or decode image")}
+    rank, first = launch.first_failure(errors)
+    assert rank == 1 and launch.failure_line("x.py", rank, first).endswith("cannot read or decode image")
+    crashed = {0: failure(0, 1), 1: failure(1, -9)}   # no error file: torch's made-up message is not a line
+    assert launch.failure_line("x.py", *launch.first_failure(crashed)) == \
+        "contrast.launch: x.py: rank 0 exited with code 1 (its traceback is above)"
