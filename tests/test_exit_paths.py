@@ -198,7 +198,7 @@ PATHS = {
                                       r"saved; resume with --auto-resume \(exit code 75\)$"),
     "second_signal": (_second_signal, 128 + signal.SIGTERM, r"second SIGTERM: exiting at once without saving"),
     "launcher_death": (_launcher_death, -signal.SIGKILL, r"stopped by the death of its launcher at epoch \d "
-                                                         r"iteration \d: checkpoint \S+ saved"),
+                                                         r"iteration \d: checkpoint \S+ \(step \d\) saved"),
 }
 # what the last good checkpoint holds after each path (None: no checkpoint)
 CHECKPOINT_STEP = {"normal": STEPS, "user_error": None, "nonfinite": 4, "saves_fail": 2, "final_save_fails": 7,
