@@ -386,3 +386,61 @@ def test_launcher_reports_real_failures_of_torch_elastic(tmp_path):
     crashed = {0: failure(0, 1), 1: failure(1, -9)}   # no error file: torch's made-up message is not a line
     assert launch.failure_line("x.py", *launch.first_failure(crashed)) == \
         "contrast.launch: x.py: rank 0 exited with code 1 (its traceback is above)"
+
+
+# ----------------------------------------------------------------------------------- divergence rollback
+def _lrs(out):
+    return [(int(m.group(1)), int(m.group(2)), float(m.group(3))) for m in
+            (re.search(r"train epoch \[(\d+)/\d+\] iter \[(\d+)/\d+\] lr (\S+) ", line) for line in train_lines(out))]
+
+
+def test_rollback_restores_the_last_good_checkpoint_and_skips_the_diverged_batches(tmp_path):
+    """Iterations 1 and 2 (0-based) of epoch 2 are poisoned (NaN input, every time they are fed):
+    with --max-nonfinite 2 --on-divergence rollback the run restores current.pth in-process (the
+    model's tensors right after the rollback equal those of the file, bit for bit), never feeds the
+    poisoned batches again, halves the lr, and finishes with finite weights; 2 DataLoader workers
+    (the epoch's iterator restarts mid-epoch)."""
+    import torch
+
+    from contrast.checkpoint import load_file
+    data = make_image_folder(str(tmp_path / "data"), num_classes=2, per_class=8, size=(36, 36))
+    rolled, ref = tmp_path / "rolled", tmp_path / "ref"
+    poison = {(2, 1), (2, 2)}
+    argv = lambda out, *extra: flags(data, out, *extra, workers=2, epochs=3)  # noqa: E731
+    with ThreadPoolExecutor(2) as pool:
+        runs = [pool.submit(lambda: Launch(argv(rolled, "--test-poison", "2:1,2:2", "--max-nonfinite", "2",
+                                                "--on-divergence", "rollback", "--rollback-lr-factor", "0.5"),
+                                           rolled, 1)),
+                pool.submit(lambda: Launch(argv(ref), ref, 1))]
+        launches = [r.result() for r in runs]
+        results = [launch.finish() for launch in launches]
+    for launch, (rc, _) in zip(launches, results):
+        assert rc == 0 and stderr_lines(launch.stderr()) == [], launch.stderr()
+
+    log = open(rolled / "log.txt").read()
+    assert re.search(rf"WARNING rollback 1: 2 consecutive non-finite losses at epoch 2 \(step 5\); restored "
+                     rf"{rolled}/current\.pth \(epoch 1, step 5\); iterations 2, 3 of epoch 2 are skipped; peak lr x "
+                     rf"0\.5 \(now x 0\.5 of the configured one\)", log), log
+    assert log.count("rollback ") == 1
+    dump = torch.load(rolled / "test-rollback-1.pt")
+    assert dump["file"].keys() == dump["restored"].keys()
+    assert all(torch.equal(dump["file"][k], dump["restored"][k]) for k in dump["file"])   # bit for bit
+
+    import json
+    fed = [json.loads(line) for line in open(rolled / "test-batches.rank0.jsonl")]
+    poisoned = [b for b in fed if (b["epoch"], b["it"]) in poison]
+    assert [b["poisoned"] for b in poisoned] == [True, True] and len(poisoned) == 2   # fed once, never again
+    after = fed[fed.index(poisoned[-1]) + 1:]
+    assert [(b["epoch"], b["it"]) for b in after] == [(2, 3)] + [(3, i) for i in range(4)]
+    assert not any(sorted(b["index"]) == sorted(p["index"]) for b in after if b["epoch"] == 2 for p in poisoned)
+
+    final = load_file(str(rolled / "current.pth"))
+    assert all(torch.isfinite(v).all() for v in final["model"].values() if v.is_floating_point())
+    assert final["extra"]["divergence"] == {"lr_scale": 0.5, "skipped": {"2": [1, 2]}}
+    assert final["step"] == 12 - 2   # the two diverged batches were not steps
+    # the lr after the rollback is half the uninterrupted run's at the same samples seen (skipped batches are not
+    # steps: the rolled-back run's step k after the rollback is the reference run's step k)
+    mine, theirs = _lrs(rolled), _lrs(ref)
+    steps_mine = [lr for e, i, lr in mine]
+    assert steps_mine[:5] == [lr for _, _, lr in theirs[:5]]
+    assert steps_mine[5:] == pytest.approx([0.5 * lr for _, _, lr in theirs[5:10]], rel=1e-9)
