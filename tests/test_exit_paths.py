@@ -42,20 +42,61 @@ EPOCHS = 2
 
 
 # ----------------------------------------------------------------------------------- processes
-def _session_alive(sid):
-    """Live (non-zombie) processes of session ``sid``."""
-    alive = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as f:
-                rest = f.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if rest[0] != "Z" and int(rest[3]) == sid:
-            alive.append(int(name))
-    return alive
+def _stat(pid):
+    """(state, start time) of a process, None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            rest = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return rest[0], rest[19]
+
+
+def _children(pid):
+    kids = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                kids += [int(c) for c in f.read().split()]
+    except OSError:
+        pass
+    return kids
+
+
+class Tree:
+    """A process and every descendant seen so far (torchrun starts each rank in a session of its own,
+    and orphans are re-parented, so the tree is recorded while it is whole: call :meth:`refresh` often)."""
+
+    def __init__(self, root):
+        self.known = {}
+        self._add(root)
+
+    def _add(self, pid):
+        stat = _stat(pid)
+        if stat is not None and stat[0] != "Z":
+            self.known.setdefault(pid, stat[1])
+
+    def refresh(self):
+        for pid in list(self.known):
+            if self._is_alive(pid):
+                for kid in _children(pid):
+                    self._add(kid)
+
+    def _is_alive(self, pid):
+        stat = _stat(pid)
+        return stat is not None and stat[0] != "Z" and stat[1] == self.known[pid]
+
+    def alive(self):
+        self.refresh()
+        return [pid for pid in self.known if self._is_alive(pid)]
+
+    def signal(self, sig):
+        """``sig`` to every live process of the tree, as a scheduler signals every process of a job."""
+        for pid in self.alive():
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
 
 
 def stderr_lines(text):
@@ -79,6 +120,7 @@ class Launch:
             self.p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, env=env,
                                       start_new_session=True)
         self.cause = None
+        self.tree = Tree(self.p.pid)
 
     def stderr(self):
         with open(self.err_path) as f:
@@ -97,6 +139,7 @@ class Launch:
     def wait_for(self, predicate, timeout=120):
         deadline = time.monotonic() + timeout
         while not predicate():
+            self.tree.refresh()
             assert self.p.poll() is None, f"the run ended early: {self.stderr()}"
             assert time.monotonic() < deadline, "timed out"
             time.sleep(0.02)
@@ -104,8 +147,8 @@ class Launch:
     def wait_steps(self, n):
         self.wait_for(lambda: len(train_lines(self.out)) >= n)
 
-    def signal_group(self, sig):
-        os.killpg(self.p.pid, sig)
+    def signal_all(self, sig):
+        self.tree.signal(sig)
         if self.cause is None:
             self.cause = time.monotonic()
 
@@ -117,10 +160,10 @@ class Launch:
             if self.cause is None and (os.path.getsize(self.err_path) > 0 or "done: checkpoint" in self.log()
                                        or " ERROR " in self.log()):
                 self.cause = time.monotonic()
-            if self.p.returncode is not None and not _session_alive(self.p.pid):
+            if self.p.returncode is not None and not self.tree.alive():
                 break
             if time.monotonic() > deadline:
-                left = _session_alive(self.p.pid)
+                left = self.tree.alive()
                 for pid in left:
                     os.kill(pid, signal.SIGKILL)
                 raise AssertionError(f"processes {left} still alive {timeout} s after the start: {self.stderr()}")
@@ -157,7 +200,7 @@ def _final_save_fails(ctx):
 def _stop_signal(ctx):
     launch = Launch(ctx.argv(), ctx.out, ctx.nproc)
     launch.wait_steps(2)
-    launch.signal_group(signal.SIGTERM)   # as a scheduler does: every process, workers included
+    launch.signal_all(signal.SIGTERM)   # as a scheduler does: every process, workers included
     return launch
 
 
@@ -165,17 +208,18 @@ def _second_signal(ctx):
     marker = os.path.join(ctx.out, "paused")
     launch = Launch(ctx.argv("--test-pause-in-save", marker, "--save-every-minutes", "0"), ctx.out, ctx.nproc)
     launch.wait_steps(1)
-    launch.signal_group(signal.SIGTERM)
+    launch.signal_all(signal.SIGTERM)
     launch.wait_for(lambda: os.path.exists(marker))   # the stop's save hangs half-way
     time.sleep(2.5)   # later than a duplicate of the first signal (StopSignals.DUPLICATE_S)
     launch.cause = None
-    launch.signal_group(signal.SIGTERM)
+    launch.signal_all(signal.SIGTERM)
     return launch
 
 
 def _launcher_death(ctx):
     launch = Launch(ctx.argv(), ctx.out, ctx.nproc)
     launch.wait_steps(2)
+    launch.tree.refresh()
     launch.p.kill()
     launch.cause = time.monotonic()
     return launch
@@ -297,13 +341,12 @@ def _run_timed(cmd, out):
     with open(err_path, "w") as err:
         p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
                              env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT})
-    first, deadline = None, time.monotonic() + 300
-    while p.poll() is None or _session_alive(p.pid):
+    first, deadline, tree = None, time.monotonic() + 300, Tree(p.pid)
+    while p.poll() is None or tree.alive():
         if first is None and os.path.getsize(err_path) > 0:
             first = time.monotonic()
         if first is not None and time.monotonic() - first > BOUND_S or time.monotonic() > deadline:
-            for pid in _session_alive(p.pid):
-                os.kill(pid, signal.SIGKILL)
+            tree.signal(signal.SIGKILL)
             p.wait()
             raise AssertionError(f"still running {BOUND_S} s after its error line: {open(err_path).read()}")
         time.sleep(0.05)
