@@ -142,6 +142,7 @@ class StopSignals:
         if self.requested is not None:
             if time.monotonic() - self.first_at < self.DUPLICATE_S:
                 return
+            _ignore_stop_signals()   # a third one (forwarded by the launcher) must not run this again
             if int(os.environ.get("RANK", "0")) == 0:
                 print(f"{prog}: second {name}: exiting at once without saving (last checkpoint: "
                       f"{self.where or 'none'})", file=sys.stderr, flush=True)

@@ -486,4 +486,6 @@ def test_rollback_restores_the_last_good_checkpoint_and_skips_the_diverged_batch
     mine, theirs = _lrs(rolled), _lrs(ref)
     steps_mine = [lr for e, i, lr in mine]
     assert steps_mine[:5] == [lr for _, _, lr in theirs[:5]]
-    assert steps_mine[5:] == pytest.approx([0.5 * lr for _, _, lr in theirs[5:10]], rel=1e-9)
+    assert steps_mine[5:] == pytest.approx([0.5 * lr for _, _, lr in theirs[5:10]], rel=2e-3)   # logged: 4 digits
+    peak = load_file(str(ref / "current.pth"))["scheduler"]["base_lrs"]
+    assert final["scheduler"]["base_lrs"] == [0.5 * b for b in peak]
