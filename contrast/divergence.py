@@ -108,8 +108,8 @@ class Divergence:
         self.rollbacks += 1
         if self.logger is not None:
             self.logger.warning(
-                f"rollback {self.rollbacks}: {len(bad)} consecutive non-finite losses at epoch {epoch} (step {before}); "
-                f"restored {ck.path} (epoch {ckpt.epoch}, step {ckpt.step}); iterations "
+                f"rollback {self.rollbacks}: {len(bad)} consecutive non-finite losses at epoch {epoch} "
+                f"(step {before}); restored {ck.path} (epoch {ckpt.epoch}, step {ckpt.step}); iterations "
                 f"{', '.join(str(it + 1) for it in sorted(bad))} of epoch {epoch} are skipped; peak lr x "
                 f"{self.lr_factor:g} (now x {self.lr_scale:g} of the configured one)")
 

@@ -59,8 +59,8 @@ from contrast.runlock import RunLock, RunLockError
 #: ``EX_TEMPFAIL`` of sysexits.h, "try again": resume it with ``--auto-resume``.
 EXIT_PREEMPTED = 75
 #: Exit code of a run stopped because its checkpoints cannot be written (two consecutive saves
-#: failed, each retried once: ``CheckpointPolicy.max_failed_saves``): ``EX_IOERR`` of sysexits.h. The error line names
-#: the last good checkpoint; free space and resume it with ``--auto-resume``.
+#: failed, each retried once: ``CheckpointPolicy.max_failed_saves``): ``EX_IOERR`` of sysexits.h.
+#: The error line names the last good checkpoint; free space and resume it with ``--auto-resume``.
 EXIT_SAVE_FAILED = 74
 _MASK64 = (1 << 64) - 1
 _DIST_ERRORS = tuple(getattr(torch.distributed, n) for n in ("DistBackendError", "DistNetworkError")
