@@ -173,7 +173,8 @@ def linear(args, run: engine.Run) -> Dict[str, float]:
                                                                       args.save_every_minutes),
                                        extra={"best": best})
     trainer = engine.Trainer(engine.wrap_ddp(model, env), model, optimizer, scheduler, precision, run,
-                             engine.LoopOptions(args.print_freq, args.max_nonfinite, args.channels_last, args.seed),
+                             engine.LoopOptions(args.print_freq, args.max_nonfinite, args.channels_last, args.seed,
+                                                args.on_divergence, args.rollback_lr_factor),
                              train_aug.device, state, checkpointer)
     trainer.start(args.epochs * iters, iters)
 

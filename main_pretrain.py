@@ -89,7 +89,8 @@ def pretrain(args, run: engine.Run) -> None:
                                                                                    args.save_every_minutes),
                                        extra=extra)
     trainer = engine.Trainer(engine.wrap_ddp(method, env), method, optimizer, scheduler, precision, run,
-                             engine.LoopOptions(args.print_freq, args.max_nonfinite, args.channels_last, args.seed),
+                             engine.LoopOptions(args.print_freq, args.max_nonfinite, args.channels_last, args.seed,
+                                                args.on_divergence, args.rollback_lr_factor),
                              aug.device, state, checkpointer)
     trainer.start(epochs * iters, iters)
     logger.info(f"{args.model}: {len(dataset)} images, {epochs} loop epochs x {iters} iterations, "

@@ -51,6 +51,8 @@ from contrast.checkpoint import (CURRENT, EPOCH_PREFIX, PRETRAIN, Checkpoint, Ch
                                  choose_resume, copy_checkpoint, prune_epoch_checkpoints, read_checkpoint,
                                  recover_output_dir, save_training_checkpoint)
 from contrast.data import DatasetError
+from contrast.data.workers import STOP_SIGNALS, Loader, kill_workers, shutdown_workers
+from contrast.divergence import Divergence, RolledBack
 from contrast.logger import AverageMeter, DeviceMeters, TensorBoard, format_eta, peak_memory_mb, setup_logger
 from contrast.models.base import TrainModule
 from contrast.placement import place, place_inputs
@@ -61,7 +63,10 @@ from contrast.watchdog import SignalWatchdog
 #: Exit code of a run stopped by a signal (or by its launcher's death) after saving a checkpoint:
 #: ``EX_TEMPFAIL`` of sysexits.h, "try again": resume it with ``--auto-resume``.
 EXIT_PREEMPTED = 75
-STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+#: Exit code of a run stopped because its checkpoints cannot be written (two consecutive saves
+#: failed, each retried once: ``CheckpointPolicy.max_failed_saves``): ``EX_IOERR`` of sysexits.h.
+#: The error line names the last good checkpoint; free space and resume it with ``--auto-resume``.
+EXIT_SAVE_FAILED = 74
 _MASK64 = (1 << 64) - 1
 _DIST_ERRORS = tuple(getattr(torch.distributed, n) for n in ("DistBackendError", "DistNetworkError")
                      if hasattr(torch.distributed, n))
@@ -69,6 +74,12 @@ _DIST_ERRORS = tuple(getattr(torch.distributed, n) for n in ("DistBackendError",
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive iterations with a NaN/inf loss."""
+
+
+class SavesFailing(CheckpointSaveError):
+    """Saves keep failing (see :class:`Checkpointer`): :func:`run_cli` exits with :data:`EXIT_SAVE_FAILED`."""
+
+    exit_code = EXIT_SAVE_FAILED
 
 
 class Preempted(RuntimeError):
@@ -94,18 +105,24 @@ class StopSignals:
 
     Before :meth:`arm` (nothing to save yet) a signal raises :class:`Preempted` at once. Armed, the
     first signal only records a request that the loop turns into "save, then exit" at the next
-    step (every rank agrees first); a second signal exits at once with code ``128 + signum``. A
+    step (every rank agrees first); a second signal exits at once with code ``128 + signum`` (rank 0
+    prints the line), its DataLoader workers killed. A signal within :attr:`DUPLICATE_S` seconds of
+    the first is the same request (a process group's signal that its launcher forwards again). A
     :class:`~contrast.watchdog.SignalWatchdog` enforces both exits while the main thread is blocked in
     C code (a CUDA synchronisation on a dead peer's collective), where this handler cannot run.
     """
+
+    DUPLICATE_S = 2.0
 
     def __init__(self) -> None:
         self.requested: Optional[str] = None
         self.armed = False
         self.where = ""
+        self.first_at = 0.0
         self._previous: Dict[int, Any] = {}
         self.watchdog = SignalWatchdog([getattr(signal, n) for n in STOP_SIGNALS if hasattr(signal, n)],
-                                       where=lambda: self.where)
+                                       where=lambda: self.where, duplicate_s=self.DUPLICATE_S,
+                                       before_exit=_leave_quietly, quiet=lambda: int(os.environ.get("RANK", "0")) > 0)
 
     def install(self) -> "StopSignals":
         if threading.current_thread() is not threading.main_thread():
@@ -135,8 +152,10 @@ class StopSignals:
         name = signal.Signals(signum).name
         self.watchdog.acknowledge()
         if self.requested is not None:
+            if time.monotonic() - self.first_at < self.DUPLICATE_S:
+                return
             self.watchdog.leave(self.watchdog.second_signal_line(signum), signum)
-        self.requested = name
+        self.requested, self.first_at = name, time.monotonic()
         if not self.armed:
             raise Preempted(f"stopped by {name} before training started (nothing to save)")
         logging.getLogger("contrast").warning(f"{name} received: saving a checkpoint after the current step, "
@@ -175,19 +194,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)
-
-
-def seed_worker(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: numpy and random follow the worker's torch seed
-    (``base_seed + worker_id``, the base drawn from the loader's own generator). Workers ignore
-    the stop signals: a scheduler signals every process of a job, and the main process, which
-    handles them, still needs its workers for the step before it saves."""
-    seed = torch.initial_seed() % 2 ** 32
-    np.random.seed(seed)
-    random.seed(seed)
-    for name in STOP_SIGNALS:
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 def setup_run(name: str, output_dir: str, device: str = "auto", local_rank: int = -1, seed: int = 0,
@@ -290,14 +296,15 @@ def write_config(run: Run, flags: Dict[str, Any], **resolved: Any) -> Dict[str, 
 
 def build_loader(dataset, sampler: Sampler, batch_size: int, num_workers: int, device: torch.device,
                  train: bool, seed: int = 0) -> DataLoader:
-    """DataLoader: pinned memory on CUDA, persistent seeded workers, ``drop_last`` when training.
+    """DataLoader (:class:`~contrast.data.workers.Loader`: its workers end on every exit path): pinned
+    memory on CUDA, persistent seeded workers, ``drop_last`` when training.
     Its own generator (seeded by ``seed`` and the rank) draws the workers' base seed, so creating
     an iterator does not consume the global RNG, whose state a checkpoint restores."""
     generator = torch.Generator()
     generator.manual_seed(mix_seed(seed, cd.get_rank(), 0x10AD))
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      pin_memory=device.type == "cuda", drop_last=train, persistent_workers=num_workers > 0,
-                      worker_init_fn=seed_worker, generator=generator)
+    return Loader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                  pin_memory=device.type == "cuda", drop_last=train, persistent_workers=num_workers > 0,
+                  generator=generator)
 
 
 def wrap_ddp(model: nn.Module, env: cd.DistEnv) -> nn.Module:
@@ -344,12 +351,15 @@ def check_iters(loader: DataLoader, batch_size: int, world_size: int, flag: str 
 @dataclass(frozen=True)
 class LoopOptions:
     """How the loop runs and reports (``--print-freq``, ``--max-nonfinite``, ``--channels-last``;
-    ``seed`` seeds the per-step generator of the device-side augmentation)."""
+    ``seed`` seeds the per-step generator of the device-side augmentation; ``--on-divergence``,
+    ``--rollback-lr-factor``: see :mod:`contrast.divergence`)."""
 
     print_freq: int = 100
     max_nonfinite: int = 10
     channels_last: bool = False
     seed: int = 0
+    on_divergence: str = "stop"
+    rollback_lr_factor: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -359,6 +369,8 @@ class CheckpointPolicy:
     save_freq: int = 10
     keep_last: int = 0
     save_every_minutes: float = 30.0
+    max_failed_saves: int = 2
+    retry_delay_s: float = 1.0
 
 
 class Checkpointer:
@@ -370,10 +382,13 @@ class Checkpointer:
     keeps all). ``extra`` (a dict the entry script updates, e.g. the kNN monitor's best) goes into
     every checkpoint.
 
-    A failed save (disk full) logs one warning naming the path and the error, leaves no partial
-    file and keeps the previous checkpoint; training continues (the next time-based save tries
-    again), except for the save at the end of the run or on a stop, whose failure ends the run
-    (:class:`~contrast.checkpoint.CheckpointSaveError`, exit code 1).
+    A failed save (disk full) leaves no partial file, keeps the previous checkpoint and is retried
+    once after ``policy.retry_delay_s``. When the retry fails too, one warning names the path and
+    the error and training continues (the next save tries again), unless this is the
+    ``policy.max_failed_saves``-th failed save in a row (:class:`SavesFailing`, exit code
+    :data:`EXIT_SAVE_FAILED`) or the save at the end of the run or on a stop
+    (:class:`~contrast.checkpoint.CheckpointSaveError`, exit code 1); both errors name the last
+    good checkpoint.
     """
 
     def __init__(self, run: Run, model: nn.Module, optimizer, scheduler, scaler, sampler, config: Dict[str, Any],
@@ -385,6 +400,8 @@ class Checkpointer:
         self.extra: Dict[str, Any] = dict(extra or {})
         self.last_save = time.monotonic()
         self.last_saved: Optional[tuple] = None
+        self.failed_saves = 0
+        self.last_good = ""
 
     @property
     def path(self) -> str:
@@ -402,20 +419,38 @@ class Checkpointer:
         position = (epoch, step, consumed)
         if position == self.last_saved:
             return True
-        try:
-            save_training_checkpoint(self.path, self.model, self.optimizer, self.scheduler, self.scaler,
-                                     self.sampler, epoch, step, self.config, self.effective_lr, self.kind,
-                                     self.extra, consumed=consumed,
-                                     samples_seen=getattr(self.scheduler, "samples_seen", None),
-                                     total_batch=self.total_batch)
-        except CheckpointSaveError as e:
-            self.last_save = time.monotonic()
-            if fatal:
-                raise
-            self.run.logger.warning(f"{e}; the previous checkpoint is kept and training continues")
-            return False
-        self.last_save, self.last_saved = time.monotonic(), position
-        return True
+        error = None
+        for attempt in range(2):
+            try:
+                save_training_checkpoint(self.path, self.model, self.optimizer, self.scheduler, self.scaler,
+                                         self.sampler, epoch, step, self.config, self.effective_lr, self.kind,
+                                         self.extra, consumed=consumed,
+                                         samples_seen=getattr(self.scheduler, "samples_seen", None),
+                                         total_batch=self.total_batch)
+                error = None
+                break
+            except CheckpointSaveError as e:
+                error = e
+                if attempt == 0:
+                    self.run.logger.warning(f"{e}; retrying once")
+                    time.sleep(self.policy.retry_delay_s)
+        self.last_save = time.monotonic()
+        if error is None:
+            self.failed_saves, self.last_saved = 0, position
+            self.last_good = f"{self.path} (epoch {epoch}, step {step})"
+            return True
+        self.failed_saves += 1
+        last_good = self.last_good or (f"{self.path} (written before this launch)" if os.path.exists(self.path)
+                                       else "none: nothing was saved yet")
+        if fatal:
+            raise CheckpointSaveError(f"{error}; the last good checkpoint is {last_good}") from error
+        if self.failed_saves >= self.policy.max_failed_saves:
+            raise SavesFailing(f"{error}; {self.failed_saves} saves in a row failed (each retried once): stopping "
+                               f"instead of training on without checkpoints; the last good checkpoint is "
+                               f"{last_good}, resume it with --auto-resume") from error
+        self.run.logger.warning(f"{error}; the previous checkpoint is kept and training continues (the run stops "
+                                f"if {self.policy.max_failed_saves - self.failed_saves} more save(s) fail in a row)")
+        return False
 
     def save_epoch(self, epoch: int, last_epoch: int, step: int) -> None:
         """``current.pth`` for finished ``epoch``, and ``ckpt_epoch_<epoch>.pth`` when it is due."""
@@ -463,6 +498,8 @@ class Trainer:
         place(module, run.env.device)
         self.device_aug = place(device_aug, run.env.device)
         self._grad_scale: Any = 1.0
+        self.divergence = Divergence(options.on_divergence, options.rollback_lr_factor, checkpointer, self.state,
+                                     run.logger)
         # torchrun's workers: a changed parent pid means the launcher died and nobody supervises us
         self._launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
         run.signals.arm(checkpointer.path if checkpointer is not None else "")
@@ -513,11 +550,14 @@ class Trainer:
         state.nonfinite_total += 1
         self.run.logger.warning(f"non-finite loss at epoch {epoch} iteration {it + 1}: step skipped on all ranks "
                                 f"({state.nonfinite_run} in a row, {state.nonfinite_total} in total)")
+        self.divergence.nonfinite(epoch, it, state.nonfinite_run)
         if state.nonfinite_run >= opts.max_nonfinite:
+            why_not = self.divergence.try_roll_back(epoch)   # raises RolledBack when it rolled back
             raise NonFiniteLossError(
                 f"stopping: {state.nonfinite_run} consecutive non-finite losses (--max-nonfinite "
                 f"{opts.max_nonfinite}) at epoch {epoch} iteration {it + 1}; the last good checkpoint is "
-                f"{os.path.join(self.run.output_dir, CURRENT)} (lower the lr, use --amp-opt-level O0 or resume)")
+                f"{os.path.join(self.run.output_dir, CURRENT)} (lower the lr, use --amp-opt-level O0, "
+                f"--on-divergence rollback or resume){why_not}")
 
     def _backward(self, loss: torch.Tensor) -> Optional[torch.Tensor]:
         """backward; with a GradScaler also unscale the gradients and return whether any is
@@ -563,7 +603,14 @@ class Trainer:
 
     def train_epoch(self, loader: Iterable, epoch: int, num_epochs: int) -> Dict[str, float]:
         """One epoch (or its rest, after a mid-epoch resume); returns its mean loss, throughput and the
-        mean of every logged scalar."""
+        mean of every logged scalar (of the part after the last rollback, :mod:`contrast.divergence`)."""
+        while True:
+            try:
+                return self._train_pass(loader, epoch, num_epochs)
+            except RolledBack:   # the state is the checkpoint's: continue the epoch from its position
+                continue
+
+    def _train_pass(self, loader: Iterable, epoch: int, num_epochs: int) -> Dict[str, float]:
         run, opts = self.run, self.options
         device, logger = run.env.device, run.logger
         self.model.train()
@@ -575,6 +622,9 @@ class Trainer:
         images = 0
         end = time.perf_counter()
         for it, (views, index, label) in enumerate(loader, start=first):
+            if self.divergence.skip(epoch, it):
+                end = time.perf_counter()
+                continue
             data_time = time.perf_counter() - end
             views, target = self._inputs(views, index, label, epoch, it)
             lr = self.optimizer.param_groups[0]["lr"]
@@ -584,9 +634,9 @@ class Trainer:
             overflow = self._backward(loss)
             finite, overflow, stop, save = self._agree(loss, overflow)
             consumed = offset + (it - first + 1) * batch_size
-            if not finite:
+            if not finite:   # no time-based save: the forward pass may have changed buffers (queues, BN stats)
                 self._skip_nonfinite(epoch, it)
-                self._between_steps(epoch, it, consumed, stop, save, it + 1 >= num_iters)
+                self._between_steps(epoch, it, consumed, stop, False, it + 1 >= num_iters)
                 end = time.perf_counter()
                 continue
             self.state.nonfinite_run = 0
@@ -629,9 +679,35 @@ def save_epoch(checkpointer: Checkpointer, epoch: int, last_epoch: int, step: in
 
 #: Set by ``python -m contrast.launch`` for the processes it starts: it reports their errors itself.
 LAUNCHER_ENV = "CONTRAST_LAUNCHER"
+#: How a rank reports the loss of a peer (a consequence: the launcher prefers another rank's line).
+LOST_CONTACT = "lost contact with another process of the run"
 #: User errors :func:`run_cli` reports in one line, exit code 1 (bad flags, data, checkpoints, files,
 #: non-finite losses, a locked output dir, a lost peer process).
 USER_ERRORS = (CheckpointError, NonFiniteLossError, DatasetError, ValueError, OSError, RunLockError) + _DIST_ERRORS
+
+
+#: What gloo / NCCL raise (as a plain RuntimeError) when a peer process is gone.
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted")
+
+
+def _peer_lost(e: BaseException) -> bool:
+    return cd.is_dist() and isinstance(e, RuntimeError) and any(s in str(e) for s in _PEER_LOST)
+
+
+def _leave_quietly() -> None:
+    """Before an immediate exit: later stop signals change nothing, DataLoader workers are killed."""
+    _ignore_stop_signals()
+    kill_workers()
+
+
+def _ignore_stop_signals() -> None:
+    """On the way out (the cause and its exit code are known) a stop signal changes nothing: torchrun
+    sends SIGTERM to the ranks still running when one exits, and would otherwise replace the exit
+    code by -15."""
+    if threading.current_thread() is threading.main_thread():
+        for name in STOP_SIGNALS:
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 def _write_error_file(line: str) -> bool:
@@ -654,7 +730,8 @@ def run_cli(main: Callable[[Optional[List[str]]], Any], argv: Optional[List[str]
     """Run an entry point; a user error (bad input, bad checkpoint, non-finite loss, a missing file, a
     locked output dir, a lost peer, ...) ends with one clear line and exit code 1, its traceback only in
     the log file (and on the console with ``--debug``). A run stopped by a signal ends with one line and
-    :data:`EXIT_PREEMPTED`.
+    :data:`EXIT_PREEMPTED`; one whose saves keep failing with :data:`EXIT_SAVE_FAILED`. The DataLoader
+    workers are ended on every way out (:func:`~contrast.data.workers.shutdown_workers`).
 
     Under torchrun the line also goes to the agent's error file; rank 0 prints it at once, another rank
     after a 1 s pause (an error every rank meets is then reported by rank 0, whose exit makes torchrun
@@ -664,6 +741,7 @@ def run_cli(main: Callable[[Optional[List[str]]], Any], argv: Optional[List[str]
     try:
         main(argv)
     except Preempted as e:
+        _ignore_stop_signals()
         logging.getLogger("contrast").warning(str(e))
         if (cd.get_rank() if cd.is_dist() else int(os.environ.get("RANK", "0"))) == 0:
             print(f"{os.path.basename(sys.argv[0])}: {e} (exit code {e.exit_code})", file=sys.stderr, flush=True)
@@ -671,11 +749,13 @@ def run_cli(main: Callable[[Optional[List[str]]], Any], argv: Optional[List[str]
     except KeyboardInterrupt:  # before the signal handlers were installed
         print(f"{os.path.basename(sys.argv[0])}: interrupted", file=sys.stderr, flush=True)
         sys.exit(128 + signal.SIGINT)
-    except USER_ERRORS as e:
-        if "--debug" in args:
+    except (*USER_ERRORS, RuntimeError) as e:
+        lost = isinstance(e, _DIST_ERRORS) or _peer_lost(e)
+        if "--debug" in args or not (lost or isinstance(e, USER_ERRORS)):
             raise
-        if isinstance(e, _DIST_ERRORS):
-            e = RuntimeError(f"lost contact with another process of the run (it died or was killed): "
+        _ignore_stop_signals()
+        if lost:
+            e = RuntimeError(f"{LOST_CONTACT} (it died or was killed): "
                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}; the last checkpoint is "
                              f"kept, resume with --auto-resume")
         record = logging.makeLogRecord({"name": "contrast", "levelno": logging.ERROR, "levelname": "ERROR",
@@ -691,6 +771,7 @@ def run_cli(main: Callable[[Optional[List[str]]], Any], argv: Optional[List[str]
         reported = _write_error_file(line) and os.environ.get(LAUNCHER_ENV) == "1"
         if not reported:
             print(line, file=sys.stderr, flush=True)
-        sys.exit(1)
+        sys.exit(EXIT_SAVE_FAILED if isinstance(e, SavesFailing) else 1)
     finally:
+        shutdown_workers()
         cd.cleanup()

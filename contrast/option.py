@@ -191,6 +191,13 @@ def add_schedule_flags(p: argparse.ArgumentParser, *, default_epochs: int) -> No
     g.add_argument("--amp-opt-level", type=str, default="auto", choices=list(OPT_LEVELS), help=AMP_HELP)
     g.add_argument("--max-nonfinite", type=int, default=10, help="(new) stop after this many consecutive "
                    "steps with a non-finite loss (each is skipped on all ranks)")
+    g.add_argument("--on-divergence", type=str, default="stop", choices=["stop", "rollback"],
+                   help="(new) after --max-nonfinite consecutive non-finite losses: stop (exit code 1), or roll "
+                        "back to the last good checkpoint in-process, skip the diverged batches, multiply the lr "
+                        "by --rollback-lr-factor and go on (docs/resilience.md)")
+    g.add_argument("--rollback-lr-factor", type=float, default=0.5,
+                   help="(new) --on-divergence rollback: multiply the peak lr by this factor, in (0, 1], at each "
+                        "rollback")
     g.add_argument("--channels-last", action="store_true", help="(new) channels-last memory format")
     g.add_argument("--compile", action="store_true", help="(new) torch.compile the backbone "
                    "(nn.Module.compile, checkpoint keys unchanged; needs a C compiler on the CPU; skipped "
@@ -629,6 +636,8 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace, positive: Seque
         p.error(f"--num-workers must be >= 0, got {args.num_workers}")
     if getattr(args, "save_every_minutes", 0) < 0 or getattr(args, "keep_last", 0) < 0:
         p.error("--save-every-minutes and --keep-last must be >= 0")
+    if getattr(args, "rollback_lr_factor", None) is not None and not 0 < args.rollback_lr_factor <= 1:
+        p.error(f"--rollback-lr-factor must be in (0, 1], got {args.rollback_lr_factor}")
     if getattr(args, "val_crop_fraction", None) is not None and not 0 < args.val_crop_fraction <= 1:
         p.error(f"--val-crop-fraction must be in (0, 1], got {args.val_crop_fraction}")
     if hasattr(args, "warmup_epoch") and (args.warmup_epoch < 0 or args.warmup_multiplier < 1):

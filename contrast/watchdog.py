@@ -17,6 +17,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from typing import Callable, Collection, Optional
 
 
@@ -28,9 +29,13 @@ class SignalWatchdog:
     """
 
     def __init__(self, signums: Collection[int], where: Callable[[], str] = lambda: "",
-                 grace_s: Optional[float] = 60.0, exit: Callable[[int], None] = os._exit) -> None:
+                 grace_s: Optional[float] = 60.0, exit: Callable[[int], None] = os._exit,
+                 duplicate_s: float = 0.0, before_exit: Callable[[], None] = lambda: None,
+                 quiet: Callable[[], bool] = lambda: False) -> None:
         self.signums, self.where, self.grace_s, self._exit = set(signums), where, grace_s, exit
+        self.duplicate_s, self._before_exit, self._quiet = duplicate_s, before_exit, quiet
         self.received = 0
+        self._first_at = 0.0
         self._handled = 0
         self._cond = threading.Condition()
         self._leaving = threading.Lock()
@@ -81,6 +86,11 @@ class SignalWatchdog:
                 f"{self.where() or 'none'})")
 
     def _on_signal(self, signum: int) -> None:
+        now = time.monotonic()
+        if self.received and now - self._first_at < self.duplicate_s:
+            return   # the same request (a group's signal forwarded again by the launcher)
+        if not self.received:
+            self._first_at = now
         self.received += 1
         if self.received >= 2:
             self.leave(self.second_signal_line(signum), signum)
@@ -99,5 +109,7 @@ class SignalWatchdog:
     def leave(self, line: str, signum: int) -> None:
         """Print ``line`` and exit with ``128 + signum`` (once, from whichever thread comes first)."""
         with self._leaving:
-            print(line, file=sys.stderr, flush=True)
+            self._before_exit()
+            if not self._quiet():
+                print(line, file=sys.stderr, flush=True)
             self._exit(128 + signum)

@@ -13,7 +13,8 @@ where resume is exact, that the final weights equal those of an uninterrupted ru
 * a second signal exits at once; a second launch into a live run's folder is refused;
 * a damaged ``current.pth`` falls back to the newest epoch checkpoint; a folder with checkpoints
   is not restarted silently;
-* a full disk (a small tmpfs where mounting is allowed, else an injected ENOSPC);
+* a full disk (a small tmpfs where mounting is allowed, else an injected ENOSPC): saves are retried
+  once, the second failed save in a row stops the run with exit code 74;
 * under torchrun: one rank killed, torchrun itself killed (the orphaned ranks save and exit);
 * requeue on other hardware: 1 -> 2 processes with the same total batch continues the schedule,
   2 -> 1 with the same per-process batch is refused, or continues with ``--allow-batch-change``.
@@ -315,6 +316,10 @@ def _mount_tmpfs(path, size):
 
 
 def test_full_disk_keeps_the_last_checkpoint_and_reports_one_line(data, tmp_path):
+    """Real tmpfs: the first save fits, every later one fails: each is retried once, the second failed
+    save in a row stops the run (exit 74, one line naming the last good checkpoint) instead of
+    training on unsaved. Injected ENOSPC (no mount allowed): only the third save fails, its retry
+    succeeds, the run finishes."""
     out = tmp_path / "disk"
     real = _mount_tmpfs(out, "120k")  # room for one checkpoint (~64 KB), not for a second one next to it
     try:
@@ -323,22 +328,26 @@ def test_full_disk_keeps_the_last_checkpoint_and_reports_one_line(data, tmp_path
         rc = proc.wait()
         err = proc.stderr()
         log = open(out / "log.txt").read()
-        warnings = re.findall(r"WARNING (checkpoint not saved: \S+current\.pth: \[Errno 28\] No space left on device; "
-                              r"the previous checkpoint is kept and training continues)", log)
-        assert warnings, log[-2000:]
+        retries = re.findall(r"WARNING checkpoint not saved: \S+current\.pth: \[Errno 28\] No space left on device; "
+                             r"retrying once", log)
+        assert retries, log[-2000:]
         assert not glob.glob(str(out / "*.tmp"))   # every partial file was removed
         kept = read_checkpoint(str(out / "current.pth"))
         assert kept.verified
-        if real:  # every later save failed too: the run ends in one line after its last step
+        if real:  # the second failed save in a row stops the run, in one line naming the last good checkpoint
             ok, lines = one_line(err)
-            assert rc == 1 and ok and lines[0].endswith(f"checkpoint not saved: {out}/current.pth: [Errno 28] No "
-                                                        f"space left on device"), err
-            assert kept.step < STEPS
+            assert rc == 74 and ok and lines[0].endswith(
+                f"checkpoint not saved: {out}/current.pth: [Errno 28] No space left on device; 2 saves in a row "
+                f"failed (each retried once): stopping instead of training on without checkpoints; the last good "
+                f"checkpoint is {out}/current.pth (epoch 0, step {kept.step}), resume it with --auto-resume"), err
+            assert len(retries) == 2 and kept.step == 1
+            assert "the previous checkpoint is kept and training continues (the run stops if 1 more save(s) fail " \
+                   "in a row)" in log
             subprocess.run(["mount", "-o", "remount,size=4m", str(out)], check=True)
             rc, err = run(flags(data, out, "--auto-resume"), out)
             assert rc == 0 and resumed_step(out) == kept.step, err
-        else:  # only the third save failed: the run went on and finished
-            assert rc == 0 and len(warnings) == 1 and kept.step == STEPS
+        else:  # only the third save failed: its retry succeeded, the run went on and finished
+            assert rc == 0 and len(retries) == 1 and kept.step == STEPS
         assert read_checkpoint(str(out / "current.pth")).step == STEPS
     finally:
         if real:

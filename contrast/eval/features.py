@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from contrast import distributed as cd
 from contrast.checkpoint import Checkpoint, CheckpointError, load_model_state, read_checkpoint
+from contrast.data.workers import Loader
 from contrast.logger import Progress
 from contrast.models import build_backbone, stem_of
 
@@ -44,10 +45,11 @@ class ShardSampler(Sampler[int]):
 
 def build_eval_loader(dataset: Dataset, batch_size: int, num_workers: int = 0,
                       rank: Optional[int] = None, world_size: Optional[int] = None) -> DataLoader:
-    """A sequential loader over this rank's :class:`ShardSampler` block of ``dataset``."""
-    return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), rank, world_size),
-                      num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=False, drop_last=False)
+    """A sequential loader over this rank's :class:`ShardSampler` block of ``dataset`` (a
+    :class:`~contrast.data.workers.Loader`: its workers end on every exit path, their errors are one line)."""
+    return Loader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), rank, world_size),
+                  num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                  persistent_workers=False, drop_last=False)
 
 
 def _as_batch(sample, device: torch.device, device_transform: Optional[nn.Module]) -> torch.Tensor:
