@@ -52,7 +52,7 @@ def run_flags(args, data: str, out: str) -> List[str]:
             "--batch-size", str(args.batch_size), "--epochs", str(args.epochs), "--warmup-epoch", "1",
             "--print-freq", "1", "--no-tensorboard", "--base-learning-rate", "0.3", "--amp-opt-level", "O0",
             "--save-every-minutes", "1e-9", "--save-freq", "1", "--keep-last", "2", "--seed", str(args.seed),
-            "--bn-splits", str(min(8, max(1, args.batch_size // 2))), *workers]   # >= 2 images per split-BN group
+            *workers]
 
 
 class Launch:

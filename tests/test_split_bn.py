@@ -98,9 +98,17 @@ def test_refusals_are_one_line():
         SplitBatchNorm(3, 0)
     with pytest.raises(ValueError, match=r"MoCo: --batch-size 12 is not divisible by --bn-splits 8 \(one process") as e:
         build_method(method_config(parse_pretrain_args(["--model", "MoCo", "--batch-size", "12", "--data-dir", "x",
-                                                        "--arch", "resnet18"])), 10)
+                                                        "--arch", "resnet18", "--bn-splits", "8"])), 10)
     assert "\n" not in str(e.value)
-    assert parse_pretrain_args(["--model", "MoCo", "--data-dir", "x"]).bn_splits == 8   # the demo's value
+
+
+@pytest.mark.parametrize("batch,splits", [(256, 8), (64, 8), (16, 8), (12, 6), (8, 4), (6, 3), (2, 1), (7, 1)])
+def test_default_bn_splits_is_the_demos_8_or_what_the_batch_allows(batch, splits):
+    assert parse_pretrain_args(["--model", "MoCo", "--data-dir", "x"]).bn_splits is None
+    method = build_method(method_config(parse_pretrain_args(["--model", "MoCo", "--batch-size", str(batch),
+                                                             "--data-dir", "x", "--arch", "resnet18"])), 10)
+    found = {m.num_splits for m in method.backbone.modules() if isinstance(m, SplitBatchNorm)}
+    assert found == ({splits} if splits > 1 else set())
 
 
 # ------------------------------------------------------------------------------ MoCo

@@ -9,7 +9,7 @@ is asymmetric, as in both papers: ``views[0]`` gives the queries, ``views[1]`` t
 * shuffling BN: keys are encoded on a batch shuffled across ranks and unshuffled afterwards. In one
   process (where a shuffle alone changes no batch-norm statistic) the backbone's batch norms are
   :class:`~contrast.models.split_bn.SplitBatchNorm` over ``--bn-splits`` groups (default 8, as the
-  MoCo authors' one-GPU demo), so the shuffled keys see other groups than the queries.
+  MoCo authors' one-GPU demo, fewer for small batches), so the shuffled keys see other groups than the queries.
 * queue (K, D): ``forward`` gathers the keys of all ranks in rank order; ``on_train_step_end``
   writes them (wrapping around modulo K), so every rank keeps the same queue.
 """
@@ -32,6 +32,16 @@ from contrast.models.recipe import Recipe, replace
 from contrast.models.views import Views
 
 
+#: The MoCo authors' one-GPU demo emulates 8 GPUs.
+DEMO_BN_SPLITS = 8
+
+
+def default_bn_splits(batch: int) -> int:
+    """The demo's 8 groups, or the largest divisor of ``batch`` below 8 leaving >= 2 images per group
+    (batch-norm statistics of a 1x1 feature map need two images)."""
+    return max(s for s in range(1, DEMO_BN_SPLITS + 1) if batch % s == 0 and (batch // s >= 2 or s == 1))
+
+
 class MoCo(BaseMethod):
     """Query encoder (``backbone``, ``head``), key encoder (``key_encoder``), ``queue``."""
 
@@ -41,9 +51,10 @@ class MoCo(BaseMethod):
     recipe = Recipe(aug="InstDisc", crop=0.2, contrast_temperature=0.07, contrast_momentum=0.999,
                     contrast_num_negative=65536, lr_scheduler="step", warmup_divisor=40)
     flags = (
-        Flag("--bn-splits", int, 8, "(new) MoCo in one process: batch norm over this many groups of the batch "
+        Flag("--bn-splits", int, None, "(new) MoCo in one process: batch norm over this many groups of the batch "
              "(SplitBatchNorm of the MoCo authors' one-GPU demo), so that shuffling BN has an effect; 1 turns it "
-             "off; ignored with several processes (the shuffle crosses ranks)"),
+             "off; default: the demo's 8, or the largest divisor of the batch below it that leaves >= 2 images "
+             "per group; ignored with several processes (the shuffle crosses ranks)"),
     )
 
     def __init__(self, backbone: nn.Module, feat_dim: int, feature_dim: int = 128, mlp_head: bool = False,
@@ -87,12 +98,14 @@ class MoCo(BaseMethod):
 
     @classmethod
     def from_config(cls, cfg: MethodConfig, num_instances: int) -> "MoCo":
+        world = cd.get_world_size()
+        batch = cfg.total_batch_size // world
         splits = cfg.option("bn_splits")
+        if splits is None:
+            splits = default_bn_splits(batch)
         if splits < 1:
             raise ValueError(f"MoCo: --bn-splits must be >= 1, got {splits}")
-        world = cd.get_world_size()
         splits = splits if world == 1 else 1   # several processes: the shuffle crosses ranks
-        batch = cfg.total_batch_size // world
         if batch % splits:
             raise ValueError(f"MoCo: --batch-size {batch} is not divisible by --bn-splits {splits} (one process "
                              f"emulates the batch norm of {splits} GPUs; --bn-splits 1 turns it off)")
