@@ -358,7 +358,7 @@ def _normalise(line):
     return re.sub(r"0x[0-9a-f]+", "0x?", re.sub(r"/\S+/(dirty|o\d)/", "/", line))
 
 
-def test_issue_finding_1_and_2_dirty_data_with_a_worker_exits_at_once_in_one_line(tmp_path):
+def test_dirty_data_with_a_worker_exits_at_once_in_one_line(tmp_path):
     """``--strict-data --num-workers 1`` on a folder with one non-image .png: exit 1 within 20 s, and the
     one line is the one ``--num-workers 0`` prints (not torch's "Caught DatasetError in DataLoader
     worker process 0" block); the worker's traceback is in log.txt."""
@@ -378,7 +378,7 @@ def test_issue_finding_1_and_2_dirty_data_with_a_worker_exits_at_once_in_one_lin
     assert "raised in DataLoader worker process 0; its traceback:" in log and "_decode_and_transform" in log
 
 
-def test_issue_finding_1_full_disk_exits_at_once_in_one_line(tmp_path):
+def test_full_disk_exits_at_once_in_one_line(tmp_path):
     """A 60 MB tmpfs as output directory (a ResNet-18 MoCo checkpoint does not fit): the final save fails,
     exit 1 within 20 s, one line naming the error. Where mounting is not allowed, the same through an
     injected ENOSPC on the tiny runner."""
