@@ -49,6 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from contrast.data import ZipImageDataset  # noqa: E402
 from contrast.data.samplers import ResumableDistributedSampler, SlidingWindowSampler  # noqa: E402
 from contrast.option import data_scale_parser  # noqa: E402
+from contrast.seeding import stream_generator  # noqa: E402
 
 _LOCAL = struct.Struct("<4s5H3L2H")        # signature, version, flags, method, time, date, crc, comp, size, n, m
 _CENTRAL = struct.Struct("<4s6H3L5H2L")    # + version made by, comment len, disk, internal/external attrs, offset
@@ -168,12 +169,6 @@ class BaselineZipDataset:
         return self._zip.read(self.prefix + str(self._paths[index]))
 
 
-def _baseline_generator(seed: int, stream: int, k: int) -> torch.Generator:
-    g = torch.Generator()
-    g.manual_seed((seed * 0x9E3779B97F4A7C15 + stream * 0xBF58476D1CE4E5B9 + k * 0x94D049BB133111EB) & ((1 << 63) - 1))
-    return g
-
-
 class BaselineSlidingWindow:
     """The previous sliding-window sampler: int64 ``arange(N)`` + a stored ``randperm(N)``."""
 
@@ -189,9 +184,9 @@ class BaselineSlidingWindow:
 
     def __iter__(self) -> Iterator[int]:
         if self._perm is None:
-            self._perm = torch.randperm(self.n, generator=_baseline_generator(self.seed, 0, 0))
+            self._perm = torch.randperm(self.n, generator=stream_generator(self.seed, 0, 0))
         pos = self.epoch * self.s + torch.arange(self.w)
-        win = self._perm[pos % self.n][torch.randperm(self.w, generator=_baseline_generator(self.seed, 1, self.epoch))]
+        win = self._perm[pos % self.n][torch.randperm(self.w, generator=stream_generator(self.seed, 1, self.epoch))]
         total = self.num_samples * self.world
         if total > win.numel():
             win = win.repeat(math.ceil(total / win.numel()))

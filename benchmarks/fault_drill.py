@@ -1,12 +1,12 @@
 """Fault drill: one pretraining run killed again and again, measured against an uninterrupted one.
 
 A run (MoCo v2, ResNet-18 at 32 px by default, the default number of DataLoader workers, a
-checkpoint after every step) is killed with SIGKILL ``--kills`` times, ``--in-save`` of them while
-it writes a checkpoint (a test hook pauses the save at a random point: per-rank files written,
-half of the main file written, or between the main file's rename and the manifest's), and after
-``--damage`` of the kills 4 KB in the middle of ``current.pth`` are overwritten (once an epoch
-checkpoint exists to fall back to). Each time it is
-relaunched with ``--auto-resume``. Then it gets a SIGTERM, is resumed once more and finishes.
+checkpoint after every step; every launch goes through ``tests/fault_runner.py``, whose save hooks
+do the pausing) is killed with SIGKILL ``--kills`` times, ``--in-save`` of them while it writes a
+checkpoint (paused at a random point: per-rank files written, half of the main file written, or
+between the main file's rename and the manifest's), and after ``--damage`` of the kills 4 KB in
+the middle of ``current.pth`` are overwritten (once an epoch checkpoint exists to fall back to).
+Each time it is relaunched with ``--auto-resume``. Then it gets a SIGTERM, is resumed once more and finishes.
 
 For every relaunch the drill computes on its own, from the files (SHA-256 against the manifests),
 which checkpoint a correct resume must use (the committed ``current.pth`` set, or the one whose
@@ -32,7 +32,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -56,15 +56,18 @@ def run_flags(args, data: str, out: str) -> List[str]:
 
 
 class Launch:
-    def __init__(self, args, argv: List[str], out: str, env: Optional[Dict[str, str]] = None) -> None:
-        script = os.path.join(ROOT, "tests", "fault_runner.py") if args.tiny else os.path.join(ROOT, "main_pretrain.py")
+    def __init__(self, args, argv: List[str], out: str) -> None:
+        """``tests/fault_runner.py`` (its flags inject the pauses in a save), with the real backbone
+        unless ``--tiny``."""
+        script = os.path.join(ROOT, "tests", "fault_runner.py")
+        argv = argv if args.tiny else ["--test-real-backbone", *argv]
         self.out = out
         self.before = len(train_lines(out))
         self.err = os.path.join(out, f"stderr-{time.monotonic_ns()}.txt")
         with open(self.err, "w") as err:
             self.p = subprocess.Popen([sys.executable, script, *argv], cwd=ROOT, stdout=subprocess.DEVNULL,
                                       stderr=err, start_new_session=True,
-                                      env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, **(env or {})})
+                                      env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT})
 
     def steps(self) -> int:
         return len(train_lines(self.out)) - self.before
@@ -170,11 +173,11 @@ def main(argv=None) -> None:
     damaged = set(rng.sample(sorted(set(range(args.kills)) - {0}), args.damage))
     events, done, first, pending = [], 0, True, 0
     for k in range(args.kills):
-        env, marker, point = {}, os.path.join(out, "paused"), None
+        pause, marker, point = [], os.path.join(out, "paused"), None
         if k in in_save and not first:
             point = rng.choice(["shards", "main", "commit"])
-            env["CONTRAST_TEST_PAUSE_IN_SAVE"] = f"{point}:{rng.randint(1, 3)}:{marker}"
-        launch = Launch(args, argv + ([] if first else ["--auto-resume"]), out, env)
+            pause = ["--test-pause-in-save", marker, "--test-pause-at", f"{point}:{rng.randint(1, 3)}"]
+        launch = Launch(args, argv + ([] if first else ["--auto-resume"]) + pause, out)
         target = rng.randint(2, 3) if first else rng.randint(1, 3)  # the first kill: once a checkpoint exists
         alive = launch.wait_until((lambda: os.path.exists(marker)) if point else (lambda: launch.steps() >= target))
         if not alive:

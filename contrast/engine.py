@@ -58,6 +58,7 @@ from contrast.models.base import TrainModule
 from contrast.placement import place, place_inputs
 from contrast.precision import Precision
 from contrast.runlock import RunLock, RunLockError
+from contrast.seeding import mix_seed
 from contrast.watchdog import SignalWatchdog
 
 #: Exit code of a run stopped by a signal (or by its launcher's death) after saving a checkpoint:
@@ -67,7 +68,6 @@ EXIT_PREEMPTED = 75
 #: failed, each retried once: ``CheckpointPolicy.max_failed_saves``): ``EX_IOERR`` of sysexits.h.
 #: The error line names the last good checkpoint; free space and resume it with ``--auto-resume``.
 EXIT_SAVE_FAILED = 74
-_MASK64 = (1 << 64) - 1
 _DIST_ERRORS = tuple(getattr(torch.distributed, n) for n in ("DistBackendError", "DistNetworkError")
                      if hasattr(torch.distributed, n))
 
@@ -87,17 +87,6 @@ class Preempted(RuntimeError):
     started training); :func:`run_cli` exits with :data:`EXIT_PREEMPTED`."""
 
     exit_code = EXIT_PREEMPTED
-
-
-def mix_seed(*parts: int) -> int:
-    """A 63-bit seed that depends on every part (SplitMix64 finaliser over the parts)."""
-    h = 0x243F6A8885A308D3
-    for p in parts:
-        h = ((h ^ (int(p) & _MASK64)) * 0x9E3779B97F4A7C15) & _MASK64
-        h ^= h >> 31
-        h = (h * 0xBF58476D1CE4E5B9) & _MASK64
-        h ^= h >> 27
-    return h & ((1 << 63) - 1)
 
 
 class StopSignals:

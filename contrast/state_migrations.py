@@ -1,6 +1,6 @@
 """Per-method migrations of a checkpoint's model state: registered by the methods, applied by checkpoints.
 
-``contrast/checkpoint.py`` may not import the methods (layers: docs/design.md), yet a method's old
+``contrast/checkpoint/`` may not import the methods (layers: docs/design.md), yet a method's old
 state-dict keys are the method's business. The method registry (``contrast.models.registry.register``)
 enters each class's ``migrate_state(state, version)`` here under its ``--model`` name;
 ``contrast.checkpoint.migrate`` calls it by the name in the checkpoint's config.

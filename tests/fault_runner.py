@@ -14,9 +14,14 @@ runner flags inject faults into it (they are removed before ``main_pretrain.py``
   appended to ``<output-dir>/test-batches.rank<r>.jsonl`` (epoch, iteration, sample indices,
   poisoned);
 * ``--test-enospc-from N``: the N-th save of the process and every later one fail with ENOSPC
-  half-way through the main file (a disk that became full);
-* ``--test-pause-in-save MARKER``: the first save of the process stops half-way through the main
-  file (rank 0), creates MARKER and sleeps until the process is killed or exits;
+  half-way through the main file (a disk that became full); ``--test-enospc-at N``: only the N-th;
+* ``--test-pause-in-save MARKER``: a save of the process stops (by default the first, half-way
+  through the main file on rank 0), creates MARKER and sleeps until the process is killed or exits;
+  ``--test-pause-at POINT:N`` picks the N-th save and the point of it (``shards``: per-rank files
+  written; ``main``: half of the main file written; ``commit``: main file in place, manifest not
+  yet; see :class:`contrast.checkpoint.SaveHooks`);
+* ``--test-real-backbone``: keep the method's own backbone (``benchmarks/fault_drill.py`` without
+  ``--tiny``) instead of the 2-conv one;
 * with ``--on-divergence rollback``, each rollback writes ``<output-dir>/test-rollback-<k>.pt``
   (rank 0): ``{"file": the model tensors of current.pth read from disk just before the rollback,
   "restored": the model's tensors right after it}``.
@@ -44,7 +49,10 @@ def tiny_backbone(cfg):
                          nn.AdaptiveAvgPool2d(1), nn.Flatten()), 16
 
 
-base.BaseMethod.build_backbone = staticmethod(tiny_backbone)
+if "--test-real-backbone" in sys.argv:
+    sys.argv.remove("--test-real-backbone")
+else:
+    base.BaseMethod.build_backbone = staticmethod(tiny_backbone)
 
 import main_pretrain  # noqa: E402
 from contrast import checkpoint, divergence, engine  # noqa: E402
@@ -80,27 +88,25 @@ def inject_poison(spec, out):
     engine.Trainer._inputs = _inputs
 
 
-def inject_enospc(first):
-    fault = checkpoint._fault
+class FaultHooks(checkpoint.SaveHooks):
+    """Save hooks of the fault drill: they count the saves of this process (``start``) and fail
+    or pause the ones the runner flags name."""
 
-    def _fault(point):
-        fault(point)
-        if point == "main" and checkpoint._save_calls >= first:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    checkpoint._fault = _fault
+    def __init__(self, enospc_from=None, enospc_at=None, pause=None):
+        self.saves, self.enospc_from, self.enospc_at = 0, enospc_from, enospc_at
+        self.pause = pause  # (point, n, marker)
 
-
-def inject_pause(marker):
-    fault = checkpoint._fault
-
-    def _fault(point):
-        fault(point)
-        if point == "main" and checkpoint._save_calls == 1:
-            with open(marker, "w") as f:
-                f.write(f"{os.getpid()}\n")
+    def at(self, point):
+        if point == "start":
+            self.saves += 1
+        if self.pause and self.pause[0] == point and self.pause[1] == self.saves:
+            with open(self.pause[2], "w") as f:
+                f.write(f"{os.getpid()} {point}\n")
             while True:
                 time.sleep(0.1)
-    checkpoint._fault = _fault
+        if point == "main" and ((self.enospc_from is not None and self.saves >= self.enospc_from)
+                                or self.enospc_at == self.saves):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 def record_rollbacks(out):
@@ -117,14 +123,15 @@ def record_rollbacks(out):
 
 def main(argv):
     argv = list(argv)
-    poison, enospc = _take(argv, "--test-poison"), _take(argv, "--test-enospc-from")
+    poison, enospc_from = _take(argv, "--test-poison"), _take(argv, "--test-enospc-from")
+    enospc_at, pause, pause_at = _take(argv, "--test-enospc-at"), _take(argv, "--test-pause-in-save"), \
+        _take(argv, "--test-pause-at")
     if poison:
         inject_poison(poison, _output_dir(argv))
-    if enospc:
-        inject_enospc(int(enospc))
-    pause = _take(argv, "--test-pause-in-save")
-    if pause:
-        inject_pause(pause)
+    point, nth = (pause_at or "main:1").split(":")
+    checkpoint.set_save_hooks(FaultHooks(int(enospc_from) if enospc_from else None,
+                                         int(enospc_at) if enospc_at else None,
+                                         (point, int(nth), pause) if pause else None))
     if "--on-divergence" in argv:
         record_rollbacks(_output_dir(argv))
     engine.run_cli(main_pretrain.main, argv)

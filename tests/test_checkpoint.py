@@ -1,5 +1,6 @@
 """Atomic writes, manifests and checksums, damaged files, crash recovery, fallback, clear errors for bad
 files, backbone extraction, format migrations, per-rank shards (2 gloo ranks)."""
+import errno
 import os
 import random
 import re
@@ -42,6 +43,14 @@ def test_bad_files_name_the_file(tmp_path):
         ck.load_file(str(listed))
 
 
+def _load_backbone(backbone, path):
+    """What the evaluation tools do with a pretraining checkpoint: its backbone into ``backbone``."""
+    ckpt = ck.read_checkpoint(path)
+    weights = ckpt.backbone_state()
+    ck.load_model_state(backbone, weights, path, ckpt.config)
+    return len(weights)
+
+
 def test_pretrained_backbone_loading(tmp_path):
     r18, _ = build_backbone("resnet18")
     method_state = {f"backbone.{k}": v.clone() for k, v in r18.state_dict().items()}
@@ -49,38 +58,38 @@ def test_pretrained_backbone_loading(tmp_path):
     path = str(tmp_path / "m.pth")
     ck.write_pretrained_checkpoint(path, method_state, {"model": "PIC", "arch": "resnet18", "stem": "imagenet"}, 5)
     fresh, _ = build_backbone("resnet18")
-    n = ck.load_pretrained_backbone(fresh, path)
+    n = _load_backbone(fresh, path)
     assert n == len(r18.state_dict())
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in r18.state_dict().items())
 
     r34, _ = build_backbone("resnet34")
     with pytest.raises(ck.CheckpointError, match=r"m\.pth: checkpoint does not fit this model \(the checkpoint "
                                                  r"holds model=PIC, arch=resnet18, stem=imagenet\).*missing"):
-        ck.load_pretrained_backbone(r34, path)
+        _load_backbone(r34, path)
     small, _ = build_backbone("resnet18", stem="small")
     with pytest.raises(ck.CheckpointError, match=r"m\.pth.*1 shape mismatch \(e\.g\. conv1\.weight"):
-        ck.load_pretrained_backbone(small, path)
+        _load_backbone(small, path)
     ck.write_pretrained_checkpoint(path, {"fc.weight": torch.zeros(2, 2)}, {}, 1)
     with pytest.raises(ck.CheckpointError, match=r"m\.pth: no 'backbone\.' tensors"):
-        ck.load_pretrained_backbone(fresh, path)
+        _load_backbone(fresh, path)
     release = str(tmp_path / "release.pth")
     torch.save({"state_dict": {}}, release)
     with pytest.raises(ck.CheckpointError, match=r"release\.pth: no format version; not a checkpoint written by "
                                                  r"contrast"):
-        ck.load_pretrained_backbone(fresh, release)
+        _load_backbone(fresh, release)
     torch.save({"state_dict": {}}, path)  # over a file its manifest vouches for: reported, not loaded
     with pytest.raises(ck.CheckpointError, match=r"m\.pth: checksum mismatch"):
-        ck.load_pretrained_backbone(fresh, path)
+        _load_backbone(fresh, path)
 
 
 def test_newer_or_unknown_versions_are_refused(tmp_path, monkeypatch):
     path = str(tmp_path / "v.pth")
     ck.write_pretrained_checkpoint(path, {"backbone.w": torch.ones(1)}, {}, 1)
-    monkeypatch.setattr(ck, "VERSION", ck.VERSION - 1)
-    with pytest.raises(ck.CheckpointError, match=rf"v\.pth: format version {ck.VERSION + 1} is newer"):
+    monkeypatch.setattr(ck.format, "VERSION", ck.VERSION - 1)
+    with pytest.raises(ck.CheckpointError, match=rf"v\.pth: format version {ck.format.VERSION + 1} is newer"):
         ck.read_checkpoint(path)
-    monkeypatch.setattr(ck, "VERSION", ck.VERSION + 2)
-    monkeypatch.setattr(ck, "MIGRATIONS", {})
+    monkeypatch.setattr(ck.format, "VERSION", ck.VERSION + 2)
+    monkeypatch.setattr(ck.format, "MIGRATIONS", {})
     with pytest.raises(ck.CheckpointError, match=r"no migration from format version"):
         ck.read_checkpoint(path)
 
@@ -146,14 +155,6 @@ def test_rng_round_trip():
     assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
 
 
-def test_resume_path(tmp_path):
-    assert ck.resume_path("", True, str(tmp_path)) is None
-    (tmp_path / "current.pth").write_bytes(b"x")
-    assert ck.resume_path("", True, str(tmp_path)) == str(tmp_path / "current.pth")
-    assert ck.resume_path("other.pth", True, str(tmp_path)) == "other.pth"
-    assert ck.resume_path("", False, str(tmp_path)) is None
-
-
 class _Sharded(TrainModule):
     """A model with per-rank state, like the sharded PIC classifier."""
 
@@ -199,8 +200,6 @@ def _shard_worker(rank, world, out_dir, ckpt_dir):
            "epoch": ckpt.epoch, "files": files}
     torch.distributed.barrier()  # every rank has listed the folder before rank 0 starts the next save
     # a save that rank 1 cannot write (disk full) fails on every rank and changes nothing
-    if rank == 1:
-        os.environ["CONTRAST_TEST_ENOSPC_SHARD"] = "1"
     real_save = torch.save
 
     def full_disk_on_rank1(obj, f, *a, **kw):
@@ -370,18 +369,20 @@ class _Crash(BaseException):
 
 
 @pytest.mark.parametrize("point", ["shards", "main", "commit"])
-def test_recovery_after_a_crash_inside_a_save(point, tmp_path, monkeypatch):
+def test_recovery_after_a_crash_inside_a_save(point, tmp_path):
     path = tmp_path / "current.pth"
     model = _save(path, 5)
-    real = ck._fault
 
-    def crash(p):
-        if p == point:
-            raise _Crash
-        real(p)
-    monkeypatch.setattr(ck, "_fault", crash)
-    with pytest.raises(_Crash):
-        _save(path, 6, model)
+    class Crash(ck.SaveHooks):
+        def at(self, p):
+            if p == point:
+                raise _Crash
+    previous = ck.set_save_hooks(Crash())
+    try:
+        with pytest.raises(_Crash):
+            _save(path, 6, model)
+    finally:
+        ck.set_save_hooks(previous)
     left = sorted(os.listdir(tmp_path))
     notes = ck.recover_output_dir(str(tmp_path))
     ckpt = ck.read_checkpoint(str(path))
@@ -396,13 +397,35 @@ def test_recovery_after_a_crash_inside_a_save(point, tmp_path, monkeypatch):
                                             f"current.step{ckpt.step}.rank0-of-1.pth"]
 
 
-def test_failed_save_removes_its_partial_file_and_keeps_the_previous(tmp_path, monkeypatch):
+def test_save_hooks_see_every_point_of_a_save_in_order(tmp_path):
+    seen = []
+
+    class Record(ck.SaveHooks):
+        def at(self, point):
+            seen.append(point)
+    previous = ck.set_save_hooks(Record())
+    try:
+        _save(tmp_path / "current.pth", 5)
+    finally:
+        assert isinstance(ck.set_save_hooks(previous), Record)
+    assert seen == ["start", "shards", "main", "commit"]
+
+
+def test_failed_save_removes_its_partial_file_and_keeps_the_previous(tmp_path):
     path = tmp_path / "current.pth"
     model = _save(path, 5)
     before = sorted(os.listdir(tmp_path))
-    monkeypatch.setenv("CONTRAST_TEST_ENOSPC", str(ck._save_calls + 1))
-    with pytest.raises(ck.CheckpointSaveError) as e:
-        _save(path, 6, model)
+
+    class FullDisk(ck.SaveHooks):
+        def at(self, point):
+            if point == "main":
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    previous = ck.set_save_hooks(FullDisk())
+    try:
+        with pytest.raises(ck.CheckpointSaveError) as e:
+            _save(path, 6, model)
+    finally:
+        ck.set_save_hooks(previous)
     assert str(e.value) == f"checkpoint not saved: {path}: [Errno 28] No space left on device"
     assert sorted(os.listdir(tmp_path)) == before and ck.read_checkpoint(str(path)).step == 5
 

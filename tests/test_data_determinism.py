@@ -13,7 +13,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from contrast.data import SampleIndex, build_dataset, build_sampler, sample_seed
-from contrast.data.transforms import build_augmentation, seeded_rng
+from contrast.data.transforms import build_augmentation
+from contrast.seeding import seeded_rng
 from tests.synthetic import make_image_folder
 
 

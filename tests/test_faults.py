@@ -193,7 +193,7 @@ def drill(data, tmp_path_factory):
         marker = os.path.join(str(out), "paused")
         point = rng.choice(["shards", "main", "commit"]) if workers == 0 else "main"
         nth = rng.randint(1, 3)
-        proc = Proc(argv + ["--auto-resume"], out, env={"CONTRAST_TEST_PAUSE_IN_SAVE": f"{point}:{nth}:{marker}"})
+        proc = Proc(argv + ["--auto-resume", "--test-pause-in-save", marker, "--test-pause-at", f"{point}:{nth}"], out)
         proc.wait_file(marker)
         logged = len(train_lines(out)) - proc.lines_before
         proc.p.kill()
@@ -272,7 +272,7 @@ def test_second_signal_exits_at_once_and_the_folder_is_locked(data, tmp_path):
     marker = str(tmp_path / "paused")
     argv = flags(data, out)
     argv[argv.index("--save-every-minutes") + 1] = "0"  # the first save is the one the signal asks for
-    proc = Proc(argv, out, env={"CONTRAST_TEST_PAUSE_IN_SAVE": f"main:1:{marker}"})
+    proc = Proc(argv + ["--test-pause-in-save", marker], out)
     proc.wait_steps(1)
     proc.p.send_signal(signal.SIGTERM)
     proc.wait_file(marker)
@@ -323,8 +323,7 @@ def test_full_disk_keeps_the_last_checkpoint_and_reports_one_line(data, tmp_path
     out = tmp_path / "disk"
     real = _mount_tmpfs(out, "120k")  # room for one checkpoint (~64 KB), not for a second one next to it
     try:
-        env = {} if real else {"CONTRAST_TEST_ENOSPC": "3"}
-        proc = Proc(flags(data, out), out, env=env)
+        proc = Proc(flags(data, out) + ([] if real else ["--test-enospc-at", "3"]), out)
         rc = proc.wait()
         err = proc.stderr()
         log = open(out / "log.txt").read()

@@ -42,7 +42,7 @@ corrupt file at the same instant). ``strict=True`` raises :class:`DatasetError` 
 
 Augmentation randomness: an index that carries an ``aug_seed`` (the samplers yield
 :class:`~contrast.data.samplers.SampleIndex`, seeded by ``(seed, epoch, position)``) runs the
-transform under :func:`~contrast.data.transforms.seeded_rng`, so the crops of a sample do not
+transform under :func:`~contrast.seeding.seeded_rng`, so the crops of a sample do not
 depend on the worker, the number of workers or on where a run was resumed. A replacement for a
 corrupt image is transformed under the same seed.
 """
@@ -67,8 +67,9 @@ from contrast.data.folder_index import build_folder_index, scan_folder
 from contrast.data.index import RowReader, load_or_build, read_index
 from contrast.data.mapfile import parse_map
 from contrast.data.zip_index import ZIP_RECORD, build_zip_index
-from contrast.data.transforms import seeded_rng, to_rgb
+from contrast.data.transforms import to_rgb
 from contrast.logger import Progress
+from contrast.seeding import seeded_rng
 from contrast.data.zipformat import BadZip, read_entry
 
 CACHE_MODES = ("no", "part", "full")

@@ -35,30 +35,18 @@ import numpy as np
 import torch
 from torch.utils.data import DistributedSampler, Sampler
 
-from contrast.data.strings import mix64
 from contrast.distributed import get_rank, get_world_size
+from contrast.seeding import GOLDEN64, MASK63, mix64, mix_int, stream_generator
 
-_MASK63 = (1 << 63) - 1
-_MASK64 = (1 << 64) - 1
 _CHUNK = 1 << 16  # indices converted to Python objects at a time
-
-
-def _generator(seed: int, stream: int, k: int) -> torch.Generator:
-    """A generator for stream ``stream`` (0: pass permutations, 1: in-window shuffles), item ``k``."""
-    g = torch.Generator()
-    g.manual_seed((seed * 0x9E3779B97F4A7C15 + stream * 0xBF58476D1CE4E5B9 + k * 0x94D049BB133111EB) & _MASK63)
-    return g
-
-
-def _mix_int(x: int) -> int:
-    return int(mix64(np.array([x & _MASK64], dtype=np.uint64))[0])
+_PASS_PERMUTATIONS, _WINDOW_SHUFFLES = 0, 1  # the streams of stream_generator
 
 
 def sample_seeds(seed: int, epoch: int, positions: np.ndarray) -> np.ndarray:
     """63-bit augmentation seeds (int64) of the samples at ``positions`` of epoch ``epoch``."""
-    base = _mix_int(_mix_int(seed) + epoch * 0x9E3779B97F4A7C15)
+    base = mix_int(mix_int(seed) + epoch * GOLDEN64)
     z = mix64(positions.astype(np.uint64) * np.uint64(0xD1B54A32D192ED03) + np.uint64(base))
-    return (z & np.uint64(_MASK63)).astype(np.int64)
+    return (z & np.uint64(MASK63)).astype(np.int64)
 
 
 def sample_seed(seed: int, epoch: int, position: int) -> int:
@@ -100,7 +88,7 @@ class FeistelPermutation:
         bits = max(2, (n - 1).bit_length())
         self.half = (bits + 1) // 2
         self.mask = np.uint64((1 << self.half) - 1)
-        self.keys = [np.uint64(_mix_int(_mix_int(key) + r * 0x9E3779B97F4A7C15)) for r in range(self.ROUNDS)]
+        self.keys = [np.uint64(mix_int(mix_int(key) + r * GOLDEN64)) for r in range(self.ROUNDS)]
 
     def _encrypt(self, x: np.ndarray) -> np.ndarray:
         half = np.uint64(self.half)
@@ -275,11 +263,12 @@ class SlidingWindowSampler(_Resumable, Sampler[int]):
         """``perm_pass[positions]``: the pass's permutation of ``range(N)`` at ``positions``."""
         key = data_pass if self.shuffle_per_epoch else 0
         if self.permutation == "feistel":
-            return FeistelPermutation(self.dataset_size, _mix_int(self.seed) ^ key).__call__(positions)
+            return FeistelPermutation(self.dataset_size, mix_int(self.seed) ^ key).__call__(positions)
         if key not in self._legacy_perms:  # state dicts of older versions: the stored randperm
             if len(self._legacy_perms) >= 2:
                 self._legacy_perms.pop(min(self._legacy_perms))
-            self._legacy_perms[key] = torch.randperm(self.dataset_size, generator=_generator(self.seed, 0, key))
+            generator = stream_generator(self.seed, _PASS_PERMUTATIONS, key)
+            self._legacy_perms[key] = torch.randperm(self.dataset_size, generator=generator)
         return self._legacy_perms[key][torch.from_numpy(positions)].numpy()
 
     def window(self, epoch: int) -> torch.Tensor:
@@ -294,7 +283,8 @@ class SlidingWindowSampler(_Resumable, Sampler[int]):
         for p in np.unique(passes).tolist():
             sel = passes == p
             out[sel] = self._permute(p, pos[sel] % n)
-        win = torch.from_numpy(out)[torch.randperm(self.effective_window, generator=_generator(self.seed, 1, epoch))]
+        shuffle = torch.randperm(self.effective_window, generator=stream_generator(self.seed, _WINDOW_SHUFFLES, epoch))
+        win = torch.from_numpy(out)[shuffle]
         self._window_cache = (key, win)
         return win
 

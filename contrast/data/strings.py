@@ -11,15 +11,9 @@ from typing import Tuple
 import numpy as np
 
 from contrast.data.zipformat import TAIL_MASKS, PaddedBytes
+from contrast.seeding import mix64
 
 _FNV_OFFSET, _FNV_PRIME = 0xCBF29CE484222325, 0x100000001B3
-
-
-def mix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64's finaliser on uint64 arrays (wrapping arithmetic): a bijective bit mixer."""
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
 
 
 def by_length(length: np.ndarray, step: int = 1) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -7,8 +7,9 @@
   (:func:`to_rgb`: 16-bit and other high-bit-depth images are scaled, not clipped), so that the
   fast path can ask the JPEG decoder for a reduced-size decode (``Image.draft``) before any pixel
   is decoded. Callers must keep the underlying file open until ``cpu`` returns. Its random draws
-  come from the CPU torch generator, which the datasets seed per sample (:func:`seeded_rng`) with
-  a seed derived from ``(sampler seed, epoch, position of the sample in the epoch)``.
+  come from the CPU torch generator, which the datasets seed per sample
+  (:func:`contrast.seeding.seeded_rng`) with a seed derived from ``(sampler seed, epoch, position
+  of the sample in the epoch)``.
 * ``device``: an ``nn.Module`` run by the training loop after moving the batch to the device,
   ``list[Tensor (B, 3, H, W)] -> list[Tensor (B, 3, H, W) float32, ImageNet-normalised]``.
 
@@ -44,17 +45,14 @@ as SimCLR). Flip commutes with every colour op, so doing it before them changes 
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import random
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
-from torch.utils.data import get_worker_info
 from torchvision import transforms as T
 from torchvision.transforms import v2
 
@@ -195,34 +193,6 @@ def to_rgb(img: Image.Image) -> Image.Image:
         gray = Image.fromarray(_high_depth_to_uint8(np.asarray(img), img.mode), mode="L")
         return gray.convert("RGB")
     return img.convert("RGB")
-
-
-@contextlib.contextmanager
-def seeded_rng(seed: Optional[int]) -> Iterator[None]:
-    """Run a worker-side transform with its randomness a pure function of ``seed``.
-
-    Seeds the CPU torch generator (what ``FastCropFlip``, the torchvision transforms and
-    RandAugment draw from), Python's ``random`` and numpy's global generator with ``seed``
-    (a 63-bit sample seed, see :func:`contrast.data.samplers.sample_seed`). Outside a DataLoader
-    worker (``num_workers=0``) the three states are restored afterwards, so loading data does not
-    change the main process' random streams; inside a worker nothing else uses them. ``None``:
-    leave the generators alone (indices without a seed keep the previous behaviour).
-    """
-    if seed is None:
-        yield
-        return
-    in_worker = get_worker_info() is not None
-    saved = None if in_worker else (torch.default_generator.get_state(), random.getstate(), np.random.get_state())
-    torch.default_generator.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    try:
-        yield
-    finally:
-        if saved is not None:
-            torch.default_generator.set_state(saved[0])
-            random.setstate(saved[1])
-            np.random.set_state(saved[2])
 
 
 def pil_to_uint8(img: Image.Image) -> Tensor:

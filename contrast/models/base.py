@@ -108,7 +108,7 @@ class BaseMethod(TrainModule):
     @classmethod
     def migrate_state(cls, state: Dict[str, Any], version: int) -> Dict[str, Any]:
         """The model state dict of a checkpoint of format ``version`` (prefixes stripped) renamed to
-        today's keys; called for each older version in turn (see ``contrast/checkpoint.py``)."""
+        today's keys; called for each older version in turn (see ``contrast/checkpoint/``)."""
         return state
 
     @staticmethod

@@ -37,34 +37,7 @@ from contrast.models.heads import MLP_HIDDEN_DIM, build_head, normalize_fp32
 from contrast.models.losses import instdisc_loss
 from contrast.models.recipe import Recipe
 from contrast.models.views import Views
-
-
-_M32 = 0xFFFFFFFF
-_PHILOX_M = (0xD2511F53, 0xCD9E8D57)
-_PHILOX_W = (0x9E3779B9, 0xBB67AE85)
-
-
-def _mulhilo32(a: int, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(hi, lo)`` 32-bit halves of ``a * x`` for 32-bit ``a`` and int64 ``x`` in ``[0, 2^32)``.
-
-    The product is split at 16 bits so that no int64 intermediate exceeds 2^49 (no overflow).
-    """
-    p_lo, p_hi = x * (a & 0xFFFF), x * (a >> 16)
-    return (p_hi + (p_lo >> 16)) >> 16, (p_lo + ((p_hi & 0xFFFF) << 16)) & _M32
-
-
-def philox4x32(counter: Sequence[torch.Tensor], key: Tuple[int, int], rounds: int = 10) -> List[torch.Tensor]:
-    """Philox4x32 (Salmon et al., SC 2011) of four broadcastable int64 tensors of 32-bit words under
-    a 2-word key; returns the four output words (int64 in ``[0, 2^32)``), elementwise on any device."""
-    c0, c1, c2, c3 = counter
-    k0, k1 = key
-    for r in range(rounds):
-        if r:
-            k0, k1 = (k0 + _PHILOX_W[0]) & _M32, (k1 + _PHILOX_W[1]) & _M32
-        hi0, lo0 = _mulhilo32(_PHILOX_M[0], c0)
-        hi1, lo1 = _mulhilo32(_PHILOX_M[1], c2)
-        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
-    return [c0, c1, c2, c3]
+from contrast.seeding import MASK32, philox4x32, philox_key
 
 
 def counter_negatives(seed: int, step: torch.Tensor, positions: torch.Tensor, k: int, n: int) -> torch.Tensor:
@@ -82,8 +55,7 @@ def counter_negatives(seed: int, step: torch.Tensor, positions: torch.Tensor, k:
     m = torch.arange(half, device=device, dtype=torch.long)[None, :]
     p = positions.to(torch.long)[:, None]
     step = step.to(device=device, dtype=torch.long)
-    seed &= (1 << 64) - 1
-    w = philox4x32((m, p, step & _M32, (step >> 32) & _M32), (seed & _M32, seed >> 32))
+    w = philox4x32((m, p, step & MASK32, (step >> 32) & MASK32), philox_key(seed))
     draws = []
     for hi, lo in ((w[0], w[1]), (w[2], w[3])):
         carry = (lo * n) >> 32

@@ -4,7 +4,7 @@ Adding a method is one file with its class and one :func:`register` call: ``opti
 ``--model`` choices, each method's recipe, its own flags and ``--help`` group from the registered
 classes; :func:`build_method` constructs one from its configuration; checkpoints of older formats
 are migrated through the class's ``migrate_state`` (entered into :mod:`contrast.state_migrations`
-here, because ``contrast/checkpoint.py`` may not import the methods).
+here, because ``contrast/checkpoint/`` may not import the methods).
 """
 from __future__ import annotations
 
