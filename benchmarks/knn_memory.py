@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.results_io import write_json  # noqa: E402
 from contrast import distributed as cd  # noqa: E402
 from contrast.eval.knn import BANK_CHUNK, knn_evaluate, l2_normalize_  # noqa: E402
 
@@ -165,10 +166,7 @@ def main(argv=None):
            "config": {"queries": args.queries, "dim": args.dim, "k": args.k, "classes": args.classes},
            "torch": torch.__version__, "results": results,
            "model_imagenet_8_ranks_bytes": imagenet}
-    os.makedirs(os.path.dirname(args.output_json) or ".", exist_ok=True)
-    with open(args.output_json, "w") as f:
-        json.dump(out, f, indent=2)
-    print(f"results: {os.path.relpath(args.output_json)}")
+    write_json(args.output_json, out)
 
 
 if __name__ == "__main__":

@@ -196,52 +196,47 @@ def bench_loop(args, arch: str, name: str, precision: str, channels_last: bool) 
                 steps_per_s_new=round(result["new"], 3), ratio=round(result["new"] / result["old"], 3))
 
 
+def run_table(args, bench, describe) -> List[Dict]:
+    """``bench(args, arch, method, precision, channels_last)`` over every combination, each row printed."""
+    rows = []
+    for arch in args.arch:
+        for name in args.methods:
+            for precision in args.precisions:
+                for cl in (bool(c) for c in args.channels_last):
+                    row = bench(args, arch, name, precision, cl)
+                    rows.append(row)
+                    print(f"{arch:10s} {name:14s} {precision:5s} cl={int(cl)} {describe(row)}", flush=True)
+    return rows
+
+
+def write_result(args, path: str, rows: List[Dict], **facts) -> None:
+    device = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else platform.processor() or "cpu"
+    result = dict(device=device, device_type=args.device.type, torch=torch.__version__,
+                  threads=torch.get_num_threads(), **facts, rows=rows)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {os.path.relpath(path)}")
+
+
 def main(argv=None) -> List[Dict]:
     args = parse_args(argv)
     if args.loop:
         return main_loop(args)
     if args.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    rows = []
-    for arch in args.arch:
-        for name in args.methods:
-            for precision in args.precisions:
-                for cl in (bool(c) for c in args.channels_last):
-                    row = bench_one(args, arch, name, precision, cl)
-                    rows.append(row)
-                    print(f"{arch:10s} {name:14s} {precision:5s} cl={int(cl)} {row['images_per_s']:9.1f} img/s"
-                          f"  loss {row['loss']:.3f}", flush=True)
-    device = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else platform.processor() or "cpu"
-    result = dict(device=device, device_type=args.device.type, torch=torch.__version__,
-                  threads=torch.get_num_threads(), num_instances=args.num_instances,
-                  num_negative=args.contrast_num_negative, rows=rows)
-    os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
-    with open(args.output_json, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {args.output_json}")
+    rows = run_table(args, bench_one, lambda r: f"{r['images_per_s']:9.1f} img/s  loss {r['loss']:.3f}")
+    write_result(args, args.output_json, rows, num_instances=args.num_instances,
+                 num_negative=args.contrast_num_negative)
     return rows
 
 
 def main_loop(args) -> List[Dict]:
-    rows = []
-    for arch in args.arch:
-        for name in args.methods:
-            for precision in args.precisions:
-                for cl in (bool(c) for c in args.channels_last):
-                    row = bench_loop(args, arch, name, precision, cl)
-                    rows.append(row)
-                    print(f"{arch:10s} {name:14s} {precision:5s} cl={int(cl)} steps/s old {row['steps_per_s_old']:8.3f}"
-                          f" new {row['steps_per_s_new']:8.3f}  ratio {row['ratio']:.3f}", flush=True)
-    device = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else platform.processor() or "cpu"
+    rows = run_table(args, bench_loop, lambda r: f"steps/s old {r['steps_per_s_old']:8.3f} new "
+                                                 f"{r['steps_per_s_new']:8.3f}  ratio {r['ratio']:.3f}")
     root, ext = os.path.splitext(args.output_json)
-    out = f"{root}_loop{ext or '.json'}"
-    result = dict(device=device, device_type=args.device.type, torch=torch.__version__, threads=torch.get_num_threads(),
-                  what="Trainer.train_epoch steps/s, old = host reads of the loop before issue 29 emulated",
-                  rows=rows)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {os.path.relpath(out)}")
+    write_result(args, f"{root}_loop{ext or '.json'}", rows,
+                 what="Trainer.train_epoch steps/s, old = host reads of the loop before issue 29 emulated")
     return rows
 
 

@@ -26,7 +26,6 @@ batch is B x GPUs per view).
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import platform
@@ -39,6 +38,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.results_io import write_json  # noqa: E402
 from contrast.data.transforms import view_specs  # noqa: E402
 from contrast.models import METHODS, build_method  # noqa: E402
 from contrast.option import resolve_pretrain, view_batching_parser  # noqa: E402
@@ -147,10 +147,7 @@ def main() -> None:
     out = {"arch": args.arch, "batch": args.batch, "seeds": args.seeds, "precision": "fp32", "device": "cpu",
            "threads": args.threads, "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
            "load_avg": load, "command": "python benchmarks/view_batching.py " + " ".join(sys.argv[1:]), "results": rows}
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=2)
-    print(f"wrote {args.out} (load average {load})")
+    write_json(args.out, out, note=f" (load average {load})")
 
 
 if __name__ == "__main__":
