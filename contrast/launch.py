@@ -21,7 +21,8 @@ import signal
 import sys
 from typing import List, Optional, Tuple
 
-from contrast.engine import EXIT_PREEMPTED, LAUNCHER_ENV, LOST_CONTACT, STOP_SIGNALS
+from contrast.data.workers import STOP_SIGNALS
+from contrast.runtime import EXIT_PREEMPTED, LAUNCHER_ENV, LOST_CONTACT
 
 PROG = "contrast.launch"
 
