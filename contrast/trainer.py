@@ -227,6 +227,10 @@ class Trainer:
         for epoch in range(start_epoch, num_epochs + 1):
             sampler.set_epoch(epoch)
             stats = self.train_epoch(loader, epoch, num_epochs, sampler, loader.batch_size)
+            corrupt = getattr(loader.dataset, "num_corrupt", 0)   # the image datasets count them; others have none
+            if corrupt:
+                self.run.logger.warning(f"{corrupt} corrupt image(s) replaced so far (see the warnings above for "
+                                        f"the files)")
             self.run.tb.scalars(stats, epoch, prefix="epoch/")
             after_epoch(epoch, stats)
             checkpointer.save_epoch(epoch, num_epochs, state.step)
@@ -294,9 +298,6 @@ class Trainer:
                                prefix="train/")
             self._between_steps(epoch, it, consumed, stop, save, it + 1 >= num_iters)
             end = time.perf_counter()
-        corrupt = getattr(getattr(loader, "dataset", None), "num_corrupt", 0)
-        if corrupt:
-            logger.warning(f"{corrupt} corrupt image(s) replaced so far (see the warnings above for the files)")
         _, mean = meters.read()
         return {"loss": mean.get("loss", 0.0), "images_per_s": images * run.env.world_size / max(time_meter.sum, 1e-9),
                 **{k: v for k, v in mean.items() if k != "loss"}}
