@@ -74,7 +74,7 @@ class LoopOptions:
 
 
 class Trainer:
-    """Drives a :class:`~contrast.models.base.TrainModule` through epochs.
+    """Drives a :class:`~contrast.models.base.TrainModule` through epochs (:meth:`fit`).
 
     ``model`` is what runs the forward pass (the module, or its ``DistributedDataParallel`` wrapper);
     every hook of ``module`` is called at its point of the step (see ``contrast.models.base``).
