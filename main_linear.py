@@ -17,15 +17,14 @@ from torch import nn
 
 from contrast import distributed as cd
 from contrast import engine
-from contrast.checkpoint import (LINEAR, CheckpointError, choose_resume, list_state_differences, load_model_state,
-                                 read_checkpoint, restore_training_state)
+from contrast.checkpoint import LINEAR, choose_resume, list_state_differences, load_model_state, read_checkpoint
 from contrast.data import build_dataset, build_sampler
 from contrast.data.transforms import build_augmentation
 from contrast.eval.features import ShardSampler
 from contrast.models import TrainModule, build_backbone
 from contrast.optim import build_scheduler
 from contrast.placement import configure_backends, place
-from contrast.precision import resolve_precision
+from contrast.precision import Precision, resolve_precision
 from contrast.option import parse_linear_args, resolve_from_config
 
 
@@ -64,7 +63,7 @@ class LinearClassifier(TrainModule):
 
 @torch.no_grad()
 def evaluate(model: LinearClassifier, loader, device_aug: nn.Module, run: engine.Run,
-             precision: engine.Precision, channels_last: bool) -> Dict[str, float]:
+             precision: Precision, channels_last: bool) -> Dict[str, float]:
     """Top-1 / top-5 (%) and mean loss over the whole val split (summed over ranks)."""
     model.eval()
     device = run.env.device
@@ -152,44 +151,33 @@ def linear(args, run: engine.Run) -> Dict[str, float]:
                                 args.warmup_multiplier, args.lr_decay_epochs, args.lr_decay_rate,
                                 cosine_form=args.cosine_form, samples_per_step=args.total_batch_size)
 
-    state, start, best = engine.TrainState(), args.start_epoch, {"acc1": 0.0, "acc5": 0.0, "epoch": 0}
-    ckpt = engine.resume_checkpoint(run, args.resume, args.auto_resume, args.restart)
-    if ckpt is not None:
-        if ckpt.kind != LINEAR:
-            raise CheckpointError(f"{ckpt.path}: a {ckpt.kind} checkpoint, not a linear evaluation one; --resume "
-                                  f"takes the linear run's checkpoint (the backbone comes from --pretrained-model)")
-        seen = ckpt.samples_seen if ckpt.samples_seen is not None else ckpt.step * args.total_batch_size
-        engine.check_total_batch(ckpt, args.total_batch_size, env.world_size, args.allow_batch_change, lr,
-                                 scheduler.total_samples - seen, logger)
-        restore_training_state(ckpt, model, optimizer, scheduler, precision.scaler, sampler)
-        start, state.step, best = ckpt.epoch + 1, ckpt.step, ckpt.extra.get("best", best)
-        logger.info(f"resumed from {ckpt.path} (epoch {ckpt.epoch}, step {state.step}"
-                    + (", mid-epoch" if ckpt.mid_epoch else "") + ")")
     config = engine.write_config(run, vars(args), effective_lr=lr, per_process_batch=batch,
                                  backbone_tensors=len(frozen), total_batch=args.total_batch_size)
     checkpointer = engine.Checkpointer(run, model, optimizer, scheduler, precision.scaler, sampler, config, lr,
                                        args.total_batch_size, kind=LINEAR,
                                        policy=engine.CheckpointPolicy(args.save_freq, args.keep_last,
                                                                       args.save_every_minutes),
-                                       extra={"best": best})
+                                       extra={"best": {"acc1": 0.0, "acc5": 0.0, "epoch": 0}})
     trainer = engine.Trainer(engine.wrap_ddp(model, env), model, optimizer, scheduler, precision, run,
                              engine.LoopOptions(args.print_freq, args.max_nonfinite, args.channels_last, args.seed,
                                                 args.on_divergence, args.rollback_lr_factor),
-                             train_aug.device, state, checkpointer)
-    trainer.start(args.epochs * iters, iters)
+                             train_aug.device, checkpointer=checkpointer)
+    last: Dict[str, float] = {}
 
-    result = best
-    for epoch in range(start, args.epochs + 1):
-        sampler.set_epoch(epoch)
-        trainer.train_epoch(loader, epoch, args.epochs)
+    def after_epoch(epoch: int, stats) -> None:
         result = evaluate(model, val_loader, val_aug.device, run, precision, args.channels_last)
+        best = checkpointer.extra["best"]
         if result["acc1"] >= best["acc1"]:
-            best = {**result, "epoch": epoch}
+            best = checkpointer.extra["best"] = {**result, "epoch": epoch}
         logger.info(f"val epoch {epoch}: top-1 {result['acc1']:.2f} top-5 {result['acc5']:.2f} "
                     f"(best top-1 {best['acc1']:.2f} at epoch {best['epoch']})")
         run.tb.scalars(result, epoch, prefix="val/")
-        checkpointer.extra["best"] = best
-        engine.save_epoch(checkpointer, epoch, args.epochs, state.step)
+        last.update(result)
+
+    trainer.fit(loader, args.epochs, engine.ResumeOptions(args.resume, args.auto_resume, args.restart,
+                                                          args.allow_batch_change), args.start_epoch, after_epoch)
+    best = checkpointer.extra["best"]
+    result = last or best
 
     changed = list_state_differences(frozen, model.backbone.state_dict())
     if changed:

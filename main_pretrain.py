@@ -3,14 +3,13 @@
     python main_pretrain.py --model PIC --data-dir DATA ...   # one process, the method's published recipe
     torchrun --nproc_per_node=4 main_pretrain.py ...                                    # DDP
 
-See ``python main_pretrain.py --help``; the loop is in ``contrast/engine.py``.
+See ``python main_pretrain.py --help``; the loop is ``Trainer.fit`` in ``contrast/trainer.py``.
 """
 from __future__ import annotations
 
 from typing import List, Optional
 
 from contrast import engine
-from contrast.checkpoint import restore_training_state
 from contrast.data import build_dataset, build_sampler, window_epochs
 from contrast.data.transforms import build_augmentation
 from contrast.eval.knn import KNNMonitor
@@ -65,34 +64,17 @@ def pretrain(args, run: engine.Run) -> None:
     precision, precision_note = resolve_precision(args.amp_opt_level, env.device)
     logger.info(f"precision: {precision_note}")
 
-    state, start, extra = engine.TrainState(), args.start_epoch, {}
-    ckpt = engine.resume_checkpoint(run, args.resume, args.auto_resume, args.restart)
-    if ckpt is not None:
-        seen = ckpt.samples_seen if ckpt.samples_seen is not None else ckpt.step * total_batch
-        engine.check_total_batch(ckpt, total_batch, env.world_size, args.allow_batch_change, lr,
-                                 scheduler.total_samples - seen, logger)
-        restore_training_state(ckpt, method, optimizer, scheduler, precision.scaler, sampler)
-        start, state.step, extra = ckpt.epoch + 1, ckpt.step, dict(ckpt.extra)
-        where = f", {sampler.num_samples - sampler.num_remaining} samples into epoch {start}" if ckpt.mid_epoch else ""
-        logger.info(f"resumed from {ckpt.path} (epoch {ckpt.epoch}, step {state.step}{where}, "
-                    f"{scheduler.samples_seen} of {scheduler.total_samples} samples seen)")
-    elif start > 1:
-        scheduler.last_epoch = (start - 1) * iters - 1
-        scheduler.step()
-        state.step = (start - 1) * iters
     config = engine.write_config(run, vars(args), effective_lr=lr, num_instances=len(dataset), loop_epochs=epochs,
                                  iters_per_epoch=iters, warmup_loop_epochs=warmup, decay_loop_epochs=decay,
                                  total_batch=total_batch)
 
     checkpointer = engine.Checkpointer(run, method, optimizer, scheduler, precision.scaler, sampler, config, lr,
                                        total_batch, policy=engine.CheckpointPolicy(args.save_freq, args.keep_last,
-                                                                                   args.save_every_minutes),
-                                       extra=extra)
+                                                                                   args.save_every_minutes))
     trainer = engine.Trainer(engine.wrap_ddp(method, env), method, optimizer, scheduler, precision, run,
                              engine.LoopOptions(args.print_freq, args.max_nonfinite, args.channels_last, args.seed,
                                                 args.on_divergence, args.rollback_lr_factor),
-                             aug.device, state, checkpointer)
-    trainer.start(epochs * iters, iters)
+                             aug.device, checkpointer=checkpointer)
     logger.info(f"{args.model}: {len(dataset)} images, {epochs} loop epochs x {iters} iterations, "
                 f"effective lr {lr:.4g} (total batch {total_batch})")
     monitor = None
@@ -101,19 +83,19 @@ def pretrain(args, run: engine.Run) -> None:
                                            args.val_crop_fraction, index_dir=args.index_dir, k=args.knn_k,
                                            temperature=args.knn_t, batch_size=args.batch_size,
                                            num_workers=args.num_workers)
-        if "knn_best" in extra:
-            monitor.best = dict(extra["knn_best"])
-    for epoch in range(start, epochs + 1):
-        sampler.set_epoch(epoch)
-        stats = trainer.train_epoch(loader, epoch, epochs)
-        run.tb.scalars(stats, epoch, prefix="epoch/")
-        if monitor is not None and (epoch % args.knn_freq == 0 or epoch == epochs):
-            acc = monitor(method.backbone)   # collective: every rank extracts its share
-            logger.info(f"knn epoch {epoch}: top-1 {acc['top1']:.2f} top-5 {acc['top5']:.2f} "
-                        f"(best top-1 {monitor.best['top1']:.2f})")
-            run.tb.scalars(acc, epoch, prefix="knn/")
-            checkpointer.extra["knn_best"] = dict(monitor.best)
-        engine.save_epoch(checkpointer, epoch, epochs, state.step)
+
+    def after_epoch(epoch: int, stats) -> None:
+        if monitor is None or (epoch % args.knn_freq and epoch != epochs):
+            return
+        monitor.best = dict(checkpointer.extra.get("knn_best", monitor.best))   # restored by a resume
+        acc = monitor(method.backbone)   # collective: every rank extracts its share
+        logger.info(f"knn epoch {epoch}: top-1 {acc['top1']:.2f} top-5 {acc['top5']:.2f} "
+                    f"(best top-1 {monitor.best['top1']:.2f})")
+        run.tb.scalars(acc, epoch, prefix="knn/")
+        checkpointer.extra["knn_best"] = dict(monitor.best)
+
+    trainer.fit(loader, epochs, engine.ResumeOptions(args.resume, args.auto_resume, args.restart,
+                                                     args.allow_batch_change), args.start_epoch, after_epoch)
     run.tb.close()
     logger.info(f"done: checkpoint {run.output_dir}/current.pth, log {run.output_dir}/log.txt")
 

@@ -31,9 +31,9 @@ class RolledBack(Exception):
 
 
 class Divergence:
-    """The ``--on-divergence`` policy of a :class:`~contrast.engine.Trainer`.
+    """The ``--on-divergence`` policy of a :class:`~contrast.trainer.Trainer`.
 
-    ``checkpointer`` (a :class:`~contrast.engine.Checkpointer`) names the last good checkpoint and
+    ``checkpointer`` (a :class:`~contrast.checkpointer.Checkpointer`) names the last good checkpoint and
     holds the objects to restore; ``state`` is the loop's ``TrainState``.
     """
 

@@ -5,7 +5,7 @@ same environment for the processes) and differs only in what a failure prints. P
 a process that exits with an error by its agent's log lines and a ~40-line ``ChildFailedError`` report
 around the script's own one-line error. Here the agent's logging is silenced and the report replaced
 by one line: the error line of the first process that failed (handed over through torchrun's error
-file by :func:`contrast.engine.run_cli`), or, for a crash, which rank exited with which code. The exit
+file by :func:`contrast.runtime.run_cli`), or, for a crash, which rank exited with which code. The exit
 code is that process's. A stop signal (SIGTERM, SIGINT, SIGUSR1) is forwarded to the processes and
 the agent waits for them (torchrun would stop them itself 30 s later): they save and exit with 75
 (rank 0 prints the line, the launcher none); so does a second one (they exit at once with
@@ -21,7 +21,8 @@ import signal
 import sys
 from typing import List, Optional, Tuple
 
-from contrast.engine import EXIT_PREEMPTED, LAUNCHER_ENV, LOST_CONTACT, STOP_SIGNALS
+from contrast.data.workers import STOP_SIGNALS
+from contrast.runtime import EXIT_PREEMPTED, LAUNCHER_ENV, LOST_CONTACT
 
 PROG = "contrast.launch"
 

@@ -2,7 +2,7 @@
 
 :func:`place` moves a module (the method, the linear classifier, an augmentation's device stage,
 a kNN encoder) and checks that every parameter and buffer arrived; :func:`place_inputs` moves a
-batch. The :class:`~contrast.engine.Trainer` places its model and device stage itself, and so do
+batch. The :class:`~contrast.trainer.Trainer` places its model and device stage itself, and so do
 linear evaluation's ``evaluate``, the kNN monitor and ``main_knn.py``: an entry script never has a
 module to move by hand (issue 29: ``aug.device`` was left on the CPU and crashed the first CUDA step).
 

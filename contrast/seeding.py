@@ -120,3 +120,10 @@ def seeded_rng(seed: Optional[int]) -> Iterator[None]:
             torch.default_generator.set_state(saved[0])
             random.setstate(saved[1])
             np.random.set_state(saved[2])
+
+
+def seed_everything(seed: int) -> None:
+    """Python's, numpy's and torch's global generators of this process."""
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)

@@ -59,7 +59,7 @@ def test_linear_auto_resume_matches(pretrained, tmp_path, monkeypatch):
     data, ckpt = pretrained
     straight = main_linear.main(linear_args(data, ckpt, tmp_path / "a"))
     from contrast import engine
-    real = engine.save_epoch
+    real = engine.Checkpointer.save_epoch
 
     class Stop(Exception):
         pass
@@ -68,7 +68,7 @@ def test_linear_auto_resume_matches(pretrained, tmp_path, monkeypatch):
         real(*a, **kw)
         raise Stop
     with monkeypatch.context() as m:
-        m.setattr(engine, "save_epoch", save_then_stop)
+        m.setattr(engine.Checkpointer, "save_epoch", save_then_stop)
         with pytest.raises(Stop):
             main_linear.main(linear_args(data, ckpt, tmp_path / "c"))
     resumed = main_linear.main(linear_args(data, ckpt, tmp_path / "c", "--auto-resume"))

@@ -2,6 +2,7 @@
 import logging
 
 import pytest
+import torch
 from torch import nn
 
 from contrast import distributed as cd
@@ -23,7 +24,7 @@ def test_compile_with_sync_batchnorm(world, sync_bn, compiled, monkeypatch):
     handler.emit = records.append
     logging.getLogger("contrast").addHandler(handler)
     try:
-        model = engine.prepare_model(Method(), engine.torch.device("cpu"), sync_batchnorm=sync_bn,
+        model = engine.prepare_model(Method(), torch.device("cpu"), sync_batchnorm=sync_bn,
                                      compile_backbone=True)
     finally:
         logging.getLogger("contrast").removeHandler(handler)

@@ -284,7 +284,8 @@ def test_toy_method_under_torchrun(toy, data_dir, tmp_path):
 
 
 # --------------------------------------------------------------------------- no method name in shared code
-SHARED = ["contrast/engine.py", "contrast/option.py", "contrast/seeding.py",
+SHARED = ["contrast/engine.py", "contrast/option.py", "contrast/seeding.py", "contrast/runtime.py",
+          "contrast/checkpointer.py", "contrast/build.py", "contrast/trainer.py",
           *(os.path.relpath(p, ROOT)
             for folder in ("contrast/checkpoint", "contrast/data", "contrast/eval", "benchmarks")
             for p in sorted(glob.glob(os.path.join(ROOT, folder, "*.py"))))]

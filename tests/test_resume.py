@@ -25,12 +25,12 @@ class _Stop(Exception):
 
 
 def _stop_after_first_save(monkeypatch):
-    real = engine.save_epoch
+    real = engine.Checkpointer.save_epoch
 
     def save_then_stop(*a, **kw):
         real(*a, **kw)
         raise _Stop
-    monkeypatch.setattr(engine, "save_epoch", save_then_stop)
+    monkeypatch.setattr(engine.Checkpointer, "save_epoch", save_then_stop)
 
 
 def _stop_after_mid_epoch_save(monkeypatch, at_step):

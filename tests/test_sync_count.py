@@ -12,6 +12,7 @@ import torch
 import main_pretrain
 from contrast import engine
 from contrast.data import batched_ops as B
+from contrast.logger import DeviceMeters
 from contrast.precision import Precision
 from tests.device_probe import meta_device
 from tests.synthetic import make_image_folder
@@ -54,7 +55,7 @@ def test_one_host_read_per_step_outside_print_steps(method, data, tmp_path, monk
     print(f"\n{method}: host reads per non-print step: {[count for count, _ in steps]}")
     for count, sites in steps:
         assert count <= budget, f"{count} host reads in a step: {sites}"
-    assert any("engine.py" in s and "tolist" in s for s in steps[0][1])   # the agreement's read is the one
+    assert any("trainer.py" in s and "tolist" in s for s in steps[0][1])   # the agreement's read is the one
 
 
 def test_grad_scaler_overflow_is_read_with_the_agreement(data, tmp_path, monkeypatch):
@@ -65,13 +66,13 @@ def test_grad_scaler_overflow_is_read_with_the_agreement(data, tmp_path, monkeyp
 
 def test_old_loop_is_caught(data, tmp_path, monkeypatch):
     """The counter sees a read of a logged value at every step (what the loop did before)."""
-    update = engine.DeviceMeters.update
+    update = DeviceMeters.update
 
     def eager(self, values, n=1):
         update(self, values, n)
         for v in values.values():
             v.item()
-    monkeypatch.setattr(engine.DeviceMeters, "update", eager)
+    monkeypatch.setattr(DeviceMeters, "update", eager)
     assert all(count > 1 for count, _ in syncs_per_step(data, tmp_path, monkeypatch, METHOD_FLAGS["SimCLR"]))
 
 

@@ -6,11 +6,11 @@ from typing import Callable, Optional
 
 from contrast.data.datasets import CACHE_MODES, ImageFolderInstance, ZipImageDataset, shard_indices
 from contrast.data.errors import DatasetError
-from contrast.data.samplers import (FeistelPermutation, ResumableDistributedSampler, SampleIndex,
+from contrast.data.samplers import (FeistelPermutation, ResumableDistributedSampler, ResumableSampler, SampleIndex,
                                     SlidingWindowSampler, build_sampler, sample_seed, window_epochs)
 
 __all__ = ["CACHE_MODES", "DatasetError", "ImageFolderInstance", "ZipImageDataset", "shard_indices",
-           "FeistelPermutation", "ResumableDistributedSampler", "SampleIndex", "SlidingWindowSampler",
+           "FeistelPermutation", "ResumableDistributedSampler", "ResumableSampler", "SampleIndex", "SlidingWindowSampler",
            "build_sampler", "sample_seed", "window_epochs", "build_dataset"]
 
 

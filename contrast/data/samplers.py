@@ -139,11 +139,14 @@ def _as_indices(dataset: Sized, indices: Optional[Sequence[int]]) -> tuple:
     return idx.numel(), idx
 
 
-class _Resumable:
-    """Epoch + in-epoch offset bookkeeping and seeded iteration shared by both samplers.
+class ResumableSampler(Sampler[int]):
+    """What the training loop needs of a sampler (:meth:`contrast.trainer.Trainer.fit`): ``set_epoch``,
+    ``state_dict`` / ``load_state_dict`` (saved in every checkpoint), ``set_consumed`` and
+    ``num_remaining`` (a mid-epoch resume continues after the samples already consumed), ``len``.
 
     Subclasses implement ``_share(k0, k1) -> LongTensor``: the dataset indices at this rank's
-    share positions ``k0 .. k1-1`` of the current epoch.
+    share positions ``k0 .. k1-1`` of the current epoch; ``state_dict`` and ``load_state_dict``.
+    An evaluation sampler (:class:`contrast.eval.features.ShardSampler`) need not be one.
     """
 
     epoch: int
@@ -198,6 +201,14 @@ class _Resumable:
         self.load_state_dict({**state, "consumed": 0, "num_replicas": self.num_replicas, "rank": self.rank})
         self.set_consumed(min(int(global_consumed) // self.num_replicas, self.num_samples))
 
+    def state_dict(self, consumed: Optional[int] = None) -> Dict:
+        """Everything needed to continue the exact sequence; ``consumed``: indices of the current
+        epoch this rank already used (default: the current resume offset)."""
+        raise NotImplementedError
+
+    def load_state_dict(self, state: Dict) -> None:
+        raise NotImplementedError
+
     def _check(self, state: Dict, keys: Sequence[str]) -> None:
         own = self.state_dict()
         for key in keys:
@@ -209,7 +220,7 @@ class _Resumable:
                              f"{own['num_replicas']}: the checkpoint used {state['num_replicas']}")
 
 
-class SlidingWindowSampler(_Resumable, Sampler[int]):
+class SlidingWindowSampler(ResumableSampler):
     """PIC's sliding-window scheduler, split across ranks like ``DistributedSampler``.
 
     Args:
@@ -315,7 +326,7 @@ class SlidingWindowSampler(_Resumable, Sampler[int]):
         self.set_consumed(state["consumed"])
 
 
-class ResumableDistributedSampler(_Resumable, DistributedSampler):
+class ResumableDistributedSampler(ResumableSampler, DistributedSampler):
     """``torch.utils.data.DistributedSampler`` (shuffled by ``seed + epoch``, padded or truncated
     to equal rank lengths) over ``indices``, with ``state_dict`` / ``load_state_dict`` and a
     mid-epoch resume offset. In one process it is a seeded random (or sequential) sampler.
@@ -370,7 +381,7 @@ class ResumableDistributedSampler(_Resumable, DistributedSampler):
 
 def build_sampler(dataset: Sized, sliding_window: bool, window_size: int, window_stride: int, seed: int,
                   shuffle_per_epoch: bool, num_replicas: Optional[int] = None, rank: Optional[int] = None,
-                  shuffle: bool = True, drop_last: bool = False):
+                  shuffle: bool = True, drop_last: bool = False) -> ResumableSampler:
     """The training sampler for ``dataset``.
 
     With ``--cache-mode part`` (``dataset.local_indices`` is set) each rank samples only its own

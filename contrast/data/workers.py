@@ -1,7 +1,7 @@
 """DataLoader worker processes: how they start, how they end, how their errors reach the user.
 
 * :class:`Loader` is a ``DataLoader`` whose multi-process iterators are registered, so that
-  :func:`shutdown_workers` (called by ``engine.run_cli`` on every way out, and at interpreter exit)
+  :func:`shutdown_workers` (called by ``contrast.runtime.run_cli`` on every way out, and at interpreter exit)
   ends their workers: politely first (torch's own shutdown), then with SIGKILL for any left.
   :func:`kill_workers` SIGKILLs them at once (the "second signal" path, which exits with
   ``os._exit``).
@@ -33,7 +33,7 @@ from torch._utils import ExceptionWrapper
 from torch.utils.data import DataLoader
 from torch.utils.data._utils import worker as _torch_worker
 
-#: The signals a run's main process handles (``engine.StopSignals``); workers ignore them while open.
+#: The signals a run's main process handles (``contrast.runtime.StopSignals``); workers ignore them while open.
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
 _PR_SET_PDEATHSIG = 1
 _ITERATORS: "weakref.WeakSet" = weakref.WeakSet()

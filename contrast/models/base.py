@@ -33,7 +33,7 @@ from contrast.models.views import Views, encode_views
 
 
 class TrainModule(nn.Module):
-    """A module trained by :class:`contrast.engine.Trainer` (see the module docstring)."""
+    """A module trained by :class:`contrast.trainer.Trainer` (see the module docstring)."""
 
     def target(self, index: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         """The second input of ``forward``: the dataset ``index`` (self-supervised) or the class ``label``."""
