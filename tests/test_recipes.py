@@ -257,6 +257,16 @@ def test_toy_method_in_the_train_step_benchmark(toy, tmp_path):
     assert [(r["method"], r["views"], r["optimizer"]) for r in rows] == [("Toy", "32+32", "lars")]
 
 
+def test_toy_method_in_the_gpu_check(toy):
+    """``benchmarks/gpu_check.py`` plans its rows from the registry: the toy gets its own pretraining rows,
+    with its recipe's augmentation (no --aug passed) and the tiny mode's flags."""
+    from benchmarks import gpu_check as check
+    rows = [r for r in check.plan(check.TINY, cuda=False, gpus=0) if r.model == "Toy"]
+    assert [r.precision for r in rows if not r.not_run] == ["fp32"] and rows[0].knn_monitor
+    argv = check.pretrain_argv(rows[0], check.TINY, "cpu", 1)
+    assert argv[argv.index("--model") + 1] == "Toy" and "--aug" not in argv
+
+
 @pytest.mark.slow
 def test_toy_method_under_torchrun(toy, data_dir, tmp_path):
     runner = tmp_path / "run_toy.py"
