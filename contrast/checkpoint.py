@@ -43,6 +43,7 @@ from torch import nn
 
 from contrast import distributed as cd
 from contrast import state_migrations
+from contrast.runconfig import flat_config
 
 #: Format version written by this code. 1: the first release. 2: MoCo's key encoder and queue became
 #: modules (``key_encoder.*``, ``queue.features``/``queue.ptr``), InstDisc counts its negative draws
@@ -379,8 +380,8 @@ class Checkpoint:
     Attributes:
         path: the file.
         kind: ``"pretrain"`` (a method) or ``"linear"`` (a linear classifier on a frozen backbone).
-        model: the model's state dict (no ``module.`` prefix).
-        config: the resolved configuration of the run that wrote it (flags, world size, effective lr).
+        config: the configuration of the run that wrote it as one flat dict
+            (:func:`~contrast.runconfig.flat_config`; either stored form).
         epoch, step: the last finished (loop) epoch and the number of optimiser steps taken.
         world_size: processes of the run that wrote it.
         effective_lr: its peak learning rate.
@@ -474,9 +475,7 @@ def read_checkpoint(path: str, map_location: str | torch.device = "cpu", verify:
     missing = [k for k in ("model", "epoch", "step") if k not in raw]
     if missing:
         raise CheckpointError(f"{path}: missing {missing}; not a checkpoint written by contrast")
-    config = raw.get("config") or {}
-    if not isinstance(config, dict):
-        config = vars(config)
+    config = flat_config(raw.get("config"))   # either form; a flat view for the readers
     state = {k: raw.get(k) for k in ("optimizer", "scheduler", "scaler", "sampler", "rng", "rank_shards",
                                      "mid_epoch", "total_batch", "samples_seen")}
     return Checkpoint(path=path, kind=raw.get("kind", PRETRAIN), model=strip_prefix(raw["model"]), config=config,

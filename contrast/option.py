@@ -27,6 +27,8 @@ from contrast.models.recipe import FLAG_FIELDS, LR_SCALINGS, Recipe, describe, p
 from contrast.models.views import MULTI_CROP_AUG
 from contrast.optim import COSINE_FORMS, LARS_FORMS
 from contrast.precision import OPT_LEVELS
+from contrast.runconfig import RunConfig, groups_from_flags
+from contrast.config_file import add_config_flag, parse_with_config
 
 AUGS = tuple(a for a in AUG_NAMES if a != "val")
 AMP_HELP = ("mixed precision (torch.amp, replaces Apex): auto = O1 on CUDA (the release's default), on a CPU bf16 "
@@ -351,6 +353,7 @@ def pretrain_parser() -> argparse.ArgumentParser:
     add_knn_flags(p, monitor=True)
     add_runtime_flags(p)
     add_checkpoint_flags(p)
+    add_config_flag(p)
     base = Recipe().flag_values()
     for action in p._actions:   # resolved from the method's recipe after parsing
         if action.dest in FLAG_FIELDS:
@@ -647,9 +650,10 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace, positive: Seque
 
 
 def parse_pretrain_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    """Parse pretraining flags; those not given take the method's recipe values."""
+    """Parse pretraining flags (over the values of ``--config FILE``); those not given take the
+    method's recipe values."""
     p = pretrain_parser()
-    args = p.parse_args(argv)
+    args = parse_with_config(p, argv)
     cls = METHODS[args.model]
     for key, value in resolve(cls.recipe, vars(args), args.epochs).items():
         setattr(args, key, value)
@@ -675,6 +679,12 @@ def parse_pretrain_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     except ValueError as e:
         p.error(str(e))
     return args
+
+
+def run_config(args: argparse.Namespace, world_size: int = 1) -> RunConfig:
+    """The typed groups of parsed pretraining flags, for ``world_size`` processes: built once by the
+    entry script, which hands each layer its group."""
+    return RunConfig(method=method_config(args, world_size), **groups_from_flags(vars(args)))
 
 
 def resolve_pretrain(model: str, *flags: str, world_size: int = 1) -> Tuple[argparse.Namespace, MethodConfig]:

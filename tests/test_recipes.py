@@ -14,7 +14,6 @@ import glob
 import importlib
 import importlib.util
 import io
-import json
 import os
 import re
 import subprocess
@@ -160,6 +159,7 @@ from contrast.models.base import BaseMethod
 from contrast.models.heads import build_head, normalize_fp32
 from contrast.models.recipe import Recipe
 from contrast.models.views import Views
+from contrast.runconfig import flat_config
 
 
 class Toy(BaseMethod):
@@ -223,7 +223,7 @@ def test_toy_method_trains_with_its_flags_and_recipe(toy, data_dir, tmp_path, ca
     assert "--model Toy:" in text and "--toy-scale" in text and "--base-learning-rate 0.7" in text
     out = tmp_path / "run"
     main_pretrain.main(tiny(data_dir, out, "--toy-scale", "3", "--weight-decay", "0.01"))
-    config = json.load(open(out / "config.json"))
+    config = flat_config(str(out / "config.json"))
     assert (config["model"], config["toy_scale"], config["optimizer"], config["base_learning_rate"]) == \
         ("Toy", 3.0, "lars", 0.7)
     assert (config["aug"], config["crop"], config["image_size"], config["weight_decay"]) == \
