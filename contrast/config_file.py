@@ -46,7 +46,10 @@ def config_defaults(p: argparse.ArgumentParser, path: str) -> Dict[str, Any]:
     names the file and the offending key."""
     raw = read_file(path)
     grouped = is_grouped(raw)
-    config = load_run_config(raw)
+    try:
+        config = load_run_config(raw)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     actions = {}
     for action in p._actions:
         if action.dest != argparse.SUPPRESS and action.option_strings:
@@ -71,10 +74,8 @@ def config_defaults(p: argparse.ArgumentParser, path: str) -> Dict[str, Any]:
 
 
 def _convert(path: str, action: argparse.Action, key: str, value: Any) -> Any:
-    many = action.nargs in ("+", "*") or isinstance(action.nargs, int)
+    many = action.nargs in ("+", "*") or (isinstance(action.nargs, int) and action.nargs > 0)
     items: List[Any] = list(value) if many and isinstance(value, (list, tuple)) else [value]
-    if many and not isinstance(value, (list, tuple)):
-        items = [value]
     out = []
     for item in items:
         if item is not None and action.type is not None and not isinstance(item, bool):

@@ -207,7 +207,8 @@ def add_facts(config: Mapping[str, Any], **facts: Any) -> Dict[str, Any]:
 
 
 def is_grouped(config: Mapping[str, Any]) -> bool:
-    return VERSION_KEY in config
+    """Whether ``config`` has the grouped form (a version key, or a section holding a mapping)."""
+    return VERSION_KEY in config or any(k in SECTIONS and isinstance(v, Mapping) for k, v in config.items())
 
 
 def migrate(flat: Mapping[str, Any]) -> Dict[str, Any]:
@@ -234,7 +235,7 @@ def load_run_config(source: Union[str, os.PathLike, Mapping[str, Any], None]) ->
         source = vars(source)
     if not is_grouped(source):
         return migrate(source)
-    version = source[VERSION_KEY]
+    version = source.get(VERSION_KEY, CONFIG_VERSION)
     if not isinstance(version, int) or version > CONFIG_VERSION:
         raise ValueError(f"{where}config_version {version!r} is newer than this contrast reads ({CONFIG_VERSION})")
     unknown = [k for k in source if k not in (VERSION_KEY, *SECTIONS)]
