@@ -86,4 +86,6 @@ def _convert(path: str, action: argparse.Action, key: str, value: Any) -> Any:
         if item is not None and action.choices is not None and item not in action.choices:
             raise ValueError(f"{path}: {key}: {item!r} is not one of {', '.join(map(str, action.choices))}")
         out.append(item)
-    return out if many else out[0]
+    if not many:
+        return out[0]
+    return tuple(out) if isinstance(action.default, tuple) else out   # as the flag's own default

@@ -132,3 +132,43 @@ def test_config_json_repeats_a_run_bit_for_bit(tmp_path):
     assert two["runtime"].pop("output_dir") == str(out2) and one["runtime"].pop("output_dir") == str(out)
     assert one == two
     assert os.path.isfile(out2 / "log.txt")
+
+
+def _write_recipes():
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "write_recipes.py")
+    spec = importlib.util.spec_from_file_location("write_recipes", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_recipe_yaml_files_are_up_to_date():
+    tool = _write_recipes()
+    assert tool.main(["--check"]) == 0, "run python tools/write_recipes.py"
+    from contrast.models import METHODS
+    assert sorted(os.listdir(tool.OUT_DIR)) == sorted(f"{name}.yaml" for name in METHODS)
+
+
+@pytest.mark.parametrize("epochs", ["100", "200"])
+def test_recipe_yaml_resolves_to_what_the_model_flag_resolves_to(epochs):
+    """Each shipped YAML, read through --config, gives every flag the value --model X alone gives it
+    (the warm-up rule of recipes with one still follows --epochs)."""
+    from contrast.models import METHODS
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name in METHODS:
+        path = os.path.join(root, "scripts", "configs", f"{name}.yaml")
+        from_file = vars(parse_pretrain_args(["--config", path, "--epochs", epochs]))
+        from_flag = vars(parse_pretrain_args(["--model", name, "--epochs", epochs]))
+        from_file.pop("config")
+        from_flag.pop("config")
+        assert from_file == from_flag, name
+
+
+def test_recipe_check_names_a_stale_file(tmp_path, capsys):
+    tool = _write_recipes()
+    assert tool.main(["--out-dir", str(tmp_path)]) == 0
+    first = sorted(os.listdir(tmp_path))[0]
+    (tmp_path / first).write_text("data: {}\n")
+    assert tool.main(["--out-dir", str(tmp_path), "--check"]) == 1
+    assert first in capsys.readouterr().err
