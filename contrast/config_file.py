@@ -6,14 +6,15 @@ same grouped form (``model: PIC`` under ``method:``, ``epochs: 200`` under ``loo
 (``model: PIC`` at the top). Its keys are flag names with ``_`` (``base_learning_rate``); its values
 become the parser's defaults, so any flag on the command line overrides them. A key that is no
 flag of the parser is refused in one line naming the file and the key; the ``run`` section (facts
-such as the effective lr) is not read.
+such as the effective lr) is not read. :func:`resolve_from_config` fills the flags an evaluation
+left unset from a checkpoint's config.
 """
 from __future__ import annotations
 
 import argparse
 from typing import Any, Dict, List, Optional, Sequence
 
-from contrast.runconfig import FACTS, RUN_FACTS, is_grouped, load_run_config, read_file
+from contrast.runconfig import FACTS, RUN_FACTS, flat_config, is_grouped, load_run_config, read_file
 
 #: Keys of older config.json files that are no flag any more (``small_stem``: now ``--stem``);
 #: ``config`` would name the file itself.
@@ -89,3 +90,24 @@ def _convert(path: str, action: argparse.Action, key: str, value: Any) -> Any:
     if not many:
         return out[0]
     return tuple(out) if isinstance(action.default, tuple) else out   # as the flag's own default
+
+
+def resolve_from_config(args: argparse.Namespace, config: Dict[str, Any],
+                        names: Sequence[str] = ("arch", "stem", "image_size", "val_crop_fraction")) -> List[str]:
+    """Fill the flags in ``names`` the user left unset (None) from a checkpoint's ``config`` (either
+    form, read through :func:`~contrast.runconfig.flat_config`; ``stem`` also from older configs'
+    ``small_stem``); returns the names taken from it."""
+    from contrast.models import stem_of
+    config = flat_config(config)
+    fallback = {"image_size": 224, "val_crop_fraction": 0.875, "stem": "imagenet"}
+    taken = []
+    for name in names:
+        if getattr(args, name, None) is not None:
+            continue
+        value = stem_of(config) if name == "stem" else config.get(name)
+        if value is None:
+            value = fallback.get(name)
+        else:
+            taken.append(name)
+        setattr(args, name, value)
+    return taken

@@ -28,7 +28,7 @@ from contrast.models.views import MULTI_CROP_AUG
 from contrast.optim import COSINE_FORMS, LARS_FORMS
 from contrast.precision import OPT_LEVELS
 from contrast.runconfig import RunConfig, groups_from_flags
-from contrast.config_file import add_config_flag, parse_with_config
+from contrast.config_file import add_config_flag, parse_with_config, resolve_from_config  # noqa: F401 (re-export)
 
 AUGS = tuple(a for a in AUG_NAMES if a != "val")
 AMP_HELP = ("mixed precision (torch.amp, replaces Apex): auto = O1 on CUDA (the release's default), on a CPU bf16 "
@@ -471,25 +471,6 @@ def parse_linear_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------------------- resolved values
-def resolve_from_config(args: argparse.Namespace, config: Dict[str, Any],
-                        names: Sequence[str] = ("arch", "stem", "image_size", "val_crop_fraction")) -> List[str]:
-    """Fill the flags in ``names`` the user left unset (None) from a checkpoint's ``config``
-    (``stem`` also from older configs' ``small_stem``); returns the names taken from it."""
-    from contrast.models import stem_of
-    fallback = {"image_size": 224, "val_crop_fraction": 0.875, "stem": "imagenet"}
-    taken = []
-    for name in names:
-        if getattr(args, name, None) is not None:
-            continue
-        value = stem_of(config) if name == "stem" else config.get(name)
-        if value is None:
-            value = fallback.get(name)
-        else:
-            taken.append(name)
-        setattr(args, name, value)
-    return taken
-
-
 def method_config(args: argparse.Namespace, world_size: int = 1) -> MethodConfig:
     """The typed configuration of ``--model`` from parsed pretraining flags, for ``world_size`` processes."""
     cls = METHODS[args.model]

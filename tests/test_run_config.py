@@ -104,6 +104,9 @@ def test_checkpoint_config_of_either_form_reads_back_flat(tmp_path, grouped):
     args = parse_pretrain_args([]).__class__(arch=None, stem=None, image_size=None, val_crop_fraction=None)
     assert resolve_from_config(args, ckpt.config) == ["arch", "stem", "image_size"]
     assert (args.arch, args.stem, args.image_size) == ("resnet18", "small", 32)
+    grouped_args = args.__class__(arch=None, stem="imagenet", image_size=None, val_crop_fraction=0.5)
+    assert resolve_from_config(grouped_args, load_run_config(OLD_FLAT)) == ["arch", "image_size"]
+    assert (grouped_args.arch, grouped_args.stem, grouped_args.image_size) == ("resnet18", "imagenet", 32)
 
 
 def test_newer_version_is_refused(tmp_path):
