@@ -16,9 +16,9 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from contrast.runconfig import FACTS, RUN_FACTS, flat_config, is_grouped, load_run_config, read_file
 
-#: Keys of older config.json files that are no flag any more (``small_stem``: now ``--stem``);
-#: ``config`` would name the file itself.
-IGNORED = frozenset({"small_stem", "config"})
+#: Keys not read: ``small_stem`` (older config.json files; now ``--stem``), ``config`` (the file itself),
+#: ``local_rank`` (set per process by the launcher, never the recorded rank's).
+IGNORED = frozenset({"small_stem", "config", "local_rank"})
 
 
 def add_config_flag(p: argparse.ArgumentParser) -> None:

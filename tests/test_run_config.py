@@ -75,7 +75,7 @@ def test_dump_read_back_with_config_gives_the_same_groups(tmp_path):
 
 OLD_FLAT = {"model": "MoCo", "arch": "resnet18", "small_stem": True, "image_size": 32, "epochs": 5,
             "batch_size": 4, "weight_decay": 1e-4, "bn_splits": 2, "knn_monitor": False, "seed": 3,
-            "world_size": 1, "device": "cpu", "effective_lr": 0.01, "loop_epochs": 5, "total_batch": 4}
+            "local_rank": 0, "world_size": 1, "device": "cpu", "effective_lr": 0.01, "loop_epochs": 5, "total_batch": 4}
 
 
 def test_old_flat_config_migrates(tmp_path):
@@ -90,8 +90,8 @@ def test_old_flat_config_migrates(tmp_path):
     # an old run's config.json repeats through --config: flags set, facts ignored, the legacy key skipped
     path = write(tmp_path / "config.json", json.dumps(OLD_FLAT))
     args = parse_pretrain_args(["--config", path])
-    assert (args.model, args.arch, args.epochs, args.bn_splits, args.seed, args.device) == \
-        ("MoCo", "resnet18", 5, 2, 3, "cpu")
+    assert (args.model, args.arch, args.epochs, args.bn_splits, args.seed, args.device, args.local_rank) == \
+        ("MoCo", "resnet18", 5, 2, 3, "cpu", -1)   # the launcher sets the rank of each process
     assert load_run_config(path) == grouped
 
 
