@@ -421,7 +421,8 @@ def parse_pretrain_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     cls = METHODS[args.model]
     for key, value in resolve(cls.recipe, vars(args), args.epochs).items():
         setattr(args, key, value)
-    check_values(p, args, ["epochs", "print_freq", "save_freq", "image_size", "batch_size", "max_nonfinite", "knn_freq"])
+    check_values(p, args, ["epochs", "print_freq", "save_freq", "image_size", "batch_size", "max_nonfinite",
+                           "knn_freq"])
     if args.aug == MULTI_CROP_AUG and not cls.views.multi_crop:
         p.error(f"--aug MultiCrop is not supported by --model {args.model}")
     if args.num_crop is not None and args.num_crop != 1 and args.aug != MULTI_CROP_AUG:

@@ -262,8 +262,8 @@ def test_4_knn_and_linear_take_the_same_names():
              PARSERS["pic_head.py"]().parse_args(["--storage-root", "s", "--dim", "8", "--out", "r.json"])]
     assert tools[0].debug and (tools[1].data_dir, tools[1].image_size, tools[1].seed) == ("d", 16, 3)
     assert (tools[2].pic_storage_dir, tools[2].feature_dim, tools[2].output_json) == ("s", 8, "r.json")
-    ts = TOOLS["train_step.py"].train_step_parser("", ["PIC", "MoCo"]).parse_args(["--archs", "resnet18,resnet50", "--methods",
-                                                                    "MoCo", "--channels-last", "0"])
+    ts = TOOLS["train_step.py"].train_step_parser("", ["PIC", "MoCo"]).parse_args(
+        ["--archs", "resnet18,resnet50", "--methods", "MoCo", "--channels-last", "0"])
     assert (ts.arch, ts.methods, ts.channels_last) == (["resnet18", "resnet50"], ["MoCo"], [0])
     with pytest.raises(SystemExit):
         TOOLS["train_step.py"].train_step_parser("", ["PIC"]).parse_args(["--arch", "resnet18,vgg"])
