@@ -23,6 +23,7 @@ Examples::
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import time
@@ -39,8 +40,58 @@ from contrast.eval.features import backbone_from_checkpoint, build_eval_loader, 
 from contrast.eval.knn import knn_evaluate, l2_normalize_
 from contrast.eval.linear_cached import train_linear_cached
 from contrast.models import build_backbone
-from contrast.option import parse_knn_args, resolve_from_config
+from contrast.option import (add_backbone_flags, add_data_flags, add_knn_flags, add_output_json_flag,
+                             add_pretrained_flag, add_runtime_flags, check_values, new_parser, resolve_from_config)
 from contrast.placement import place
+
+
+def knn_parser() -> argparse.ArgumentParser:
+    p = new_parser("main_knn.py", "kNN and cached-feature linear evaluation of a pretrained backbone (any method), "
+                   "or of the raw-pixel / random-init baselines.")
+    g = p.add_argument_group("what to evaluate (exactly one)")
+    add_pretrained_flag(g, required=False)
+    g.add_argument("--random-init", action="store_true", help="baseline: randomly initialised --arch backbone")
+    g.add_argument("--raw-pixels", action="store_true", help="baseline: the normalised pixels as features")
+    add_data_flags(p, train=False, image_size=None, cache_modes=("no", "full"), eval_batch=True)
+    add_backbone_flags(p, from_checkpoint=True)
+    add_knn_flags(p, monitor=False)
+    g = p.add_argument_group("cached-feature linear evaluation")
+    g.add_argument("--linear-cached", action="store_true", help="also train a linear classifier on cached features")
+    g.add_argument("--linear-aug-copies", type=int, default=0, help="training features: 0 = one un-augmented "
+                   "(val transform) copy, K > 0 = K copies under the NULL augmentation (crop + flip)")
+    g.add_argument("--linear-crop", type=float, default=0.08, help="NULL augmentation: minimum crop scale")
+    g.add_argument("--linear-epochs", type=int, default=100, help="epochs over the cached features")
+    g.add_argument("--linear-lr", type=float, default=0.1, help="initial lr (cosine to 0); features are "
+                   "standardised, so one value suits every method")
+    g.add_argument("--linear-batch-size", type=int, default=256, help="batch size")
+    g.add_argument("--linear-wd", type=float, default=0.0, help="weight decay")
+    add_runtime_flags(p, output_dir=None, checkpoints=False)
+    g = p.add_argument_group("results")
+    add_output_json_flag(g, "", "--output", note=" (default: <output-dir>/knn.json when --output-dir is given)")
+    g.add_argument("--save-features", type=str, default="", help="also torch.save the features and labels "
+                   "of both splits (dataset order) to this file")
+    g.add_argument("--name", type=str, default="", help="run name recorded in the JSON (default: derived)")
+    return p
+
+
+def parse_knn_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = knn_parser()
+    args = p.parse_args(argv)
+    chosen = [bool(args.pretrained_model), args.random_init, args.raw_pixels]
+    if sum(chosen) != 1:
+        p.error("give exactly one of --pretrained-model PATH, --random-init, --raw-pixels")
+    if args.random_init and not args.arch:
+        p.error("--random-init needs --arch")
+    if args.pretrained_model and not os.path.isfile(args.pretrained_model):
+        p.error(f"--pretrained-model {args.pretrained_model}: file does not exist")
+    check_values(p, args, ["image_size", "batch_size", "chunk_size", "linear_epochs", "linear_batch_size"])
+    if min(args.knn_k) < 1 or args.knn_t <= 0:
+        p.error(f"--knn-k must be >= 1 and --knn-t > 0, got {args.knn_k} and {args.knn_t}")
+    if args.linear_aug_copies < 0:
+        p.error("--linear-aug-copies must be >= 0")
+    if not args.output_json and args.output_dir:
+        args.output_json = os.path.join(args.output_dir, "knn.json")
+    return args
 
 
 def build_encoder(args) -> tuple[nn.Module, dict]:

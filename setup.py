@@ -17,6 +17,7 @@ setup(
         "pillow>=9.0",
         "termcolor>=2.0",
         "tensorboard>=2.10",
+        "PyYAML>=5.1",
     ],
     extras_require={
         "test": ["pytest>=7", "matplotlib>=3.5", "scipy>=1.7"],

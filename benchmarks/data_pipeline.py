@@ -21,6 +21,7 @@ every measurement in turn.
 """
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -36,7 +37,18 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from contrast import engine  # noqa: E402
 from contrast.data.transforms import build_augmentation  # noqa: E402
-from contrast.option import data_pipeline_parser  # noqa: E402
+from contrast.option import add_debug_flag, add_output_json_flag, add_seed_flag, new_parser  # noqa: E402
+
+
+def data_pipeline_parser(doc: str = "", output_json: str = "") -> argparse.ArgumentParser:
+    p = new_parser("data_pipeline.py", doc)
+    p.add_argument("--images", type=int, default=256, help="images per timed run")
+    p.add_argument("--repeats", type=int, default=5, help="runs per figure; the best is kept")
+    add_seed_flag(p)
+    add_output_json_flag(p, output_json, "--out")
+    add_debug_flag(p)
+    return p
+
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field")
 RECIPES = {

@@ -27,6 +27,7 @@ Results go to ``--out`` (JSON) and a Markdown table on stdout.
 """
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import math
@@ -48,8 +49,25 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from contrast.data import ZipImageDataset  # noqa: E402
 from contrast.data.samplers import ResumableDistributedSampler, SlidingWindowSampler  # noqa: E402
-from contrast.option import data_scale_parser  # noqa: E402
+from contrast.option import new_parser  # noqa: E402
 from contrast.seeding import stream_generator  # noqa: E402
+
+
+def data_scale_parser(doc: str = "") -> argparse.ArgumentParser:
+    """``benchmarks/data_scale.py``."""
+    p = new_parser("data_scale.py", doc)
+    p.add_argument("--sizes", type=int, nargs="*", default=[1281167, 10000000], help="dataset sizes N")
+    p.add_argument("--sampler-sizes", type=int, nargs="*", default=[1281167, 10000000, 100000000],
+                   help="sampler sizes N")
+    p.add_argument("--baseline-max", type=int, default=10000000, help="largest N of the baseline dataset")
+    p.add_argument("--sampler-baseline-max", type=int, default=100000000, help="largest N of the baseline samplers")
+    p.add_argument("--shards", type=int, default=16, help="shards of the sharded set (0: skip it)")
+    p.add_argument("--reads", type=int, default=20000, help="random reads per throughput measurement")
+    p.add_argument("--workdir", default=None, help="where the synthetic zips go (default: a temp dir)")
+    p.add_argument("--output-json", "--out", dest="out", default="benchmarks/results/data_scale.json",
+                   help="results (--out: alias)")
+    return p
+
 
 _LOCAL = struct.Struct("<4s5H3L2H")        # signature, version, flags, method, time, date, crc, comp, size, n, m
 _CENTRAL = struct.Struct("<4s6H3L5H2L")    # + version made by, comment len, disk, internal/external attrs, offset

@@ -22,6 +22,7 @@ Writes ``benchmarks/results/fault_drill.json``.
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -39,8 +40,38 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from contrast.checkpoint import read_checkpoint  # noqa: E402
-from contrast.option import parse_fault_drill_args  # noqa: E402
+from contrast.option import new_parser  # noqa: E402
 from tools.make_demo_dataset import make_dataset  # noqa: E402
+
+
+def fault_drill_parser() -> argparse.ArgumentParser:
+    p = new_parser("benchmarks/fault_drill.py", "Kill a pretraining run again and again (SIGKILL, some inside a "
+                   "save, some followed by a damaged current.pth, then a SIGTERM), resume it each time with "
+                   "--auto-resume, and compare the result with an uninterrupted run.")
+    p.add_argument("--kills", type=int, default=20, help="SIGKILLs")
+    p.add_argument("--in-save", type=int, default=5, help="how many of them hit a checkpoint being written")
+    p.add_argument("--damage", type=int, default=5, help="kills after which 4 KB of current.pth are overwritten")
+    p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default: the training "
+                   "script's default)")
+    p.add_argument("--tiny", action="store_true", help="a 2-conv backbone (tests/fault_runner.py) instead of "
+                   "ResNet-18")
+    p.add_argument("--images", type=int, default=80, help="training images (synthetic, 10 classes)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per step")
+    p.add_argument("--epochs", type=int, default=8, help="epochs of the run (long enough for every kill)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the run and of the drill's choices")
+    p.add_argument("--work-dir", default="output/fault_drill", help="data, reference and drill runs")
+    p.add_argument("--out", default="benchmarks/results/fault_drill.json", help="results (JSON)")
+    return p
+
+
+def parse_fault_drill_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = fault_drill_parser()
+    args = p.parse_args(argv)
+    if args.kills < 1 or not 0 <= args.in_save < args.kills or not 0 <= args.damage < args.kills:
+        p.error("need --kills >= 1, 0 <= --in-save < --kills and 0 <= --damage < --kills (the first kill hits "
+                "between steps)")
+    return args
+
 
 EXIT_PREEMPTED = 75
 

@@ -38,6 +38,7 @@ without CUDA, a non-empty ``--workdir`` or no method matching ``--methods``.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -61,8 +62,27 @@ from benchmarks.gpu_check_report import (FAILED, KNN_K, NOT_APPLICABLE, NOT_RUN,
 from contrast.checkpoint import CheckpointError, load_file  # noqa: E402
 from contrast.models import METHODS  # noqa: E402
 from contrast.models.views import MULTI_CROP_AUG  # noqa: E402
-from contrast.option import gpu_check_parser  # noqa: E402
+from contrast.option import new_parser  # noqa: E402
 from tools.make_demo_dataset import make_dataset  # noqa: E402
+
+
+def gpu_check_parser(doc: str = "") -> argparse.ArgumentParser:
+    """``benchmarks/gpu_check.py``."""
+    p = new_parser("gpu_check.py", doc)
+    p.add_argument("--tiny", action="store_true", help="CPU, ResNet-18 at 32 px, a subset in which every method "
+                   "runs (CI)")
+    p.add_argument("--device", default=None, help="default: cuda (full mode needs it), cpu for --tiny")
+    p.add_argument("--output-json", "--out", dest="out", default=None,
+                   help="JSON output (default benchmarks/results/gpu_check[_tiny].json; --out: alias)")
+    p.add_argument("--time-budget", type=float, default=None, help="seconds for the whole check: a row that would "
+                   "not fit is NOT RUN (a failure) (default 480 on one GPU, +180 with 2+ GPUs, 600 with --tiny)")
+    p.add_argument("--methods", nargs="*", default=None, help="only these methods or settings (default: all)")
+    p.add_argument("--workdir", default=None, help="an empty or new folder for the data and the runs, kept "
+                   "(default: a temporary one)")
+    p.add_argument("--keep-work", action="store_true", help="keep the temporary work folder (logs, the evaluated "
+                   "checkpoint)")
+    return p
+
 
 SCRIPTS = ("main_pretrain.py", "main_linear.py", "main_knn.py")
 PRECISIONS = {"fp32": "O0", "fp16": "O1", "bf16": "O2"}

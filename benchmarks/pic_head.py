@@ -19,6 +19,7 @@ a temporary sub-folder it removes), e.g. on the disk a real run would use.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -38,7 +39,31 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER_ENV = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
 sys.path.insert(0, ROOT)
 from contrast import engine  # noqa: E402
-from contrast.option import pic_head_parser  # noqa: E402
+from contrast.option import add_debug_flag, add_output_json_flag, add_seed_flag, new_parser  # noqa: E402
+
+
+def pic_head_parser(doc: str = "", output_json: str = "") -> argparse.ArgumentParser:
+    p = new_parser("pic_head.py", doc)
+    p.add_argument("--sizes", type=int, nargs="+", default=[1_280_000, 10_000_000, 100_000_000],
+                   help="N of the sampled head")
+    p.add_argument("--dense-sizes", type=int, nargs="*", default=[1_280_000], help="N of the dense head")
+    p.add_argument("--feature-dim", "--dim", dest="feature_dim", type=int, default=128,
+                   help="embedding dimension D (--dim: alias)")
+    p.add_argument("--batch-size", "--batch", dest="batch_size", type=int, default=256,
+                   help="images per step (--batch: alias)")
+    p.add_argument("--pic-num-negative", "--num-negative", dest="pic_num_negative", type=int, default=65536,
+                   help="recent negatives K of the sampled head (--num-negative: alias)")
+    p.add_argument("--reps", type=int, default=5, help="timed steps per configuration (the median is kept)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--pic-storage-dir", "--storage-root", dest="pic_storage_dir", default=None,
+                   help="folder for the sampled head's table files, created if missing (default: the system's "
+                        "temporary folder; --storage-root: alias)")
+    add_seed_flag(p)
+    add_output_json_flag(p, output_json, "--out")
+    add_debug_flag(p)
+    p.add_argument("--worker", choices=["dense", "sampled"], help=argparse.SUPPRESS)
+    p.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    return p
 
 
 def rss_anon_bytes() -> int:

@@ -14,6 +14,7 @@ line still reports the real CPU):
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -24,9 +25,22 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from contrast.models import build_backbone  # noqa: E402
+from contrast.models import ARCHS, build_backbone  # noqa: E402
 from contrast.precision import resolve_precision  # noqa: E402
-from contrast.option import precision_cpu_parser  # noqa: E402
+from contrast.option import new_parser  # noqa: E402
+
+
+def precision_cpu_parser(doc: str = "") -> argparse.ArgumentParser:
+    """``benchmarks/precision_cpu.py``."""
+    p = new_parser("precision_cpu.py", doc)
+    p.add_argument("--arch", default="resnet18", choices=ARCHS, help="backbone")
+    p.add_argument("--image-size", "--size", dest="size", type=int, default=112, help="image side (--size: alias)")
+    p.add_argument("--batch-size", "--batch", dest="batch", type=int, default=16, help="batch (--batch: alias)")
+    p.add_argument("--rounds", type=int, default=7, help="timed rounds per precision")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--output-json", "--out", dest="out", default="benchmarks/results/precision_cpu.json",
+                   help="results (--out: alias)")
+    return p
 
 
 def step_time(net, opt, x, y, dtype) -> float:

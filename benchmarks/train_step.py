@@ -20,13 +20,14 @@ twice, the colour ops' ``nonzero`` path), "new" as it runs now; it prints steps/
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
 import platform
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import torch
 from torch import nn
@@ -38,10 +39,43 @@ from contrast.data.batched_ops import RandomOp  # noqa: E402
 from contrast.data.transforms import build_augmentation, view_specs  # noqa: E402
 from contrast.distributed import resolve_device  # noqa: E402
 from contrast.logger import TensorBoard  # noqa: E402
-from contrast.models import METHODS, build_method  # noqa: E402
+from contrast.models import ARCHS, METHODS, STEMS, build_method  # noqa: E402
 from contrast.optim import build_optimizer  # noqa: E402
-from contrast.option import resolve_pretrain, train_step_parser  # noqa: E402
+from contrast.option import (ListAction, add_debug_flag, add_device_flag, add_output_json_flag, add_seed_flag,
+                             new_parser, resolve_pretrain)  # noqa: E402
 from contrast.precision import Precision  # noqa: E402
+
+
+def train_step_parser(doc: str = "", methods: Sequence[str] = (), output_json: str = "") -> argparse.ArgumentParser:
+    """``benchmarks/train_step.py``: ``methods`` are its recipe names; list flags take words or commas."""
+    p = new_parser("train_step.py", doc)
+    p.add_argument("--arch", "--archs", dest="arch", action=ListAction, item_choices=ARCHS,
+                   default=["resnet18", "resnet50"], help="backbones (--archs: alias)")
+    p.add_argument("--stem", type=str, default="imagenet", choices=STEMS, help="layers before layer1")
+    p.add_argument("--methods", action=ListAction, item_choices=tuple(methods), default=list(methods),
+                   help="methods to time, each at its recipe's views (default: every registered method)")
+    p.add_argument("--precisions", action=ListAction, item_choices=("fp32", "bf16"), default=["fp32", "bf16"],
+                   help="fp32 and/or bf16 autocast")
+    p.add_argument("--channels-last", action=ListAction, item_type=int, item_choices=(0, 1), default=[0, 1],
+                   help="memory formats to time: 0 contiguous, 1 channels-last")
+    p.add_argument("--batch-size", "--batch", dest="batch_size", type=int, default=None,
+                   help="images per step (default 64 on CUDA, 8 on CPU; --batch: alias)")
+    p.add_argument("--iters", type=int, default=None, help="timed steps (default 20 on CUDA, 3 on CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 5 on CUDA, 1 on CPU)")
+    p.add_argument("--num-instances", type=int, default=10000, help="training-set size N (methods with one "
+                   "state row per image)")
+    p.add_argument("--contrast-num-negative", "--num-negative", dest="contrast_num_negative", type=int,
+                   default=None, help="negatives / queue length of the methods that use them (default: the "
+                   "recipe's; --num-negative: alias)")
+    p.add_argument("--quick", action="store_true", help="ResNet-18 only, batch 8, 2 timed steps")
+    p.add_argument("--loop", action="store_true", help="time the training loop (Trainer.train_epoch: device "
+                   "augmentation, agreement, logging) with the host reads of the loop before issue 29 emulated "
+                   "(old) and without them (new), in the same process; prints steps/s and the ratio")
+    add_device_flag(p)
+    add_seed_flag(p)
+    add_output_json_flag(p, output_json, "--out")
+    add_debug_flag(p)
+    return p
 
 
 def parse_args(argv=None):

@@ -25,6 +25,7 @@ batch is B x GPUs per view).
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import math
 import os
@@ -40,8 +41,21 @@ import torchvision.transforms.v2.functional as TF
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.results_io import write_json  # noqa: E402
 from contrast.data.transforms import view_specs  # noqa: E402
-from contrast.models import METHODS, build_method  # noqa: E402
-from contrast.option import resolve_pretrain, view_batching_parser  # noqa: E402
+from contrast.models import ARCHS, METHODS, build_method  # noqa: E402
+from contrast.option import new_parser, resolve_pretrain  # noqa: E402
+
+
+def view_batching_parser(doc: str = "") -> argparse.ArgumentParser:
+    """``benchmarks/view_batching.py``."""
+    p = new_parser("view_batching.py", doc)
+    p.add_argument("--arch", default="resnet50", choices=ARCHS, help="backbone")
+    p.add_argument("--batch-size", "--batch", dest="batch", type=int, default=8,
+                   help="images per view (the per-GPU batch; --batch: alias)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per setting")
+    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")), help="torch threads")
+    p.add_argument("--output-json", "--out", dest="out", default="benchmarks/results/view_batching.json",
+                   help="results (--out: alias)")
+    return p
 
 
 def recipe_views(name: str, arch: str) -> List:

@@ -16,6 +16,7 @@ from contrast.checkpoint import (CURRENT, EPOCH_PREFIX, PRETRAIN, Checkpoint, Ch
                                  restore_training_state, save_training_checkpoint)
 from contrast.data.samplers import ResumableSampler
 from contrast.optim import ProgressLR
+from contrast.runconfig import add_facts
 from contrast.runtime import Run, SavesFailing
 
 
@@ -68,9 +69,11 @@ def check_total_batch(ckpt: Checkpoint, total_batch: int, world_size: int, allow
                    f"{effective_lr:.4g}; the schedule continues by samples seen{left}")
 
 
-def write_config(run: Run, flags: Dict[str, Any], **resolved: Any) -> Dict[str, Any]:
-    """The resolved configuration (``flags`` + ``resolved`` values), saved as ``config.json`` by rank 0."""
-    config = {**flags, "world_size": run.env.world_size, "device": str(run.env.device), **resolved}
+def write_config(run: Run, config: Dict[str, Any], **resolved: Any) -> Dict[str, Any]:
+    """The run's configuration (a :func:`~contrast.runconfig.dump_run_config` dump, or flat flags) in
+    the versioned form, its ``run`` facts completed with the world size, the device and ``resolved``;
+    saved as ``config.json`` by rank 0."""
+    config = add_facts(config, world_size=run.env.world_size, device=str(run.env.device), **resolved)
     if run.env.is_main:
         path = os.path.join(run.output_dir, "config.json")
         with open(path + ".tmp", "w") as f:

@@ -27,6 +27,8 @@ from contrast.models.recipe import FLAG_FIELDS, LR_SCALINGS, Recipe, describe, p
 from contrast.models.views import MULTI_CROP_AUG
 from contrast.optim import COSINE_FORMS, LARS_FORMS
 from contrast.precision import OPT_LEVELS
+from contrast.runconfig import RunConfig, groups_from_flags
+from contrast.config_file import add_config_flag, parse_with_config, resolve_from_config  # noqa: F401 (re-export)
 
 AUGS = tuple(a for a in AUG_NAMES if a != "val")
 AMP_HELP = ("mixed precision (torch.amp, replaces Apex): auto = O1 on CUDA (the release's default), on a CPU bf16 "
@@ -43,7 +45,7 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
         return super()._get_help_string(action)
 
 
-def _parser(prog: str, description: str, epilog: Optional[str] = None) -> argparse.ArgumentParser:
+def new_parser(prog: str, description: str, epilog: Optional[str] = None) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(prog, formatter_class=_Formatter, description=description, epilog=epilog)
 
 
@@ -254,7 +256,7 @@ def add_dataset_output_flag(g) -> None:
                    help="dataset root to write (what --data-dir of main_pretrain.py then reads); --out is an alias")
 
 
-class _ListAction(argparse.Action):
+class ListAction(argparse.Action):
     """Several values, as separate words and/or comma lists (``--arch resnet18,resnet50`` equals
     ``--arch resnet18 resnet50``), each converted by ``item_type`` and checked against ``item_choices``."""
 
@@ -322,8 +324,8 @@ def _method_epilog() -> str:
 
 
 def pretrain_parser() -> argparse.ArgumentParser:
-    p = _parser("main_pretrain.py", "Unsupervised pretraining (" + ", ".join(METHODS) + "). Launch with plain "
-                "python (one process), torchrun or python -m torch.distributed.launch.", _method_epilog())
+    p = new_parser("main_pretrain.py", "Unsupervised pretraining (" + ", ".join(METHODS) + "). Launch with plain "
+                   "python (one process), torchrun or python -m torch.distributed.launch.", _method_epilog())
     add_data_flags(p, train=True, crop=None)
     add_multicrop_flags(p)
     add_sampler_flags(p)
@@ -351,6 +353,7 @@ def pretrain_parser() -> argparse.ArgumentParser:
     add_knn_flags(p, monitor=True)
     add_runtime_flags(p)
     add_checkpoint_flags(p)
+    add_config_flag(p)
     base = Recipe().flag_values()
     for action in p._actions:   # resolved from the method's recipe after parsing
         if action.dest in FLAG_FIELDS:
@@ -362,8 +365,8 @@ def pretrain_parser() -> argparse.ArgumentParser:
 
 
 def linear_parser() -> argparse.ArgumentParser:
-    p = _parser("main_linear.py", "Linear evaluation: a linear classifier on the frozen (eval-mode) pretrained "
-                "backbone. Arch, stem, image size and evaluation crop come from the checkpoint unless given.")
+    p = new_parser("main_linear.py", "Linear evaluation: a linear classifier on the frozen (eval-mode) pretrained "
+                   "backbone. Arch, stem, image size and evaluation crop come from the checkpoint unless given.")
     add_pretrained_flag(p, required=False)
     add_data_flags(p, train=True, default_aug="NULL", image_size=None)
     add_backbone_flags(p, from_checkpoint=True)
@@ -379,242 +382,6 @@ def linear_parser() -> argparse.ArgumentParser:
     return p
 
 
-def knn_parser() -> argparse.ArgumentParser:
-    p = _parser("main_knn.py", "kNN and cached-feature linear evaluation of a pretrained backbone (any method), "
-                "or of the raw-pixel / random-init baselines.")
-    g = p.add_argument_group("what to evaluate (exactly one)")
-    add_pretrained_flag(g, required=False)
-    g.add_argument("--random-init", action="store_true", help="baseline: randomly initialised --arch backbone")
-    g.add_argument("--raw-pixels", action="store_true", help="baseline: the normalised pixels as features")
-    add_data_flags(p, train=False, image_size=None, cache_modes=("no", "full"), eval_batch=True)
-    add_backbone_flags(p, from_checkpoint=True)
-    add_knn_flags(p, monitor=False)
-    g = p.add_argument_group("cached-feature linear evaluation")
-    g.add_argument("--linear-cached", action="store_true", help="also train a linear classifier on cached features")
-    g.add_argument("--linear-aug-copies", type=int, default=0, help="training features: 0 = one un-augmented "
-                   "(val transform) copy, K > 0 = K copies under the NULL augmentation (crop + flip)")
-    g.add_argument("--linear-crop", type=float, default=0.08, help="NULL augmentation: minimum crop scale")
-    g.add_argument("--linear-epochs", type=int, default=100, help="epochs over the cached features")
-    g.add_argument("--linear-lr", type=float, default=0.1, help="initial lr (cosine to 0); features are "
-                   "standardised, so one value suits every method")
-    g.add_argument("--linear-batch-size", type=int, default=256, help="batch size")
-    g.add_argument("--linear-wd", type=float, default=0.0, help="weight decay")
-    add_runtime_flags(p, output_dir=None, checkpoints=False)
-    g = p.add_argument_group("results")
-    add_output_json_flag(g, "", "--output", note=" (default: <output-dir>/knn.json when --output-dir is given)")
-    g.add_argument("--save-features", type=str, default="", help="also torch.save the features and labels "
-                   "of both splits (dataset order) to this file")
-    g.add_argument("--name", type=str, default="", help="run name recorded in the JSON (default: derived)")
-    return p
-
-
-def export_parser() -> argparse.ArgumentParser:
-    p = _parser("export_backbone.py", "Export a pretrained backbone as a torchvision state dict and a "
-                "detectron2 checkpoint, and verify both by comparing features.")
-    add_pretrained_flag(p, required=True)
-    p.add_argument("--output", required=True, help="output prefix: writes <output>.pth and/or <output>.pkl")
-    p.add_argument("--format", choices=["torchvision", "d2", "both"], default="both", help="what to write")
-    add_backbone_flags(p, from_checkpoint=True)
-    p.add_argument("--tolerance", type=float, default=1e-5, help="max abs feature difference allowed")
-    p.add_argument("--verify-size", type=int, default=None,
-                   help="image side of the verification batch (default: 32 small stems, 64 imagenet)")
-    add_debug_flag(p)
-    return p
-
-
-# ---------------------------------------------------------------------------------------- tools and benchmarks
-#: The standard panels of ``tools/plot_curves.py``.
-PLOT_PANELS = ("loss", "lr", "throughput", "accuracy")
-
-
-def plot_curves_parser(doc: str = "") -> argparse.ArgumentParser:
-    p = _parser("plot_curves.py", doc)
-    p.add_argument("--runs", nargs="+", required=True, help="run output folders (or event / log files)")
-    p.add_argument("--labels", nargs="+", default=None, help="one legend label per run (default: folder names)")
-    p.add_argument("--output", default="curves.png", help="PNG file to write")
-    p.add_argument("--title", default="", help="figure title")
-    p.add_argument("--x", choices=("step", "progress"), default="step",
-                   help="x axis: iteration / epoch, or the fraction of each run done (runs of one budget)")
-    p.add_argument("--recursive", action="store_true", help="also read the event files of sub-folders (by "
-                   "default only the run folder's own: a pretraining run's eval/ is another run)")
-    p.add_argument("--panels", nargs="*", choices=PLOT_PANELS, default=list(PLOT_PANELS),
-                   help="standard panels to draw (none: only the --scalars panels)")
-    p.add_argument("--scalars", nargs="+", default=[], metavar="PATTERN",
-                   help="one extra panel per fnmatch pattern of scalar tags, e.g. 'train/diag/pos_cos*'")
-    p.add_argument("--hline", action="append", default=[], metavar="[PANEL:]VALUE[=LABEL]",
-                   help="horizontal reference line, on the accuracy panel unless PANEL (a panel name or a "
-                        "--scalars pattern) is given (repeatable)")
-    add_debug_flag(p)
-    return p
-
-
-def pic_stability_table_parser(doc: str = "") -> argparse.ArgumentParser:
-    """``tools/pic_stability_table.py``."""
-    p = _parser("pic_stability_table.py", doc)
-    p.add_argument("--runs", nargs="+", required=True, help="run output folders or log files")
-    p.add_argument("--labels", nargs="+", default=None, help="one label per run (default: folder names)")
-    p.add_argument("--output", default="", help="also write the table to this file")
-    add_debug_flag(p)
-    return p
-
-
-def prepare_fashion_mnist_parser(doc: str = "", default_src: str = "") -> argparse.ArgumentParser:
-    p = _parser("prepare_fashion_mnist.py", doc)
-    p.add_argument("--src", default=default_src, help="folder with the four IDX files (.gz or not)")
-    add_dataset_output_flag(p)
-    p.add_argument("--layout", choices=["folder", "zip", "both"], default="both", help="output layout(s)")
-    p.add_argument("--class-names", choices=["fmnist", "index"], default="fmnist",
-                   help="class folder names: '<label>_<fmnist name>' or the label")
-    p.add_argument("--limit-train", type=int, default=0, help="keep only the first N training images (0 = all)")
-    p.add_argument("--limit-val", type=int, default=0, help="keep only the first N test images (0 = all)")
-    add_debug_flag(p)
-    return p
-
-
-def make_zip_parser(doc: str = "") -> argparse.ArgumentParser:
-    """``tools/make_zip_dataset.py``."""
-    p = _parser("make_zip_dataset.py", doc)
-    p.add_argument("--src", required=True, help="folder dataset root holding <split>/<class>/<image>")
-    p.add_argument("--dst", required=True, help="output folder for <split>.zip (or shards) and <split>_map.txt")
-    p.add_argument("--splits", nargs="+", default=["train", "val"], choices=["train", "val"],
-                   help="splits to convert")
-    p.add_argument("--shard-size", type=int, default=None,
-                   help="images per zip: write <split>-00000.zip, <split>-00001.zip, ... (default: one zip)")
-    p.add_argument("--verify", choices=["decode", "crc", "none"], default="decode",
-                   help="after writing and indexing: read every entry back (crc) and also decode it (decode)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    return p
-
-
-def parse_make_zip_args(argv: Optional[Sequence[str]] = None, doc: str = "") -> argparse.Namespace:
-    p = make_zip_parser(doc)
-    args = p.parse_args(argv)
-    if args.shard_size is not None and args.shard_size < 1:
-        p.error(f"--shard-size must be >= 1, got {args.shard_size}")
-    return args
-
-
-def demo_dataset_parser(doc: str = "") -> argparse.ArgumentParser:
-    p = _parser("make_demo_dataset.py", doc)
-    add_dataset_output_flag(p)
-    p.add_argument("--train-per-class", type=int, default=100, help="training images per class")
-    p.add_argument("--val-per-class", type=int, default=20, help="validation images per class")
-    p.add_argument("--image-size", "--size", dest="image_size", type=int, default=32,
-                   help="image side in pixels (--size: alias)")
-    add_seed_flag(p)
-    add_debug_flag(p)
-    return p
-
-
-def train_step_parser(doc: str = "", methods: Sequence[str] = (), output_json: str = "") -> argparse.ArgumentParser:
-    """``benchmarks/train_step.py``: ``methods`` are its recipe names; list flags take words or commas."""
-    p = _parser("train_step.py", doc)
-    p.add_argument("--arch", "--archs", dest="arch", action=_ListAction, item_choices=ARCHS,
-                   default=["resnet18", "resnet50"], help="backbones (--archs: alias)")
-    p.add_argument("--stem", type=str, default="imagenet", choices=STEMS, help="layers before layer1")
-    p.add_argument("--methods", action=_ListAction, item_choices=tuple(methods), default=list(methods),
-                   help="methods to time, each at its recipe's views (default: every registered method)")
-    p.add_argument("--precisions", action=_ListAction, item_choices=("fp32", "bf16"), default=["fp32", "bf16"],
-                   help="fp32 and/or bf16 autocast")
-    p.add_argument("--channels-last", action=_ListAction, item_type=int, item_choices=(0, 1), default=[0, 1],
-                   help="memory formats to time: 0 contiguous, 1 channels-last")
-    p.add_argument("--batch-size", "--batch", dest="batch_size", type=int, default=None,
-                   help="images per step (default 64 on CUDA, 8 on CPU; --batch: alias)")
-    p.add_argument("--iters", type=int, default=None, help="timed steps (default 20 on CUDA, 3 on CPU)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 5 on CUDA, 1 on CPU)")
-    p.add_argument("--num-instances", type=int, default=10000, help="training-set size N (methods with one "
-                   "state row per image)")
-    p.add_argument("--contrast-num-negative", "--num-negative", dest="contrast_num_negative", type=int,
-                   default=None, help="negatives / queue length of the methods that use them (default: the "
-                   "recipe's; --num-negative: alias)")
-    p.add_argument("--quick", action="store_true", help="ResNet-18 only, batch 8, 2 timed steps")
-    p.add_argument("--loop", action="store_true", help="time the training loop (Trainer.train_epoch: device "
-                   "augmentation, agreement, logging) with the host reads of the loop before issue 29 emulated "
-                   "(old) and without them (new), in the same process; prints steps/s and the ratio")
-    add_device_flag(p)
-    add_seed_flag(p)
-    add_output_json_flag(p, output_json, "--out")
-    add_debug_flag(p)
-    return p
-
-
-def pic_head_parser(doc: str = "", output_json: str = "") -> argparse.ArgumentParser:
-    p = _parser("pic_head.py", doc)
-    p.add_argument("--sizes", type=int, nargs="+", default=[1_280_000, 10_000_000, 100_000_000],
-                   help="N of the sampled head")
-    p.add_argument("--dense-sizes", type=int, nargs="*", default=[1_280_000], help="N of the dense head")
-    p.add_argument("--feature-dim", "--dim", dest="feature_dim", type=int, default=128,
-                   help="embedding dimension D (--dim: alias)")
-    p.add_argument("--batch-size", "--batch", dest="batch_size", type=int, default=256,
-                   help="images per step (--batch: alias)")
-    p.add_argument("--pic-num-negative", "--num-negative", dest="pic_num_negative", type=int, default=65536,
-                   help="recent negatives K of the sampled head (--num-negative: alias)")
-    p.add_argument("--reps", type=int, default=5, help="timed steps per configuration (the median is kept)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads")
-    p.add_argument("--pic-storage-dir", "--storage-root", dest="pic_storage_dir", default=None,
-                   help="folder for the sampled head's table files, created if missing (default: the system's "
-                        "temporary folder; --storage-root: alias)")
-    add_seed_flag(p)
-    add_output_json_flag(p, output_json, "--out")
-    add_debug_flag(p)
-    p.add_argument("--worker", choices=["dense", "sampled"], help=argparse.SUPPRESS)
-    p.add_argument("--n", type=int, help=argparse.SUPPRESS)
-    return p
-
-
-def data_pipeline_parser(doc: str = "", output_json: str = "") -> argparse.ArgumentParser:
-    p = _parser("data_pipeline.py", doc)
-    p.add_argument("--images", type=int, default=256, help="images per timed run")
-    p.add_argument("--repeats", type=int, default=5, help="runs per figure; the best is kept")
-    add_seed_flag(p)
-    add_output_json_flag(p, output_json, "--out")
-    add_debug_flag(p)
-    return p
-
-
-def convert_parser() -> argparse.ArgumentParser:
-    p = _parser("convert_release_checkpoint.py", "Convert a pretraining checkpoint written by the release "
-                "(github.com/bl0/PIC) into this project's checkpoint format (for main_linear.py, main_knn.py and "
-                "tools/export_backbone.py; weights only, not resumable) and a backbone state dict.")
-    p.add_argument("--release-checkpoint", type=str, required=True, help="the release's ckpt_epoch_<e>.pth or "
-                   "current.pth (a dict with 'opt' and 'model')")
-    p.add_argument("--output-dir", type=str, required=True, help="writes converted.pth (our format) and "
-                   "backbone.pth (a torchvision state dict; ResNet-D: ours, with the release's key names)")
-    p.add_argument("--tolerance", type=float, default=1e-5, help="max abs feature difference allowed between "
-                   "the converted backbone and the torchvision one")
-    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-    return p
-
-
-def fault_drill_parser() -> argparse.ArgumentParser:
-    p = _parser("benchmarks/fault_drill.py", "Kill a pretraining run again and again (SIGKILL, some inside a "
-                "save, some followed by a damaged current.pth, then a SIGTERM), resume it each time with "
-                "--auto-resume, and compare the result with an uninterrupted run.")
-    p.add_argument("--kills", type=int, default=20, help="SIGKILLs")
-    p.add_argument("--in-save", type=int, default=5, help="how many of them hit a checkpoint being written")
-    p.add_argument("--damage", type=int, default=5, help="kills after which 4 KB of current.pth are overwritten")
-    p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default: the training "
-                   "script's default)")
-    p.add_argument("--tiny", action="store_true", help="a 2-conv backbone (tests/fault_runner.py) instead of "
-                   "ResNet-18")
-    p.add_argument("--images", type=int, default=80, help="training images (synthetic, 10 classes)")
-    p.add_argument("--batch-size", type=int, default=8, help="images per step")
-    p.add_argument("--epochs", type=int, default=8, help="epochs of the run (long enough for every kill)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the run and of the drill's choices")
-    p.add_argument("--work-dir", default="output/fault_drill", help="data, reference and drill runs")
-    p.add_argument("--out", default="benchmarks/results/fault_drill.json", help="results (JSON)")
-    return p
-
-
-def parse_fault_drill_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = fault_drill_parser()
-    args = p.parse_args(argv)
-    if args.kills < 1 or not 0 <= args.in_save < args.kills or not 0 <= args.damage < args.kills:
-        p.error("need --kills >= 1, 0 <= --in-save < --kills and 0 <= --damage < --kills (the first kill hits "
-                "between steps)")
-    return args
-
-
 # ---------------------------------------------------------------------------------------- checks
 def default_num_workers() -> int:
     """DataLoader workers per process: the CPUs this process may use, shared by the processes of this
@@ -627,7 +394,7 @@ def default_num_workers() -> int:
     return max(0, min(8, cpus // local - 1))
 
 
-def _check(p: argparse.ArgumentParser, args: argparse.Namespace, positive: Sequence[str]) -> None:
+def check_values(p: argparse.ArgumentParser, args: argparse.Namespace, positive: Sequence[str]) -> None:
     for name in positive:
         value = getattr(args, name, None)
         if value is not None and value < 1:
@@ -647,13 +414,15 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace, positive: Seque
 
 
 def parse_pretrain_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    """Parse pretraining flags; those not given take the method's recipe values."""
+    """Parse pretraining flags (over the values of ``--config FILE``); those not given take the
+    method's recipe values."""
     p = pretrain_parser()
-    args = p.parse_args(argv)
+    args = parse_with_config(p, argv)
     cls = METHODS[args.model]
     for key, value in resolve(cls.recipe, vars(args), args.epochs).items():
         setattr(args, key, value)
-    _check(p, args, ["epochs", "print_freq", "save_freq", "image_size", "batch_size", "max_nonfinite", "knn_freq"])
+    check_values(p, args, ["epochs", "print_freq", "save_freq", "image_size", "batch_size", "max_nonfinite",
+                           "knn_freq"])
     if args.aug == MULTI_CROP_AUG and not cls.views.multi_crop:
         p.error(f"--aug MultiCrop is not supported by --model {args.model}")
     if args.num_crop is not None and args.num_crop != 1 and args.aug != MULTI_CROP_AUG:
@@ -677,6 +446,12 @@ def parse_pretrain_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
+def run_config(args: argparse.Namespace, world_size: int = 1) -> RunConfig:
+    """The typed groups of parsed pretraining flags, for ``world_size`` processes: built once by the
+    entry script, which hands each layer its group."""
+    return RunConfig(method=method_config(args, world_size), **groups_from_flags(vars(args)))
+
+
 def resolve_pretrain(model: str, *flags: str, world_size: int = 1) -> Tuple[argparse.Namespace, MethodConfig]:
     """``main_pretrain.py --model model *flags`` resolved: (all flags, the method's typed configuration for
     ``world_size`` processes). The one way benchmarks, tools and tests obtain a method's configuration."""
@@ -688,7 +463,7 @@ def parse_linear_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     """Parse linear-evaluation flags (arch, stem, image size: see :func:`resolve_from_config`)."""
     p = linear_parser()
     args = p.parse_args(argv)
-    _check(p, args, ["epochs", "print_freq", "save_freq", "image_size", "total_batch_size", "max_nonfinite"])
+    check_values(p, args, ["epochs", "print_freq", "save_freq", "image_size", "total_batch_size", "max_nonfinite"])
     if not args.eval and not args.pretrained_model:
         p.error("--pretrained-model is required for linear training (or pass -e with a linear checkpoint)")
     if args.eval and not (args.resume or args.auto_resume):
@@ -696,62 +471,7 @@ def parse_linear_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
-def parse_knn_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = knn_parser()
-    args = p.parse_args(argv)
-    chosen = [bool(args.pretrained_model), args.random_init, args.raw_pixels]
-    if sum(chosen) != 1:
-        p.error("give exactly one of --pretrained-model PATH, --random-init, --raw-pixels")
-    if args.random_init and not args.arch:
-        p.error("--random-init needs --arch")
-    if args.pretrained_model and not os.path.isfile(args.pretrained_model):
-        p.error(f"--pretrained-model {args.pretrained_model}: file does not exist")
-    _check(p, args, ["image_size", "batch_size", "chunk_size", "linear_epochs", "linear_batch_size"])
-    if min(args.knn_k) < 1 or args.knn_t <= 0:
-        p.error(f"--knn-k must be >= 1 and --knn-t > 0, got {args.knn_k} and {args.knn_t}")
-    if args.linear_aug_copies < 0:
-        p.error("--linear-aug-copies must be >= 0")
-    if not args.output_json and args.output_dir:
-        args.output_json = os.path.join(args.output_dir, "knn.json")
-    return args
-
-
-def parse_export_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = export_parser()
-    args = p.parse_args(argv)
-    if not os.path.isfile(args.pretrained_model):
-        p.error(f"--pretrained-model {args.pretrained_model}: file does not exist")
-    return args
-
-
-def parse_convert_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = convert_parser()
-    args = p.parse_args(argv)
-    if not os.path.isfile(args.release_checkpoint):
-        p.error(f"--release-checkpoint {args.release_checkpoint}: file does not exist")
-    return args
-
-
 # ---------------------------------------------------------------------------------------- resolved values
-def resolve_from_config(args: argparse.Namespace, config: Dict[str, Any],
-                        names: Sequence[str] = ("arch", "stem", "image_size", "val_crop_fraction")) -> List[str]:
-    """Fill the flags in ``names`` the user left unset (None) from a checkpoint's ``config``
-    (``stem`` also from older configs' ``small_stem``); returns the names taken from it."""
-    from contrast.models import stem_of
-    fallback = {"image_size": 224, "val_crop_fraction": 0.875, "stem": "imagenet"}
-    taken = []
-    for name in names:
-        if getattr(args, name, None) is not None:
-            continue
-        value = stem_of(config) if name == "stem" else config.get(name)
-        if value is None:
-            value = fallback.get(name)
-        else:
-            taken.append(name)
-        setattr(args, name, value)
-    return taken
-
-
 def method_config(args: argparse.Namespace, world_size: int = 1) -> MethodConfig:
     """The typed configuration of ``--model`` from parsed pretraining flags, for ``world_size`` processes."""
     cls = METHODS[args.model]
@@ -768,64 +488,3 @@ def method_config(args: argparse.Namespace, world_size: int = 1) -> MethodConfig
         peak_lr=peak_lr(args.base_learning_rate, total_batch, args.lr_scaling), total_batch_size=total_batch,
         window_size=args.window_size if window else 0, window_stride=args.window_stride if window else 0,
         output_dir=args.output_dir, options={f.dest: getattr(args, f.dest) for f in cls.flags})
-
-
-# ---------------------------------------------------------------------------------------- benchmarks
-def data_scale_parser(doc: str = "") -> argparse.ArgumentParser:
-    """``benchmarks/data_scale.py``."""
-    p = _parser("data_scale.py", doc)
-    p.add_argument("--sizes", type=int, nargs="*", default=[1281167, 10000000], help="dataset sizes N")
-    p.add_argument("--sampler-sizes", type=int, nargs="*", default=[1281167, 10000000, 100000000],
-                   help="sampler sizes N")
-    p.add_argument("--baseline-max", type=int, default=10000000, help="largest N of the baseline dataset")
-    p.add_argument("--sampler-baseline-max", type=int, default=100000000, help="largest N of the baseline samplers")
-    p.add_argument("--shards", type=int, default=16, help="shards of the sharded set (0: skip it)")
-    p.add_argument("--reads", type=int, default=20000, help="random reads per throughput measurement")
-    p.add_argument("--workdir", default=None, help="where the synthetic zips go (default: a temp dir)")
-    p.add_argument("--output-json", "--out", dest="out", default="benchmarks/results/data_scale.json",
-                   help="results (--out: alias)")
-    return p
-
-
-def gpu_check_parser(doc: str = "") -> argparse.ArgumentParser:
-    """``benchmarks/gpu_check.py``."""
-    p = _parser("gpu_check.py", doc)
-    p.add_argument("--tiny", action="store_true", help="CPU, ResNet-18 at 32 px, a subset in which every method "
-                   "runs (CI)")
-    p.add_argument("--device", default=None, help="default: cuda (full mode needs it), cpu for --tiny")
-    p.add_argument("--output-json", "--out", dest="out", default=None,
-                   help="JSON output (default benchmarks/results/gpu_check[_tiny].json; --out: alias)")
-    p.add_argument("--time-budget", type=float, default=None, help="seconds for the whole check: a row that would "
-                   "not fit is NOT RUN (a failure) (default 480 on one GPU, +180 with 2+ GPUs, 600 with --tiny)")
-    p.add_argument("--methods", nargs="*", default=None, help="only these methods or settings (default: all)")
-    p.add_argument("--workdir", default=None, help="an empty or new folder for the data and the runs, kept "
-                   "(default: a temporary one)")
-    p.add_argument("--keep-work", action="store_true", help="keep the temporary work folder (logs, the evaluated "
-                   "checkpoint)")
-    return p
-
-
-def precision_cpu_parser(doc: str = "") -> argparse.ArgumentParser:
-    """``benchmarks/precision_cpu.py``."""
-    p = _parser("precision_cpu.py", doc)
-    p.add_argument("--arch", default="resnet18", choices=ARCHS, help="backbone")
-    p.add_argument("--image-size", "--size", dest="size", type=int, default=112, help="image side (--size: alias)")
-    p.add_argument("--batch-size", "--batch", dest="batch", type=int, default=16, help="batch (--batch: alias)")
-    p.add_argument("--rounds", type=int, default=7, help="timed rounds per precision")
-    p.add_argument("--threads", type=int, default=1, help="torch threads")
-    p.add_argument("--output-json", "--out", dest="out", default="benchmarks/results/precision_cpu.json",
-                   help="results (--out: alias)")
-    return p
-
-
-def view_batching_parser(doc: str = "") -> argparse.ArgumentParser:
-    """``benchmarks/view_batching.py``."""
-    p = _parser("view_batching.py", doc)
-    p.add_argument("--arch", default="resnet50", choices=ARCHS, help="backbone")
-    p.add_argument("--batch-size", "--batch", dest="batch", type=int, default=8,
-                   help="images per view (the per-GPU batch; --batch: alias)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds per setting")
-    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")), help="torch threads")
-    p.add_argument("--output-json", "--out", dest="out", default="benchmarks/results/view_batching.json",
-                   help="results (--out: alias)")
-    return p

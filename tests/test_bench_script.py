@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 
+from contrast.runconfig import flat_config
 from tests.test_prepare_fashion_mnist import idx_bytes, write
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,7 +81,7 @@ def test_pic_stability_script_runs_release_and_centred_and_tabulates(tmp_path):
     table = (out / "table.md").read_text().splitlines()
     # 2 epochs of 64 images over windows of 32 = 4 window-epochs
     assert [line.split("|")[1:3] for line in table[2:]] == [[" release ", " 4/4 "], [" centred ", " 4/4 "]]
-    centred = {name: json.loads((out / name / "config.json").read_text())["pic_head_center"]
+    centred = {name: flat_config(str(out / name / "config.json"))["pic_head_center"]
                for name in ("release", "centred")}
     assert centred == {"release": False, "centred": True}
     assert "diag/feat_mean_norm" in (out / "release" / "log.txt").read_text()
@@ -95,7 +96,7 @@ def test_fmnist_60k_script_baselines_run_table_and_curve(tmp_path):
                                      MONITOR_POINTS="2", LINEAR_EPOCHS="2", WORKERS="0"))
     rows = [line for line in (out / "results_PIC.md").read_text().splitlines() if line.startswith("| ")]
     assert [r.split("|")[1].strip() for r in rows[1:]] == ["baseline-raw-pixels", "baseline-random-init", "PIC"]
-    config = json.loads((out / "PIC" / "config.json").read_text())
+    config = flat_config(str(out / "PIC" / "config.json"))
     assert config["pic_head_center"] is True and config["use_sliding_window_sampler"] is True
     assert (config["window_size"], config["window_stride"], config["amp_opt_level"]) == (64, 32, "O0")
     # 2 epochs of 96 images = ceil(192 / 64) = 3 window-epochs; the monitor every ceil(3 / 2) = 2 and at the end

@@ -3,7 +3,6 @@
 Scale: ResNet-18 with the standard stem at 32 px (the small stem costs 16x more), 8 images,
 batch 4, one epoch, so each run is a couple of iterations.
 """
-import json
 import os
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import main_pretrain
 from contrast.checkpoint import read_checkpoint
 from contrast.engine import NonFiniteLossError
 from contrast.precision import build_precision
+from contrast.runconfig import flat_config
 from tests.dist_utils import free_port
 from tests.synthetic import make_image_folder
 
@@ -105,7 +105,7 @@ def test_every_method_pretrains_and_saves(method, data_dir, tmp_path):
     assert os.path.isfile(out / "ckpt_epoch_1.pth")  # the last epoch is always kept
     assert any(k.startswith("backbone.") for k in ckpt.model)
     assert all(torch.isfinite(v).all() for v in ckpt.model.values() if v.is_floating_point())
-    cfg = json.load(open(out / "config.json"))
+    cfg = flat_config(str(out / "config.json"))
     assert cfg["model"] == METHOD_FLAGS[method][1] and cfg["world_size"] == 1
     assert cfg["effective_lr"] == pytest.approx(0.5 * 4 / 256)
     lines = log_lines(out)
@@ -119,7 +119,7 @@ def test_sliding_window_maps_epochs(data_dir, tmp_path):
     main_pretrain.main(tiny_args(data_dir, out, "--model", "PIC", "--use-sliding-window-sampler", "--window-size",
                                  "4", "--window-stride", "2", "--save-freq", "2", "--warmup-epoch", "1",
                                  epochs=2))
-    cfg = json.load(open(out / "config.json"))
+    cfg = flat_config(str(out / "config.json"))
     assert cfg["loop_epochs"] == 4 and cfg["warmup_loop_epochs"] == 2 and cfg["iters_per_epoch"] == 1
     assert sorted(p for p in os.listdir(out) if p.startswith("ckpt_") and p.endswith(".pth")) == ["ckpt_epoch_2.pth",
                                                                                                "ckpt_epoch_4.pth"]

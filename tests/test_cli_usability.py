@@ -48,7 +48,7 @@ def _read(relpath: str) -> str:
 
 # ------------------------------------------------------------------ a fresh install runs the suite
 #: import name -> distribution name, where they differ
-DISTRIBUTION = {"PIL": "pillow", "skimage": "scikit-image"}
+DISTRIBUTION = {"PIL": "pillow", "skimage": "scikit-image", "yaml": "pyyaml"}
 
 
 def _setup_requirements():
@@ -209,12 +209,22 @@ CANONICAL = {"--pretrained-model": "pretrained_model", "--checkpoint": "pretrain
 #: older names: never a flag's own name, only an alias after it
 OLD_NAMES = {"--checkpoint", "--out", "--batch", "--dim", "--size", "--archs", "--num-negative", "--storage-root",
              "--rng-seed"}
+#: each tool's parser, built in the tool's own file from the shared flag groups of contrast/option.py
+TOOLS = {name: _load_tool(path) for name, path in [
+    ("export_backbone.py", "tools/export_backbone.py"), ("plot_curves.py", "tools/plot_curves.py"),
+    ("prepare_fashion_mnist.py", "tools/prepare_fashion_mnist.py"),
+    ("make_demo_dataset.py", "tools/make_demo_dataset.py"),
+    ("train_step.py", "benchmarks/train_step.py"), ("pic_head.py", "benchmarks/pic_head.py"),
+    ("data_pipeline.py", "benchmarks/data_pipeline.py")]}
 PARSERS = {
     "main_pretrain.py": option.pretrain_parser, "main_linear.py": option.linear_parser,
-    "main_knn.py": option.knn_parser, "export_backbone.py": option.export_parser,
-    "plot_curves.py": option.plot_curves_parser, "prepare_fashion_mnist.py": option.prepare_fashion_mnist_parser,
-    "make_demo_dataset.py": option.demo_dataset_parser, "train_step.py": lambda: option.train_step_parser("", ["PIC"]),
-    "pic_head.py": option.pic_head_parser, "data_pipeline.py": option.data_pipeline_parser,
+    "main_knn.py": main_knn.knn_parser, "export_backbone.py": TOOLS["export_backbone.py"].export_parser,
+    "plot_curves.py": TOOLS["plot_curves.py"].plot_curves_parser,
+    "prepare_fashion_mnist.py": TOOLS["prepare_fashion_mnist.py"].prepare_fashion_mnist_parser,
+    "make_demo_dataset.py": TOOLS["make_demo_dataset.py"].demo_dataset_parser,
+    "train_step.py": lambda: TOOLS["train_step.py"].train_step_parser("", ["PIC"]),
+    "pic_head.py": TOOLS["pic_head.py"].pic_head_parser,
+    "data_pipeline.py": TOOLS["data_pipeline.py"].data_pipeline_parser,
 }
 
 
@@ -235,22 +245,22 @@ def test_one_flag_name_per_concept_in_every_parser(tool):
 
 
 def test_knn_and_linear_take_the_same_names():
-    knn = option.parse_knn_args(["--random-init", "--arch", "resnet18", "--output-dir", "/tmp/x"])
+    knn = main_knn.parse_knn_args(["--random-init", "--arch", "resnet18", "--output-dir", "/tmp/x"])
     assert knn.output_json == os.path.join("/tmp/x", "knn.json")
     for argv in (["--checkpoint", __file__], ["--pretrained-model", __file__]):
-        assert option.parse_knn_args(argv + ["--output", "r.json"]).pretrained_model == __file__
+        assert main_knn.parse_knn_args(argv + ["--output", "r.json"]).pretrained_model == __file__
         lin = option.parse_linear_args(argv + ["--output-dir", "o"])
         assert (lin.pretrained_model, lin.output_dir) == (__file__, "o")
-    tools = [option.plot_curves_parser().parse_args(["--runs", "a", "--debug"]),
-             option.demo_dataset_parser().parse_args(["--out", "d", "--size", "16", "--rng-seed", "3"]),
-             option.pic_head_parser().parse_args(["--storage-root", "s", "--dim", "8", "--out", "r.json"])]
+    tools = [PARSERS["plot_curves.py"]().parse_args(["--runs", "a", "--debug"]),
+             PARSERS["make_demo_dataset.py"]().parse_args(["--out", "d", "--size", "16", "--rng-seed", "3"]),
+             PARSERS["pic_head.py"]().parse_args(["--storage-root", "s", "--dim", "8", "--out", "r.json"])]
     assert tools[0].debug and (tools[1].data_dir, tools[1].image_size, tools[1].seed) == ("d", 16, 3)
     assert (tools[2].pic_storage_dir, tools[2].feature_dim, tools[2].output_json) == ("s", 8, "r.json")
-    ts = option.train_step_parser("", ["PIC", "MoCo"]).parse_args(["--archs", "resnet18,resnet50", "--methods",
-                                                                    "MoCo", "--channels-last", "0"])
+    ts = TOOLS["train_step.py"].train_step_parser("", ["PIC", "MoCo"]).parse_args(
+        ["--archs", "resnet18,resnet50", "--methods", "MoCo", "--channels-last", "0"])
     assert (ts.arch, ts.methods, ts.channels_last) == (["resnet18", "resnet50"], ["MoCo"], [0])
     with pytest.raises(SystemExit):
-        option.train_step_parser("", ["PIC"]).parse_args(["--arch", "resnet18,vgg"])
+        TOOLS["train_step.py"].train_step_parser("", ["PIC"]).parse_args(["--arch", "resnet18,vgg"])
 
 
 # ------------------------------------------------------------------ the demo: log intact, epochs explained, disk

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 from contrast.eval.features import ShardSampler, build_eval_loader, extract_features
 from contrast.eval.knn import KNNMonitor, knn_evaluate, knn_predict, knn_predict_multi, topk_accuracy
 from contrast.eval.linear_cached import train_linear_cached
-from contrast.option import parse_knn_args
+from main_knn import parse_knn_args
 from tests.conftest import trained_looking_backbone
 
 

@@ -14,7 +14,6 @@ import glob
 import importlib
 import importlib.util
 import io
-import json
 import os
 import re
 import subprocess
@@ -31,6 +30,7 @@ from contrast.data.transforms import AUG_NAMES
 from contrast.models import METHODS, register, unregister
 from contrast.models.recipe import FLAG_FIELDS
 from contrast.option import parse_pretrain_args, pretrain_parser, resolve_pretrain
+from contrast.runconfig import flat_config
 from tests.dist_utils import free_port
 from tests.synthetic import make_image_folder
 
@@ -223,7 +223,7 @@ def test_toy_method_trains_with_its_flags_and_recipe(toy, data_dir, tmp_path, ca
     assert "--model Toy:" in text and "--toy-scale" in text and "--base-learning-rate 0.7" in text
     out = tmp_path / "run"
     main_pretrain.main(tiny(data_dir, out, "--toy-scale", "3", "--weight-decay", "0.01"))
-    config = json.load(open(out / "config.json"))
+    config = flat_config(str(out / "config.json"))
     assert (config["model"], config["toy_scale"], config["optimizer"], config["base_learning_rate"]) == \
         ("Toy", 3.0, "lars", 0.7)
     assert (config["aug"], config["crop"], config["image_size"], config["weight_decay"]) == \
@@ -295,7 +295,8 @@ def test_toy_method_under_torchrun(toy, data_dir, tmp_path):
 
 # --------------------------------------------------------------------------- no method name in shared code
 SHARED = ["contrast/engine.py", "contrast/option.py", "contrast/seeding.py", "contrast/runtime.py",
-          "contrast/checkpointer.py", "contrast/build.py", "contrast/trainer.py",
+          "contrast/checkpointer.py", "contrast/build.py", "contrast/trainer.py", "contrast/runconfig.py",
+          "contrast/config_file.py",
           *(os.path.relpath(p, ROOT)
             for folder in ("contrast/checkpoint", "contrast/data", "contrast/eval", "benchmarks")
             for p in sorted(glob.glob(os.path.join(ROOT, folder, "*.py"))))]

@@ -10,8 +10,9 @@ from torch import nn
 from contrast.checkpoint import read_checkpoint, write_pretrained_checkpoint
 from contrast.eval.features import backbone_spec
 from contrast.models import STEMS, build_backbone, stem_of
-from contrast.option import (method_config, parse_export_args, parse_knn_args, parse_linear_args,
+from contrast.option import (method_config, parse_linear_args,
                              parse_pretrain_args, resolve_from_config)
+from main_knn import parse_knn_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -100,10 +101,10 @@ def test_export_stem_flags(tmp_path):
     ckpt = tmp_path / "c.pth"
     ckpt.write_bytes(b"")
     base = ["--checkpoint", str(ckpt), "--output", str(tmp_path / "o")]
-    assert parse_export_args(base).stem is None
-    assert parse_export_args(base + ["--small-stem"]).stem == "small"
-    assert parse_export_args(base + ["--no-small-stem"]).stem == "imagenet"
-    assert parse_export_args(base + ["--stem", "small-maxpool"]).stem == "small-maxpool"
+    assert export_backbone.parse_export_args(base).stem is None
+    assert export_backbone.parse_export_args(base + ["--small-stem"]).stem == "small"
+    assert export_backbone.parse_export_args(base + ["--no-small-stem"]).stem == "imagenet"
+    assert export_backbone.parse_export_args(base + ["--stem", "small-maxpool"]).stem == "small-maxpool"
     for stem in STEMS:
         net, _ = build_backbone("resnet18", stem=stem)
         export_backbone.torchvision_resnet("resnet18", stem).load_state_dict(net.state_dict(), strict=True)

@@ -30,6 +30,7 @@ converted config records the pretraining size (160 for the multi-crop recipe), w
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from typing import Any, Dict, List, Optional, Tuple
@@ -46,7 +47,30 @@ from contrast.data.transforms import AUG_NAMES  # noqa: E402
 from contrast.models import ARCHS, METHODS, build_backbone, build_method, method_class  # noqa: E402
 from contrast.models.backbones import RESNET_D  # noqa: E402
 from contrast.models.views import MULTI_CROP_AUG  # noqa: E402
-from contrast.option import parse_convert_args, resolve_pretrain  # noqa: E402
+from contrast.option import new_parser, resolve_pretrain  # noqa: E402
+
+
+def convert_parser() -> argparse.ArgumentParser:
+    p = new_parser("convert_release_checkpoint.py", "Convert a pretraining checkpoint written by the release "
+                   "(github.com/bl0/PIC) into this project's checkpoint format (for main_linear.py, main_knn.py and "
+                   "tools/export_backbone.py; weights only, not resumable) and a backbone state dict.")
+    p.add_argument("--release-checkpoint", type=str, required=True, help="the release's ckpt_epoch_<e>.pth or "
+                   "current.pth (a dict with 'opt' and 'model')")
+    p.add_argument("--output-dir", type=str, required=True, help="writes converted.pth (our format) and "
+                   "backbone.pth (a torchvision state dict; ResNet-D: ours, with the release's key names)")
+    p.add_argument("--tolerance", type=float, default=1e-5, help="max abs feature difference allowed between "
+                   "the converted backbone and the torchvision one")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    return p
+
+
+def parse_convert_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = convert_parser()
+    args = p.parse_args(argv)
+    if not os.path.isfile(args.release_checkpoint):
+        p.error(f"--release-checkpoint {args.release_checkpoint}: file does not exist")
+    return args
+
 
 ENCODER, ENCODER_K = "module.encoder.", "module.encoder_k."
 HEAD_NAMES = {"fc.weight": "weight", "fc.bias": "bias", "fc1.weight": "0.weight", "fc1.bias": "0.bias",

@@ -32,6 +32,7 @@ Usage::
 """
 from __future__ import annotations
 
+import argparse
 import os
 import pickle
 import re
@@ -49,7 +50,30 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from contrast import engine  # noqa: E402
 from contrast.eval.features import backbone_from_checkpoint, backbone_spec  # noqa: E402
 from contrast.models.backbones import RESNET_D, set_stem  # noqa: E402
-from contrast.option import parse_export_args  # noqa: E402
+from contrast.option import add_backbone_flags, add_debug_flag, add_pretrained_flag, new_parser  # noqa: E402
+
+
+def export_parser() -> argparse.ArgumentParser:
+    p = new_parser("export_backbone.py", "Export a pretrained backbone as a torchvision state dict and a "
+                   "detectron2 checkpoint, and verify both by comparing features.")
+    add_pretrained_flag(p, required=True)
+    p.add_argument("--output", required=True, help="output prefix: writes <output>.pth and/or <output>.pkl")
+    p.add_argument("--format", choices=["torchvision", "d2", "both"], default="both", help="what to write")
+    add_backbone_flags(p, from_checkpoint=True)
+    p.add_argument("--tolerance", type=float, default=1e-5, help="max abs feature difference allowed")
+    p.add_argument("--verify-size", type=int, default=None,
+                   help="image side of the verification batch (default: 32 small stems, 64 imagenet)")
+    add_debug_flag(p)
+    return p
+
+
+def parse_export_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = export_parser()
+    args = p.parse_args(argv)
+    if not os.path.isfile(args.pretrained_model):
+        p.error(f"--pretrained-model {args.pretrained_model}: file does not exist")
+    return args
+
 
 D2_AUTHOR = "contrast"
 

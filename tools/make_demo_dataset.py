@@ -11,6 +11,7 @@ writes ``<data-dir>/{train,val}/<class>/<i>.png`` (``--out``: alias of ``--data-
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from typing import Callable, Dict, List, Optional
@@ -21,7 +22,20 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from contrast import engine  # noqa: E402
 from contrast.logger import Progress  # noqa: E402
-from contrast.option import demo_dataset_parser  # noqa: E402
+from contrast.option import add_dataset_output_flag, add_debug_flag, add_seed_flag, new_parser  # noqa: E402
+
+
+def demo_dataset_parser(doc: str = "") -> argparse.ArgumentParser:
+    p = new_parser("make_demo_dataset.py", doc)
+    add_dataset_output_flag(p)
+    p.add_argument("--train-per-class", type=int, default=100, help="training images per class")
+    p.add_argument("--val-per-class", type=int, default=20, help="validation images per class")
+    p.add_argument("--image-size", "--size", dest="image_size", type=int, default=32,
+                   help="image side in pixels (--size: alias)")
+    add_seed_flag(p)
+    add_debug_flag(p)
+    return p
+
 
 Draw = Callable[[ImageDraw.ImageDraw, np.random.Generator, int, tuple], None]
 

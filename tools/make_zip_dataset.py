@@ -19,6 +19,7 @@ Example::
 """
 from __future__ import annotations
 
+import argparse
 import glob
 import os
 import re
@@ -31,7 +32,31 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from contrast.data.datasets import ZipImageDataset, scan_image_folder  # noqa: E402
 from contrast.data.errors import DatasetError  # noqa: E402
 from contrast.logger import Progress  # noqa: E402
-from contrast.option import parse_make_zip_args  # noqa: E402
+from contrast.option import new_parser  # noqa: E402
+
+
+def make_zip_parser(doc: str = "") -> argparse.ArgumentParser:
+    """``tools/make_zip_dataset.py``."""
+    p = new_parser("make_zip_dataset.py", doc)
+    p.add_argument("--src", required=True, help="folder dataset root holding <split>/<class>/<image>")
+    p.add_argument("--dst", required=True, help="output folder for <split>.zip (or shards) and <split>_map.txt")
+    p.add_argument("--splits", nargs="+", default=["train", "val"], choices=["train", "val"],
+                   help="splits to convert")
+    p.add_argument("--shard-size", type=int, default=None,
+                   help="images per zip: write <split>-00000.zip, <split>-00001.zip, ... (default: one zip)")
+    p.add_argument("--verify", choices=["decode", "crc", "none"], default="decode",
+                   help="after writing and indexing: read every entry back (crc) and also decode it (decode)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    return p
+
+
+def parse_make_zip_args(argv: Optional[Sequence[str]] = None, doc: str = "") -> argparse.Namespace:
+    p = make_zip_parser(doc)
+    args = p.parse_args(argv)
+    if args.shard_size is not None and args.shard_size < 1:
+        p.error(f"--shard-size must be >= 1, got {args.shard_size}")
+    return args
+
 
 _STORED_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 

@@ -18,6 +18,7 @@ Usage::
 """
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import re
@@ -26,7 +27,18 @@ from typing import Dict, List, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from contrast import engine  # noqa: E402
-from contrast.option import pic_stability_table_parser  # noqa: E402
+from contrast.option import add_debug_flag, new_parser  # noqa: E402
+
+
+def pic_stability_table_parser(doc: str = "") -> argparse.ArgumentParser:
+    """``tools/pic_stability_table.py``."""
+    p = new_parser("pic_stability_table.py", doc)
+    p.add_argument("--runs", nargs="+", required=True, help="run output folders or log files")
+    p.add_argument("--labels", nargs="+", default=None, help="one label per run (default: folder names)")
+    p.add_argument("--output", default="", help="also write the table to this file")
+    add_debug_flag(p)
+    return p
+
 
 _NUM = r"([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|nan|inf)"
 _TRAIN = re.compile(rf"train epoch \[(\d+)/(\d+)\] iter \[(\d+)/(\d+)\] lr {_NUM} loss {_NUM} \({_NUM}\)")

@@ -36,6 +36,7 @@ Usage::
 """
 from __future__ import annotations
 
+import argparse
 import fnmatch
 import glob
 import os
@@ -50,7 +51,33 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from contrast import engine  # noqa: E402
-from contrast.option import PLOT_PANELS as PANELS, plot_curves_parser  # noqa: E402
+from contrast.option import add_debug_flag, new_parser  # noqa: E402
+
+
+#: The standard panels of ``tools/plot_curves.py``.
+PANELS = ("loss", "lr", "throughput", "accuracy")
+
+
+def plot_curves_parser(doc: str = "") -> argparse.ArgumentParser:
+    p = new_parser("plot_curves.py", doc)
+    p.add_argument("--runs", nargs="+", required=True, help="run output folders (or event / log files)")
+    p.add_argument("--labels", nargs="+", default=None, help="one legend label per run (default: folder names)")
+    p.add_argument("--output", default="curves.png", help="PNG file to write")
+    p.add_argument("--title", default="", help="figure title")
+    p.add_argument("--x", choices=("step", "progress"), default="step",
+                   help="x axis: iteration / epoch, or the fraction of each run done (runs of one budget)")
+    p.add_argument("--recursive", action="store_true", help="also read the event files of sub-folders (by "
+                   "default only the run folder's own: a pretraining run's eval/ is another run)")
+    p.add_argument("--panels", nargs="*", choices=PANELS, default=list(PANELS),
+                   help="standard panels to draw (none: only the --scalars panels)")
+    p.add_argument("--scalars", nargs="+", default=[], metavar="PATTERN",
+                   help="one extra panel per fnmatch pattern of scalar tags, e.g. 'train/diag/pos_cos*'")
+    p.add_argument("--hline", action="append", default=[], metavar="[PANEL:]VALUE[=LABEL]",
+                   help="horizontal reference line, on the accuracy panel unless PANEL (a panel name or a "
+                        "--scalars pattern) is given (repeatable)")
+    add_debug_flag(p)
+    return p
+
 
 Series = Dict[str, List[Tuple[float, float]]]   # name -> [(x, y), ...] sorted by x
 _NUM = r"([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|nan|inf)"

@@ -26,6 +26,7 @@ Usage::
 """
 from __future__ import annotations
 
+import argparse
 import gzip
 import io
 import os
@@ -40,7 +41,21 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from contrast import engine  # noqa: E402
 from contrast.logger import Progress  # noqa: E402
-from contrast.option import prepare_fashion_mnist_parser  # noqa: E402
+from contrast.option import add_dataset_output_flag, add_debug_flag, new_parser  # noqa: E402
+
+
+def prepare_fashion_mnist_parser(doc: str = "", default_src: str = "") -> argparse.ArgumentParser:
+    p = new_parser("prepare_fashion_mnist.py", doc)
+    p.add_argument("--src", default=default_src, help="folder with the four IDX files (.gz or not)")
+    add_dataset_output_flag(p)
+    p.add_argument("--layout", choices=["folder", "zip", "both"], default="both", help="output layout(s)")
+    p.add_argument("--class-names", choices=["fmnist", "index"], default="fmnist",
+                   help="class folder names: '<label>_<fmnist name>' or the label")
+    p.add_argument("--limit-train", type=int, default=0, help="keep only the first N training images (0 = all)")
+    p.add_argument("--limit-val", type=int, default=0, help="keep only the first N test images (0 = all)")
+    add_debug_flag(p)
+    return p
+
 
 DEFAULT_SRC = "/usr/share/datasets/fashion-mnist"
 FMNIST_CLASSES = ("tshirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",

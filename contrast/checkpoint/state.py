@@ -18,6 +18,7 @@ from contrast.checkpoint.files import (CheckpointError, CheckpointSaveError, ato
                                        shard_path, verify_files)
 from contrast.checkpoint.format import PRETRAIN, Record, migrate, shard_record, strip_prefix, total_batch_of, \
     unwrap_shard
+from contrast.runconfig import flat_config
 
 
 @dataclass
@@ -28,7 +29,8 @@ class Checkpoint:
         path: the file.
         kind: ``"pretrain"`` (a method) or ``"linear"`` (a linear classifier on a frozen backbone).
         model: the model's state dict (no ``module.`` prefix).
-        config: the resolved configuration of the run that wrote it (flags, world size, effective lr).
+        config: the configuration of the run that wrote it as one flat dict
+            (:func:`~contrast.runconfig.flat_config`; either stored form).
         epoch, step: the last finished (loop) epoch and the number of optimiser steps taken.
         world_size: processes of the run that wrote it.
         effective_lr: its peak learning rate.
@@ -121,7 +123,7 @@ def read_checkpoint(path: str, map_location: str | torch.device = "cpu", verify:
         raise CheckpointError(f"{path}: holds step {raw.get('step')} but its manifest "
                               f"{os.path.basename(manifest_path(path))} says step {manifest['step']}")
     record = Record.from_dict(migrate(raw, path), path)
-    return Checkpoint(path=path, kind=record.kind, model=record.model, config=record.config, epoch=record.epoch,
+    return Checkpoint(path=path, kind=record.kind, model=record.model, config=flat_config(record.config), epoch=record.epoch,
                       step=record.step, world_size=record.world_size, effective_lr=record.effective_lr,
                       extra=record.extra, verified=manifest is not None, record=record)
 
