@@ -21,6 +21,24 @@ import time
 from typing import Callable, Collection, Optional
 
 
+#: Wakeup fds of running watchdogs. A forked child (a DataLoader worker) inherits the wakeup fd: its
+#: signals would reach the parent's watchdog as the parent's own (a job-wide SIGTERM counted twice,
+#: or a first signal "not handled" by the parent's main thread), so the child drops it.
+_watched_fds: set = set()
+
+
+def _drop_inherited_wakeup_fd() -> None:
+    if _watched_fds:
+        try:
+            signal.set_wakeup_fd(-1)
+        except ValueError:   # forked from another thread than the main one: nothing to drop there
+            pass
+        _watched_fds.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_wakeup_fd)
+
+
 class SignalWatchdog:
     """Enforces the stop-signal exits from a thread (see the module docstring).
 
@@ -50,6 +68,7 @@ class SignalWatchdog:
         writer.setblocking(False)
         self._previous_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
         self._sockets = (reader, writer)
+        _watched_fds.add(writer.fileno())
         threading.Thread(target=self._watch, args=(reader,), name="contrast-signal-watchdog", daemon=True).start()
         return self
 
@@ -57,6 +76,7 @@ class SignalWatchdog:
         """Restore the previous wakeup fd (the thread ends with its socket)."""
         if self._sockets is None:
             return
+        _watched_fds.discard(self._sockets[1].fileno())
         signal.set_wakeup_fd(self._previous_fd)
         for s in self._sockets:
             s.close()

@@ -396,6 +396,7 @@ def test_default_workers_fit_the_cores(monkeypatch):
 
 def test_single_process_log_has_no_backend_none(tmp_path):
     run = engine.setup_run("pretrain", str(tmp_path), device="cpu", tensorboard=False)
+    run.close()   # the signal handlers and their watchdog go with the run
     for h in run.logger.handlers:
         h.flush()
     log = (tmp_path / "log.txt").read_text()

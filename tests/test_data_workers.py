@@ -64,11 +64,22 @@ def test_a_type_that_cannot_be_rebuilt_from_its_message_becomes_a_runtime_error(
     shutdown_workers()
 
 
+def _catches(pid, sig):
+    """Whether process ``pid`` has a handler for ``sig`` (the SigCgt mask of /proc/<pid>/status)."""
+    with open(f"/proc/{pid}/status") as f:
+        mask = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+    return bool(mask >> (int(sig) - 1) & 1)
+
+
 def test_workers_ignore_stop_signals_while_open_and_end_on_shutdown():
     loader = Loader(Failing(ValueError("x")), batch_size=1, num_workers=2, persistent_workers=True)
     iterator = iter(loader)
     next(iterator)
     workers = list(iterator._workers)
+    deadline = time.monotonic() + 30
+    while not all(_catches(w.pid, signal.SIGTERM) for w in workers):   # each worker's init has run
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     for w in workers:   # a scheduler's SIGTERM to every process of the job: the workers keep serving
         os.kill(w.pid, signal.SIGTERM)
     time.sleep(0.5)
