@@ -225,18 +225,25 @@ def command(script: str, argv: List[str], nproc: int) -> List[str]:
     return ["python", script, *argv]
 
 
+def children(pid: int) -> List[int]:
+    """The child processes of ``pid`` (from /proc; none once it is gone)."""
+    kids: List[int] = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                kids += [int(c) for c in f.read().split()]
+    except OSError:
+        pass
+    return kids
+
+
 def process_tree(pid: int) -> List[int]:
     """``pid`` and its descendants (torchrun starts each rank in a session of its own)."""
     out, todo = [], [pid]
     while todo:
         p = todo.pop()
         out.append(p)
-        try:
-            for task in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{task}/children") as f:
-                    todo += [int(c) for c in f.read().split()]
-        except OSError:
-            pass
+        todo += children(p)
     return out
 
 

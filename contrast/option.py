@@ -49,6 +49,15 @@ def new_parser(prog: str, description: str, epilog: Optional[str] = None) -> arg
     return argparse.ArgumentParser(prog, formatter_class=_Formatter, description=description, epilog=epilog)
 
 
+def parse_with_input_file(p: argparse.ArgumentParser, argv: Optional[List[str]], dest: str) -> argparse.Namespace:
+    """Parse ``argv``; the file flag ``dest`` names must exist (a one-line usage error otherwise)."""
+    args = p.parse_args(argv)
+    path = getattr(args, dest)
+    if not os.path.isfile(path):
+        p.error(f"--{dest.replace('_', '-')} {path}: file does not exist")
+    return args
+
+
 # ---------------------------------------------------------------------------------------- groups
 def add_data_flags(p: argparse.ArgumentParser, *, train: bool, default_aug: Optional[str] = None,
                    image_size: Optional[int] = 224, cache_modes: Sequence[str] = ("no", "full", "part"),

@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from benchmarks.gpu_check import children
 from contrast.checkpoint import read_checkpoint
 from tests.dist_utils import free_port
 from tests.synthetic import make_image_folder
@@ -52,17 +53,6 @@ def _stat(pid):
     return rest[0], rest[19]
 
 
-def _children(pid):
-    kids = []
-    try:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                kids += [int(c) for c in f.read().split()]
-    except OSError:
-        pass
-    return kids
-
-
 class Tree:
     """A process and every descendant seen so far (torchrun starts each rank in a session of its own,
     and orphans are re-parented, so the tree is recorded while it is whole: call :meth:`refresh` often)."""
@@ -79,7 +69,7 @@ class Tree:
     def refresh(self):
         for pid in list(self.known):
             if self._is_alive(pid):
-                for kid in _children(pid):
+                for kid in children(pid):
                     self._add(kid)
 
     def _is_alive(self, pid):

@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from contrast import distributed as cd
 from contrast.models import InstDisc
-from contrast.models.instdisc import counter_negatives, philox4x32
+from contrast.models.instdisc import counter_negatives, last_occurrence, philox4x32
 from tests.dist_utils import run_distributed
 
 M32 = 0xFFFFFFFF
@@ -108,6 +108,30 @@ def test_draw_is_this_ranks_rows_without_host_sync(monkeypatch):
     assert not any("_local_scalar_dense" in op or "item" in op for op in rec.ops), rec.ops
     assert rec.max_numel <= b * k
     assert torch.equal(mine, whole[3 * b:4 * b]) and int(method.neg_draws) == 1
+
+
+
+@torch.no_grad()
+def test_bank_update_with_repeats_is_the_last_occurrence_in_any_order():
+    """Repeated instances in a gathered batch: the bank row is the update from the LAST occurrence
+    (a plain loop over unique rows); every repeat writes that same value, so the result does not
+    depend on the order of the index write (undefined on CUDA), and nothing reads the device (no
+    nonzero / item)."""
+    method = _instdisc(num_instances=10)
+    bank0 = method.bank.clone()
+    index = torch.tensor([3, 7, 3, 0, 7, 7, 5])
+    z = torch.nn.functional.normalize(torch.randn(7, 4), dim=1)
+    expected = bank0.clone()
+    for row in index.unique().tolist():
+        last = max(i for i, v in enumerate(index.tolist()) if v == row)
+        v = 0.5 * bank0[row] + 0.5 * z[last]
+        expected[row] = v / v.norm()
+    with _Recorder() as rec:
+        method.update_bank(z, index)
+    assert not any("nonzero" in op or "_local_scalar_dense" in op for op in rec.ops), rec.ops
+    assert torch.allclose(method.bank, expected, atol=1e-6)
+    source = last_occurrence(index)                     # every repeat takes the same source row
+    assert source.tolist() == [2, 5, 2, 3, 5, 5, 6]
 
 
 GLOBAL_BATCH = 8

@@ -45,10 +45,7 @@ def syncs_per_step(data, out, monkeypatch, flags, scaler=False):
     return steps
 
 
-@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.xfail(
-    strict=True, reason="InstDisc's bank update selects rows with a boolean mask (a nonzero), and before issue 29's InstDisc "
-           "change also int(neg_draws): finding 5, another change"))
-    if m == "InstDisc" else m for m in sorted(METHOD_FLAGS)])
+@pytest.mark.parametrize("method", sorted(METHOD_FLAGS))
 def test_one_host_read_per_step_outside_print_steps(method, data, tmp_path, monkeypatch):
     steps = syncs_per_step(data, tmp_path, monkeypatch, METHOD_FLAGS[method])
     budget = 1 + HOST_TABLE.get(method, 0)

@@ -47,7 +47,7 @@ from contrast.data.transforms import AUG_NAMES  # noqa: E402
 from contrast.models import ARCHS, METHODS, build_backbone, build_method, method_class  # noqa: E402
 from contrast.models.backbones import RESNET_D  # noqa: E402
 from contrast.models.views import MULTI_CROP_AUG  # noqa: E402
-from contrast.option import new_parser, resolve_pretrain  # noqa: E402
+from contrast.option import new_parser, parse_with_input_file, resolve_pretrain  # noqa: E402
 
 
 def convert_parser() -> argparse.ArgumentParser:
@@ -65,11 +65,7 @@ def convert_parser() -> argparse.ArgumentParser:
 
 
 def parse_convert_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = convert_parser()
-    args = p.parse_args(argv)
-    if not os.path.isfile(args.release_checkpoint):
-        p.error(f"--release-checkpoint {args.release_checkpoint}: file does not exist")
-    return args
+    return parse_with_input_file(convert_parser(), argv, "release_checkpoint")
 
 
 ENCODER, ENCODER_K = "module.encoder.", "module.encoder_k."

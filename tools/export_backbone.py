@@ -50,7 +50,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from contrast import engine  # noqa: E402
 from contrast.eval.features import backbone_from_checkpoint, backbone_spec  # noqa: E402
 from contrast.models.backbones import RESNET_D, set_stem  # noqa: E402
-from contrast.option import add_backbone_flags, add_debug_flag, add_pretrained_flag, new_parser  # noqa: E402
+from contrast.option import (add_backbone_flags, add_debug_flag, add_pretrained_flag, new_parser,  # noqa: E402
+                             parse_with_input_file)
 
 
 def export_parser() -> argparse.ArgumentParser:
@@ -68,11 +69,7 @@ def export_parser() -> argparse.ArgumentParser:
 
 
 def parse_export_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = export_parser()
-    args = p.parse_args(argv)
-    if not os.path.isfile(args.pretrained_model):
-        p.error(f"--pretrained-model {args.pretrained_model}: file does not exist")
-    return args
+    return parse_with_input_file(export_parser(), argv, "pretrained_model")
 
 
 D2_AUTHOR = "contrast"

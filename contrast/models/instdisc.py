@@ -64,12 +64,18 @@ def counter_negatives(seed: int, step: torch.Tensor, positions: torch.Tensor, k:
 
 
 def last_occurrence(index: torch.Tensor) -> torch.Tensor:
-    """Positions in ``index`` (G,) of the last occurrence of each distinct value."""
+    """For each position of ``index`` (G,), the position of the last occurrence of its value (G,):
+    with every repeat of a value given the same source, a write with repeated indices is the same
+    in any order (CUDA's is undefined), and no boolean mask (a host read) is needed."""
     order = torch.argsort(index, stable=True)
     sorted_index = index[order]
     is_last = torch.ones_like(sorted_index, dtype=torch.bool)
     is_last[:-1] = sorted_index[1:] != sorted_index[:-1]
-    return order[is_last]
+    pos = torch.arange(index.numel(), device=index.device)
+    next_last = torch.where(is_last, pos, index.numel()).flip(0).cummin(0).values.flip(0)
+    source = torch.empty_like(order)
+    source[order] = order[next_last]
+    return source
 
 
 class InstDisc(BaseMethod):
@@ -143,8 +149,7 @@ class InstDisc(BaseMethod):
     @torch.no_grad()
     def update_bank(self, z: torch.Tensor, index: torch.Tensor) -> None:
         """``M[i] <- normalize(m M[i] + (1 - m) z)`` for gathered (G, D) ``z`` and (G,) ``index``."""
-        keep = last_occurrence(index)
-        index, z = index[keep], z[keep].to(self.bank.dtype)
+        z = z[last_occurrence(index)].to(self.bank.dtype)   # repeats of an instance write the same row
         m = self.bank_momentum
         self.bank[index] = F.normalize(m * self.bank[index] + (1.0 - m) * z, dim=1)
 
