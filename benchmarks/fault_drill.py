@@ -265,7 +265,8 @@ def main(argv=None) -> None:
     summary = {
         "command": " ".join(["python benchmarks/fault_drill.py", *cli]), "run_flags": " ".join(argv).replace(ROOT + os.sep, ""),
         "machine": f"{socket.gethostname()}, {os.cpu_count()} CPUs", "load_start": load_start, "load_end": load(),
-        "model": "tiny 2-conv backbone (tests/fault_runner.py)" if args.tiny else "MoCo v2, ResNet-18, 32 px",
+        "model": "tiny 2-conv backbone (tests/fault_runner.py)" if args.tiny else
+                 f"{argv[argv.index('--model') + 1]}, ResNet-18, 32 px",
         "num_workers": args.num_workers if args.num_workers is not None else "default",
         "kills": args.kills, "inside_a_save": args.in_save,
         "damaged_current": sum("damaged" in e for e in events),
