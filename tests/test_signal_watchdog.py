@@ -32,9 +32,23 @@ BLOCKED = textwrap.dedent("""
 """)
 
 
+_started = []
+
+
+@pytest.fixture(autouse=True)
+def _no_process_left():
+    yield
+    while _started:   # a failed assertion must not leave a blocked process behind
+        proc = _started.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def blocked_process(grace: str, watchdog: str = "on") -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-c", BLOCKED, grace, watchdog], cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": ROOT})
+    _started.append(proc)
     assert proc.stdout.readline().strip() == "ready"
     return proc
 
