@@ -57,7 +57,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
-from benchmarks.gpu_check_report import (FAILED, KNN_K, NOT_APPLICABLE, NOT_RUN, OK, failures, judge,  # noqa: E402
+from benchmarks.gpu_check_report import (FAILED, KNN_K, NOT_RUN, OK, failures, judge,  # noqa: E402
                                          table)
 from contrast.checkpoint import CheckpointError, load_file  # noqa: E402
 from contrast.models import METHODS  # noqa: E402

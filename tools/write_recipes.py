@@ -12,7 +12,6 @@ leaves ``warmup_epoch`` out, so the rule still applies.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from typing import Dict, List, Optional

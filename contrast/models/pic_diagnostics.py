@@ -155,7 +155,7 @@ class PICDiagnostics:
                  weight: torch.Tensor) -> Dict[str, float]:
         """One (B, N) product on the training device; the statistics are computed on the CPU."""
         out: Dict[str, float] = {}
-        z, idx, before = z_dev.cpu(), idx_dev.cpu(), before.cpu()
+        z, before = z_dev.cpu(), before.cpu()
         last_feat = self.last_feat[:-1].cpu()
         last_seen_tracked = self.last_seen[self.tracked.to(self.last_seen.device)].cpu()
         # --- the batch: positive vs largest negative cosine (on the table's device)
