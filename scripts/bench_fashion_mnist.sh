@@ -27,6 +27,9 @@
 # whose checkpoint also gets the standard linear protocol (main_linear.py, augmented images,
 # STANDARD_EPOCHS epochs on the first STANDARD_LIMIT training images, scored on the first
 # STANDARD_VAL_LIMIT test images) next to the cached-feature one on the same images.
+# Any other registered method X (METHODS="... X") trains with `--config scripts/configs/fmnist/X.yaml`,
+# its recipe at this scale with the reason for each value, or with its full recipe (`--model X`) when
+# there is no such file; the budget counts its views as tools/recipe_views.py reports them.
 # Every setting below is a variable; EXTRA_FLAGS go to every main_pretrain.py run.
 # Results: $OUT/results.md (one JSON per row in $OUT/results/), $OUT/linear_protocols.md, $OUT/curves.png.
 set -euo pipefail
@@ -95,6 +98,7 @@ for method in $METHODS; do
   views=1
   windowed=0
   crop=(--crop "$CROP")
+  warmup=(--warmup-epoch 0)
   case $method in
     PIC)           flags=(--model PIC --aug SimCLR --mlp-head --base-learning-rate "$LR" --no-shuffle-per-epoch
                           --use-sliding-window-sampler --window-size "$WINDOW" --window-stride "$STRIDE"
@@ -110,7 +114,10 @@ for method in $METHODS; do
                           --contrast-momentum 0.99 --contrast-num-negative "$NUM_NEGATIVE"); views=2 ;;
     SimCLR)        flags=(--model SimCLR --aug SimCLR --mlp-head --optimizer lars --base-learning-rate 0.3
                           --weight-decay 1e-6); views=2 ;;
-    *) echo "[bench] unknown method '$method' in METHODS" >&2; exit 2 ;;
+    *)             cfg=scripts/configs/fmnist/$method.yaml   # any other method: its small-scale recipe file
+                   if [ -f "$cfg" ]; then flags=(--config "$cfg"); else flags=(--model "$method"); fi
+                   read -r views windowed < <($PY tools/recipe_views.py "${flags[@]}")
+                   crop=(); warmup=() ;;
   esac
   per_epoch=$n_train
   [ "$BUDGET_UNIT" = views ] && per_epoch=$((n_train * views))
@@ -127,7 +134,7 @@ for method in $METHODS; do
     timeout "$((MAX_MINUTES * 60))" $PY main_pretrain.py "${flags[@]}" --data-dir "$PRETRAIN_DATA" --zip \
         --cache-mode full --arch "$ARCH" --stem "$STEM" --image-size "$IMAGE_SIZE" "${crop[@]}" \
         --batch-size "$BATCH" --num-workers "$WORKERS" \
-        --epochs "$epochs" --warmup-epoch 0 --save-freq 1000000 --print-freq 20 --seed "$SEED" --device cpu \
+        --epochs "$epochs" "${warmup[@]}" --save-freq 1000000 --print-freq 20 --seed "$SEED" --device cpu \
         "${monitor[@]}" --output-dir "$dir" $EXTRA_FLAGS || status=$?
     if [ "$status" -ne 0 ] && [ "$status" -ne 124 ]; then
       echo "[bench] $method: pretraining failed (exit $status), see $dir/log.txt" >&2; exit "$status"
