@@ -127,3 +127,22 @@ def test_a_process_that_exits_on_a_worker_error_does_not_hang():
                          env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 1 and run.stderr.strip() == "bad item 3", run.stderr
     assert time.monotonic() - started < 30
+
+
+def test_a_forked_child_ignores_the_parents_stop_handlers_until_it_installs_its_own():
+    """Between fork and ``init_worker`` a stop signal must not run the main process's handler in a worker."""
+    script = textwrap.dedent("""
+        import os, signal, sys
+        import contrast.data.workers
+        signal.signal(signal.SIGTERM, lambda *a: print("parent handler ran in", os.getpid(), flush=True))
+        pid = os.fork()
+        if pid == 0:
+            term, intr = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)
+            os._exit(0 if term is signal.SIG_IGN and intr is signal.default_int_handler else 3)
+        _, status = os.waitpid(pid, 0)
+        sys.exit(os.waitstatus_to_exitcode(status))
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHONPATH": ROOT})
+    assert r.returncode == 0 and "parent handler ran" not in r.stdout, (r.returncode, r.stdout, r.stderr)

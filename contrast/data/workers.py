@@ -95,6 +95,19 @@ def init_worker(worker_id: int, release=None) -> None:
     _torch_worker.ExceptionWrapper = WorkerError
 
 
+def _ignore_inherited_stop_handlers() -> None:
+    """In a forked child: a stop-signal handler of the parent's Python code is ignored instead, so a
+    signal arriving before :func:`init_worker` installs the worker's own cannot run the main process's
+    handler in a worker."""
+    for name in STOP_SIGNALS:
+        handler = signal.getsignal(getattr(signal, name)) if hasattr(signal, name) else None
+        if callable(handler) and handler is not signal.default_int_handler:
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
+os.register_at_fork(after_in_child=_ignore_inherited_stop_handlers)
+
+
 class Loader(DataLoader):
     """``DataLoader`` whose worker processes end on every exit path (see the module docstring).
 
