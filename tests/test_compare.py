@@ -13,7 +13,6 @@ import time
 import pytest
 import yaml
 
-from contrast.compare import plan as cplan
 from contrast.compare.evaluations import EvalSettings, plan_evaluations
 from contrast.compare.plan import Budget, Job, Settings, build_jobs, parse_methods
 from contrast.compare.report import collect, markdown, mean_std, write_tables

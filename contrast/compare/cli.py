@@ -114,8 +114,10 @@ def main(argv: Optional[List[str]] = None, runner_factory=Runner) -> str:
     runner = runner_factory(args.out, args.python, ROOT, settings.budget, evaluations)
     print(f"[compare] {len(jobs)} runs ({sum(os.path.isfile(os.path.join(j.folder, 'result.json')) for j in jobs)} "
           f"finished already) in {args.out}/runs", flush=True)
-    failed = runner.run(jobs)
-    text = report(args, settings, jobs)
+    try:
+        failed = runner.run(jobs)
+    finally:   # also after a stop signal: the table of the runs finished so far
+        text = report(args, settings, jobs)
     print(text, flush=True)
     print(f"[compare] table: {args.out}/results.md (.csv, .json), figure: {args.out}/curves.png", flush=True)
     if failed:
