@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Fashion-MNIST benchmark on the CPU: every method pretrained under one budget, then kNN and
 # cached-feature linear evaluation, with raw-pixel and random-init baselines, in one markdown table.
+# Single seed, the README's current Fashion-MNIST table; for multi-seed, resumable comparisons with
+# mean +- std use `python -m contrast.compare` (docs/comparison.md), which reads the same recipe files.
 #
 #   bash scripts/bench_fashion_mnist.sh                       # defaults: ~45 min in all on 2 free cores
 #   BUDGET=600 PRETRAIN_LIMIT=300 TRAIN_LIMIT=300 VAL_LIMIT=200 NUM_NEGATIVE=128 WINDOW=64 STRIDE=16 \
