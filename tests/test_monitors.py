@@ -174,3 +174,21 @@ def test_monitors_read_the_forward_without_changing_it():
     off = Monitors.off()
     off.before_forward(0)
     assert off.after_step(label) == {} and off.state_dict() == {}
+
+
+def test_online_probe_step_reads_nothing_from_the_device(monkeypatch):
+    """No host read or host-to-device copy per step (each would synchronise a GPU): item, tolist, bool
+    and torch.tensor raise while the probe trains (after the first step, which builds it)."""
+    x, y = probe_batches()
+    probe = OnlineProbe(3, lr=0.5)
+    probe.step(x[0], y[0])
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host synchronisation in the probe's step")
+
+    for name in ("item", "tolist", "__bool__", "cpu"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    monkeypatch.setattr(torch, "tensor", forbidden)
+    out = probe.step(x[1], y[1])
+    monkeypatch.undo()
+    assert 0 <= out["probe/acc"].item() <= 100

@@ -46,8 +46,8 @@ class OnlineProbe:
             loss = F.cross_entropy(logits, label)
             gw, gb = torch.autograd.grad(loss, [self.weight, self.bias])
         correct = (logits.detach().argmax(dim=1) == label).sum().float()
-        packed = torch.cat([gw.flatten(), gb, torch.stack([loss.detach(), correct,
-                                                           torch.tensor(float(label.numel()), device=x.device)])])
+        count = torch.full((), float(label.numel()), device=x.device)   # a fill, not a host copy: no sync
+        packed = torch.cat([gw.flatten(), gb, torch.stack([loss.detach(), correct, count])])
         world = cd.get_world_size()
         if world > 1:
             cd.all_reduce_sum(packed)
