@@ -1,5 +1,4 @@
 """tools/embed_plot.py: a t-SNE map of a checkpoint's backbone features, one colour per class."""
-import os
 import sys
 
 import pytest
@@ -7,8 +6,7 @@ import pytest
 from contrast.models import build_backbone
 from tests.synthetic import make_image_folder
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
-import embed_plot  # noqa: E402
+from tools import embed_plot
 
 
 def test_embed_plot_tsne(tmp_path, pretrained_checkpoint):

@@ -14,6 +14,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from typing import Dict, List, Optional
@@ -55,8 +56,8 @@ def embed_plot_parser() -> argparse.ArgumentParser:
 def reduce_2d(features: np.ndarray, method: str, seed: int, perplexity: float = 30.0) -> np.ndarray:
     """(N, 2) coordinates of the (N, D) ``features``; ``ImportError`` in one line for a missing package."""
     if method == "umap":
-        try:
-            import umap
+        try:   # optional, not in the tools extra (pip install 'contrast[umap]')
+            umap = importlib.import_module("umap")
         except ImportError:
             raise ImportError("--method umap needs umap-learn: pip install umap-learn") from None
         return umap.UMAP(n_components=2, random_state=seed).fit_transform(features)
