@@ -192,12 +192,18 @@ class Trainer:
         self.scheduler.step()
         self.state.step += 1
 
+    def _stash_monitors(self) -> None:
+        """The monitors' state (the online probe) into the checkpoint's ``extra`` (nothing when off)."""
+        state = self.monitors.state_dict()
+        if state:
+            self.checkpointer.extra[EXTRA_KEY] = state
+
     def _between_steps(self, epoch: int, it: int, consumed: int, stop: bool, save: bool, last: bool) -> None:
         """Save ``current.pth`` mid-epoch when due or stopping (a time-based save at the ``last`` step
         of the epoch is left to the epoch-end save); raise :class:`Preempted` when stopping."""
         ckpt = self.checkpointer
         if ckpt is not None and (stop or (save and not last)):
-            ckpt.extra[EXTRA_KEY] = self.monitors.state_dict()
+            self._stash_monitors()
             ckpt.save_current(epoch - 1, self.state.step, consumed, fatal=stop)
         if stop:
             reason = self.run.signals.requested or "a signal on another rank"
@@ -239,7 +245,7 @@ class Trainer:
                                         f"the files)")
             self.run.tb.scalars(stats, epoch, prefix="epoch/")
             after_epoch(epoch, stats)
-            checkpointer.extra[EXTRA_KEY] = self.monitors.state_dict()
+            self._stash_monitors()
             checkpointer.save_epoch(epoch, num_epochs, state.step)
 
     def train_epoch(self, batches: Iterable, epoch: int, num_epochs: int, sampler: Optional[ResumableSampler] = None,

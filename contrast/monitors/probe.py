@@ -24,7 +24,7 @@ class OnlineProbe:
 
     def __init__(self, num_classes: int, lr: float = 0.1, momentum: float = 0.9) -> None:
         if num_classes < 2:
-            raise ValueError(f"the online probe needs >= 2 classes, got {num_classes}")
+            raise ValueError(f"--online-probe needs a training set with >= 2 classes, this one has {num_classes}")
         self.num_classes, self.lr, self.momentum = num_classes, lr, momentum
         self.weight: Optional[torch.Tensor] = None
         self.bias: Optional[torch.Tensor] = None
