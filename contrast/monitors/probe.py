@@ -10,6 +10,7 @@ all-reduce, so every rank keeps the same probe and the step equals one process o
 """
 from __future__ import annotations
 
+import copy
 from typing import Dict, Optional
 
 import torch
@@ -62,8 +63,9 @@ class OnlineProbe:
     def state_dict(self) -> dict:
         if self.weight is None:
             return {}
-        return {"weight": self.weight.detach().cpu(), "bias": self.bias.detach().cpu(),
-                "optimizer": self.optimizer.state_dict()}
+        # copies: the live tensors keep changing after the state is taken
+        return {"weight": self.weight.detach().cpu().clone(), "bias": self.bias.detach().cpu().clone(),
+                "optimizer": copy.deepcopy(self.optimizer.state_dict())}
 
     def load_state_dict(self, state: dict, device: torch.device) -> None:
         if not state:
