@@ -8,7 +8,6 @@ from typing import Dict, List
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import main_pretrain
@@ -135,7 +134,8 @@ def test_monitors_two_processes(data_dir, tmp_path):
     argv[argv.index("--batch-size") + 1] = "2"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                         f"--master_port={free_port()}", "main_pretrain.py", *argv],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     ckpt = read_checkpoint(str(out / "current.pth"))
     assert ckpt.world_size == 2 and ckpt.extra["monitors"]["probe"]["weight"].abs().sum() > 0
