@@ -7,6 +7,7 @@ See ``python main_pretrain.py --help``; the loop is ``Trainer.fit`` in ``contras
 """
 from __future__ import annotations
 
+import os
 from typing import List, Optional
 
 from contrast import engine
@@ -17,9 +18,11 @@ from contrast.models import build_method
 from contrast.optim import build_optimizer, build_scheduler
 from contrast.placement import configure_backends
 from contrast.models.recipe import peak_lr
+from contrast.monitors import MonitorOptions, Monitors
 from contrast.option import parse_pretrain_args, run_config
 from contrast.precision import resolve_precision
 from contrast.runconfig import RunConfig, dump_run_config
+from contrast.wandb_logger import WandbSink
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -69,13 +72,22 @@ def pretrain(cfg: RunConfig, run: engine.Run) -> None:
                                  loop_epochs=epochs, iters_per_epoch=iters, warmup_loop_epochs=warmup,
                                  decay_loop_epochs=decay, total_batch=total_batch)
 
+    if rt.wandb and env.is_main:
+        run.tb.add_sink(WandbSink.start(rt.wandb_project, os.path.basename(os.path.abspath(rt.output_dir)), config,
+                                        rt.output_dir))
+    ev = cfg.eval
+    probe = ev.online_probe if ev.online_probe is not None else dataset.num_classes >= 2
+    monitors = Monitors(method, MonitorOptions(probe, dataset.num_classes, ev.online_probe_lr, ev.monitor_collapse,
+                                               ev.monitor_collapse_freq))
+    logger.info(f"monitors: online probe {'on' if probe else 'off'} ({dataset.num_classes} classes), collapse "
+                f"{'every ' + str(ev.monitor_collapse_freq) + ' steps' if ev.monitor_collapse else 'off'}")
     checkpointer = engine.Checkpointer(run, method, optimizer, scheduler, precision.scaler, sampler, config, lr,
                                        total_batch, policy=engine.CheckpointPolicy(loop.save_freq, loop.keep_last,
                                                                                    loop.save_every_minutes))
     trainer = engine.Trainer(engine.wrap_ddp(method, env), method, optimizer, scheduler, precision, run,
                              engine.LoopOptions(loop.print_freq, loop.max_nonfinite, rt.channels_last, rt.seed,
                                                 loop.on_divergence, loop.rollback_lr_factor),
-                             aug.device, checkpointer=checkpointer)
+                             aug.device, checkpointer=checkpointer, monitors=monitors)
     logger.info(f"{cfg.model}: {len(dataset)} images, {epochs} loop epochs x {iters} iterations, "
                 f"effective lr {lr:.4g} (total batch {total_batch})")
     monitor, knn = None, cfg.eval

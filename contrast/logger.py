@@ -11,7 +11,7 @@ import os
 import resource
 import sys
 import time
-from typing import Dict, List, Optional, TextIO, Tuple
+from typing import Any, Dict, List, Optional, TextIO, Tuple
 
 import torch
 from termcolor import colored
@@ -189,10 +189,12 @@ class Progress:
 
 
 class TensorBoard:
-    """``SummaryWriter`` on rank 0 when enabled; a no-op elsewhere."""
+    """``SummaryWriter`` on rank 0 when enabled; a no-op elsewhere. Sinks added with :meth:`add_sink`
+    (objects with ``log(values, step, prefix)`` and ``close()``: the W&B logger) get every scalar too."""
 
     def __init__(self, output_dir: str, enabled: bool, logger: Optional[logging.Logger] = None) -> None:
         self.writer = None
+        self.sinks: List[Any] = []
         if enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -202,11 +204,19 @@ class TensorBoard:
                 return
             self.writer = SummaryWriter(log_dir=output_dir)
 
+    def add_sink(self, sink: Any) -> None:
+        self.sinks.append(sink)
+
     def scalars(self, values: Dict[str, float], step: int, prefix: str = "") -> None:
         if self.writer is not None:
             for k, v in values.items():
                 self.writer.add_scalar(prefix + k, float(v), step)
+        for sink in self.sinks:
+            sink.log(values, step, prefix)
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []

@@ -26,6 +26,7 @@ from contrast.models import ARCHS, METHODS, STEMS
 from contrast.models.recipe import FLAG_FIELDS, LR_SCALINGS, Recipe, describe, peak_lr, resolve
 from contrast.models.views import MULTI_CROP_AUG
 from contrast.optim import COSINE_FORMS, LARS_FORMS
+from contrast.option_monitors import add_monitor_flags
 from contrast.precision import OPT_LEVELS
 from contrast.runconfig import RunConfig, groups_from_flags
 from contrast.config_file import add_config_flag, parse_with_config, resolve_from_config  # noqa: F401 (re-export)
@@ -360,6 +361,7 @@ def pretrain_parser() -> argparse.ArgumentParser:
     g.add_argument("--lars-eps", type=float, default=None, help="(new) LARS: added to the trust-ratio denominator "
                    "(default: 1e-8 for the release form, 0 for fold-lr)")
     add_knn_flags(p, monitor=True)
+    add_monitor_flags(p)
     add_runtime_flags(p)
     add_checkpoint_flags(p)
     add_config_flag(p)
@@ -431,7 +433,7 @@ def parse_pretrain_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     for key, value in resolve(cls.recipe, vars(args), args.epochs).items():
         setattr(args, key, value)
     check_values(p, args, ["epochs", "print_freq", "save_freq", "image_size", "batch_size", "max_nonfinite",
-                           "knn_freq"])
+                           "knn_freq", "monitor_collapse_freq"])
     if args.aug == MULTI_CROP_AUG and not cls.views.multi_crop:
         p.error(f"--aug MultiCrop is not supported by --model {args.model}")
     if args.num_crop is not None and args.num_crop != 1 and args.aug != MULTI_CROP_AUG:

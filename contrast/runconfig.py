@@ -95,12 +95,16 @@ class LoopConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """The kNN monitor."""
+    """The kNN monitor, the online probe (None: on when the data has labels) and the collapse monitors."""
 
     knn_monitor: bool
     knn_freq: int
     knn_k: int
     knn_t: float
+    online_probe: Optional[bool] = None
+    online_probe_lr: float = 0.1
+    monitor_collapse: bool = True
+    monitor_collapse_freq: int = 50
 
 
 @dataclass(frozen=True)
@@ -116,6 +120,8 @@ class RuntimeConfig:
     channels_last: bool
     compile: bool
     deterministic: bool
+    wandb: bool = False
+    wandb_project: str = "contrast"
 
 
 GROUPS = {"data": DataConfig, "optim": OptimConfig, "loop": LoopConfig, "eval": EvalConfig,

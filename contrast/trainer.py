@@ -21,7 +21,8 @@ One iteration of :meth:`Trainer.train_epoch` (``module`` is the :class:`TrainMod
         stop after --max-nonfinite consecutive ones (NonFiniteLossError)
     unless the gradients overflowed (GradScaler): module.on_before_optimizer_step(step) -> optimizer.step
     [GradScaler.update] -> module.on_train_step_end(step, lr, grad_scale) (real steps only) -> scheduler.step
-    logged values accumulate on the device, read every --print-freq steps
+    monitors.after_step(label): online probe, collapse monitors (contrast.monitors; skipped steps: discard)
+    logged values accumulate on the device, read every --print-freq steps (a collapse warning then)
     [save current.pth mid-epoch if due or stopping] [raise Preempted if stopping]
 """
 from __future__ import annotations
@@ -42,6 +43,7 @@ from contrast.data.samplers import ResumableSampler
 from contrast.divergence import Divergence, RolledBack
 from contrast.logger import AverageMeter, DeviceMeters, format_eta, peak_memory_mb
 from contrast.models.base import TrainModule
+from contrast.monitors.hub import EXTRA_KEY, Monitors
 from contrast.placement import place, place_inputs
 from contrast.precision import Precision
 from contrast.runtime import NonFiniteLossError, Preempted, Run
@@ -85,12 +87,14 @@ class Trainer:
 
     def __init__(self, model: nn.Module, module: TrainModule, optimizer: torch.optim.Optimizer, scheduler,
                  precision: Precision, run: Run, options: LoopOptions, device_aug: Optional[nn.Module] = None,
-                 state: Optional[TrainState] = None, checkpointer: Optional[Checkpointer] = None) -> None:
+                 state: Optional[TrainState] = None, checkpointer: Optional[Checkpointer] = None,
+                 monitors: Optional[Monitors] = None) -> None:
         self.model, self.module = model, module
         self.optimizer, self.scheduler, self.precision = optimizer, scheduler, precision
         self.run, self.options, self.device_aug = run, options, device_aug
         self.state = state if state is not None else TrainState()
         self.checkpointer = checkpointer
+        self.monitors = monitors if monitors is not None else Monitors.off()
         place(module, run.env.device)
         self.device_aug = place(device_aug, run.env.device)
         self._grad_scale: Any = 1.0
@@ -188,11 +192,18 @@ class Trainer:
         self.scheduler.step()
         self.state.step += 1
 
+    def _stash_monitors(self) -> None:
+        """The monitors' state (the online probe) into the checkpoint's ``extra`` (nothing when off)."""
+        state = self.monitors.state_dict()
+        if state:
+            self.checkpointer.extra[EXTRA_KEY] = state
+
     def _between_steps(self, epoch: int, it: int, consumed: int, stop: bool, save: bool, last: bool) -> None:
         """Save ``current.pth`` mid-epoch when due or stopping (a time-based save at the ``last`` step
         of the epoch is left to the epoch-end save); raise :class:`Preempted` when stopping."""
         ckpt = self.checkpointer
         if ckpt is not None and (stop or (save and not last)):
+            self._stash_monitors()
             ckpt.save_current(epoch - 1, self.state.step, consumed, fatal=stop)
         if stop:
             reason = self.run.signals.requested or "a signal on another rank"
@@ -219,6 +230,7 @@ class Trainer:
         if ckpt is not None:
             start_epoch, state.step = ckpt.epoch + 1, ckpt.step
             self.divergence = self._new_divergence()   # reads the rollbacks' lr scale and skipped batches
+            self.monitors.load_state_dict(checkpointer.extra.get(EXTRA_KEY), self.run.env.device)
         elif start_epoch > 1:
             self.scheduler.last_epoch = (start_epoch - 1) * iters - 1
             self.scheduler.step()
@@ -233,6 +245,7 @@ class Trainer:
                                         f"the files)")
             self.run.tb.scalars(stats, epoch, prefix="epoch/")
             after_epoch(epoch, stats)
+            self._stash_monitors()
             checkpointer.save_epoch(epoch, num_epochs, state.step)
 
     def train_epoch(self, batches: Iterable, epoch: int, num_epochs: int, sampler: Optional[ResumableSampler] = None,
@@ -265,6 +278,7 @@ class Trainer:
             data_time = time.perf_counter() - end
             views, target = self._inputs(views, index, label, epoch, it)
             lr = self.optimizer.param_groups[0]["lr"]
+            self.monitors.before_forward(self.state.step)
             with self.precision.autocast(device):
                 out = self.model(views, target)
             loss = out["loss"]
@@ -272,16 +286,18 @@ class Trainer:
             finite, overflow, stop, save = self._agree(loss, overflow)
             consumed = offset + (it - first + 1) * batch_size
             if not finite:   # no time-based save: the forward pass may have changed buffers (queues, BN stats)
+                self.monitors.discard()
                 self._skip_nonfinite(epoch, it)
                 self._between_steps(epoch, it, consumed, stop, False, it + 1 >= num_iters)
                 end = time.perf_counter()
                 continue
             self.state.nonfinite_run = 0
             self._step(overflow)
+            logged = self.monitors.after_step(label)
 
             batch = views[0].shape[0]
             images += batch
-            meters.update(out, batch)   # no host read
+            meters.update({**out, **logged}, batch)   # no host read
             time_meter.update(time.perf_counter() - end)
             data_meter.update(data_time)
             if (it + 1) % opts.print_freq == 0 or it + 1 == num_iters:
@@ -296,6 +312,9 @@ class Trainer:
                             + "".join(f" {k} {v:.4g}" for k, v in extras.items()))
                 run.tb.scalars({"loss": last["loss"], "lr": lr, "images_per_s": ips, **extras}, self.state.step,
                                prefix="train/")
+                warning = self.monitors.warning(last, epoch)
+                if warning is not None:
+                    logger.warning(warning)
             self._between_steps(epoch, it, consumed, stop, save, it + 1 >= num_iters)
             end = time.perf_counter()
         _, mean = meters.read()

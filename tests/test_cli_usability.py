@@ -48,7 +48,7 @@ def _read(relpath: str) -> str:
 
 # ------------------------------------------------------------------ a fresh install runs the suite
 #: import name -> distribution name, where they differ
-DISTRIBUTION = {"PIL": "pillow", "skimage": "scikit-image", "yaml": "pyyaml"}
+DISTRIBUTION = {"PIL": "pillow", "skimage": "scikit-image", "sklearn": "scikit-learn", "yaml": "pyyaml"}
 
 
 def _setup_requirements():

@@ -13,7 +13,9 @@ from ``log.txt``:
   ``knn`` = the kNN monitor), at epoch ``e``.
 
 Panels: loss, lr and images/s against the iteration; accuracies against the
-epoch. ``--x progress`` puts every run on a common axis instead, the fraction of
+epoch; the training monitors (``docs/monitoring.md``) against the iteration when a run logged them:
+``probe`` (the online probe's accuracy ``train/probe/acc``), ``collapse`` (``collapse/std_rel``,
+``align``, ``uniform``) and ``rank`` (RankMe). ``--x progress`` puts every run on a common axis instead, the fraction of
 the run done (iterations / its last iteration, epochs / its last epoch), which
 compares runs of one budget whose epochs differ in length (PIC's sliding-window
 epochs against plain ones). Each run has its own colour; several series of one run (top-1 / top-5,
@@ -55,7 +57,9 @@ from contrast.option import add_debug_flag, new_parser  # noqa: E402
 
 
 #: The standard panels of ``tools/plot_curves.py``.
-PANELS = ("loss", "lr", "throughput", "accuracy")
+PANELS = ("loss", "lr", "throughput", "accuracy", "probe", "collapse", "rank")
+#: Panels of the training monitors (docs/monitoring.md): drawn by default when a run has their scalars.
+MONITOR_PANELS = ("probe", "collapse", "rank")
 
 
 def plot_curves_parser(doc: str = "") -> argparse.ArgumentParser:
@@ -68,8 +72,9 @@ def plot_curves_parser(doc: str = "") -> argparse.ArgumentParser:
                    help="x axis: iteration / epoch, or the fraction of each run done (runs of one budget)")
     p.add_argument("--recursive", action="store_true", help="also read the event files of sub-folders (by "
                    "default only the run folder's own: a pretraining run's eval/ is another run)")
-    p.add_argument("--panels", nargs="*", choices=PANELS, default=list(PANELS),
-                   help="standard panels to draw (none: only the --scalars panels)")
+    p.add_argument("--panels", nargs="*", choices=PANELS, default=None,
+                   help="standard panels to draw (none: only the --scalars panels; default: the first four, and "
+                        "probe / collapse / rank when a run has the monitors' scalars)")
     p.add_argument("--scalars", nargs="+", default=[], metavar="PATTERN",
                    help="one extra panel per fnmatch pattern of scalar tags, e.g. 'train/diag/pos_cos*'")
     p.add_argument("--hline", action="append", default=[], metavar="[PANEL:]VALUE[=LABEL]",
@@ -91,6 +96,10 @@ _ACC = re.compile(rf"(\w+) epoch (\d+): top-1 {_NUM}(?: top-5 {_NUM})?")
 def panel_of(name: str) -> Optional[str]:
     """Which panel a scalar belongs to (None: not plotted)."""
     leaf = name.rsplit("/", 1)[-1].lower()
+    if "/probe/" in f"/{name}":
+        return "probe" if leaf == "acc" else None
+    if "/collapse/" in f"/{name}":
+        return "rank" if leaf == "rank" else (None if leaf == "std" else "collapse")
     if leaf == "lr":
         return "lr"
     if "images_per_s" in leaf or "throughput" in leaf:
@@ -212,7 +221,7 @@ def _is_number(text: str) -> bool:
 
 
 def plot_runs(runs: List[Tuple[str, Series]], output: str, title: str = "", x_axis: str = "step",
-              panels: Sequence[str] = PANELS, scalars: Sequence[str] = (),
+              panels: Sequence[str] = PANELS[:4], scalars: Sequence[str] = (),
               hlines: Sequence[Tuple[str, float, str]] = ()) -> Dict[str, int]:
     """Draw the panels for all runs into ``output`` (PNG); returns lines drawn per panel.
 
@@ -275,6 +284,12 @@ def plot_runs(runs: List[Tuple[str, Series]], output: str, title: str = "", x_ax
     return drawn
 
 
+def default_panels(runs: List[Tuple[str, Series]]) -> List[str]:
+    """The first four panels, and each monitor panel some run has scalars for."""
+    found = {panel_of(name) for _, series in runs for name in series}
+    return [p for p in PANELS if p not in MONITOR_PANELS or p in found]
+
+
 def parse_args(argv: Optional[List[str]] = None):
     p = plot_curves_parser(__doc__)
     args = p.parse_args(argv)
@@ -284,7 +299,7 @@ def parse_args(argv: Optional[List[str]] = None):
         args.hline = [parse_hline(h) for h in args.hline]
     except ValueError as e:
         p.error(str(e))
-    if not args.panels and not args.scalars:
+    if args.panels is not None and not args.panels and not args.scalars:
         p.error("nothing to draw: give --panels or --scalars")
     return args
 
@@ -293,7 +308,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, int]:
     args = parse_args(argv)
     labels = args.labels or [os.path.basename(os.path.normpath(r)) for r in args.runs]
     runs = [(label, load_run(path, args.recursive)) for label, path in zip(labels, args.runs)]
-    drawn = plot_runs(runs, args.output, args.title, args.x, args.panels, args.scalars, args.hline)
+    panels = args.panels if args.panels is not None else default_panels(runs)
+    drawn = plot_runs(runs, args.output, args.title, args.x, panels, args.scalars, args.hline)
     print(f"[plot] {args.output}: " + ", ".join(f"{p} {n} line(s)" for p, n in drawn.items()), flush=True)
     return drawn
 

@@ -9,6 +9,7 @@ and the hooks below, which the loop always calls (the defaults do nothing)::
     on_before_optimizer_step(step)                 after backward, before optimizer.step()
     on_train_step_end(step, lr, grad_scale)        after a real optimizer.step() (not on skipped steps)
     rank_state_dict() / load_rank_state_dicts()    per-rank state saved next to the checkpoint
+    feature_module() / embedding_module()          what the online probe / the collapse monitors read
 
 :class:`BaseMethod` adds what every pretraining method declares: its registry ``name``, its
 :class:`~contrast.models.views.Views`, its published :class:`~contrast.models.recipe.Recipe` (the
@@ -61,6 +62,16 @@ class TrainModule(nn.Module):
     def load_rank_state_dicts(self, shards: List[dict]) -> None:
         """Restore from the per-rank states of all ranks of the saving run (any world size)."""
         raise ValueError(f"{type(self).__name__} keeps no per-rank state, but the checkpoint holds rank shards")
+
+    def feature_module(self) -> Optional[nn.Module]:
+        """The module whose output on the first view (its first call of a forward) is the feature the
+        online probe classifies (``contrast.monitors``); None: no probe."""
+        return None
+
+    def embedding_module(self) -> Optional[nn.Module]:
+        """The module whose outputs on the views of a forward (in view order) the collapse monitors
+        measure (``contrast.monitors``); None: no monitors."""
+        return None
 
 
 class BaseMethod(TrainModule):
@@ -138,6 +149,15 @@ class BaseMethod(TrainModule):
         optimiser. A group may set its own ``lr`` / ``weight_decay`` and ``constant_lr=True`` (the
         schedule leaves its lr alone; see :func:`contrast.optim.build_scheduler`)."""
         return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
+    def feature_module(self) -> Optional[nn.Module]:
+        """The backbone (the representation the evaluations read)."""
+        return self.backbone
+
+    def embedding_module(self) -> Optional[nn.Module]:
+        """The backbone by default (RankMe's choice: the representation); a method may return its
+        projection head instead (it must call it on the views in order)."""
+        return self.backbone
 
     def encode(self, encoder, views: List[torch.Tensor]) -> List[torch.Tensor]:
         """``encoder`` applied to every view, batched as ``--view-batching`` says."""
