@@ -352,6 +352,10 @@ def pretrain_parser() -> argparse.ArgumentParser:
                    help="LARS: no decay or adaptation on biases and BN parameters, trust coefficient 0.001 (state "
                         "a method updates itself with its own optimiser is not affected)")
     g.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay")
+    g.add_argument("--weight-decay-end", type=float, default=None, help="(new) weight decay of every group that has "
+                   "decay follows a cosine from --weight-decay to this value over the run (none: constant)")
+    g.add_argument("--clip-grad", type=float, default=0.0, help="(new) clip each parameter's gradient norm to this "
+                   "value, each on its own (not the total norm), before the optimiser step; 0: off")
     g.add_argument("--lars-form", type=str, default="release", choices=list(LARS_FORMS),
                    help="(new) release: SGD momentum on the trust-scaled gradient, w -= lr * v, eps 1e-8 (the "
                         "release); fold-lr: the lr folded into the momentum buffer (the TensorFlow LARS of "
@@ -420,6 +424,8 @@ def check_values(p: argparse.ArgumentParser, args: argparse.Namespace, positive:
         p.error("--warmup-epoch must be >= 0 and --warmup-multiplier >= 1")
     if getattr(args, "crop", None) is not None and not 0 < args.crop <= 1:
         p.error(f"--crop must be in (0, 1], got {args.crop}")
+    if min(getattr(args, "clip_grad", None) or 0, getattr(args, "weight_decay_end", None) or 0) < 0:
+        p.error(f"--clip-grad and --weight-decay-end must be >= 0, got {args.clip_grad} and {args.weight_decay_end}")
 
 
 def parse_pretrain_args(argv: Optional[List[str]] = None) -> argparse.Namespace:

@@ -46,7 +46,7 @@ RELEASE = {
     "contrast_momentum": 0.999, "contrast_num_negative": 65536, "view_batching": "separate", "optimizer": "sgd",
     "base_learning_rate": 0.03, "lr_scaling": "linear", "weight_decay": 1e-4, "momentum": 0.9,
     "lr_scheduler": "cosine", "warmup_epoch": 5, "warmup_multiplier": 100, "lr_decay_epochs": [120, 160, 200],
-    "lr_decay_rate": 0.1,
+    "lr_decay_rate": 0.1, "weight_decay_end": None, "clip_grad": 0.0,   # constant decay, no clipping
 }
 EPOCHS = 200   # warm-up of the release's scripts: epochs // 40 = 5
 
