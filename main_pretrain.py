@@ -64,7 +64,8 @@ def pretrain(cfg: RunConfig, run: engine.Run) -> None:
     optimizer = build_optimizer(method.param_groups(lr, optim.weight_decay), optim.optimizer, lr, optim.momentum,
                                 optim.weight_decay, optim.lars_form, optim.lars_trust_coefficient, optim.lars_eps)
     scheduler = build_scheduler(optimizer, optim.lr_scheduler, epochs, iters, warmup, optim.warmup_multiplier,
-                                decay, optim.lr_decay_rate, cosine_form=optim.cosine_form, samples_per_step=total_batch)
+                                decay, optim.lr_decay_rate, cosine_form=optim.cosine_form, samples_per_step=total_batch,
+                                weight_decay_end=optim.weight_decay_end)
     precision, precision_note = resolve_precision(optim.amp_opt_level, env.device)
     logger.info(f"precision: {precision_note}")
 
@@ -86,7 +87,7 @@ def pretrain(cfg: RunConfig, run: engine.Run) -> None:
                                                                                    loop.save_every_minutes))
     trainer = engine.Trainer(engine.wrap_ddp(method, env), method, optimizer, scheduler, precision, run,
                              engine.LoopOptions(loop.print_freq, loop.max_nonfinite, rt.channels_last, rt.seed,
-                                                loop.on_divergence, loop.rollback_lr_factor),
+                                                loop.on_divergence, loop.rollback_lr_factor, optim.clip_grad),
                              aug.device, checkpointer=checkpointer, monitors=monitors)
     logger.info(f"{cfg.model}: {len(dataset)} images, {epochs} loop epochs x {iters} iterations, "
                 f"effective lr {lr:.4g} (total batch {total_batch})")

@@ -61,7 +61,7 @@ from benchmarks.gpu_check_report import (FAILED, KNN_K, NOT_RUN, OK, failures, j
                                          table)
 from contrast.checkpoint import CheckpointError, load_file  # noqa: E402
 from contrast.models import METHODS  # noqa: E402
-from contrast.models.views import MULTI_CROP_AUG  # noqa: E402
+from contrast.models.views import MULTI_CROP_AUG, MULTI_CROP_AUGS  # noqa: E402
 from contrast.option import new_parser  # noqa: E402
 from tools.make_demo_dataset import make_dataset  # noqa: E402
 
@@ -140,7 +140,7 @@ def variants(only: Optional[List[str]] = None) -> List[Tuple[str, bool]]:
     """(method, multi-crop) of every registered method, in registry order (``only``: names to keep)."""
     out = []
     for name, cls in METHODS.items():
-        if cls.recipe.aug != MULTI_CROP_AUG:
+        if cls.recipe.aug not in MULTI_CROP_AUGS:
             out.append((name, False))
         if cls.views.multi_crop:
             out.append((name, True))
@@ -148,7 +148,7 @@ def variants(only: Optional[List[str]] = None) -> List[Tuple[str, bool]]:
 
 
 def label(model: str, multi_crop: bool) -> str:
-    return f"{model} multi-crop" if multi_crop and METHODS[model].recipe.aug != MULTI_CROP_AUG else model
+    return f"{model} multi-crop" if multi_crop and METHODS[model].recipe.aug not in MULTI_CROP_AUGS else model
 
 
 def plan(mode: Mode, cuda: bool, gpus: int, only: Optional[List[str]] = None) -> List[Setting]:
@@ -193,7 +193,7 @@ def pretrain_argv(s: Setting, mode: Mode, device: str, nproc: int) -> List[str]:
             "--epochs", str(epochs), "--warmup-epoch", "0", "--num-workers", str(mode.workers),
             "--amp-opt-level", PRECISIONS[s.precision], "--device", device, "--print-freq", "1000",
             "--no-tensorboard", "--save-every-minutes", "0", "--seed", "0"]
-    if s.multi_crop and METHODS[s.model].recipe.aug != MULTI_CROP_AUG:
+    if s.multi_crop and METHODS[s.model].recipe.aug not in MULTI_CROP_AUGS:
         argv += ["--aug", MULTI_CROP_AUG, "--crop", str(MULTI_CROP_SCALE)]
     if s.knn_monitor:
         argv += ["--knn-monitor", "--knn-freq", str(epochs), "--knn-k", str(KNN_K)]

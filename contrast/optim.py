@@ -20,7 +20,10 @@
   ``lr / warmup_multiplier`` to ``lr`` over the warm-up epochs (the release's
   ``GradualWarmupScheduler``; multiplier 100 gives the paper's "warm-up from lr/100"), then cosine
   (``cosine_form``, see :func:`progress_factor`) with floor ``eta_min`` (1e-6), or step decay
-  by ``decay_rate`` at each epoch of ``decay_epochs``.
+  by ``decay_rate`` at each epoch of ``decay_epochs``. With ``weight_decay_end`` it also sets the weight
+  decay of every group whose decay is not 0 each step: cosine from the group's decay to
+  ``weight_decay_end`` over the run (DINO's ``wd_schedule``, :func:`cosine_value`).
+* :func:`clip_grad_per_param_`: DINO's ``clip_gradients`` (each parameter's gradient norm on its own).
 """
 from __future__ import annotations
 
@@ -204,6 +207,25 @@ def lr_factor(it: int, total_iters: int, iters_per_epoch: int, warmup_epochs: in
                            [m * iters_per_epoch for m in decay_epochs], decay_rate, eta_min_ratio, cosine_form)
 
 
+def cosine_value(seen: int, total: int, start: float, end: float) -> float:
+    """``end + (start - end) * (1 + cos(pi * seen / total)) / 2`` (progress clamped to [0, 1]): DINO's
+    ``utils.cosine_scheduler`` without warm-up, counted in samples."""
+    progress = min(max(seen / max(total, 1), 0.0), 1.0)
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def clip_grad_per_param_(params: Iterable[torch.Tensor], max_norm: float) -> None:
+    """Scale each gradient ``g`` by ``max_norm / (||g|| + 1e-6)`` where that is < 1, every parameter on
+    its own (DINO's ``utils.clip_gradients``; not the total norm of ``clip_grad_norm_``). No host read."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    norms = torch.stack([n.float() for n in torch._foreach_norm(grads)])
+    coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    torch._foreach_mul_(grads, [c.to(g.dtype) for c, g in zip(coef.unbind(), grads)])
+
+
 class ProgressLR(LRScheduler):
     """Learning rate ``base_lr * factor(samples_seen)``, stepped once per optimiser step; a parameter
     group with ``constant_lr=True`` keeps its ``base_lr`` throughout.
@@ -213,14 +235,37 @@ class ProgressLR(LRScheduler):
     with another total batch continues the curve where it stopped. ``last_epoch`` counts steps as
     in torch's schedulers. Loading a state keeps this run's peak lrs (``base_lrs``) and sets the
     optimiser's lrs at once, so the lr of the first step after a resume is already this run's.
+
+    ``weight_decay_end`` (None: constant decay): each step also sets the ``weight_decay`` of every
+    group whose decay at construction (``base_weight_decays``, this run's) is not 0 to
+    :func:`cosine_value` of the samples seen, so the decay resumes with the lr.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, factor: Callable[[int], float], samples_per_step: int,
-                 total_samples: int, warmup_samples: int) -> None:
+                 total_samples: int, warmup_samples: int, weight_decay_end: Optional[float] = None) -> None:
         self.factor, self.samples_per_step = factor, int(samples_per_step)
         self.total_samples, self.warmup_samples = int(total_samples), int(warmup_samples)
         self._seen_base, self._step_base = 0, 0
+        self.weight_decay_end = weight_decay_end
+        self.base_weight_decays = [float(g.get("weight_decay", 0.0)) for g in optimizer.param_groups]
         super().__init__(optimizer)
+
+    def step(self, epoch=None) -> None:
+        super().step(epoch)
+        self._set_weight_decays()
+
+    def weight_decay_at(self, seen: int, base: float) -> float:
+        """The decay of a group of initial decay ``base`` for the step after ``seen`` samples."""
+        if self.weight_decay_end is None or base == 0:
+            return base
+        return cosine_value(seen, self.total_samples, base, self.weight_decay_end)
+
+    def _set_weight_decays(self) -> None:
+        if self.weight_decay_end is None:
+            return
+        seen = self.samples_seen
+        for group, base in zip(self.optimizer.param_groups, self.base_weight_decays):
+            group["weight_decay"] = self.weight_decay_at(seen, base)
 
     @property
     def samples_seen(self) -> int:
@@ -249,12 +294,13 @@ class ProgressLR(LRScheduler):
         self._last_lr = self._lrs()
         for group, lr in zip(self.optimizer.param_groups, self._last_lr):
             group["lr"] = lr
+        self._set_weight_decays()
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, schedule: str, epochs: int, iters_per_epoch: int,
                     warmup_epochs: int = 0, warmup_multiplier: float = 100.0, decay_epochs: Sequence[int] = (),
                     decay_rate: float = 0.1, eta_min: float = ETA_MIN, cosine_form: str = "release",
-                    samples_per_step: int = 1) -> ProgressLR:
+                    samples_per_step: int = 1, weight_decay_end: Optional[float] = None) -> ProgressLR:
     """Per-step schedule over ``epochs * iters_per_epoch`` steps of ``samples_per_step`` samples
     (call ``.step()`` after every optimiser step), as a function of the samples seen
     (:func:`progress_factor`, :class:`ProgressLR`).
@@ -265,6 +311,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, schedule: str, epochs: int
     scheduled group with the largest lr (the release's groups all share one lr). Groups with
     ``constant_lr=True`` keep their lr (:class:`ProgressLR`). ``samples_per_step``: the
     total batch over all ranks (1 counts steps instead of samples; the lrs are the same).
+    ``weight_decay_end``: cosine weight-decay schedule (see :class:`ProgressLR`; None: constant).
     """
     if iters_per_epoch < 1 or epochs < 1 or samples_per_step < 1:
         raise ValueError(f"build_scheduler needs epochs >= 1, iters_per_epoch >= 1 and samples_per_step >= 1, "
@@ -283,4 +330,4 @@ def build_scheduler(optimizer: torch.optim.Optimizer, schedule: str, epochs: int
         return progress_factor(seen, total, warmup, samples_per_step, warmup_multiplier, schedule, decay_at,
                                decay_rate, ratio, cosine_form)
 
-    return ProgressLR(optimizer, factor, samples_per_step, total, warmup)
+    return ProgressLR(optimizer, factor, samples_per_step, total, warmup, weight_decay_end)

@@ -24,7 +24,7 @@ from contrast.config import VIEW_BATCHING, BackboneConfig, Flag, MethodConfig
 from contrast.data.transforms import AUG_NAMES
 from contrast.models import ARCHS, METHODS, STEMS
 from contrast.models.recipe import FLAG_FIELDS, LR_SCALINGS, Recipe, describe, peak_lr, resolve
-from contrast.models.views import MULTI_CROP_AUG
+from contrast.models.views import MULTI_CROP_AUGS
 from contrast.optim import COSINE_FORMS, LARS_FORMS
 from contrast.option_monitors import add_monitor_flags
 from contrast.precision import OPT_LEVELS
@@ -353,6 +353,10 @@ def pretrain_parser() -> argparse.ArgumentParser:
                    help="LARS: no decay or adaptation on biases and BN parameters, trust coefficient 0.001 (state "
                         "a method updates itself with its own optimiser is not affected)")
     g.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay")
+    g.add_argument("--weight-decay-end", type=float, default=None, help="(new) weight decay of every group that has "
+                   "decay follows a cosine from --weight-decay to this value over the run (none: constant)")
+    g.add_argument("--clip-grad", type=float, default=0.0, help="(new) clip each parameter's gradient norm to this "
+                   "value, each on its own (not the total norm), before the optimiser step; 0: off")
     g.add_argument("--lars-form", type=str, default="release", choices=list(LARS_FORMS),
                    help="(new) release: SGD momentum on the trust-scaled gradient, w -= lr * v, eps 1e-8 (the "
                         "release); fold-lr: the lr folded into the momentum buffer (the TensorFlow LARS of "
@@ -422,6 +426,8 @@ def check_values(p: argparse.ArgumentParser, args: argparse.Namespace, positive:
         p.error("--warmup-epoch must be >= 0 and --warmup-multiplier >= 1")
     if getattr(args, "crop", None) is not None and not 0 < args.crop <= 1:
         p.error(f"--crop must be in (0, 1], got {args.crop}")
+    if min(getattr(args, "clip_grad", None) or 0, getattr(args, "weight_decay_end", None) or 0) < 0:
+        p.error(f"--clip-grad and --weight-decay-end must be >= 0, got {args.clip_grad} and {args.weight_decay_end}")
 
 
 def parse_pretrain_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -434,17 +440,17 @@ def parse_pretrain_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         setattr(args, key, value)
     check_values(p, args, ["epochs", "print_freq", "save_freq", "image_size", "batch_size", "max_nonfinite",
                            "knn_freq", "monitor_collapse_freq"])
-    if args.aug == MULTI_CROP_AUG and not cls.views.multi_crop:
-        p.error(f"--aug MultiCrop is not supported by --model {args.model}")
-    if args.num_crop is not None and args.num_crop != 1 and args.aug != MULTI_CROP_AUG:
+    if args.aug in MULTI_CROP_AUGS and not cls.views.multi_crop:
+        p.error(f"--aug {args.aug} (multi-crop) is not supported by --model {args.model}")
+    if args.num_crop is not None and args.num_crop != 1 and args.aug not in MULTI_CROP_AUGS:
         p.error(f"--num-crop counts the large crops of --aug MultiCrop; --model {args.model} with --aug {args.aug} "
                 f"takes {cls.views.count} view(s)")
     if args.num_crop is None:  # the method's view count with MultiCrop; else unused (the release's 1)
-        args.num_crop = cls.views.count if args.aug == MULTI_CROP_AUG else 1
+        args.num_crop = cls.views.count if args.aug in MULTI_CROP_AUGS else 1
     if args.num_crop < 1 or args.num_crop2 < 0:
         p.error(f"need --num-crop >= 1 and --num-crop2 >= 0, got {args.num_crop} and {args.num_crop2}")
-    if args.aug == MULTI_CROP_AUG and not args.crop < args.crop2:
-        p.error(f"--aug MultiCrop needs --crop (small crops' minimum scale) < --crop2, got {args.crop} and "
+    if args.aug in MULTI_CROP_AUGS and not args.crop < args.crop2:
+        p.error(f"--aug {args.aug} needs --crop (small crops' minimum scale) < --crop2, got {args.crop} and "
                 f"{args.crop2}; the release's recipe (scripts/PIC.sh) uses --crop 0.08 --crop2 0.14")
     if args.val_crop_fraction is None:
         args.val_crop_fraction = 0.875
@@ -493,8 +499,8 @@ def method_config(args: argparse.Namespace, world_size: int = 1) -> MethodConfig
         feature_dim=args.feature_dim, mlp_head=bool(args.mlp_head), head_hidden_dim=args.mlp_hidden_dim,
         temperature=args.contrast_temperature,
         momentum=args.contrast_momentum, num_negative=args.contrast_num_negative,
-        view_batching=args.view_batching, multi_crop=args.aug == MULTI_CROP_AUG,
-        num_crop=args.num_crop if args.aug == MULTI_CROP_AUG else cls.views.count, seed=args.seed,
+        view_batching=args.view_batching, multi_crop=args.aug in MULTI_CROP_AUGS,
+        num_crop=args.num_crop if args.aug in MULTI_CROP_AUGS else cls.views.count, seed=args.seed,
         optimizer_momentum=args.momentum, weight_decay=args.weight_decay,
         peak_lr=peak_lr(args.base_learning_rate, total_batch, args.lr_scaling), total_batch_size=total_batch,
         window_size=args.window_size if window else 0, window_stride=args.window_stride if window else 0,

@@ -72,6 +72,8 @@ class OptimConfig:
     lr_decay_epochs: Tuple[int, ...]
     lr_decay_rate: float
     amp_opt_level: str
+    weight_decay_end: Optional[float] = None
+    clip_grad: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,8 @@ One iteration of :meth:`Trainer.train_epoch` (``module`` is the :class:`TrainMod
         (one all-reduce, and the step's only host read of the device)
     if the loss is non-finite on any rank: skip the step everywhere, count it,
         stop after --max-nonfinite consecutive ones (NonFiniteLossError)
-    unless the gradients overflowed (GradScaler): module.on_before_optimizer_step(step) -> optimizer.step
+    unless the gradients overflowed (GradScaler): [--clip-grad: each gradient's norm clipped]
+        -> module.on_before_optimizer_step(step) -> optimizer.step
     [GradScaler.update] -> module.on_train_step_end(step, lr, grad_scale) (real steps only) -> scheduler.step
     monitors.after_step(label): online probe, collapse monitors (contrast.monitors; skipped steps: discard)
     logged values accumulate on the device, read every --print-freq steps (a collapse warning then)
@@ -44,6 +45,7 @@ from contrast.divergence import Divergence, RolledBack
 from contrast.logger import AverageMeter, DeviceMeters, format_eta, peak_memory_mb
 from contrast.models.base import TrainModule
 from contrast.monitors.hub import EXTRA_KEY, Monitors
+from contrast.optim import clip_grad_per_param_
 from contrast.placement import place, place_inputs
 from contrast.precision import Precision
 from contrast.runtime import NonFiniteLossError, Preempted, Run
@@ -64,7 +66,8 @@ class TrainState:
 class LoopOptions:
     """How the loop runs and reports (``--print-freq``, ``--max-nonfinite``, ``--channels-last``;
     ``seed`` seeds the per-step generator of the device-side augmentation; ``--on-divergence``,
-    ``--rollback-lr-factor``: see :mod:`contrast.divergence`)."""
+    ``--rollback-lr-factor``: see :mod:`contrast.divergence`; ``clip_grad`` > 0: ``--clip-grad``, each
+    parameter's gradient norm clipped after unscaling, before the step, :func:`clip_grad_per_param_`)."""
 
     print_freq: int = 100
     max_nonfinite: int = 10
@@ -72,6 +75,7 @@ class LoopOptions:
     seed: int = 0
     on_divergence: str = "stop"
     rollback_lr_factor: float = 0.5
+    clip_grad: float = 0.0
 
 
 
@@ -181,6 +185,9 @@ class Trainer:
         used: it reads ``found_inf`` on the host, which :meth:`_agree` already did."""
         scaler, step = self.precision.scaler, self.state.step
         if not overflow:
+            if self.options.clip_grad > 0:
+                clip_grad_per_param_([p for g in self.optimizer.param_groups for p in g["params"]],
+                                     self.options.clip_grad)
             self.module.on_before_optimizer_step(step)
             self.optimizer.step()
         grad_scale = self._grad_scale if scaler is not None else 1.0

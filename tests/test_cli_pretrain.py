@@ -37,6 +37,9 @@ METHOD_FLAGS = {
     "SwAV": ["--model", "SwAV", "--aug", "MultiCrop", "--image-size2", "24", "--num-crop2", "2", "--crop", "0.08",
              "--crop2", "0.3", "--mlp-hidden-dim", "64", "--swav-num-prototypes", "10", "--swav-queue-length", "4",
              "--swav-queue-start-epoch", "0", "--swav-freeze-prototypes-iters", "1", "--optimizer", "lars"],
+    "DINO": ["--model", "DINO", "--image-size2", "16", "--num-crop2", "2", "--crop", "0.08", "--crop2", "0.3",
+             "--mlp-hidden-dim", "64", "--dino-bottleneck-dim", "8", "--dino-warmup-teacher-temp-epochs", "2",
+             "--weight-decay-end", "0.01"],
 }
 
 

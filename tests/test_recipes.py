@@ -46,7 +46,7 @@ RELEASE = {
     "contrast_momentum": 0.999, "contrast_num_negative": 65536, "view_batching": "separate", "optimizer": "sgd",
     "base_learning_rate": 0.03, "lr_scaling": "linear", "weight_decay": 1e-4, "momentum": 0.9,
     "lr_scheduler": "cosine", "warmup_epoch": 5, "warmup_multiplier": 100, "lr_decay_epochs": [120, 160, 200],
-    "lr_decay_rate": 0.1,
+    "lr_decay_rate": 0.1, "weight_decay_end": None, "clip_grad": 0.0,   # constant decay, no clipping
 }
 EPOCHS = 200   # warm-up of the release's scripts: epochs // 40 = 5
 
@@ -91,10 +91,27 @@ PUBLISHED = {
              "warmup_multiplier": 16, "sync_batchnorm": True, "swav_num_prototypes": 3000, "swav_epsilon": 0.05,
              "swav_sinkhorn_iterations": 3, "swav_queue_length": 0, "swav_queue_start_epoch": 15,
              "swav_freeze_prototypes_iters": 313},
+    # facebookresearch/dino README line 207 (ResNet-50: --optimizer sgd --lr 0.03 --weight_decay 1e-4
+    # --weight_decay_end 1e-4 --global_crops_scale 0.14 1 --local_crops_scale 0.05 0.14) over main_dino.py's
+    # defaults: out_dim 65536 (l. 55), norm_last_layer (57), momentum_teacher 0.996 (61), no BN in head (64),
+    # teacher temp 0.04 -> 0.04 over 0 epochs (68-75), clip_grad 3.0 (87), 64 x 8 GPUs, 100 epochs,
+    # freeze_last_layer 1 (93), warm-up 10 epochs from 0 (99, utils.py 187-191), min_lr 1e-6, 8 local crops
+    # (112); SGD momentum 0.9 (229), lr x B / 256 (239); student temp 0.1, center momentum 0.9 (365-366);
+    # SyncBatchNorm (196-198); crops 224 / 96 (436, 452); DINOHead hidden 2048, bottleneck 256
+    # (vision_transformer.py 258); weight decay end = start: constant
+    "DINO": {**RELEASE, "aug": "BYOLMultiCrop", "crop": 0.05, "crop2": 0.14, "image_size": 224, "image_size2": 96,
+             "num_crop2": 8, "num_crop": 2, "feature_dim": 65536, "mlp_head": True, "mlp_hidden_dim": 2048,
+             "contrast_temperature": 0.1, "contrast_momentum": 0.996, "view_batching": "joint", "optimizer": "sgd",
+             "base_learning_rate": 0.03, "lr_scaling": "linear", "weight_decay": 1e-4, "weight_decay_end": None,
+             "clip_grad": 3.0, "momentum": 0.9, "lr_scheduler": "cosine", "warmup_epoch": 10,
+             "warmup_multiplier": 1e6, "sync_batchnorm": True, "dino_bottleneck_dim": 256,
+             "dino_norm_last_layer": True, "dino_use_bn_in_head": False, "dino_teacher_temp": 0.04,
+             "dino_warmup_teacher_temp": 0.04, "dino_warmup_teacher_temp_epochs": 0, "dino_center_momentum": 0.9,
+             "dino_freeze_last_layer": 1},
 }
 #: peak lr at the official total batch (method, per-process batch, processes, expected peak lr)
 PEAK_LR = [("BYOL", 64, 64, 0.2 * 4096 / 256), ("SwAV", 64, 64, 4.8), ("SimCLR", 64, 4, 0.3),
-           ("PIC", 64, 4, 0.03)]
+           ("PIC", 64, 4, 0.03), ("DINO", 64, 8, 0.06)]
 
 
 def test_every_registered_method_has_a_published_table():

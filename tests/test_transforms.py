@@ -44,7 +44,8 @@ def _open(data=JPEG) -> Image.Image:
 
 
 EXPECTED_VIEWS = {"InstDisc": [32] * 2, "MoCov2": [32] * 2, "SimCLR": [32] * 2, "RandAug": [32] * 2, "BYOL": [32] * 2,
-                  "MultiCrop": [32, 32, 16, 16, 16], "NULL": [32], "val": [32]}  # MultiCrop: num_views large crops
+                  "MultiCrop": [32, 32, 16, 16, 16], "NULL": [32], "val": [32],  # MultiCrop: num_views large crops
+                  "BYOLMultiCrop": [32, 32, 16, 16, 16]}
 
 
 def _in_range(x: torch.Tensor) -> bool:

@@ -36,6 +36,8 @@ RandAug     RRC, flip, RandAugment(2 ops, magnitude 10, fill = ImageNet mean) on
             RandAugment; here RandAugment must run first because colour runs on the device.)
 BYOL        RRC, flip, ColorJitter(0.4, 0.4, 0.2, 0.1) p 0.8, grayscale 0.2, then per view: blur p 1.0
             and no solarize (odd views), blur p 0.1 and solarize p 0.2 (even views) [Grill 2020]
+BYOLMultiCrop  MultiCrop's crops with BYOL's colours: large crops alternate BYOL's two views (blur 1.0 /
+            blur 0.1 + solarize 0.2), small crops blur p 0.5 (DINO's DataAugmentationDINO) [Caron 2021]
 NULL        RRC(scale (crop, 1)), flip (linear-evaluation training; ``crop`` defaults to 0.08)
 val         resize shorter side to ``round(image_size / 0.875)``, centre crop ``image_size``
 ==========  =====================================================================================
@@ -58,7 +60,9 @@ from torchvision.transforms import v2
 
 from contrast.data import batched_ops as B
 
-AUG_NAMES = ("InstDisc", "MoCov2", "SimCLR", "MultiCrop", "RandAug", "BYOL", "NULL", "val")
+AUG_NAMES = ("InstDisc", "MoCov2", "SimCLR", "MultiCrop", "RandAug", "BYOL", "NULL", "val", "BYOLMultiCrop")
+#: Recipes of ``num_views`` large crops plus ``num_crop2`` small ones.
+MULTI_CROP_NAMES = ("MultiCrop", "BYOLMultiCrop")
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
 VAL_CROP_FRACTION = 0.875
 RANDAUG_FILL = [round(255 * m) for m in B.IMAGENET_MEAN]
@@ -117,6 +121,8 @@ PER_VIEW_COLORS = {
     "BYOL": (ColorRecipe(jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=1.0, solarize_p=0.0),
              ColorRecipe(jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=0.1, solarize_p=0.2)),
 }
+#: Colours of the small crops of BYOLMultiCrop (DINO's ``local_transfo``).
+SMALL_CROP_BYOL = ColorRecipe(jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=0.5)
 #: Solarisation threshold on the [0, 1] scale (BYOL); PIL images get the uint8 equivalent 128.
 SOLARIZE_THRESHOLD = 0.5
 
@@ -313,11 +319,14 @@ class FloatPassThrough(nn.Module):
 
 def _views_and_colors(name: str, num_views: int, image_size: int, crop: float, image_size2: int,
                       crop2: float, num_crop2: int) -> tuple[list[ViewSpec], list[ColorRecipe]]:
-    if name == "MultiCrop":
+    if name in MULTI_CROP_NAMES:
         if not 0 < crop < crop2 <= 1:
-            raise ValueError(f"MultiCrop needs 0 < --crop < --crop2 <= 1, got crop={crop}, crop2={crop2}")
+            raise ValueError(f"{name} needs 0 < --crop < --crop2 <= 1, got crop={crop}, crop2={crop2}")
         views = [ViewSpec(image_size, (crop2, 1.0))] * num_views + [ViewSpec(image_size2, (crop, crop2))] * num_crop2
-        return views, [COLOR_RECIPES["SimCLR"]] * len(views)
+        if name == "MultiCrop":
+            return views, [COLOR_RECIPES["SimCLR"]] * len(views)
+        large = PER_VIEW_COLORS["BYOL"]
+        return views, [large[i % len(large)] for i in range(num_views)] + [SMALL_CROP_BYOL] * num_crop2
     if not 0 < crop <= 1:
         raise ValueError(f"--crop must be in (0, 1], got {crop}")
     n = 1 if name == "NULL" else num_views

@@ -211,3 +211,38 @@ def swav_loss(scores: Sequence[torch.Tensor], codes: Sequence[torch.Tensor], tem
         subloss = sum(-(q * log_p[v]).sum(dim=1).mean() for v in range(num_crops) if v != i)
         loss = loss + subloss / (num_crops - 1)
     return loss / len(codes)
+
+
+def dino_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], center: torch.Tensor,
+              student_temperature: float, teacher_temperature: float) -> torch.Tensor:
+    """DINO's cross-entropy between teacher and student (Caron et al., "Emerging Properties in
+    Self-Supervised Vision Transformers", ICCV 2021, Eq. 1 and Alg. 1; ``DINOLoss`` in ``main_dino.py``).
+
+    ``P_t = softmax((t - center) / T_t)`` (a constant) for each of the global crops the teacher saw,
+    ``log P_s = log_softmax(s / T_s)`` for every crop; the loss is the mean over the pairs (i, v) with
+    ``v != i`` of ``mean_b sum_k -P_t,i[b, k] log P_s,v[b, k]``: the teacher's crop i is never compared
+    with the student's output of the same crop (the first ``len(teacher)`` student crops are the
+    globals, in the same order).
+
+    Args:
+        student: V tensors (B, K), the student's outputs of every crop (globals first).
+        teacher: G tensors (B, K), the teacher's outputs of the G global crops (G <= V).
+        center: (1, K) or (K,) center subtracted from the teacher's outputs.
+        student_temperature, teacher_temperature: T_s, T_t.
+    Returns:
+        fp32 scalar.
+    """
+    num_crops = len(student)
+    if not 0 < len(teacher) <= num_crops or num_crops < 2:
+        raise ValueError(f"dino_loss needs >= 2 student crops and 1..{num_crops} teacher crops, got {num_crops} "
+                         f"and {len(teacher)}")
+    log_p = [F.log_softmax(s.float() / student_temperature, dim=-1) for s in student]
+    loss = student[0].new_zeros((), dtype=torch.float32)
+    terms = 0
+    for i, t in enumerate(teacher):
+        q = F.softmax((t.detach().float() - center.float()) / teacher_temperature, dim=-1)
+        for v in range(num_crops):
+            if v != i:
+                loss = loss + (-q * log_p[v]).sum(dim=-1).mean()
+                terms += 1
+    return loss / terms

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 #: ``--lr-scaling``: how the peak lr follows the total batch B (SimCLR's ``learning_rate_scaling``).
 LR_SCALINGS = ("linear", "sqrt")
@@ -46,6 +46,10 @@ class Recipe:
     base_learning_rate: float = 0.03
     lr_scaling: str = "linear"
     weight_decay: float = 1e-4
+    #: None: constant weight decay; else cosine from ``weight_decay`` to this over the run (DINO)
+    weight_decay_end: Optional[float] = None
+    #: > 0: each parameter's gradient norm clipped to this before the step (DINO); 0: off
+    clip_grad: float = 0.0
     momentum: float = 0.9
     lr_scheduler: str = "cosine"
     warmup_epoch: int = 5
@@ -63,6 +67,9 @@ class Recipe:
             raise ValueError(f"Recipe.lr_scaling must be one of {LR_SCALINGS}, got {self.lr_scaling!r}")
         if self.warmup_divisor < 0:
             raise ValueError(f"Recipe.warmup_divisor must be >= 0, got {self.warmup_divisor}")
+        if self.clip_grad < 0 or (self.weight_decay_end is not None and self.weight_decay_end < 0):
+            raise ValueError(f"Recipe.clip_grad and weight_decay_end must be >= 0, got {self.clip_grad}, "
+                             f"{self.weight_decay_end}")
 
     def flag_values(self) -> Dict[str, Any]:
         """The values of the shared flags (every field but :data:`NOT_FLAGS`), lists as argparse gives them."""

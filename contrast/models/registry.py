@@ -14,6 +14,7 @@ from contrast import state_migrations
 from contrast.config import MethodConfig
 from contrast.models.base import BaseMethod
 from contrast.models.byol import BYOL
+from contrast.models.dino import DINO
 from contrast.models.instdisc import InstDisc
 from contrast.models.moco import MoCo, MoCoV2
 from contrast.models.pic import PIC
@@ -43,6 +44,7 @@ def unregister(name: str) -> None:
 
 for _cls in (PIC, InstDisc, MoCo, MoCoV2, SimCLR, BYOL, SwAV):
     register(_cls)
+register(DINO)
 
 
 def method_class(name: str) -> Type[BaseMethod]:

@@ -15,6 +15,8 @@ from typing import Callable, List
 import torch
 
 MULTI_CROP_AUG = "MultiCrop"
+#: Every ``--aug`` of large + ``--num-crop2`` small crops (``BYOLMultiCrop``: the same crops, BYOL's colours).
+MULTI_CROP_AUGS = (MULTI_CROP_AUG, "BYOLMultiCrop")
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,7 @@ class Views:
 
     def total(self, aug: str, num_crop2: int) -> int:
         """Views per image under ``--aug aug``: ``count``, plus ``num_crop2`` small crops with MultiCrop."""
-        return self.count + (num_crop2 if aug == MULTI_CROP_AUG else 0)
+        return self.count + (num_crop2 if aug in MULTI_CROP_AUGS else 0)
 
 
 def encode_views(encoder: Callable[[torch.Tensor], torch.Tensor], views: List[torch.Tensor],
