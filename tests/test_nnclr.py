@@ -302,7 +302,8 @@ def test_torchrun_two_processes(tmp_path):
     argv[argv.index("--batch-size") + 1] = "2"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                         f"--master_port={free_port()}", "main_pretrain.py", *argv],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     ckpt = read_checkpoint(str(out / "current.pth"))
     assert ckpt.world_size == 2 and ckpt.step == 2 and int(ckpt.model["support.ptr"]) == 8
