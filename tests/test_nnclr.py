@@ -336,3 +336,22 @@ def test_kill9_and_auto_resume_end_bit_exact(tmp_path):
     assert int(a["support.ptr"]) == (12 * 4) % 16 and not math.isnan(float(a["support.features"].sum()))
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
     assert "resumed from" in open(out / "log.txt").read()
+
+
+# ------------------------------------------------------------------------------ device (the generic tests' cells)
+def test_step_runs_on_a_second_device_with_one_host_read(tmp_path, monkeypatch):
+    """The cells of tests/test_device_placement.py and tests/test_sync_count.py for NNCLR (they iterate over
+    test_cli_pretrain.METHOD_FLAGS): every tensor reaches the ``meta`` device, and a step outside the print
+    steps reads the device once (the loop's agreement): the neighbour search and the support-set write stay
+    on the device."""
+    from tests.device_probe import meta_device
+    from tests.synthetic import make_image_folder
+    from tests.test_cli_pretrain import tiny_args
+    from tests.test_sync_count import syncs_per_step
+    import main_pretrain
+    data = make_image_folder(str(tmp_path / "data"), num_classes=2, per_class=6, size=(36, 36))
+    with meta_device(monkeypatch):
+        main_pretrain.main(tiny_args(data, tmp_path / "placed", *FLAGS, "--device", "meta"))
+    assert (tmp_path / "placed" / "current.pth").exists()
+    for count, sites in syncs_per_step(data, tmp_path / "syncs", monkeypatch, FLAGS):
+        assert count <= 1, f"{count} host reads in a step: {sites}"
