@@ -339,6 +339,7 @@ def test_kill9_and_auto_resume_end_bit_exact(tmp_path):
 
 
 # ------------------------------------------------------------------------------ device (the generic tests' cells)
+@pytest.mark.slow
 def test_step_runs_on_a_second_device_with_one_host_read(tmp_path, monkeypatch):
     """The cells of tests/test_device_placement.py and tests/test_sync_count.py for NNCLR (they iterate over
     test_cli_pretrain.METHOD_FLAGS): every tensor reaches the ``meta`` device, and a step outside the print
