@@ -40,6 +40,8 @@ METHOD_FLAGS = {
     "DINO": ["--model", "DINO", "--image-size2", "16", "--num-crop2", "2", "--crop", "0.08", "--crop2", "0.3",
              "--mlp-hidden-dim", "64", "--dino-bottleneck-dim", "8", "--dino-warmup-teacher-temp-epochs", "2",
              "--weight-decay-end", "0.01"],
+    "NNCLR": ["--model", "NNCLR", "--optimizer", "lars", "--mlp-hidden-dim", "64", "--nnclr-pred-hidden-dim", "64",
+              "--nnclr-support-size", "16"],
 }
 
 

@@ -108,10 +108,19 @@ PUBLISHED = {
              "dino_norm_last_layer": True, "dino_use_bn_in_head": False, "dino_teacher_temp": 0.04,
              "dino_warmup_teacher_temp": 0.04, "dino_warmup_teacher_temp_epochs": 0, "dino_center_momentum": 0.9,
              "dino_freeze_last_layer": 1},
+    # NNCLR paper (Dwibedi et al. 2021, arXiv 2104.14548v2) Sec. 3.2 "Implementation details" and Sec. 4: BYOL's
+    # augmentations (crop 0.08-1), projector 3 layers 2048-2048-256, predictor hidden 4096, tau 0.1, support set
+    # 98,304, LARS, lr 0.3 x B / 256, wd 1e-6, 10 warm-up epochs (linear from 0), cosine, batch norm over all GPUs
+    "NNCLR": {**RELEASE, "aug": "BYOL", "crop": 0.08, "feature_dim": 256, "mlp_head": True, "mlp_hidden_dim": 2048,
+              "contrast_temperature": 0.1, "optimizer": "lars", "base_learning_rate": 0.3, "lr_scaling": "linear",
+              "weight_decay": 1e-6, "momentum": 0.9, "lr_scheduler": "cosine", "warmup_epoch": 10,
+              "warmup_multiplier": 1e6, "num_crop": 1, "sync_batchnorm": True, "nnclr_support_size": 98304,
+              "nnclr_pred_hidden_dim": 4096},
 }
 #: peak lr at the official total batch (method, per-process batch, processes, expected peak lr)
 PEAK_LR = [("BYOL", 64, 64, 0.2 * 4096 / 256), ("SwAV", 64, 64, 4.8), ("SimCLR", 64, 4, 0.3),
-           ("PIC", 64, 4, 0.03), ("DINO", 64, 8, 0.06)]
+           ("PIC", 64, 4, 0.03), ("DINO", 64, 8, 0.06),
+           ("NNCLR", 64, 64, 0.3 * 4096 / 256)]
 
 
 def test_every_registered_method_has_a_published_table():

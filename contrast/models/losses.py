@@ -246,3 +246,41 @@ def dino_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], 
                 loss = loss + (-q * log_p[v]).sum(dim=-1).mean()
                 terms += 1
     return loss / terms
+
+
+def nnclr_loss(nn: Sequence[torch.Tensor], p: Sequence[torch.Tensor], nn_all: Sequence[torch.Tensor],
+               p_all: Sequence[torch.Tensor], offset: int, temperature: float) -> torch.Tensor:
+    """NNCLR's symmetric loss (Dwibedi et al., "With a Little Help from My Friends: Nearest-Neighbor
+    Contrastive Learning of Visual Representations", ICCV 2021, Eq. 2 with the prediction head and the
+    symmetric term of its Sec. 3.2 "Implementation details") for this rank's anchors.
+
+    ``nn[a]`` is the nearest neighbour in the support set of view a's projection, ``p[b]`` the prediction
+    of the other view b. For each ordered pair (a, b) of the two views, and sample i of the global batch
+    of G (the local sample j is ``offset + j``):
+
+    * Eq. 2: ``-log softmax_k(nn_a[i] . p_b[k] / tau)[i]`` (candidates: all G predictions of view b);
+    * its symmetric term: ``-log softmax_k(nn_a[k] . p_b[i] / tau)[i]`` (candidates: all G neighbours).
+
+    The loss is the mean of these four terms over the local anchors.
+
+    Args:
+        nn: 2 tensors (B, D), normalised neighbours of the local samples (constants: no gradient flows).
+        p: 2 tensors (B, D), normalised local predictions (with gradient).
+        nn_all: 2 tensors (G, D), ``nn`` gathered from all ranks in rank order (constants).
+        p_all: 2 tensors (G, D), ``p`` gathered from all ranks in rank order with autograd
+            (``contrast.distributed.all_gather_with_grad``); in one process ``p`` itself.
+        offset: position of this rank's first sample in the global batch (rank x B).
+        temperature: tau.
+    Returns:
+        fp32 scalar, mean over the 4B local anchor terms; its mean over ranks (as DDP averages the
+        gradients) is the loss of the global batch.
+    """
+    if not (len(nn) == len(p) == len(nn_all) == len(p_all) == 2):
+        raise ValueError("nnclr_loss takes exactly two views")
+    target = torch.arange(p[0].shape[0], device=p[0].device) + offset
+    loss = p[0].new_zeros((), dtype=torch.float32)
+    for a, b in ((0, 1), (1, 0)):
+        nn_a, nn_a_all = nn[a].detach().float(), nn_all[a].detach().float()
+        loss = loss + F.cross_entropy(nn_a @ p_all[b].float().t() / temperature, target)
+        loss = loss + F.cross_entropy(p[b].float() @ nn_a_all.t() / temperature, target)
+    return loss / 4

@@ -17,6 +17,7 @@ from contrast.models.byol import BYOL
 from contrast.models.dino import DINO
 from contrast.models.instdisc import InstDisc
 from contrast.models.moco import MoCo, MoCoV2
+from contrast.models.nnclr import NNCLR
 from contrast.models.pic import PIC
 from contrast.models.simclr import SimCLR
 from contrast.models.swav import SwAV
@@ -45,6 +46,7 @@ def unregister(name: str) -> None:
 for _cls in (PIC, InstDisc, MoCo, MoCoV2, SimCLR, BYOL, SwAV):
     register(_cls)
 register(DINO)
+register(NNCLR)
 
 
 def method_class(name: str) -> Type[BaseMethod]:
