@@ -125,3 +125,25 @@ def test_linear_torchrun_two_processes(pretrained, tmp_path):
     lin = read_checkpoint(str(out / "current.pth"))
     assert lin.world_size == 2 and lin.config["per_process_batch"] == 2
     assert "val epoch 1: top-1" in open(out / "log.txt").read()
+
+
+def test_config_json_repeats_the_linear_run(pretrained, tmp_path):
+    """config.json is the versioned grouped dump; `--config OUT/config.json --output-dir OUT2` parses to the
+    same settings (arch, stem and image size resolved from the checkpoint included) and the same weights."""
+    import json
+    from contrast.option_eval import eval_config, parse_linear_args
+    data, ckpt = pretrained
+    argv = linear_args(data, ckpt, tmp_path / "a", "--label-fraction", "0.5", epochs=1)
+    main_linear.main(argv)
+    path = tmp_path / "a" / "config.json"
+    dump = json.loads(path.read_text())
+    assert dump["config_version"] == 2 and dump["eval"] == {}
+    assert dump["method"]["arch"] == "resnet18" and dump["data"]["label_fraction"] == 0.5
+    assert dump["optim"]["learning_rate"] == 5 and dump["run"]["effective_lr"] == 5 * 4 / 256
+    used, _ = main_linear.resolve_backbone(eval_config(parse_linear_args(argv)), read_checkpoint(ckpt))
+    again = eval_config(parse_linear_args(["--config", str(path)]))
+    assert again == used
+    main_linear.main(["--config", str(path), "--output-dir", str(tmp_path / "b")])
+    a, b = (read_checkpoint(str(tmp_path / d / "current.pth")) for d in "ab")
+    assert a.model.keys() == b.model.keys() and all(torch.equal(a.model[k], b.model[k]) for k in a.model)
+    assert (tmp_path / "a" / "label_subset.txt").read_text() == (tmp_path / "b" / "label_subset.txt").read_text()
