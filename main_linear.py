@@ -28,7 +28,7 @@ from contrast.checkpoint import FINETUNE, LINEAR, Checkpoint, choose_resume, lis
     read_checkpoint
 from contrast.config_file import resolve_from_config
 from contrast.data import build_dataset, build_sampler
-from contrast.data.subsets import item_names, label_subset, write_subset_file
+from contrast.data.subsets import item_paths, label_subset, subset_names, write_subset_file
 from contrast.data.transforms import build_augmentation
 from contrast.eval.features import ShardSampler
 from contrast.evalconfig import EvalDataConfig, EvalModelConfig, EvalRunConfig, dump_eval_config
@@ -246,7 +246,7 @@ def training_subset(train_set, data: EvalDataConfig, seed: int, run: engine.Run)
         return None
     path = os.path.join(run.output_dir, SUBSET_FILE)
     if run.env.is_main:
-        write_subset_file(path, item_names(train_set), subset)
+        write_subset_file(path, subset_names(item_paths(train_set), subset))
     run.logger.info(f"label subset: {len(subset)} of {len(train_set)} training images "
                     f"({data.label_subset or f'fraction {data.label_fraction}, seed {seed}'}), listed in {path}")
     return subset
