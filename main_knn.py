@@ -7,7 +7,8 @@ processes when launched with ``torchrun --nproc_per_node=N``; each process keeps
 only its block, and the kNN runs sharded (``contrast.eval.knn.knn_neighbours``:
 queries all-gathered in chunks, top-k candidates merged); several ``--knn-k``
 values reuse one extraction. ``--linear-cached`` also trains a linear classifier on
-cached features (:mod:`contrast.eval.linear_cached`): only then (or with
+cached features (:mod:`contrast.eval.linear_cached`; ``--label-fraction`` / ``--label-subset``: on a
+subset of the training images, the kNN still uses them all): only then (or with
 ``--save-features``) are the features gathered, to rank 0's CPU, and the probe
 is trained on rank 0's device.
 
@@ -35,6 +36,7 @@ from torch import nn
 from contrast import distributed as cd
 from contrast import engine
 from contrast.data import build_dataset
+from contrast.data.subsets import item_paths, label_subset, subset_names, write_subset_file
 from contrast.data.transforms import build_augmentation
 from contrast.eval.features import backbone_from_checkpoint, build_eval_loader, extract_features
 from contrast.eval.knn import knn_evaluate, l2_normalize_
@@ -42,6 +44,7 @@ from contrast.eval.linear_cached import train_linear_cached
 from contrast.models import build_backbone
 from contrast.option import (add_backbone_flags, add_data_flags, add_knn_flags, add_output_json_flag,
                              add_pretrained_flag, add_runtime_flags, check_values, new_parser, resolve_from_config)
+from contrast.option_eval import add_label_subset_flags, check_label_subset
 from contrast.placement import place
 
 
@@ -65,6 +68,7 @@ def knn_parser() -> argparse.ArgumentParser:
                    "standardised, so one value suits every method")
     g.add_argument("--linear-batch-size", type=int, default=256, help="batch size")
     g.add_argument("--linear-wd", type=float, default=0.0, help="weight decay")
+    add_label_subset_flags(p)
     add_runtime_flags(p, output_dir=None, checkpoints=False)
     g = p.add_argument_group("results")
     add_output_json_flag(g, "", "--output", note=" (default: <output-dir>/knn.json when --output-dir is given)")
@@ -89,6 +93,9 @@ def parse_knn_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         p.error(f"--knn-k must be >= 1 and --knn-t > 0, got {args.knn_k} and {args.knn_t}")
     if args.linear_aug_copies < 0:
         p.error("--linear-aug-copies must be >= 0")
+    check_label_subset(p, args)
+    if (args.label_fraction is not None or args.label_subset) and not args.linear_cached:
+        p.error("--label-fraction / --label-subset choose the training images of --linear-cached")
     if not args.output_json and args.output_dir:
         args.output_json = os.path.join(args.output_dir, "knn.json")
     return args
@@ -183,9 +190,19 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             linear_train = torch.stack(copies) if env.is_main else None
         else:
             linear_train = full["train_feats"]
+        subset = label_subset(splits["train"], args.label_fraction, args.label_subset, args.seed)
         if env.is_main:
+            train_labels = full["train_labels"]
+            if subset is not None:   # the same draw as main_linear.py's for the same seed
+                rows = torch.from_numpy(subset)
+                linear_train, train_labels = linear_train[..., rows, :], train_labels[rows]
+                result["label_subset"] = {"images": len(subset), "fraction": args.label_fraction,
+                                          "file": args.label_subset}
+                if args.output_dir:
+                    write_subset_file(os.path.join(args.output_dir, "label_subset.txt"),
+                                      subset_names(item_paths(splits["train"]), subset))
             start = time.time()
-            _, acc = train_linear_cached(linear_train.to(device), full["train_labels"], full["val_feats"].to(device),
+            _, acc = train_linear_cached(linear_train.to(device), train_labels, full["val_feats"].to(device),
                                          full["val_labels"], num_classes,
                                          epochs=args.linear_epochs, lr=args.linear_lr,
                                          batch_size=args.linear_batch_size, weight_decay=args.linear_wd,

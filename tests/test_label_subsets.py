@@ -91,3 +91,26 @@ def test_imagenet_style_names_are_bare_file_names():
     paths = ["n01440764/n01440764_10026.JPEG", "n01440764/n01440764_2.JPEG", "n01443537/n01443537_7.JPEG"]
     assert subset_names(paths, np.array([0, 2])) == ["n01440764_10026.JPEG", "n01443537_7.JPEG"]
     assert indices_of_names(paths, ["n01443537_7.JPEG", "n01440764/n01440764_2.JPEG"], "f").tolist() == [1, 2]
+
+
+def test_cached_probe_trains_on_the_listed_subset(tmp_path):
+    """main_knn.py --linear-cached --label-fraction: the probe equals one trained on exactly the rows of
+    label_subset.txt (the kNN still uses every training image)."""
+    import main_knn
+    from contrast.eval.linear_cached import train_linear_cached
+    data = make_image_folder(str(tmp_path / "d"), num_classes=2, per_class=6, size=(8, 8))
+    common = ["--data-dir", data, "--raw-pixels", "--image-size", "8", "--num-workers", "0", "--batch-size", "4",
+              "--device", "cpu", "--knn-k", "3", "--linear-cached", "--linear-epochs", "3", "--linear-batch-size", "2",
+              "--seed", "5"]
+    result = main_knn.main(common + ["--label-fraction", "0.5", "--output-dir", str(tmp_path / "o"),
+                                     "--save-features", str(tmp_path / "f.pt")])
+    listed = (tmp_path / "o" / "label_subset.txt").read_text().splitlines()
+    order = [f"class_{c}/img_{i}.{'png' if i % 2 == 0 else 'jpg'}" for c in range(2) for i in range(6)]
+    rows = sorted(order.index(name) for name in listed)
+    assert len(rows) == 6 and result["label_subset"]["images"] == 6 and result["num_train"] == 12
+    saved = torch.load(tmp_path / "f.pt", weights_only=False)
+    _, ref = train_linear_cached(saved["train_feats"][rows], saved["train_labels"][rows], saved["val_feats"],
+                                 saved["val_labels"], 2, epochs=3, lr=0.1, batch_size=2, seed=5)
+    assert result["linear"]["top1"] == ref["top1"] and result["linear"]["train_loss"] == ref["train_loss"]
+    with pytest.raises(SystemExit):
+        main_knn.parse_knn_args(common[:-7] + ["--label-fraction", "0.5"])   # without --linear-cached
