@@ -132,3 +132,23 @@ def test_finetune_torchrun_two_processes(pretrained, tmp_path):
     assert ft.kind == FINETUNE and ft.world_size == 2 and ft.config["sync_bn"] and ft.config["train_images"] == 4
     assert len((out / "label_subset.txt").read_text().splitlines()) == 4
     assert "val epoch 1: top-1" in open(out / "log.txt").read()
+
+
+@pytest.mark.slow
+def test_fashion_mnist_finetune_script(pretrained, tmp_path):
+    """scripts/finetune_fashion_mnist.sh: the checkpoint and a random-init network fine-tuned on each label
+    fraction, the linear probe, kNN and the cached probe; one table row per run (mechanics, not accuracy)."""
+    from tests.test_bench_script import fake_fashion_mnist, run_script
+    _, ckpt = pretrained
+    src = fake_fashion_mnist(tmp_path / "src", num_train=100, num_val=20)
+    out = tmp_path / "ft"
+    run_script("finetune_fashion_mnist.sh", dict(CKPT=ckpt, SRC=str(src), OUT=str(out), FRACTIONS="0.1",
+                                                 EPOCHS_10="1", EPOCHS_100="1", LINEAR_EPOCHS="1", BATCH="10",
+                                                 STEM="imagenet", WORKERS="0"))
+    rows = [line.split("|")[1:-1] for line in (out / "results.md").read_text().splitlines()
+            if line.startswith("| ") and not line.startswith("| run")]
+    assert [r[0].strip() for r in rows] == ["finetune-0.1", "random-init-0.1", "linear"]
+    assert all(0 <= float(r[3]) <= 100 for r in rows)
+    assert len((out / "finetune-0.1" / "label_subset.txt").read_text().splitlines()) == 10
+    assert read_checkpoint(str(out / "random-init-0.1" / "current.pth")).config["random_init"]
+    assert "linear" in __import__("json").loads((out / "knn.json").read_text())
