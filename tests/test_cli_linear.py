@@ -54,10 +54,8 @@ def test_linear_trains_evaluates_and_keeps_backbone(pretrained, tmp_path):
     assert again["acc1"] == pytest.approx(result["last_acc1"])
 
 
-def test_linear_auto_resume_matches(pretrained, tmp_path, monkeypatch):
-    """2 epochs straight == stopped after epoch 1's checkpoint + --auto-resume."""
-    data, ckpt = pretrained
-    straight = main_linear.main(linear_args(data, ckpt, tmp_path / "a"))
+def stop_after_the_first_epoch(monkeypatch, argv):
+    """Run ``main_linear.main(argv)`` until its first epoch checkpoint is written, then stop it."""
     from contrast import engine
     real = engine.Checkpointer.save_epoch
 
@@ -70,7 +68,14 @@ def test_linear_auto_resume_matches(pretrained, tmp_path, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(engine.Checkpointer, "save_epoch", save_then_stop)
         with pytest.raises(Stop):
-            main_linear.main(linear_args(data, ckpt, tmp_path / "c"))
+            main_linear.main(argv)
+
+
+def test_linear_auto_resume_matches(pretrained, tmp_path, monkeypatch):
+    """2 epochs straight == stopped after epoch 1's checkpoint + --auto-resume."""
+    data, ckpt = pretrained
+    straight = main_linear.main(linear_args(data, ckpt, tmp_path / "a"))
+    stop_after_the_first_epoch(monkeypatch, linear_args(data, ckpt, tmp_path / "c"))
     resumed = main_linear.main(linear_args(data, ckpt, tmp_path / "c", "--auto-resume"))
     a, c = read_checkpoint(str(tmp_path / "a" / "current.pth")), read_checkpoint(str(tmp_path / "c" / "current.pth"))
     assert all(torch.equal(a.model[k], c.model[k]) for k in a.model)

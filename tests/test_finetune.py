@@ -12,7 +12,7 @@ import main_linear
 from contrast.checkpoint import FINETUNE, CheckpointError, read_checkpoint
 from contrast.option_eval import eval_config, parse_linear_args
 from tests.dist_utils import free_port
-from tests.test_cli_linear import linear_args, pretrained  # noqa: F401 (pretrained: a fixture)
+from tests.test_cli_linear import linear_args, pretrained, stop_after_the_first_epoch  # noqa: F401 (a fixture)
 from tests.test_cli_pretrain import ROOT
 
 FT = ["--finetune", "--learning-rate", "0.5"]
@@ -47,19 +47,7 @@ def test_finetune_resume_matches_an_uninterrupted_run(pretrained, tmp_path, monk
     data, ckpt = pretrained
     args = ("--label-fraction", "0.5", "--total-batch-size", "2")
     straight = main_linear.main(finetune_args(data, ckpt, tmp_path / "a", *args, epochs=2))
-    from contrast import engine
-    real = engine.Checkpointer.save_epoch
-
-    class Stop(Exception):
-        pass
-
-    def save_then_stop(*a, **kw):
-        real(*a, **kw)
-        raise Stop
-    with monkeypatch.context() as m:
-        m.setattr(engine.Checkpointer, "save_epoch", save_then_stop)
-        with pytest.raises(Stop):
-            main_linear.main(finetune_args(data, ckpt, tmp_path / "c", *args, epochs=2))
+    stop_after_the_first_epoch(monkeypatch, finetune_args(data, ckpt, tmp_path / "c", *args, epochs=2))
     resumed = main_linear.main(finetune_args(data, ckpt, tmp_path / "c", *args, "--auto-resume", epochs=2))
     a, c = (read_checkpoint(str(tmp_path / d / "current.pth")) for d in "ac")
     assert a.epoch == c.epoch == 2 and all(torch.equal(a.model[k], c.model[k]) for k in a.model)
