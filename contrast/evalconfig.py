@@ -95,13 +95,8 @@ class EvalRunConfig:
 
 def eval_groups_from_flags(flags: Mapping[str, Any]) -> EvalRunConfig:
     """The :class:`EvalRunConfig` of parsed flags (``vars(args)``)."""
-    groups = {}
-    for section, cls in EVAL_GROUPS.items():
-        values = {f.name: flags[f.name] for f in fields(cls)}
-        if cls is EvalOptimConfig:
-            values["lr_decay_epochs"] = tuple(values["lr_decay_epochs"])
-        groups["model" if section == "method" else section] = cls(**values)
-    return EvalRunConfig(**groups)
+    return EvalRunConfig(**{"model" if section == "method" else section: _group(cls, flags)
+                            for section, cls in EVAL_GROUPS.items()})
 
 
 def dump_eval_config(cfg: EvalRunConfig, **facts: Any) -> Dict[str, Any]:
@@ -112,3 +107,92 @@ def dump_eval_config(cfg: EvalRunConfig, **facts: Any) -> Dict[str, Any]:
         out[section] = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(group).items()}
     out[FACTS] = dict(facts)
     return out
+
+
+@dataclass(frozen=True)
+class FeatureDataConfig:
+    """``main_knn.py``: the dataset, the evaluation transform, the loader and the probe's label subset."""
+
+    data_dir: str
+    zip: bool
+    cache_mode: str
+    strict_data: bool
+    index_dir: Optional[str]
+    image_size: Optional[int]
+    val_crop_fraction: Optional[float]
+    num_workers: int
+    batch_size: int
+    label_fraction: Optional[float]
+    label_subset: Optional[str]
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """``main_knn.py``: what encodes the images (a checkpoint's backbone, a random-init one, the pixels)."""
+
+    pretrained_model: str
+    random_init: bool
+    raw_pixels: bool
+    arch: Optional[str]
+    stem: Optional[str]
+
+
+@dataclass(frozen=True)
+class KnnConfig:
+    """Weighted kNN: neighbours (several share one extraction), temperature, queries per block."""
+
+    knn_k: Tuple[int, ...]
+    knn_t: float
+    chunk_size: int
+
+
+@dataclass(frozen=True)
+class CachedProbeConfig:
+    """The linear classifier on cached features (``--linear-cached``)."""
+
+    linear_cached: bool
+    linear_aug_copies: int
+    linear_crop: float
+    linear_epochs: int
+    linear_lr: float
+    linear_batch_size: int
+    linear_wd: float
+
+
+@dataclass(frozen=True)
+class FeatureRunConfig:
+    """Output, device and seed of ``main_knn.py``."""
+
+    output_dir: Optional[str]
+    output_json: str
+    save_features: str
+    name: str
+    device: str
+    seed: int
+    local_rank: int
+    debug: bool
+
+
+@dataclass(frozen=True)
+class KnnRunConfig:
+    """Every setting of ``main_knn.py``, by concern (see :data:`KNN_GROUPS`)."""
+
+    data: FeatureDataConfig
+    encoder: EncoderConfig
+    knn: KnnConfig
+    probe: CachedProbeConfig
+    runtime: FeatureRunConfig
+
+
+KNN_GROUPS = {"data": FeatureDataConfig, "encoder": EncoderConfig, "knn": KnnConfig, "probe": CachedProbeConfig,
+              "runtime": FeatureRunConfig}
+
+
+def knn_groups_from_flags(flags: Mapping[str, Any]) -> KnnRunConfig:
+    """The :class:`KnnRunConfig` of parsed ``main_knn.py`` flags (``vars(args)``)."""
+    return KnnRunConfig(**{name: _group(cls, flags) for name, cls in KNN_GROUPS.items()})
+
+
+def _group(cls, flags: Mapping[str, Any]):
+    """``cls`` filled from the flags of its field names (lists become tuples: the groups are frozen)."""
+    return cls(**{f.name: tuple(v) if isinstance(v, list) else v for f in fields(cls) for v in [flags[f.name]]})

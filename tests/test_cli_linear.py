@@ -152,3 +152,15 @@ def test_config_json_repeats_the_linear_run(pretrained, tmp_path):
     a, b = (read_checkpoint(str(tmp_path / d / "current.pth")) for d in "ab")
     assert a.model.keys() == b.model.keys() and all(torch.equal(a.model[k], b.model[k]) for k in a.model)
     assert (tmp_path / "a" / "label_subset.txt").read_text() == (tmp_path / "b" / "label_subset.txt").read_text()
+
+
+def test_every_evaluation_flag_has_one_group():
+    """main_linear.py and main_knn.py: each flag (but --help, --config) is a field of exactly one typed group."""
+    from dataclasses import fields
+    import main_knn
+    from contrast.evalconfig import EVAL_GROUPS, KNN_GROUPS
+    from contrast.option_eval import linear_parser
+    for parser, groups in ((linear_parser(), EVAL_GROUPS), (main_knn.knn_parser(), KNN_GROUPS)):
+        dests = {a.dest for a in parser._actions if a.option_strings} - {"help", "config"}
+        in_groups = [f.name for cls in groups.values() for f in fields(cls)]
+        assert sorted(in_groups) == sorted(dests), parser.prog
