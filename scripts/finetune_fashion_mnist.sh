@@ -5,7 +5,8 @@
 # scripts/bench_fashion_mnist.sh; then the linear probe, the cached probe and kNN of the checkpoint.
 #
 #   CKPT=/tmp/fm_bench/PIC/current.pth bash scripts/finetune_fashion_mnist.sh
-#   CKPT=... FRACTIONS="0.01" EPOCHS_1=2 TRAIN_LIMIT=2000 VAL_LIMIT=500 OUT=/tmp/ft_smoke bash scripts/finetune_fashion_mnist.sh
+#   CKPT=... FRACTIONS="0.01" EPOCHS_1=2 TRAIN_LIMIT=2000 VAL_LIMIT=500 OUT=/tmp/ft_smoke \
+#       bash scripts/finetune_fashion_mnist.sh                                        # a smoke run
 #
 # Writes $OUT/<name>/ (one run folder each: config.json, log.txt, label_subset.txt, checkpoints) and
 # $OUT/results.md (top-1 last / best and seconds per run). Every setting is a variable; EXTRA_FLAGS go
@@ -49,9 +50,10 @@ run() {  # name, labels, epochs, then main_linear.py arguments
   local t0; t0=$(date +%s)
   # shellcheck disable=SC2086
   $PY main_linear.py "${common[@]}" --epochs "$epochs" --output-dir "$OUT/$name" --auto-resume "$@" $EXTRA_FLAGS
-  local done; done=$(grep "evaluation done" "$OUT/$name/log.txt" | tail -n 1)
+  local line; line=$(grep "evaluation done" "$OUT/$name/log.txt" | tail -n 1)
   local last best
-  last=$(sed -E 's/.*last top-1 ([0-9.]+).*/\1/' <<< "$done"); best=$(sed -E 's/.*best top-1 ([0-9.]+).*/\1/' <<< "$done")
+  last=$(sed -E 's/.*last top-1 ([0-9.]+).*/\1/' <<< "$line")
+  best=$(sed -E 's/.*best top-1 ([0-9.]+).*/\1/' <<< "$line")
   echo "| $name | $labels | $epochs | $last | $best | $(( $(date +%s) - t0 )) |" >> "$table"
 }
 
@@ -65,8 +67,16 @@ for fraction in $FRACTIONS; do
   run "random-init-$fraction" "$fraction" "$epochs" --finetune --random-init "${subset[@]}"
 done
 run "linear" 1.0 "$LINEAR_EPOCHS" --pretrained-model "$CKPT" --warmup-epoch 0
+t0=$(date +%s)
 $PY main_knn.py --data-dir "$DATA" --zip --cache-mode full --image-size "$IMAGE_SIZE" --val-crop-fraction 1.0 \
     --batch-size 256 --num-workers "$WORKERS" --knn-k 20 200 --linear-cached --linear-epochs "$LINEAR_EPOCHS" \
     --seed "$SEED" --device "$DEVICE" --checkpoint "$CKPT" --output "$OUT/knn.json"
+$PY - "$OUT/knn.json" "$(( $(date +%s) - t0 ))" "$LINEAR_EPOCHS" >> "$table" <<'EOF'
+import json, sys
+r, seconds, epochs = json.load(open(sys.argv[1])), sys.argv[2], sys.argv[3]
+for k, acc in r["knn"].items():
+    print(f"| kNN k={k} | 1.0 | - | {acc['top1']:.2f} | - | {seconds} (with the cached probe) |")
+print(f"| linear-cached | 1.0 | {epochs} | {r['linear']['top1']:.2f} | - | {r['linear']['seconds']:.0f} |")
+EOF
 echo "[finetune] $table, kNN and cached probe: $OUT/knn.json"
 cat "$table"

@@ -114,7 +114,8 @@ def test_finetune_torchrun_two_processes(pretrained, tmp_path):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                         f"--master_port={free_port()}", "main_linear.py",
                         *finetune_args(data, ckpt, out, "--label-fraction", "0.5")],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     ft = read_checkpoint(str(out / "current.pth"))
     assert ft.kind == FINETUNE and ft.world_size == 2 and ft.config["sync_bn"] and ft.config["train_images"] == 4
@@ -135,7 +136,8 @@ def test_fashion_mnist_finetune_script(pretrained, tmp_path):
                                                  STEM="imagenet", WORKERS="0"))
     rows = [line.split("|")[1:-1] for line in (out / "results.md").read_text().splitlines()
             if line.startswith("| ") and not line.startswith("| run")]
-    assert [r[0].strip() for r in rows] == ["finetune-0.1", "random-init-0.1", "linear"]
+    assert [r[0].strip() for r in rows] == ["finetune-0.1", "random-init-0.1", "linear", "kNN k=20", "kNN k=200",
+                                            "linear-cached"]
     assert all(0 <= float(r[3]) <= 100 for r in rows)
     assert len((out / "finetune-0.1" / "label_subset.txt").read_text().splitlines()) == 10
     assert read_checkpoint(str(out / "random-init-0.1" / "current.pth")).config["random_init"]

@@ -1,9 +1,9 @@
 """Semi-supervised label subsets: a class-balanced fraction of a training split, or a named list.
 
 The list format is that of the standard ImageNet 1 % / 10 % subsets (google-research/simclr
-``imagenet_subsets/1percent.txt``): one image file name (no folder) per line; where bare names are not unique (two class folders
-holding ``img_0.png``), the path below the split's folder. The choice is a pure
-function of the labels, the fraction and the seed, so every rank computes the same subset.
+``imagenet_subsets/1percent.txt``): one image file name (no folder) per line; where bare names are
+not unique (two class folders holding ``img_0.png``), the path below the split's folder. The choice
+is a pure function of the labels, the fraction and the seed, so every rank computes the same subset.
 """
 from __future__ import annotations
 
