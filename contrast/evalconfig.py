@@ -17,8 +17,8 @@ LINEAR, FINETUNE = "linear", "finetune"
 
 
 @dataclass(frozen=True)
-class EvalDataConfig:
-    """Dataset, loader, augmentation and label-subset flags."""
+class DatasetConfig:
+    """Where the splits are, how they are read, the evaluation transform's size and crop."""
 
     data_dir: str
     zip: bool
@@ -28,6 +28,12 @@ class EvalDataConfig:
     image_size: Optional[int]
     val_crop_fraction: Optional[float]
     num_workers: int
+
+
+@dataclass(frozen=True)
+class EvalDataConfig(DatasetConfig):
+    """Dataset, loader, augmentation and label-subset flags."""
+
     total_batch_size: int
     aug: str
     crop: float
@@ -110,17 +116,9 @@ def dump_eval_config(cfg: EvalRunConfig, **facts: Any) -> Dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class FeatureDataConfig:
+class FeatureDataConfig(DatasetConfig):
     """``main_knn.py``: the dataset, the evaluation transform, the loader and the probe's label subset."""
 
-    data_dir: str
-    zip: bool
-    cache_mode: str
-    strict_data: bool
-    index_dir: Optional[str]
-    image_size: Optional[int]
-    val_crop_fraction: Optional[float]
-    num_workers: int
     batch_size: int
     label_fraction: Optional[float]
     label_subset: Optional[str]
