@@ -7,7 +7,8 @@ processes when launched with ``torchrun --nproc_per_node=N``; each process keeps
 only its block, and the kNN runs sharded (``contrast.eval.knn.knn_neighbours``:
 queries all-gathered in chunks, top-k candidates merged); several ``--knn-k``
 values reuse one extraction. ``--linear-cached`` also trains a linear classifier on
-cached features (:mod:`contrast.eval.linear_cached`): only then (or with
+cached features (:mod:`contrast.eval.linear_cached`; ``--label-fraction`` / ``--label-subset``: on a
+subset of the training images, the kNN still uses them all): only then (or with
 ``--save-features``) are the features gathered, to rank 0's CPU, and the probe
 is trained on rank 0's device.
 
@@ -27,6 +28,8 @@ import argparse
 import json
 import os
 import time
+from dataclasses import replace
+from types import SimpleNamespace
 from typing import Dict, List, Optional
 
 import torch
@@ -35,13 +38,16 @@ from torch import nn
 from contrast import distributed as cd
 from contrast import engine
 from contrast.data import build_dataset
+from contrast.data.subsets import item_paths, label_subset, subset_names, write_subset_file
 from contrast.data.transforms import build_augmentation
 from contrast.eval.features import backbone_from_checkpoint, build_eval_loader, extract_features
 from contrast.eval.knn import knn_evaluate, l2_normalize_
 from contrast.eval.linear_cached import train_linear_cached
+from contrast.evalconfig import EncoderConfig, FeatureDataConfig, knn_groups_from_flags
 from contrast.models import build_backbone
 from contrast.option import (add_backbone_flags, add_data_flags, add_knn_flags, add_output_json_flag,
                              add_pretrained_flag, add_runtime_flags, check_values, new_parser, resolve_from_config)
+from contrast.option_eval import add_label_subset_flags, check_label_subset
 from contrast.placement import place
 
 
@@ -65,6 +71,7 @@ def knn_parser() -> argparse.ArgumentParser:
                    "standardised, so one value suits every method")
     g.add_argument("--linear-batch-size", type=int, default=256, help="batch size")
     g.add_argument("--linear-wd", type=float, default=0.0, help="weight decay")
+    add_label_subset_flags(p)
     add_runtime_flags(p, output_dir=None, checkpoints=False)
     g = p.add_argument_group("results")
     add_output_json_flag(g, "", "--output", note=" (default: <output-dir>/knn.json when --output-dir is given)")
@@ -89,120 +96,141 @@ def parse_knn_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         p.error(f"--knn-k must be >= 1 and --knn-t > 0, got {args.knn_k} and {args.knn_t}")
     if args.linear_aug_copies < 0:
         p.error("--linear-aug-copies must be >= 0")
+    check_label_subset(p, args)
+    if (args.label_fraction is not None or args.label_subset) and not args.linear_cached:
+        p.error("--label-fraction / --label-subset choose the training images of --linear-cached")
     if not args.output_json and args.output_dir:
         args.output_json = os.path.join(args.output_dir, "knn.json")
     return args
 
 
-def build_encoder(args) -> tuple[nn.Module, dict]:
-    """The feature extractor and what it is (``encoder`` description, checkpoint ``epoch``/``model``)."""
-    if args.raw_pixels:
-        return nn.Flatten(1), {"encoder": "raw pixels"}
-    if args.random_init:
-        torch.manual_seed(args.seed)
-        stem = args.stem or "imagenet"
-        backbone, _ = build_backbone(args.arch, stem=stem, zero_init_residual=False)  # torchvision's own init
-        return backbone, {"encoder": f"random-init {args.arch} {stem} stem (seed {args.seed})"}
-    backbone, _, ckpt = backbone_from_checkpoint(args.pretrained_model, args.arch, args.stem)
-    resolve_from_config(args, ckpt.config, ("image_size", "val_crop_fraction"))
+def build_encoder(spec: EncoderConfig, seed: int):
+    """The feature extractor, what it is (``encoder`` description, checkpoint ``epoch``/``model``) and the
+    checkpoint's config (empty for the baselines)."""
+    if spec.raw_pixels:
+        return nn.Flatten(1), {"encoder": "raw pixels"}, {}
+    if spec.random_init:
+        torch.manual_seed(seed)
+        stem = spec.stem or "imagenet"
+        backbone, _ = build_backbone(spec.arch, stem=stem, zero_init_residual=False)  # torchvision's own init
+        return backbone, {"encoder": f"random-init {spec.arch} {stem} stem (seed {seed})"}, {}
+    backbone, _, ckpt = backbone_from_checkpoint(spec.pretrained_model, spec.arch, spec.stem)
     info = {"model": ckpt.config.get("model"), "epoch": ckpt.epoch, "loop_epochs": ckpt.config.get("loop_epochs"),
-            "arch": args.arch or ckpt.config.get("arch")}
+            "arch": spec.arch or ckpt.config.get("arch")}
     if ckpt.images_seen is not None:
         info["images_seen"] = ckpt.images_seen
-    info["encoder"] = f"{args.pretrained_model} ({info['model']}, epoch {info['epoch']}, {info['arch']})"
-    return backbone, info
+    info["encoder"] = f"{spec.pretrained_model} ({info['model']}, epoch {info['epoch']}, {info['arch']})"
+    return backbone, info, ckpt.config
 
 
-def datasets(args, transform) -> Dict[str, object]:
+def resolve_image(data: FeatureDataConfig, config: dict) -> FeatureDataConfig:
+    """``data`` with the image size and val crop of the checkpoint's ``config`` where not given."""
+    values = SimpleNamespace(image_size=data.image_size, val_crop_fraction=data.val_crop_fraction)
+    resolve_from_config(values, config, ("image_size", "val_crop_fraction"))
+    return replace(data, **vars(values))
+
+
+def datasets(data: FeatureDataConfig, transform) -> Dict[str, object]:
     """Both splits, built before any feature is extracted: a missing split stops at once, naming it."""
-    return {split: build_dataset(args.data_dir, split, args.zip, args.cache_mode, transform.cpu, 0, 1,
-                                 index_dir=args.index_dir)
+    return {split: build_dataset(data.data_dir, split, data.zip, data.cache_mode, transform.cpu, 0, 1,
+                                 strict=data.strict_data, index_dir=data.index_dir)
             for split in ("train", "val")}
 
 
-def extract(encoder: nn.Module, dataset, transform, args, device: torch.device, progress: str):
+def extract(encoder: nn.Module, dataset, transform, data: FeatureDataConfig, device: torch.device, progress: str):
     """``(features, labels)`` of this rank's contiguous block of one split (nothing is gathered)."""
-    loader = build_eval_loader(dataset, args.batch_size, args.num_workers)
+    loader = build_eval_loader(dataset, data.batch_size, data.num_workers)
     return extract_features(encoder, loader, device, device_transform=transform.device, progress=progress,
                             gather=False)
 
 
 def main(argv: Optional[List[str]] = None) -> Dict:
-    args = parse_knn_args(argv)
-    env = cd.init_distributed(args.device, args.local_rank)
+    cfg = knn_groups_from_flags(vars(parse_knn_args(argv)))
+    rt, knn, probe = cfg.runtime, cfg.knn, cfg.probe
+    env = cd.init_distributed(rt.device, rt.local_rank)
     device = env.device
-    encoder, info = build_encoder(args)
-    resolve_from_config(args, {}, ("image_size", "val_crop_fraction"))
+    encoder, info, config = build_encoder(cfg.encoder, rt.seed)
+    data = resolve_image(cfg.data, config)
     what = info["encoder"]
     place(encoder, device)
-    val_aug = build_augmentation("val", num_views=1, image_size=args.image_size,
-                                 val_crop_fraction=args.val_crop_fraction)
+    val_aug = build_augmentation("val", num_views=1, image_size=data.image_size,
+                                 val_crop_fraction=data.val_crop_fraction)
     place(val_aug.device, device)
 
-    splits = datasets(args, val_aug)
+    splits = datasets(data, val_aug)
     num_classes = splits["train"].num_classes
     start = time.time()
-    train_feats, train_labels = extract(encoder, splits["train"], val_aug, args, device, "train features")
-    val_feats, val_labels = extract(encoder, splits["val"], val_aug, args, device, "val features")
+    train_feats, train_labels = extract(encoder, splits["train"], val_aug, data, device, "train features")
+    val_feats, val_labels = extract(encoder, splits["val"], val_aug, data, device, "val features")
     extract_s = time.time() - start
     num_train, num_val = len(splits["train"]), len(splits["val"])
-    result: Dict = {"name": args.name or what, **info, "num_train": num_train,
+    result: Dict = {"name": rt.name or what, **info, "num_train": num_train,
                     "num_val": num_val, "feat_dim": int(train_feats.shape[1]), "world_size": env.world_size,
-                    "extract_seconds": round(extract_s, 2), "knn_t": args.knn_t}
+                    "extract_seconds": round(extract_s, 2), "knn_t": knn.knn_t}
     # The whole sets exist only on rank 0's CPU, and only for the options that read them.
     full = {}
-    if args.save_features or args.linear_cached:
+    if rt.save_features or probe.linear_cached:
         full = {name: cd.gather_rows_to_cpu(t) for name, t in (("train_feats", train_feats),
                 ("train_labels", train_labels), ("val_feats", val_feats), ("val_labels", val_labels))}
-    if env.is_main and args.save_features:
-        os.makedirs(os.path.dirname(os.path.abspath(args.save_features)), exist_ok=True)
-        torch.save({**full, **info}, args.save_features)
+    if env.is_main and rt.save_features:
+        os.makedirs(os.path.dirname(os.path.abspath(rt.save_features)), exist_ok=True)
+        torch.save({**full, **info}, rt.save_features)
     if env.is_main:
         print(f"[knn] {what}: {num_train} train / {num_val} val features of dim "
               f"{train_feats.shape[1]} in {extract_s:.1f}s on {env.world_size} process(es)", flush=True)
-    knn = knn_evaluate(l2_normalize_(train_feats), train_labels, l2_normalize_(val_feats), val_labels, args.knn_k,
-                       args.knn_t, num_classes, args.chunk_size, progress="kNN" if env.is_main else "",
-                       sharded=True, normalized=True)
+    accs = knn_evaluate(l2_normalize_(train_feats), train_labels, l2_normalize_(val_feats), val_labels,
+                        list(knn.knn_k), knn.knn_t, num_classes, knn.chunk_size,
+                        progress="kNN" if env.is_main else "", sharded=True, normalized=True)
     del train_feats, val_feats
     if env.is_main:
-        result["knn"] = {str(k): v for k, v in knn.items()}
-        for k, acc in knn.items():
-            print(f"[knn] k={k} T={args.knn_t}: top1 {acc['top1']:.2f}  top5 {acc['top5']:.2f}", flush=True)
+        result["knn"] = {str(k): v for k, v in accs.items()}
+        for k, acc in accs.items():
+            print(f"[knn] k={k} T={knn.knn_t}: top1 {acc['top1']:.2f}  top5 {acc['top5']:.2f}", flush=True)
 
-    if args.linear_cached:
-        if args.linear_aug_copies > 0:
-            null_aug = build_augmentation("NULL", num_views=1, image_size=args.image_size, crop=args.linear_crop)
+    if probe.linear_cached:
+        if probe.linear_aug_copies > 0:
+            null_aug = build_augmentation("NULL", num_views=1, image_size=data.image_size, crop=probe.linear_crop)
             place(null_aug.device, device)
-            null_train = build_dataset(args.data_dir, "train", args.zip, args.cache_mode, null_aug.cpu, 0, 1,
-                                       index_dir=args.index_dir)
+            null_train = build_dataset(data.data_dir, "train", data.zip, data.cache_mode, null_aug.cpu, 0, 1,
+                                       strict=data.strict_data, index_dir=data.index_dir)
             copies = []
-            for c in range(args.linear_aug_copies):
-                torch.manual_seed(args.seed + 1000 * (c + 1) + env.rank)
-                copies.append(cd.gather_rows_to_cpu(extract(encoder, null_train, null_aug, args, device,
-                                                            f"augmented copy {c + 1}/{args.linear_aug_copies}")[0]))
+            for c in range(probe.linear_aug_copies):
+                torch.manual_seed(rt.seed + 1000 * (c + 1) + env.rank)
+                copies.append(cd.gather_rows_to_cpu(extract(encoder, null_train, null_aug, data, device,
+                                                            f"augmented copy {c + 1}/{probe.linear_aug_copies}")[0]))
             linear_train = torch.stack(copies) if env.is_main else None
         else:
             linear_train = full["train_feats"]
+        subset = label_subset(splits["train"], data.label_fraction, data.label_subset, rt.seed)
         if env.is_main:
+            train_labels = full["train_labels"]
+            if subset is not None:   # the same draw as main_linear.py's for the same seed
+                rows = torch.from_numpy(subset)
+                linear_train, train_labels = linear_train[..., rows, :], train_labels[rows]
+                result["label_subset"] = {"images": len(subset), "fraction": data.label_fraction,
+                                          "file": data.label_subset}
+                if rt.output_dir:
+                    write_subset_file(os.path.join(rt.output_dir, "label_subset.txt"),
+                                      subset_names(item_paths(splits["train"]), subset))
             start = time.time()
-            _, acc = train_linear_cached(linear_train.to(device), full["train_labels"], full["val_feats"].to(device),
+            _, acc = train_linear_cached(linear_train.to(device), train_labels, full["val_feats"].to(device),
                                          full["val_labels"], num_classes,
-                                         epochs=args.linear_epochs, lr=args.linear_lr,
-                                         batch_size=args.linear_batch_size, weight_decay=args.linear_wd,
-                                         seed=args.seed, progress="linear-cached")
+                                         epochs=probe.linear_epochs, lr=probe.linear_lr,
+                                         batch_size=probe.linear_batch_size, weight_decay=probe.linear_wd,
+                                         seed=rt.seed, progress="linear-cached")
             acc["seconds"] = round(time.time() - start, 2)
-            acc["aug_copies"] = args.linear_aug_copies
-            acc["epochs"] = args.linear_epochs
+            acc["aug_copies"] = probe.linear_aug_copies
+            acc["epochs"] = probe.linear_epochs
             result["linear"] = acc
-            print(f"[linear-cached] {args.linear_epochs} epochs, {max(1, args.linear_aug_copies)} cop(y/ies): "
+            print(f"[linear-cached] {probe.linear_epochs} epochs, {max(1, probe.linear_aug_copies)} cop(y/ies): "
                   f"top1 {acc['top1']:.2f}  top5 {acc['top5']:.2f}  (train loss {acc['train_loss']:.4f}, "
                   f"{acc['seconds']:.1f}s)", flush=True)
 
-    if env.is_main and args.output_json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
-        with open(args.output_json, "w") as f:
+    if env.is_main and rt.output_json:
+        os.makedirs(os.path.dirname(os.path.abspath(rt.output_json)), exist_ok=True)
+        with open(rt.output_json, "w") as f:
             json.dump(result, f, indent=2)
-        print(f"[knn] results: {args.output_json}", flush=True)
+        print(f"[knn] results: {rt.output_json}", flush=True)
     return result
 
 

@@ -1,14 +1,21 @@
-"""Linear evaluation: a linear classifier on the frozen pretrained backbone of any method.
+"""Linear evaluation and fine-tuning of the pretrained backbone of any method.
 
     python main_linear.py --pretrained-model OUT/current.pth --data-dir DATA --output-dir OUT/eval
     python main_linear.py -e --resume OUT/eval/current.pth --data-dir DATA     # evaluate only
+    python main_linear.py --finetune --label-fraction 0.01 --pretrained-model OUT/current.pth ...
 
-Arch, stem, image size and the evaluation crop are those the checkpoint was pretrained with unless
-given. The backbone stays in eval mode (BatchNorm statistics frozen) and is checked to be unchanged
-after training. The lr is ``--learning-rate x --total-batch-size / 256``.
+Linear evaluation (the default): a linear classifier on the frozen backbone, which stays in eval
+mode (BatchNorm statistics frozen) and is checked to be unchanged after training. ``--finetune``
+trains the whole network, batch norm in train mode (SimCLR's semi-supervised fine-tuning protocol,
+docs/evaluation.md). Both run the pretraining loop (``Trainer.fit``: mixed precision, torchrun,
+resume, preemption, checkpoints). ``--label-fraction`` / ``--label-subset`` train on a subset of
+the labels. Arch, stem, image size and the evaluation crop are those the checkpoint was pretrained
+with unless given. The lr is ``--learning-rate x --total-batch-size / 256`` (``--lr-scaling``).
 """
 from __future__ import annotations
 
+import os
+from types import SimpleNamespace
 from typing import Dict, List, Optional
 
 import torch
@@ -17,27 +24,37 @@ from torch import nn
 
 from contrast import distributed as cd
 from contrast import engine
-from contrast.checkpoint import LINEAR, choose_resume, list_state_differences, load_model_state, read_checkpoint
+from contrast.checkpoint import FINETUNE, LINEAR, Checkpoint, choose_resume, list_state_differences, load_model_state, \
+    read_checkpoint
+from contrast.config_file import resolve_from_config
 from contrast.data import build_dataset, build_sampler
+from contrast.data.subsets import item_paths, label_subset, subset_names, write_subset_file
 from contrast.data.transforms import build_augmentation
 from contrast.eval.features import ShardSampler
+from contrast.evalconfig import EvalDataConfig, EvalModelConfig, EvalRunConfig, dump_eval_config
 from contrast.models import TrainModule, build_backbone
-from contrast.optim import build_scheduler
+from contrast.models.recipe import peak_lr
+from contrast.optim import build_optimizer, build_scheduler
+from contrast.option_eval import eval_config, parse_linear_args
 from contrast.placement import configure_backends, place
 from contrast.precision import Precision, resolve_precision
-from contrast.option import parse_linear_args, resolve_from_config
+
+SUBSET_FILE = "label_subset.txt"
 
 
 class LinearClassifier(TrainModule):
-    """Frozen backbone (eval mode, no grad) + ``fc``: Linear(feat_dim, num_classes), N(0, 0.01) init.
+    """Backbone + ``fc``: Linear(feat_dim, num_classes), N(0, 0.01) init.
 
+    Linear evaluation (``finetune=False``): the backbone is frozen (eval mode, no grad), so under DDP
+    only ``fc`` has gradients to reduce. Fine-tuning: the whole network trains, batch norm in train mode.
     ``forward(views, label)`` takes a one-view list of (B, 3, H, W) images and (B,) labels and
-    returns ``{"loss", "acc1"}`` (fp32 cross-entropy). Under DDP only ``fc`` has gradients to reduce.
+    returns ``{"loss", "acc1"}`` (fp32 cross-entropy).
     """
 
-    def __init__(self, backbone: nn.Module, feat_dim: int, num_classes: int) -> None:
+    def __init__(self, backbone: nn.Module, feat_dim: int, num_classes: int, finetune: bool = False) -> None:
         super().__init__()
-        self.backbone = backbone.requires_grad_(False)
+        self.finetune = finetune
+        self.backbone = backbone.requires_grad_(finetune)
         self.fc = nn.Linear(feat_dim, num_classes)
         nn.init.normal_(self.fc.weight, std=0.01)
         nn.init.zeros_(self.fc.bias)
@@ -47,11 +64,12 @@ class LinearClassifier(TrainModule):
 
     def train(self, mode: bool = True) -> "LinearClassifier":
         super().train(mode)
-        self.backbone.eval()
+        if not self.finetune:
+            self.backbone.eval()
         return self
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
+        with torch.set_grad_enabled(self.finetune and torch.is_grad_enabled()):
             feats = self.backbone(x)
         return self.fc(feats).float()
 
@@ -88,84 +106,88 @@ def evaluate(model: LinearClassifier, loader, device_aug: nn.Module, run: engine
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
-    args = parse_linear_args(argv)
-    run = engine.setup_run("linear", args.output_dir, args.device, args.local_rank, args.seed, args.tensorboard,
-                           lock=not args.eval)
+    cfg = eval_config(parse_linear_args(argv))
+    rt = cfg.runtime
+    run = engine.setup_run(cfg.model.mode, rt.output_dir, rt.device, rt.local_rank, rt.seed, rt.tensorboard,
+                           lock=not cfg.model.eval)
     try:
-        return linear(args, run)
+        return linear(cfg, run)
     finally:
         run.close()
 
 
-def linear(args, run: engine.Run) -> Dict[str, float]:
+def linear(cfg: EvalRunConfig, run: engine.Run) -> Dict[str, float]:
+    """Train (linear probe or fine-tuning) and evaluate on the val split, or with ``-e`` only evaluate."""
     env, logger = run.env, run.logger
-    logger.info(configure_backends(env.device, args.deterministic))
-    if args.total_batch_size % env.world_size:
-        raise ValueError(f"--total-batch-size {args.total_batch_size} is not divisible by {env.world_size} processes")
-    batch = args.total_batch_size // env.world_size
+    rt, loop, optim = cfg.runtime, cfg.loop, cfg.optim
+    logger.info(configure_backends(env.device, rt.deterministic))
+    total_batch = cfg.data.total_batch_size
+    if total_batch % env.world_size:
+        raise ValueError(f"--total-batch-size {total_batch} is not divisible by {env.world_size} processes")
+    batch = total_batch // env.world_size
 
-    if args.eval:
-        evaluated = args.resume or choose_resume(args.output_dir, auto_resume=True).checkpoint
-        if evaluated is None:
-            raise FileNotFoundError(f"-e: no linear checkpoint in {args.output_dir} (current.pth)")
-        source = read_checkpoint(evaluated) if isinstance(evaluated, str) else evaluated
-    else:
-        source = read_checkpoint(args.pretrained_model)
-    taken = resolve_from_config(args, source.config)
-    logger.info(f"backbone {args.arch} ({args.stem} stem), image size {args.image_size}, val crop fraction "
-                f"{args.val_crop_fraction}" + (f"; from {source.path}: {', '.join(taken)}" if taken else ""))
+    source = evaluated_checkpoint(cfg.model, loop, run.output_dir)
+    cfg, taken = resolve_backbone(cfg, source)
+    data, spec = cfg.data, cfg.model
+    logger.info(f"backbone {spec.arch} ({spec.stem} stem), image size {data.image_size}, val crop fraction "
+                f"{data.val_crop_fraction}" + (f"; from {source.path}: {', '.join(taken)}" if taken else ""))
 
-    train_aug = build_augmentation(args.aug, 1, args.image_size, args.crop, fast=not args.plain_aug)
-    val_aug = build_augmentation("val", 1, args.image_size, fast=not args.plain_aug,
-                                 val_crop_fraction=args.val_crop_fraction)
-    val_cache = "no" if args.cache_mode == "part" else args.cache_mode
-    val_set = build_dataset(args.data_dir, "val", args.zip, val_cache, val_aug.cpu, env.rank, env.world_size,
-                            strict=args.strict_data, index_dir=args.index_dir)
+    train_aug = build_augmentation(data.aug, 1, data.image_size, data.crop, fast=not data.plain_aug)
+    val_aug = build_augmentation("val", 1, data.image_size, fast=not data.plain_aug,
+                                 val_crop_fraction=data.val_crop_fraction)
+    val_cache = "no" if data.cache_mode == "part" else data.cache_mode
+    val_set = build_dataset(data.data_dir, "val", data.zip, val_cache, val_aug.cpu, env.rank, env.world_size,
+                            strict=data.strict_data, index_dir=data.index_dir)
     val_loader = engine.build_loader(val_set, ShardSampler(len(val_set), env.rank, env.world_size), batch,
-                                     args.num_workers, env.device, train=False, seed=args.seed)
-    backbone, feat_dim = build_backbone(args.arch, args.stem)
-    model = LinearClassifier(backbone, feat_dim, val_set.num_classes)
-    precision, precision_note = resolve_precision(args.amp_opt_level, env.device)
+                                     data.num_workers, env.device, train=False, seed=rt.seed)
+    model = LinearClassifier(*new_backbone(spec, rt.seed), val_set.num_classes, finetune=spec.finetune)
+    precision, precision_note = resolve_precision(optim.amp_opt_level, env.device)
     logger.info(f"precision: {precision_note}")
 
-    if args.eval:
+    if spec.eval:
         load_model_state(model, source.model, source.path, source.config)
-        model = engine.prepare_model(model, env.device, channels_last=args.channels_last)
-        result = evaluate(model, val_loader, val_aug.device, run, precision, args.channels_last)
+        model = engine.prepare_model(model, env.device, channels_last=rt.channels_last)
+        result = evaluate(model, val_loader, val_aug.device, run, precision, rt.channels_last)
         logger.info(f"eval {source.path}: top-1 {result['acc1']:.2f} top-5 {result['acc5']:.2f}")
         return result
 
-    load_model_state(model.backbone, source.backbone_state(), source.path, source.config)
-    logger.info(f"loaded {len(source.backbone_state())} backbone tensors from {source.path}")
-    model = engine.prepare_model(model, env.device, channels_last=args.channels_last)
+    if source is not None:
+        load_model_state(model.backbone, source.backbone_state(), source.path, source.config)
+        logger.info(f"loaded {len(source.backbone_state())} backbone tensors from {source.path}")
+    model = engine.prepare_model(model, env.device, sync_batchnorm=spec.finetune and spec.sync_bn,
+                                 channels_last=rt.channels_last, compile_backbone=rt.compile)
     frozen = {k: v.detach().clone() for k, v in model.backbone.state_dict().items()}
 
-    train_set = build_dataset(args.data_dir, "train", args.zip, args.cache_mode, train_aug.cpu, env.rank,
-                              env.world_size, strict=args.strict_data, index_dir=args.index_dir)
-    sampler = build_sampler(train_set, False, 0, 0, args.seed, False, env.world_size, env.rank, drop_last=True)
-    loader = engine.build_loader(train_set, sampler, batch, args.num_workers, env.device, train=True, seed=args.seed)
+    train_set = build_dataset(data.data_dir, "train", data.zip, data.cache_mode, train_aug.cpu, env.rank,
+                              env.world_size, strict=data.strict_data, index_dir=data.index_dir)
+    subset = training_subset(train_set, data, rt.seed, run)
+    sampler = build_sampler(train_set, False, 0, 0, rt.seed, False, env.world_size, env.rank, drop_last=True,
+                            subset=subset)
+    loader = engine.build_loader(train_set, sampler, batch, data.num_workers, env.device, train=True, seed=rt.seed)
     iters = engine.check_iters(loader, batch, env.world_size, flag="--total-batch-size / world size")
-    lr = args.learning_rate * args.total_batch_size / 256
-    optimizer = torch.optim.SGD(model.fc.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    scheduler = build_scheduler(optimizer, args.lr_scheduler, args.epochs, iters, args.warmup_epoch,
-                                args.warmup_multiplier, args.lr_decay_epochs, args.lr_decay_rate,
-                                cosine_form=args.cosine_form, samples_per_step=args.total_batch_size)
+    lr = peak_lr(optim.learning_rate, total_batch, optim.lr_scaling)
+    optimizer = build_optimizer(model if spec.finetune else model.fc, optim.optimizer, lr, optim.momentum,
+                                optim.weight_decay, nesterov=optim.nesterov)
+    scheduler = build_scheduler(optimizer, optim.lr_scheduler, loop.epochs, iters, optim.warmup_epoch,
+                                optim.warmup_multiplier, optim.lr_decay_epochs, optim.lr_decay_rate,
+                                cosine_form=optim.cosine_form, samples_per_step=total_batch)
 
-    config = engine.write_config(run, vars(args), effective_lr=lr, per_process_batch=batch,
-                                 backbone_tensors=len(frozen), total_batch=args.total_batch_size)
+    config = engine.write_config(run, dump_eval_config(cfg), effective_lr=lr, per_process_batch=batch,
+                                 backbone_tensors=len(frozen), total_batch=total_batch,
+                                 train_images=len(train_set) if subset is None else len(subset))
     checkpointer = engine.Checkpointer(run, model, optimizer, scheduler, precision.scaler, sampler, config, lr,
-                                       args.total_batch_size, kind=LINEAR,
-                                       policy=engine.CheckpointPolicy(args.save_freq, args.keep_last,
-                                                                      args.save_every_minutes),
+                                       total_batch, kind=FINETUNE if spec.finetune else LINEAR,
+                                       policy=engine.CheckpointPolicy(loop.save_freq, loop.keep_last,
+                                                                      loop.save_every_minutes),
                                        extra={"best": {"acc1": 0.0, "acc5": 0.0, "epoch": 0}})
     trainer = engine.Trainer(engine.wrap_ddp(model, env), model, optimizer, scheduler, precision, run,
-                             engine.LoopOptions(args.print_freq, args.max_nonfinite, args.channels_last, args.seed,
-                                                args.on_divergence, args.rollback_lr_factor),
+                             engine.LoopOptions(loop.print_freq, loop.max_nonfinite, rt.channels_last, rt.seed,
+                                                loop.on_divergence, loop.rollback_lr_factor),
                              train_aug.device, checkpointer=checkpointer)
     last: Dict[str, float] = {}
 
     def after_epoch(epoch: int, stats) -> None:
-        result = evaluate(model, val_loader, val_aug.device, run, precision, args.channels_last)
+        result = evaluate(model, val_loader, val_aug.device, run, precision, rt.channels_last)
         best = checkpointer.extra["best"]
         if result["acc1"] >= best["acc1"]:
             best = checkpointer.extra["best"] = {**result, "epoch": epoch}
@@ -174,19 +196,60 @@ def linear(args, run: engine.Run) -> Dict[str, float]:
         run.tb.scalars(result, epoch, prefix="val/")
         last.update(result)
 
-    trainer.fit(loader, args.epochs, engine.ResumeOptions(args.resume, args.auto_resume, args.restart,
-                                                          args.allow_batch_change), args.start_epoch, after_epoch)
+    trainer.fit(loader, loop.epochs, engine.ResumeOptions(loop.resume, loop.auto_resume, loop.restart,
+                                                          loop.allow_batch_change), loop.start_epoch, after_epoch)
     best = checkpointer.extra["best"]
     result = last or best
 
     changed = list_state_differences(frozen, model.backbone.state_dict())
-    if changed:
+    if changed and not spec.finetune:
         raise RuntimeError(f"the frozen backbone changed during linear training: {changed[:5]}")
     run.tb.close()
-    logger.info(f"linear evaluation done: last top-1 {result['acc1']:.2f} top-5 {result['acc5']:.2f}, best top-1 "
-                f"{best['acc1']:.2f} (epoch {best['epoch']}); checkpoint {run.output_dir}/current.pth")
+    logger.info(f"{spec.mode} evaluation done: last top-1 {result['acc1']:.2f} top-5 {result['acc5']:.2f}, best "
+                f"top-1 {best['acc1']:.2f} (epoch {best['epoch']}); checkpoint {run.output_dir}/current.pth")
     return {"last_acc1": result["acc1"], "last_acc5": result["acc5"], "best_acc1": best["acc1"],
             "best_acc5": best["acc5"]}
+
+
+def evaluated_checkpoint(spec: EvalModelConfig, loop, output_dir: str) -> Optional[Checkpoint]:
+    """The checkpoint whose backbone is evaluated (-e: the linear run's own); None with --random-init."""
+    if spec.eval:
+        evaluated = loop.resume or choose_resume(output_dir, auto_resume=True).checkpoint
+        if evaluated is None:
+            raise FileNotFoundError(f"-e: no linear checkpoint in {output_dir} (current.pth)")
+        return read_checkpoint(evaluated) if isinstance(evaluated, str) else evaluated
+    return None if spec.random_init else read_checkpoint(spec.pretrained_model)
+
+
+def resolve_backbone(cfg: EvalRunConfig, source: Optional[Checkpoint]):
+    """``cfg`` with arch, stem, image size and val crop taken from ``source``'s config where not given
+    (defaults without a checkpoint), and the names taken."""
+    values = SimpleNamespace(arch=cfg.model.arch, stem=cfg.model.stem, image_size=cfg.data.image_size,
+                             val_crop_fraction=cfg.data.val_crop_fraction)
+    taken = resolve_from_config(values, source.config if source is not None else {})
+    return cfg.with_backbone(**vars(values)), taken
+
+
+def new_backbone(spec: EvalModelConfig, seed: int):
+    """``(backbone, feat_dim)``; with --random-init torchvision's initialisation drawn from ``seed``
+    (the same on every rank; the global generators are left as they were)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_backbone(spec.arch, spec.stem, zero_init_residual=not spec.random_init)
+
+
+def training_subset(train_set, data: EvalDataConfig, seed: int, run: engine.Run):
+    """The indices of --label-fraction / --label-subset (None: all images); rank 0 writes their
+    names to <output-dir>/label_subset.txt."""
+    subset = label_subset(train_set, data.label_fraction, data.label_subset, seed)
+    if subset is None:
+        return None
+    path = os.path.join(run.output_dir, SUBSET_FILE)
+    if run.env.is_main:
+        write_subset_file(path, subset_names(item_paths(train_set), subset))
+    run.logger.info(f"label subset: {len(subset)} of {len(train_set)} training images "
+                    f"({data.label_subset or f'fraction {data.label_fraction}, seed {seed}'}), listed in {path}")
+    return subset
 
 
 if __name__ == "__main__":

@@ -138,16 +138,17 @@ def param_groups_of(params: Union[nn.Module, Sequence[dict]]) -> List[dict]:
 
 def build_optimizer(params: Union[nn.Module, Sequence[dict]], name: str, lr: float, momentum: float,
                     weight_decay: float, lars_form: str = "release", trust_coefficient: float = 0.001,
-                    lars_eps: Optional[float] = None) -> torch.optim.Optimizer:
+                    lars_eps: Optional[float] = None, nesterov: bool = False) -> torch.optim.Optimizer:
     """``--optimizer sgd`` (momentum SGD, decay on every parameter, as the release) or ``lars``
     (:class:`LARS` of form ``lars_form``, trust coefficient 0.001 and eps as the release).
 
     ``params``: a module (one group of all its trainable parameters) or the parameter groups a method
     declares (:meth:`contrast.models.base.BaseMethod.param_groups`); a group's own ``lr`` /
     ``weight_decay`` override ``lr`` / ``weight_decay``, and ``constant_lr=True`` keeps its lr out of
-    the schedule (:class:`ProgressLR`)."""
+    the schedule (:class:`ProgressLR`); ``nesterov``: Nesterov momentum (sgd only)."""
     if name == "sgd":
-        return torch.optim.SGD(param_groups_of(params), lr=lr, momentum=momentum, weight_decay=weight_decay)
+        return torch.optim.SGD(param_groups_of(params), lr=lr, momentum=momentum, weight_decay=weight_decay,
+                               nesterov=nesterov)
     if name == "lars":
         return LARS(split_decay_groups(params), lr=lr, momentum=momentum, weight_decay=weight_decay,
                     trust_coefficient=trust_coefficient, eps=lars_eps, form=lars_form)

@@ -379,24 +379,6 @@ def pretrain_parser() -> argparse.ArgumentParser:
     return p
 
 
-def linear_parser() -> argparse.ArgumentParser:
-    p = new_parser("main_linear.py", "Linear evaluation: a linear classifier on the frozen (eval-mode) pretrained "
-                   "backbone. Arch, stem, image size and evaluation crop come from the checkpoint unless given.")
-    add_pretrained_flag(p, required=False)
-    add_data_flags(p, train=True, default_aug="NULL", image_size=None)
-    add_backbone_flags(p, from_checkpoint=True)
-    add_schedule_flags(p, default_epochs=100)
-    g = p.add_argument_group("linear evaluation")
-    g.add_argument("--total-batch-size", type=int, default=256, help="batch size over all processes")
-    g.add_argument("--learning-rate", type=float, default=30.0, help="lr for a total batch of 256")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="weight decay")
-    g.add_argument("-e", "--eval", action="store_true", help="only evaluate the linear checkpoint given by "
-                   "--resume (or <output-dir>/current.pth with --auto-resume)")
-    add_runtime_flags(p)
-    add_checkpoint_flags(p)
-    return p
-
-
 # ---------------------------------------------------------------------------------------- checks
 def default_num_workers() -> int:
     """DataLoader workers per process: the CPUs this process may use, shared by the processes of this
@@ -474,18 +456,6 @@ def resolve_pretrain(model: str, *flags: str, world_size: int = 1) -> Tuple[argp
     ``world_size`` processes). The one way benchmarks, tools and tests obtain a method's configuration."""
     args = parse_pretrain_args(["--model", model, *flags])
     return args, method_config(args, world_size)
-
-
-def parse_linear_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    """Parse linear-evaluation flags (arch, stem, image size: see :func:`resolve_from_config`)."""
-    p = linear_parser()
-    args = p.parse_args(argv)
-    check_values(p, args, ["epochs", "print_freq", "save_freq", "image_size", "total_batch_size", "max_nonfinite"])
-    if not args.eval and not args.pretrained_model:
-        p.error("--pretrained-model is required for linear training (or pass -e with a linear checkpoint)")
-    if args.eval and not (args.resume or args.auto_resume):
-        p.error("-e/--eval needs the linear checkpoint: --resume PATH or --auto-resume")
-    return args
 
 
 # ---------------------------------------------------------------------------------------- resolved values

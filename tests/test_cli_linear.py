@@ -54,10 +54,8 @@ def test_linear_trains_evaluates_and_keeps_backbone(pretrained, tmp_path):
     assert again["acc1"] == pytest.approx(result["last_acc1"])
 
 
-def test_linear_auto_resume_matches(pretrained, tmp_path, monkeypatch):
-    """2 epochs straight == stopped after epoch 1's checkpoint + --auto-resume."""
-    data, ckpt = pretrained
-    straight = main_linear.main(linear_args(data, ckpt, tmp_path / "a"))
+def stop_after_the_first_epoch(monkeypatch, argv):
+    """Run ``main_linear.main(argv)`` until its first epoch checkpoint is written, then stop it."""
     from contrast import engine
     real = engine.Checkpointer.save_epoch
 
@@ -70,7 +68,14 @@ def test_linear_auto_resume_matches(pretrained, tmp_path, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(engine.Checkpointer, "save_epoch", save_then_stop)
         with pytest.raises(Stop):
-            main_linear.main(linear_args(data, ckpt, tmp_path / "c"))
+            main_linear.main(argv)
+
+
+def test_linear_auto_resume_matches(pretrained, tmp_path, monkeypatch):
+    """2 epochs straight == stopped after epoch 1's checkpoint + --auto-resume."""
+    data, ckpt = pretrained
+    straight = main_linear.main(linear_args(data, ckpt, tmp_path / "a"))
+    stop_after_the_first_epoch(monkeypatch, linear_args(data, ckpt, tmp_path / "c"))
     resumed = main_linear.main(linear_args(data, ckpt, tmp_path / "c", "--auto-resume"))
     a, c = read_checkpoint(str(tmp_path / "a" / "current.pth")), read_checkpoint(str(tmp_path / "c" / "current.pth"))
     assert all(torch.equal(a.model[k], c.model[k]) for k in a.model)
@@ -125,3 +130,37 @@ def test_linear_torchrun_two_processes(pretrained, tmp_path):
     lin = read_checkpoint(str(out / "current.pth"))
     assert lin.world_size == 2 and lin.config["per_process_batch"] == 2
     assert "val epoch 1: top-1" in open(out / "log.txt").read()
+
+
+def test_config_json_repeats_the_linear_run(pretrained, tmp_path):
+    """config.json is the versioned grouped dump; `--config OUT/config.json --output-dir OUT2` parses to the
+    same settings (arch, stem and image size resolved from the checkpoint included) and the same weights."""
+    import json
+    from contrast.option_eval import eval_config, parse_linear_args
+    data, ckpt = pretrained
+    argv = linear_args(data, ckpt, tmp_path / "a", "--label-fraction", "0.5", epochs=1)
+    main_linear.main(argv)
+    path = tmp_path / "a" / "config.json"
+    dump = json.loads(path.read_text())
+    assert dump["config_version"] == 2 and dump["eval"] == {}
+    assert dump["method"]["arch"] == "resnet18" and dump["data"]["label_fraction"] == 0.5
+    assert dump["optim"]["learning_rate"] == 5 and dump["run"]["effective_lr"] == 5 * 4 / 256
+    used, _ = main_linear.resolve_backbone(eval_config(parse_linear_args(argv)), read_checkpoint(ckpt))
+    again = eval_config(parse_linear_args(["--config", str(path)]))
+    assert again == used
+    main_linear.main(["--config", str(path), "--output-dir", str(tmp_path / "b")])
+    a, b = (read_checkpoint(str(tmp_path / d / "current.pth")) for d in "ab")
+    assert a.model.keys() == b.model.keys() and all(torch.equal(a.model[k], b.model[k]) for k in a.model)
+    assert (tmp_path / "a" / "label_subset.txt").read_text() == (tmp_path / "b" / "label_subset.txt").read_text()
+
+
+def test_every_evaluation_flag_has_one_group():
+    """main_linear.py and main_knn.py: each flag (but --help, --config) is a field of exactly one typed group."""
+    from dataclasses import fields
+    import main_knn
+    from contrast.evalconfig import EVAL_GROUPS, KNN_GROUPS
+    from contrast.option_eval import linear_parser
+    for parser, groups in ((linear_parser(), EVAL_GROUPS), (main_knn.knn_parser(), KNN_GROUPS)):
+        dests = {a.dest for a in parser._actions if a.option_strings} - {"help", "config"}
+        in_groups = [f.name for cls in groups.values() for f in fields(cls)]
+        assert sorted(in_groups) == sorted(dests), parser.prog

@@ -23,7 +23,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 import main_knn
 import main_linear
-from contrast import engine, option
+from contrast import engine, option, option_eval
 from contrast.checkpoint import CheckpointError
 from contrast.logger import Progress
 from tests.conftest import trained_looking_backbone
@@ -217,7 +217,7 @@ TOOLS = {name: _load_tool(path) for name, path in [
     ("train_step.py", "benchmarks/train_step.py"), ("pic_head.py", "benchmarks/pic_head.py"),
     ("data_pipeline.py", "benchmarks/data_pipeline.py")]}
 PARSERS = {
-    "main_pretrain.py": option.pretrain_parser, "main_linear.py": option.linear_parser,
+    "main_pretrain.py": option.pretrain_parser, "main_linear.py": option_eval.linear_parser,
     "main_knn.py": main_knn.knn_parser, "export_backbone.py": TOOLS["export_backbone.py"].export_parser,
     "plot_curves.py": TOOLS["plot_curves.py"].plot_curves_parser,
     "prepare_fashion_mnist.py": TOOLS["prepare_fashion_mnist.py"].prepare_fashion_mnist_parser,
@@ -249,7 +249,7 @@ def test_knn_and_linear_take_the_same_names():
     assert knn.output_json == os.path.join("/tmp/x", "knn.json")
     for argv in (["--checkpoint", __file__], ["--pretrained-model", __file__]):
         assert main_knn.parse_knn_args(argv + ["--output", "r.json"]).pretrained_model == __file__
-        lin = option.parse_linear_args(argv + ["--output-dir", "o"])
+        lin = option_eval.parse_linear_args(argv + ["--output-dir", "o"])
         assert (lin.pretrained_model, lin.output_dir) == (__file__, "o")
     tools = [PARSERS["plot_curves.py"]().parse_args(["--runs", "a", "--debug"]),
              PARSERS["make_demo_dataset.py"]().parse_args(["--out", "d", "--size", "16", "--rng-seed", "3"]),

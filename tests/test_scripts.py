@@ -23,7 +23,8 @@ import pytest
 import torch
 
 from contrast.data import window_epochs
-from contrast.option import default_num_workers, parse_linear_args, parse_pretrain_args, resolve_from_config
+from contrast.option import default_num_workers, parse_pretrain_args, resolve_from_config
+from contrast.option_eval import parse_linear_args
 from contrast.precision import resolve_precision
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

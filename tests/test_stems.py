@@ -10,8 +10,8 @@ from torch import nn
 from contrast.checkpoint import read_checkpoint, write_pretrained_checkpoint
 from contrast.eval.features import backbone_spec
 from contrast.models import STEMS, build_backbone, stem_of
-from contrast.option import (method_config, parse_linear_args,
-                             parse_pretrain_args, resolve_from_config)
+from contrast.option import method_config, parse_pretrain_args, resolve_from_config
+from contrast.option_eval import parse_linear_args
 from main_knn import parse_knn_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

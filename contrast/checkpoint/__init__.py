@@ -11,7 +11,7 @@ from contrast.checkpoint.files import (CURRENT, EPOCH_PREFIX, MANIFEST_SUFFIX, C
                                        FileRecord, SaveHooks, atomic_save, checkpoint_files, file_digest, load_file,
                                        manifest_path, read_manifest, recover_output_dir, set_save_hooks, shard_path,
                                        verify_files)
-from contrast.checkpoint.format import LINEAR, MIGRATIONS, PRETRAIN, VERSION, Record, migrate, strip_prefix
+from contrast.checkpoint.format import FINETUNE, LINEAR, MIGRATIONS, PRETRAIN, VERSION, Record, migrate, strip_prefix
 from contrast.checkpoint.resume import (ResumeChoice, choose_resume, copy_checkpoint, epoch_checkpoints,
                                         prune_epoch_checkpoints, remove_checkpoint, set_aside)
 from contrast.checkpoint.state import (Checkpoint, describe_config, extract_backbone, list_state_differences,
@@ -21,7 +21,7 @@ from contrast.checkpoint.state import (Checkpoint, describe_config, extract_back
 
 __all__ = ["CURRENT", "EPOCH_PREFIX", "MANIFEST_SUFFIX", "CheckpointError", "CheckpointSaveError", "FileRecord",
            "SaveHooks", "atomic_save", "checkpoint_files", "file_digest", "load_file", "manifest_path",
-           "read_manifest", "recover_output_dir", "set_save_hooks", "shard_path", "verify_files", "LINEAR",
+           "read_manifest", "recover_output_dir", "set_save_hooks", "shard_path", "verify_files", "FINETUNE", "LINEAR",
            "MIGRATIONS", "PRETRAIN", "VERSION", "Record", "migrate", "strip_prefix", "ResumeChoice", "choose_resume",
            "copy_checkpoint", "epoch_checkpoints", "prune_epoch_checkpoints", "remove_checkpoint", "set_aside",
            "Checkpoint", "describe_config", "extract_backbone", "list_state_differences", "load_model_state",

@@ -22,7 +22,7 @@ from contrast.checkpoint.files import CheckpointError
 #: and wrapped with it; ``samples_seen``/``total_batch`` (the lr schedule follows the samples seen),
 #: ``mid_epoch`` (saved between two steps of an epoch), the scheduler state holds ``samples_seen``.
 VERSION = 3
-PRETRAIN, LINEAR = "pretrain", "linear"
+PRETRAIN, LINEAR, FINETUNE = "pretrain", "linear", "finetune"   # what wrote the file
 
 
 @dataclass

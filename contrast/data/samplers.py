@@ -381,8 +381,9 @@ class ResumableDistributedSampler(ResumableSampler, DistributedSampler):
 
 def build_sampler(dataset: Sized, sliding_window: bool, window_size: int, window_stride: int, seed: int,
                   shuffle_per_epoch: bool, num_replicas: Optional[int] = None, rank: Optional[int] = None,
-                  shuffle: bool = True, drop_last: bool = False) -> ResumableSampler:
-    """The training sampler for ``dataset``.
+                  shuffle: bool = True, drop_last: bool = False,
+                  subset: Optional[Sequence[int]] = None) -> ResumableSampler:
+    """The training sampler for ``dataset`` (``subset``: sample only these indices, e.g. a label subset).
 
     With ``--cache-mode part`` (``dataset.local_indices`` is set) each rank samples only its own
     cached shard: the shards already split the data, so the sampler runs as a single replica over
@@ -392,6 +393,8 @@ def build_sampler(dataset: Sized, sliding_window: bool, window_size: int, window
     """
     num_replicas, rank = _resolve_world(num_replicas, rank)
     local = getattr(dataset, "local_indices", None)
+    if subset is not None and local is not None:
+        raise ValueError("a subset of the training images cannot be sampled with --cache-mode part")
     key_offset, key_stride = 0, 1
     if local is not None:
         window_size = math.ceil(window_size / num_replicas)
@@ -400,7 +403,9 @@ def build_sampler(dataset: Sized, sliding_window: bool, window_size: int, window
         num_replicas, rank = 1, 0
     if sliding_window:
         return SlidingWindowSampler(dataset, window_size, window_stride, num_replicas, rank, seed=seed,
-                                    shuffle_per_epoch=shuffle_per_epoch, drop_last=drop_last, indices=local,
+                                    shuffle_per_epoch=shuffle_per_epoch, drop_last=drop_last,
+                                    indices=local if subset is None else subset,
                                     key_offset=key_offset, key_stride=key_stride)
     return ResumableDistributedSampler(dataset, num_replicas, rank, shuffle=shuffle, seed=seed, drop_last=drop_last,
-                                       indices=local, key_offset=key_offset, key_stride=key_stride)
+                                       indices=local if subset is None else subset, key_offset=key_offset,
+                                       key_stride=key_stride)
