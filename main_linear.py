@@ -38,6 +38,7 @@ from contrast.optim import build_optimizer, build_scheduler
 from contrast.option_eval import eval_config, parse_linear_args
 from contrast.placement import configure_backends, place
 from contrast.precision import Precision, resolve_precision
+from contrast.wandb_logger import WandbSink
 
 SUBSET_FILE = "label_subset.txt"
 
@@ -175,6 +176,9 @@ def linear(cfg: EvalRunConfig, run: engine.Run) -> Dict[str, float]:
     config = engine.write_config(run, dump_eval_config(cfg), effective_lr=lr, per_process_batch=batch,
                                  backbone_tensors=len(frozen), total_batch=total_batch,
                                  train_images=len(train_set) if subset is None else len(subset))
+    if rt.wandb and env.is_main:
+        run.tb.add_sink(WandbSink.start(rt.wandb_project, os.path.basename(os.path.abspath(rt.output_dir)), config,
+                                        rt.output_dir))
     checkpointer = engine.Checkpointer(run, model, optimizer, scheduler, precision.scaler, sampler, config, lr,
                                        total_batch, kind=FINETUNE if spec.finetune else LINEAR,
                                        policy=engine.CheckpointPolicy(loop.save_freq, loop.keep_last,

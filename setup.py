@@ -5,7 +5,7 @@ from setuptools import find_packages, setup
 setup(
     name="contrast",
     version="0.1.0",
-    description="Unsupervised visual representation learning: PIC, InstDisc, MoCo v1/v2, SimCLR",
+    description="Self-supervised visual representation learning: PIC and the methods it is compared with",
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["contrast", "contrast.*"]),
@@ -18,6 +18,7 @@ setup(
         "termcolor>=2.0",
         "tensorboard>=2.10",
         "PyYAML>=5.1",
+        "matplotlib>=3.5",
     ],
     extras_require={
         "test": ["pytest>=7", "matplotlib>=3.5", "scipy>=1.7"],

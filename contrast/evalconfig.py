@@ -8,7 +8,7 @@ flag, and :func:`~contrast.runconfig.load_run_config` reads it like a pretrainin
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 from contrast.runconfig import CONFIG_VERSION, FACTS, VERSION_KEY, LoopConfig, RuntimeConfig
@@ -192,5 +192,8 @@ def knn_groups_from_flags(flags: Mapping[str, Any]) -> KnnRunConfig:
 
 
 def _group(cls, flags: Mapping[str, Any]):
-    """``cls`` filled from the flags of its field names (lists become tuples: the groups are frozen)."""
-    return cls(**{f.name: tuple(v) if isinstance(v, list) else v for f in fields(cls) for v in [flags[f.name]]})
+    """``cls`` filled from the flags of its field names (lists become tuples: the groups are frozen); a
+    field with a default that the entry script has no flag for (a pretraining-only setting of a shared
+    group, such as ``wandb``) keeps its default."""
+    values = {f.name: flags[f.name] for f in fields(cls) if f.name in flags or f.default is MISSING}
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})

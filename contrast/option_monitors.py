@@ -18,6 +18,11 @@ def add_monitor_flags(p: argparse.ArgumentParser) -> None:
                    help="per-dimension std of the normalised embeddings, effective rank (RankMe), alignment and "
                         "uniformity of the embedding batch, logged as collapse/*; a warning when collapsed")
     g.add_argument("--monitor-collapse-freq", type=int, default=50, help="steps between collapse measurements")
+    add_wandb_flags(g)
+
+
+def add_wandb_flags(g) -> None:
+    """``--wandb`` and ``--wandb-project`` (pretraining, linear evaluation and fine-tuning)."""
     g.add_argument("--wandb", action="store_true", help="also log the config and every TensorBoard scalar to "
                    "Weights & Biases (pip install 'contrast[wandb]'; WANDB_MODE=offline works)")
     g.add_argument("--wandb-project", type=str, default="contrast", help="W&B project of --wandb")

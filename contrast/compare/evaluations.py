@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Dict, FrozenSet, List, Optional, Sequence
 
-from contrast.option import linear_parser
+from contrast.option_eval import linear_parser
 
 
 @dataclass(frozen=True)
