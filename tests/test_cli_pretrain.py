@@ -37,6 +37,7 @@ METHOD_FLAGS = {
     "SwAV": ["--model", "SwAV", "--aug", "MultiCrop", "--image-size2", "24", "--num-crop2", "2", "--crop", "0.08",
              "--crop2", "0.3", "--mlp-hidden-dim", "64", "--swav-num-prototypes", "10", "--swav-queue-length", "4",
              "--swav-queue-start-epoch", "0", "--swav-freeze-prototypes-iters", "1", "--optimizer", "lars"],
+    "BarlowTwins": ["--model", "BarlowTwins", "--mlp-hidden-dim", "64"],
 }
 
 

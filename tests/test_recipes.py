@@ -91,10 +91,19 @@ PUBLISHED = {
              "warmup_multiplier": 16, "sync_batchnorm": True, "swav_num_prototypes": 3000, "swav_epsilon": 0.05,
              "swav_sinkhorn_iterations": 3, "swav_queue_length": 0, "swav_queue_start_epoch": 15,
              "swav_freeze_prototypes_iters": 313},
+    # facebookresearch/barlowtwins 8e8d284 main.py: lines 29-42 (batch 2048, lr 0.2 for weights and 0.0048 for
+    # biases and BN, wd 1e-6, lambda 0.0051, projector 8192-8192-8192), 155-168 (x batch / 256, 10 warm-up epochs
+    # from 0, cosine), 89 (SyncBatchNorm), 90-101 (LARS, momentum 0.9, 1-d parameters excluded), 290-321
+    # (RandomResizedCrop default scale 0.08-1, jitter 0.4/0.4/0.2/0.1 p 0.8, grey 0.2, blur 1.0/0.1, solarise 0/0.2)
+    "BarlowTwins": {**RELEASE, "aug": "BYOL", "crop": 0.08, "feature_dim": 8192, "mlp_head": True,
+                    "mlp_hidden_dim": 8192, "optimizer": "lars", "base_learning_rate": 0.2, "lr_scaling": "linear",
+                    "weight_decay": 1e-6, "momentum": 0.9, "lr_scheduler": "cosine", "warmup_epoch": 10,
+                    "warmup_multiplier": 1e6, "num_crop": 1, "sync_batchnorm": True, "barlow_lambda": 0.0051,
+                    "barlow_lr_biases": 0.0048},
 }
 #: peak lr at the official total batch (method, per-process batch, processes, expected peak lr)
 PEAK_LR = [("BYOL", 64, 64, 0.2 * 4096 / 256), ("SwAV", 64, 64, 4.8), ("SimCLR", 64, 4, 0.3),
-           ("PIC", 64, 4, 0.03)]
+           ("PIC", 64, 4, 0.03), ("BarlowTwins", 128, 16, 0.2 * 2048 / 256)]
 
 
 def test_every_registered_method_has_a_published_table():

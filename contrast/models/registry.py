@@ -12,6 +12,7 @@ from typing import Dict, Type
 
 from contrast import state_migrations
 from contrast.config import MethodConfig
+from contrast.models.barlow_twins import BarlowTwins
 from contrast.models.base import BaseMethod
 from contrast.models.byol import BYOL
 from contrast.models.instdisc import InstDisc
@@ -41,7 +42,7 @@ def unregister(name: str) -> None:
     state_migrations.unregister(name)
 
 
-for _cls in (PIC, InstDisc, MoCo, MoCoV2, SimCLR, BYOL, SwAV):
+for _cls in (PIC, InstDisc, MoCo, MoCoV2, SimCLR, BYOL, SwAV, BarlowTwins):
     register(_cls)
 
 
