@@ -38,6 +38,7 @@ METHOD_FLAGS = {
              "--crop2", "0.3", "--mlp-hidden-dim", "64", "--swav-num-prototypes", "10", "--swav-queue-length", "4",
              "--swav-queue-start-epoch", "0", "--swav-freeze-prototypes-iters", "1", "--optimizer", "lars"],
     "BarlowTwins": ["--model", "BarlowTwins", "--mlp-hidden-dim", "64"],
+    "VICReg": ["--model", "VICReg", "--mlp-hidden-dim", "64"],
 }
 
 

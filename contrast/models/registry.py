@@ -20,6 +20,7 @@ from contrast.models.moco import MoCo, MoCoV2
 from contrast.models.pic import PIC
 from contrast.models.simclr import SimCLR
 from contrast.models.swav import SwAV
+from contrast.models.vicreg import VICReg
 
 METHODS: Dict[str, Type[BaseMethod]] = {}
 
@@ -42,7 +43,7 @@ def unregister(name: str) -> None:
     state_migrations.unregister(name)
 
 
-for _cls in (PIC, InstDisc, MoCo, MoCoV2, SimCLR, BYOL, SwAV, BarlowTwins):
+for _cls in (PIC, InstDisc, MoCo, MoCoV2, SimCLR, BYOL, SwAV, BarlowTwins, VICReg):
     register(_cls)
 
 
