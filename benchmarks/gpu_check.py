@@ -6,8 +6,9 @@ Every row of the check is one or two processes of ``main_pretrain.py``, ``main_l
 ``--plain-aug``). The plan comes from the registry (``contrast.models.METHODS``) and each class's
 declarations: one pretraining setting per method with its own ``--aug``, plus ``--aug MultiCrop``
 for a method whose ``views`` accept it (with the release's multi-crop ``--crop 0.08``); the methods'
-own defaults are kept (no per-method flags). The kill is a SIGKILL of every process of the run at
-once (torchrun, each rank's own session, the DataLoader workers); rows are judged in
+own defaults are kept (no per-method flags; ``--tiny`` cuts MLP widths above 2048 to 2048, so that
+8192-wide projectors fit the CPU budget). The kill is a SIGKILL of every process of the run at once
+(torchrun, each rank's own session, the DataLoader workers); rows are judged in
 ``benchmarks/gpu_check_report.py``.
 
 * every setting in fp32 (with ``--knn-monitor``), fp16 (``--amp-opt-level O1``: fp16 + GradScaler
@@ -108,9 +109,10 @@ class Mode:
     subset: bool            # bf16 and kill/resume only for the first setting (the others "not in --tiny")
     budget_s: float         # one device; 2+ GPUs add MULTI_GPU_BUDGET_S
     process_s: float        # guessed seconds of one process until one has been timed
+    head_cap: int = 0       # > 0: recipes' --mlp-hidden-dim / --feature-dim above it are cut to it (CPU time)
 
 
-TINY = Mode("tiny", "resnet18", 32, 24, 2, 16, 2, 3, 40, 8, 2, 2, True, 600.0, 10.0)
+TINY = Mode("tiny", "resnet18", 32, 24, 2, 16, 2, 3, 40, 8, 2, 2, True, 600.0, 10.0, 2048)
 FULL = Mode("full", "resnet50", 64, 32, 2, 32, 2, 3, 80, 32, 8, 2, False, 480.0, 12.0)
 MULTI_GPU_BUDGET_S = 180.0
 
@@ -193,7 +195,11 @@ def pretrain_argv(s: Setting, mode: Mode, device: str, nproc: int) -> List[str]:
             "--epochs", str(epochs), "--warmup-epoch", "0", "--num-workers", str(mode.workers),
             "--amp-opt-level", PRECISIONS[s.precision], "--device", device, "--print-freq", "1000",
             "--no-tensorboard", "--save-every-minutes", "0", "--seed", "0"]
-    if s.multi_crop and METHODS[s.model].recipe.aug not in MULTI_CROP_AUGS:
+    recipe = METHODS[s.model].recipe
+    for flag, width in (("--mlp-hidden-dim", recipe.mlp_hidden_dim), ("--feature-dim", recipe.feature_dim)):
+        if 0 < mode.head_cap < width:
+            argv += [flag, str(mode.head_cap)]
+    if s.multi_crop and recipe.aug not in MULTI_CROP_AUGS:
         argv += ["--aug", MULTI_CROP_AUG, "--crop", str(MULTI_CROP_SCALE)]
     if s.knn_monitor:
         argv += ["--knn-monitor", "--knn-freq", str(epochs), "--knn-k", str(KNN_K)]

@@ -42,6 +42,8 @@ METHOD_FLAGS = {
              "--weight-decay-end", "0.01"],
     "NNCLR": ["--model", "NNCLR", "--optimizer", "lars", "--mlp-hidden-dim", "64", "--nnclr-pred-hidden-dim", "64",
               "--nnclr-support-size", "16"],
+    "BarlowTwins": ["--model", "BarlowTwins", "--mlp-hidden-dim", "64"],
+    "VICReg": ["--model", "VICReg", "--mlp-hidden-dim", "64"],
 }
 
 

@@ -116,11 +116,35 @@ PUBLISHED = {
               "weight_decay": 1e-6, "momentum": 0.9, "lr_scheduler": "cosine", "warmup_epoch": 10,
               "warmup_multiplier": 1e6, "num_crop": 1, "sync_batchnorm": True, "nnclr_support_size": 98304,
               "nnclr_pred_hidden_dim": 4096},
+    # facebookresearch/barlowtwins 8e8d284 main.py: lines 29-42 (batch 2048, lr 0.2 for weights and 0.0048 for
+    # biases and BN, wd 1e-6, lambda 0.0051, projector 8192-8192-8192), 155-168 (x batch / 256, 10 warm-up epochs
+    # from 0, cosine), 89 (SyncBatchNorm), 90-101 (LARS, momentum 0.9, 1-d parameters excluded), 290-321
+    # (RandomResizedCrop default scale 0.08-1, jitter 0.4/0.4/0.2/0.1 p 0.8, grey 0.2, blur 1.0/0.1, solarise 0/0.2)
+    "BarlowTwins": {**RELEASE, "aug": "BYOL", "crop": 0.08, "feature_dim": 8192, "mlp_head": True,
+                    "mlp_hidden_dim": 8192, "optimizer": "lars", "base_learning_rate": 0.2, "lr_scaling": "linear",
+                    "weight_decay": 1e-6, "momentum": 0.9, "lr_scheduler": "cosine", "warmup_epoch": 10,
+                    "warmup_multiplier": 1e6, "num_crop": 1, "sync_batchnorm": True, "barlow_lambda": 0.0051,
+                    "barlow_lr_biases": 0.0048},
+    # facebookresearch/vicreg 4e12602 main_vicreg.py: lines 44-63 (projector 8192-8192-8192, batch 2048, base lr
+    # 0.2, wd 1e-6, coefficients 25/25/1), 167-181 (x batch / 256, 10 warm-up epochs from 0, cosine), 107
+    # (SyncBatchNorm), 109-115 and 245-299 (LARS, momentum 0.9, 1-d parameters excluded); README line 80 (1000
+    # epochs); augmentations.py 37-89 (crop 0.08-1, jitter 0.4/0.4/0.2/0.1 p 0.8, grey 0.2, blur 1.0/0.1,
+    # solarise 0/0.2)
+    "VICReg": {**RELEASE, "aug": "BYOL", "crop": 0.08, "feature_dim": 8192, "mlp_head": True, "mlp_hidden_dim": 8192,
+               "optimizer": "lars", "base_learning_rate": 0.2, "lr_scaling": "linear", "weight_decay": 1e-6,
+               "momentum": 0.9, "lr_scheduler": "cosine", "warmup_epoch": 10, "warmup_multiplier": 1e6,
+               "num_crop": 1, "sync_batchnorm": True, "vicreg_sim_coeff": 25.0, "vicreg_std_coeff": 25.0,
+               "vicreg_cov_coeff": 1.0},
 }
 #: peak lr at the official total batch (method, per-process batch, processes, expected peak lr)
-PEAK_LR = [("BYOL", 64, 64, 0.2 * 4096 / 256), ("SwAV", 64, 64, 4.8), ("SimCLR", 64, 4, 0.3),
-           ("PIC", 64, 4, 0.03), ("DINO", 64, 8, 0.06),
-           ("NNCLR", 64, 64, 0.3 * 4096 / 256)]
+PEAK_LR = [("BYOL", 64, 64, 0.2 * 4096 / 256),
+           ("SwAV", 64, 64, 4.8),
+           ("SimCLR", 64, 4, 0.3),
+           ("PIC", 64, 4, 0.03),
+           ("DINO", 64, 8, 0.06),
+           ("NNCLR", 64, 64, 0.3 * 4096 / 256),
+           ("BarlowTwins", 128, 16, 0.2 * 2048 / 256),
+           ("VICReg", 64, 32, 0.2 * 2048 / 256)]
 
 
 def test_every_registered_method_has_a_published_table():

@@ -179,7 +179,8 @@ def test_recipe_check_names_a_stale_file(tmp_path, capsys):
     assert first in capsys.readouterr().err
 
 
-RUN_SCRIPTS = ["PIC", "InstDisc", "MoCov1", "MoCov2", "SimCLR", "PIC_single_view", "BYOL", "SwAV"]
+RUN_SCRIPTS = ["PIC", "InstDisc", "MoCov1", "MoCov2", "SimCLR", "PIC_single_view", "BYOL", "SwAV", "BarlowTwins",
+               "VICReg"]
 
 
 @pytest.mark.parametrize("script", RUN_SCRIPTS)

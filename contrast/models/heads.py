@@ -30,19 +30,25 @@ def _check_dims(in_dim: int, out_dim: int) -> None:
 
 
 def build_mlp(in_dim: int, hidden_dim: int, out_dim: int, batch_norm: bool = False,
-              last_bias: bool = True) -> nn.Sequential:
+              last_bias: bool = True, num_layers: int = 2, hidden_bias: bool = True) -> nn.Sequential:
     """Linear(in_dim, hidden_dim) -> [BatchNorm1d(hidden_dim)] -> ReLU -> Linear(hidden_dim, out_dim).
 
     Maps (B, in_dim) to (B, out_dim). ``batch_norm``: BYOL (Grill et al. 2020, Sec. 3.3) and SwAV
     (Caron et al. 2020, its ``projection_head``); ``last_bias=False``: BYOL's output layer has no
     bias (its reference code). Without batch norm the keys are ``0.*`` and ``2.*``, the release's head.
+    ``num_layers`` > 2 repeats the hidden block (Linear(hidden, hidden) -> [BN] -> ReLU) before the
+    output layer (Barlow Twins' and VICReg's 3-layer projectors); ``hidden_bias=False`` drops the
+    bias of the hidden Linear layers (Barlow Twins).
     """
     _check_dims(in_dim, out_dim)
-    if hidden_dim <= 0:
-        raise ValueError(f"the MLP head's hidden width must be positive, got {hidden_dim}")
-    norm = [nn.BatchNorm1d(hidden_dim)] if batch_norm else []
-    return nn.Sequential(nn.Linear(in_dim, hidden_dim), *norm, nn.ReLU(inplace=True),
-                         nn.Linear(hidden_dim, out_dim, bias=last_bias))
+    if hidden_dim <= 0 or num_layers < 2:
+        raise ValueError(f"the MLP head needs a positive hidden width and >= 2 layers, got {hidden_dim} "
+                         f"and {num_layers}")
+    layers: list = []
+    for width in [in_dim] + [hidden_dim] * (num_layers - 2):
+        norm = [nn.BatchNorm1d(hidden_dim)] if batch_norm else []
+        layers += [nn.Linear(width, hidden_dim, bias=hidden_bias), *norm, nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers, nn.Linear(hidden_dim, out_dim, bias=last_bias))
 
 
 def build_head(in_dim: int, out_dim: int = 128, mlp: bool = False, hidden_dim: int = MLP_HIDDEN_DIM) -> nn.Module:

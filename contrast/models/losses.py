@@ -284,3 +284,68 @@ def nnclr_loss(nn: Sequence[torch.Tensor], p: Sequence[torch.Tensor], nn_all: Se
         loss = loss + F.cross_entropy(nn_a @ p_all[b].float().t() / temperature, target)
         loss = loss + F.cross_entropy(p[b].float() @ nn_a_all.t() / temperature, target)
     return loss / 4
+
+
+def _off_diagonal(x: torch.Tensor) -> torch.Tensor:
+    """The D(D-1) off-diagonal entries of a (D, D) matrix, as a view (the official codes' trick)."""
+    d = x.shape[0]
+    return x.flatten()[:-1].view(d - 1, d + 1)[:, 1:]
+
+
+def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float, batch_size: int,
+                      all_reduce: Callable[[torch.Tensor], torch.Tensor] = _identity) -> torch.Tensor:
+    """Barlow Twins' redundancy-reduction loss (Zbontar et al., "Barlow Twins: Self-Supervised
+    Learning via Redundancy Reduction", ICML 2021, Eq. 1-2; facebookresearch/barlowtwins main.py).
+
+    ``C = sum over ranks (z1_r^T z2_r) / N`` is the cross-correlation of the batch-normalised
+    embeddings of the global batch of N samples; the loss is
+    ``sum_i (1 - C_ii)^2 + lambd * sum_{i != j} C_ij^2``.
+
+    Args:
+        z1, z2: (B_local, D) embeddings of the two views, each already normalised over the global
+            batch (batch norm without affine).
+        lambd: weight of the off-diagonal terms.
+        batch_size: N, the global batch.
+        all_reduce: sum over ranks of the (D, D) local correlation, with autograd
+            (``contrast.distributed.all_reduce_sum_with_grad``; the identity in one process).
+    Returns:
+        fp32 scalar.
+    """
+    c = all_reduce(z1.float().t() @ z2.float() / batch_size)
+    on_diag = (torch.diagonal(c) - 1).pow(2).sum()
+    off_diag = _off_diagonal(c).pow(2).sum()
+    return on_diag + lambd * off_diag
+
+
+def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, z1_all: torch.Tensor, z2_all: torch.Tensor,
+                sim_coeff: float = 25.0, std_coeff: float = 25.0, cov_coeff: float = 1.0,
+                eps: float = 1e-4) -> Sequence[torch.Tensor]:
+    """VICReg (Bardes, Ponce, LeCun, "VICReg: Variance-Invariance-Covariance Regularization for
+    Self-Supervised Learning", ICLR 2022, Eq. 1-6; facebookresearch/vicreg main_vicreg.py).
+
+    * invariance: ``mean((z1 - z2)^2)`` over this rank's samples (DDP's average makes it the global mean);
+    * variance, per view over the N gathered samples: ``mean_j relu(1 - sqrt(Var_j + eps))``
+      (unbiased variance), averaged over the two views;
+    * covariance, per view: ``sum_{i != j} Cov_ij^2 / D`` with ``Cov = Zc^T Zc / (N - 1)`` of the centred
+      gathered embeddings, summed over the two views.
+
+    Args:
+        z1, z2: (B_local, D) this rank's embeddings of the two views.
+        z1_all, z2_all: (N, D) the embeddings of all ranks (gathered with autograd).
+        sim_coeff, std_coeff, cov_coeff: the weights of the three terms.
+        eps: added to the variance under the square root.
+    Returns:
+        fp32 scalars ``(loss, invariance, variance, covariance)``; the last three unweighted.
+    """
+    invariance = F.mse_loss(z1.float(), z2.float())
+    variance = z1.new_zeros((), dtype=torch.float32)
+    covariance = z1.new_zeros((), dtype=torch.float32)
+    for z in (z1_all.float(), z2_all.float()):
+        n, d = z.shape
+        z = z - z.mean(dim=0)
+        std = torch.sqrt(z.var(dim=0) + eps)
+        variance = variance + F.relu(1 - std).mean() / 2
+        cov = z.t() @ z / (n - 1)
+        covariance = covariance + _off_diagonal(cov).pow(2).sum() / d
+    loss = sim_coeff * invariance + std_coeff * variance + cov_coeff * covariance
+    return loss, invariance, variance, covariance

@@ -12,6 +12,7 @@ from typing import Dict, Type
 
 from contrast import state_migrations
 from contrast.config import MethodConfig
+from contrast.models.barlow_twins import BarlowTwins
 from contrast.models.base import BaseMethod
 from contrast.models.byol import BYOL
 from contrast.models.dino import DINO
@@ -21,6 +22,7 @@ from contrast.models.nnclr import NNCLR
 from contrast.models.pic import PIC
 from contrast.models.simclr import SimCLR
 from contrast.models.swav import SwAV
+from contrast.models.vicreg import VICReg
 
 METHODS: Dict[str, Type[BaseMethod]] = {}
 
@@ -43,7 +45,7 @@ def unregister(name: str) -> None:
     state_migrations.unregister(name)
 
 
-for _cls in (PIC, InstDisc, MoCo, MoCoV2, SimCLR, BYOL, SwAV):
+for _cls in (PIC, InstDisc, MoCo, MoCoV2, SimCLR, BYOL, SwAV, BarlowTwins, VICReg):
     register(_cls)
 register(DINO)
 register(NNCLR)
