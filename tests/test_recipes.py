@@ -91,10 +91,18 @@ PUBLISHED = {
              "warmup_multiplier": 16, "sync_batchnorm": True, "swav_num_prototypes": 3000, "swav_epsilon": 0.05,
              "swav_sinkhorn_iterations": 3, "swav_queue_length": 0, "swav_queue_start_epoch": 15,
              "swav_freeze_prototypes_iters": 313},
+    # facebookresearch/moco-v3 c349e6e main_moco.py (lr 0.6 x B / 256 lines 65, 190; wd 1e-6 line 69; momentum
+    # 0.9 line 67; dim 256, hidden 4096, m 0.99, T 1.0 lines 95-105; LARS, 10 warm-up epochs from 0 lines 112-116,
+    # 420-425; SyncBN line 196; BYOL's augmentation lines 261-285) and CONFIG.md lines 14-16 (ResNet-50 100 epochs:
+    # --moco-m-cos --crop-min=.2)
+    "MoCov3": {**RELEASE, "aug": "BYOL", "crop": 0.2, "feature_dim": 256, "mlp_head": True, "mlp_hidden_dim": 4096,
+               "contrast_temperature": 1.0, "contrast_momentum": 0.99, "optimizer": "lars", "base_learning_rate": 0.6,
+               "lr_scaling": "linear", "weight_decay": 1e-6, "momentum": 0.9, "lr_scheduler": "cosine",
+               "warmup_epoch": 10, "warmup_multiplier": 1e6, "num_crop": 1, "sync_batchnorm": True},
 }
 #: peak lr at the official total batch (method, per-process batch, processes, expected peak lr)
 PEAK_LR = [("BYOL", 64, 64, 0.2 * 4096 / 256), ("SwAV", 64, 64, 4.8), ("SimCLR", 64, 4, 0.3),
-           ("PIC", 64, 4, 0.03)]
+           ("PIC", 64, 4, 0.03), ("MoCov3", 64, 64, 0.6 * 4096 / 256)]
 
 
 def test_every_registered_method_has_a_published_table():

@@ -211,3 +211,30 @@ def swav_loss(scores: Sequence[torch.Tensor], codes: Sequence[torch.Tensor], tem
         subloss = sum(-(q * log_p[v]).sum(dim=1).mean() for v in range(num_crops) if v != i)
         loss = loss + subloss / (num_crops - 1)
     return loss / len(codes)
+
+
+def mocov3_loss(q1: torch.Tensor, q2: torch.Tensor, k1_all: torch.Tensor, k2_all: torch.Tensor, offset: int,
+                temperature: float) -> torch.Tensor:
+    """Symmetric InfoNCE of MoCo v3 (Chen, Xie, He, "An Empirical Study of Training Self-Supervised
+    Vision Transformers", ICCV 2021, Alg. 1; ``contrastive_loss`` of facebookresearch/moco-v3
+    ``moco/builder.py``): ``ctr(q1, k2) + ctr(q2, k1)`` with
+    ``ctr(q, k) = 2 tau * CE(q/|q| @ (k_all/|k_all|).T / tau, offset + i)``: the positive of local query i is key
+    ``offset + i`` of the global batch, every other key of the global batch is a negative.
+
+    Args:
+        q1, q2: (B, D) local queries of view 1 and view 2 (with gradient; normalised here).
+        k1_all, k2_all: (G, D) keys (normalised here) of view 1 and view 2 of the global batch, in rank
+            order (treated as constants); in one process G = B.
+        offset: position of this rank's first sample in the global batch (rank x B).
+        temperature: tau.
+    Returns:
+        fp32 scalar: the mean over the B local queries of each term; averaging it over ranks (as DDP
+        does with the gradients) gives the loss over the global batch.
+    """
+    labels = torch.arange(q1.shape[0], device=q1.device) + offset
+
+    def ctr(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        logits = F.normalize(q.float(), dim=1) @ F.normalize(k.detach().float(), dim=1).t() / temperature
+        return F.cross_entropy(logits, labels) * (2 * temperature)
+
+    return ctr(q1, k2_all) + ctr(q2, k1_all)

@@ -16,6 +16,7 @@ from contrast.models.base import BaseMethod
 from contrast.models.byol import BYOL
 from contrast.models.instdisc import InstDisc
 from contrast.models.moco import MoCo, MoCoV2
+from contrast.models.mocov3 import MoCov3
 from contrast.models.pic import PIC
 from contrast.models.simclr import SimCLR
 from contrast.models.swav import SwAV
@@ -43,6 +44,7 @@ def unregister(name: str) -> None:
 
 for _cls in (PIC, InstDisc, MoCo, MoCoV2, SimCLR, BYOL, SwAV):
     register(_cls)
+register(MoCov3)
 
 
 def method_class(name: str) -> Type[BaseMethod]:
