@@ -238,3 +238,21 @@ def mocov3_loss(q1: torch.Tensor, q2: torch.Tensor, k1_all: torch.Tensor, k2_all
         return F.cross_entropy(logits, labels) * (2 * temperature)
 
     return ctr(q1, k2_all) + ctr(q2, k1_all)
+
+
+def simsiam_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+    """Symmetric negative cosine similarity with stop-gradient of SimSiam (Chen, He, "Exploring Simple
+    Siamese Representation Learning", CVPR 2021, Eq. 1-3 and Alg. 1; ``main_simsiam.py``):
+    ``-(mean_b cos(p1, z2) + mean_b cos(p2, z1)) / 2``, the projections ``z`` treated as constants.
+    ``cos`` is ``nn.CosineSimilarity``'s ``x.y / max(|x| |y|, 1e-8)``, as the official code.
+
+    Args:
+        p1, p2: (B, D) predictions of view 1 and view 2 (with gradient).
+        z1, z2: (B, D) projections of view 1 and view 2 (stop-gradient here).
+    Returns:
+        fp32 scalar in [-1, 1].
+    """
+    def cos(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return F.cosine_similarity(p.float(), z.detach().float(), dim=1, eps=1e-8).mean()
+
+    return -0.5 * (cos(p1, z2) + cos(p2, z1))

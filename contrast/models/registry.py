@@ -19,6 +19,7 @@ from contrast.models.moco import MoCo, MoCoV2
 from contrast.models.mocov3 import MoCov3
 from contrast.models.pic import PIC
 from contrast.models.simclr import SimCLR
+from contrast.models.simsiam import SimSiam
 from contrast.models.swav import SwAV
 
 METHODS: Dict[str, Type[BaseMethod]] = {}
@@ -45,6 +46,7 @@ def unregister(name: str) -> None:
 for _cls in (PIC, InstDisc, MoCo, MoCoV2, SimCLR, BYOL, SwAV):
     register(_cls)
 register(MoCov3)
+register(SimSiam)
 
 
 def method_class(name: str) -> Type[BaseMethod]:
