@@ -111,6 +111,19 @@ def test_momentum_follows_the_official_per_iteration_schedule():
         assert torch.allclose(p, official[4] * old + (1 - official[4]) * new, atol=1e-6)
 
 
+def test_lars_excludes_what_the_official_lars_excludes():
+    """moco/optimizer.py: decay and trust ratio only for tensors with ndim > 1 (no biases, no BN parameters)."""
+    from contrast.optim import build_optimizer
+    method = MoCov3(_encoder(), 6, feature_dim=4, hidden_dim=8)
+    opt = build_optimizer(method.param_groups(0.1, 1e-6), "lars", 0.1, 0.9, 1e-6)
+    trainable = [p for p in method.parameters() if p.requires_grad]
+    for group in opt.param_groups:
+        assert all((p.ndim > 1) != group["lars_exclude"] for p in group["params"])
+        assert group["weight_decay"] == (0.0 if group["lars_exclude"] else 1e-6)
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(trainable)
+    assert any(p.ndim == 1 for p in trainable)
+
+
 def test_method_loss_is_the_loss_of_its_modules():
     method = MoCov3(_encoder(), 6, feature_dim=4, hidden_dim=8, temperature=0.5)
     views = [_rand(4, 3, 4, 4, seed=s).float() for s in (1, 2)]
