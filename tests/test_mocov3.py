@@ -219,3 +219,18 @@ def test_auto_resume_is_bit_exact(cli, tmp_path, monkeypatch):
 def test_torchrun_two_processes(cli, tmp_path):
     data = cli.make_image_folder(str(tmp_path / "data"), num_classes=2, per_class=4, size=(36, 36))
     cli.test_torchrun_two_processes("MoCov3", data, tmp_path)
+
+
+@pytest.mark.parametrize("epochs,lr,wd,m", [(None, 0.6, 1e-6, 0.99), (300, 0.3, 1e-6, 0.99), (1000, 0.3, 1.5e-6, 0.996)])
+def test_script_runs_config_md_settings(epochs, lr, wd, m, tmp_path):
+    """scripts/MoCov3.sh: the recipe at 100 epochs, CONFIG.md's presets at 300 and 1000, then main_lincls.py's
+    linear evaluation."""
+    from contrast.option import parse_pretrain_args
+    from tests.test_scripts import run_script, stub
+    args = () if epochs is None else (epochs,)
+    (_, pre, argv), (_, lin, lin_argv) = run_script("MoCov3", stub.__wrapped__(tmp_path), tmp_path, *args)
+    assert (pre, lin) == ("main_pretrain.py", "main_linear.py")
+    a = parse_pretrain_args(argv)
+    assert (a.model, a.epochs, a.base_learning_rate, a.weight_decay, a.contrast_momentum, a.optimizer) == \
+        ("MoCov3", epochs or 100, lr, wd, m, "lars")
+    assert lin_argv[lin_argv.index("--learning-rate") + 1] == "0.1" and lin_argv[lin_argv.index("--epochs") + 1] == "90"

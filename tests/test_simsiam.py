@@ -189,3 +189,15 @@ def test_auto_resume_is_bit_exact(cli, tmp_path, monkeypatch):
 def test_torchrun_two_processes(cli, tmp_path):
     data = cli.make_image_folder(str(tmp_path / "data"), num_classes=2, per_class=4, size=(36, 36))
     cli.test_torchrun_two_processes("SimSiam", data, tmp_path)
+
+
+def test_script_runs_the_recipe(tmp_path):
+    """scripts/SimSiam.sh: the recipe at 100 epochs, then main_lincls.py's linear evaluation settings."""
+    from contrast.option import parse_pretrain_args
+    from tests.test_scripts import run_script, stub
+    (_, pre, argv), (_, lin, lin_argv) = run_script("SimSiam", stub.__wrapped__(tmp_path), tmp_path)
+    assert (pre, lin) == ("main_pretrain.py", "main_linear.py")
+    a = parse_pretrain_args(argv)
+    assert (a.model, a.epochs, a.base_learning_rate, a.optimizer, a.simsiam_fix_pred_lr) == \
+        ("SimSiam", 100, 0.05, "sgd", True)
+    assert lin_argv[lin_argv.index("--learning-rate") + 1] == "0.1" and lin_argv[lin_argv.index("--epochs") + 1] == "90"
