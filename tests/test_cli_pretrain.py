@@ -44,7 +44,15 @@ METHOD_FLAGS = {
               "--nnclr-support-size", "16"],
     "BarlowTwins": ["--model", "BarlowTwins", "--mlp-hidden-dim", "64"],
     "VICReg": ["--model", "VICReg", "--mlp-hidden-dim", "64"],
+    "MoCov3": ["--model", "MoCov3", "--optimizer", "lars", "--mlp-hidden-dim", "64"],
+    "SimSiam": ["--model", "SimSiam", "--mlp-hidden-dim", "64", "--simsiam-pred-dim", "8"],
 }
+
+
+def test_every_registered_method_has_tiny_flags():
+    """The generic tests (CLI, resume, meta device, host reads) run every method through METHOD_FLAGS."""
+    from contrast.models import METHODS
+    assert set(METHODS) <= {flags[1] for flags in METHOD_FLAGS.values()}
 
 
 def tiny_args(data_dir, out_dir, *extra, epochs=1):

@@ -135,6 +135,22 @@ PUBLISHED = {
                "momentum": 0.9, "lr_scheduler": "cosine", "warmup_epoch": 10, "warmup_multiplier": 1e6,
                "num_crop": 1, "sync_batchnorm": True, "vicreg_sim_coeff": 25.0, "vicreg_std_coeff": 25.0,
                "vicreg_cov_coeff": 1.0},
+    # facebookresearch/moco-v3 c349e6e main_moco.py (lr 0.6 x B / 256 lines 65, 190; wd 1e-6 line 69; momentum
+    # 0.9 line 67; dim 256, hidden 4096, m 0.99, T 1.0 lines 95-105; LARS, 10 warm-up epochs from 0 lines 112-116,
+    # 420-425; SyncBN line 196; BYOL's augmentation lines 261-285) and CONFIG.md lines 14-16 (ResNet-50 100 epochs:
+    # --moco-m-cos --crop-min=.2)
+    "MoCov3": {**RELEASE, "aug": "BYOL", "crop": 0.2, "feature_dim": 256, "mlp_head": True, "mlp_hidden_dim": 4096,
+               "contrast_temperature": 1.0, "contrast_momentum": 0.99, "optimizer": "lars", "base_learning_rate": 0.6,
+               "lr_scaling": "linear", "weight_decay": 1e-6, "momentum": 0.9, "lr_scheduler": "cosine",
+               "warmup_epoch": 10, "warmup_multiplier": 1e6, "num_crop": 1, "sync_batchnorm": True},
+    # facebookresearch/simsiam a7bc177 main_simsiam.py (batch 512, lr 0.05 x B / 256, momentum 0.9, wd 1e-4 lines
+    # 51-62, 157; dim 2048, pred-dim 512 lines 86-89; SyncBN line 161; SGD line 199; MoCo v2's augmentation, crop
+    # 0.2 lines 228-239; cosine without warm-up lines 359-366), simsiam/builder.py lines 26-42 (hidden = ResNet-50's
+    # 2048), README.md line 32 (--fix-pred-lr)
+    "SimSiam": {**RELEASE, "aug": "MoCov2", "crop": 0.2, "feature_dim": 2048, "mlp_head": True, "mlp_hidden_dim": 2048,
+                "optimizer": "sgd", "base_learning_rate": 0.05, "lr_scaling": "linear", "weight_decay": 1e-4,
+                "momentum": 0.9, "lr_scheduler": "cosine", "warmup_epoch": 0, "num_crop": 1, "sync_batchnorm": True,
+                "simsiam_pred_dim": 512, "simsiam_fix_pred_lr": True},
 }
 #: peak lr at the official total batch (method, per-process batch, processes, expected peak lr)
 PEAK_LR = [("BYOL", 64, 64, 0.2 * 4096 / 256),
@@ -144,7 +160,9 @@ PEAK_LR = [("BYOL", 64, 64, 0.2 * 4096 / 256),
            ("DINO", 64, 8, 0.06),
            ("NNCLR", 64, 64, 0.3 * 4096 / 256),
            ("BarlowTwins", 128, 16, 0.2 * 2048 / 256),
-           ("VICReg", 64, 32, 0.2 * 2048 / 256)]
+           ("VICReg", 64, 32, 0.2 * 2048 / 256),
+           ("MoCov3", 64, 64, 0.6 * 4096 / 256),
+           ("SimSiam", 64, 8, 0.05 * 512 / 256)]
 
 
 def test_every_registered_method_has_a_published_table():

@@ -86,7 +86,7 @@ def data(tmp_path_factory):
     return make_image_folder(str(tmp_path_factory.mktemp("data")), num_classes=2, per_class=4, size=(36, 36))
 
 
-@pytest.mark.parametrize("method", ["PIC", "PIC_sampled", "MoCo", "InstDisc"])
+@pytest.mark.parametrize("method", list(METHOD_FLAGS))
 def test_auto_resume_matches_uninterrupted_run(method, data, tmp_path, monkeypatch):
     flags = METHOD_FLAGS[method] + ["--warmup-epoch", "1"]
     straight = tmp_path / "straight"

@@ -349,3 +349,48 @@ def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, z1_all: torch.Tensor, z2_all
         covariance = covariance + _off_diagonal(cov).pow(2).sum() / d
     loss = sim_coeff * invariance + std_coeff * variance + cov_coeff * covariance
     return loss, invariance, variance, covariance
+
+
+def mocov3_loss(q1: torch.Tensor, q2: torch.Tensor, k1_all: torch.Tensor, k2_all: torch.Tensor, offset: int,
+                temperature: float) -> torch.Tensor:
+    """Symmetric InfoNCE of MoCo v3 (Chen, Xie, He, "An Empirical Study of Training Self-Supervised
+    Vision Transformers", ICCV 2021, Alg. 1; ``contrastive_loss`` of facebookresearch/moco-v3
+    ``moco/builder.py``): ``ctr(q1, k2) + ctr(q2, k1)`` with
+    ``ctr(q, k) = 2 tau * CE(q/|q| @ (k_all/|k_all|).T / tau, offset + i)``: the positive of local query i is key
+    ``offset + i`` of the global batch, every other key of the global batch is a negative.
+
+    Args:
+        q1, q2: (B, D) local queries of view 1 and view 2 (with gradient; normalised here).
+        k1_all, k2_all: (G, D) keys (normalised here) of view 1 and view 2 of the global batch, in rank
+            order (treated as constants); in one process G = B.
+        offset: position of this rank's first sample in the global batch (rank x B).
+        temperature: tau.
+    Returns:
+        fp32 scalar: the mean over the B local queries of each term; averaging it over ranks (as DDP
+        does with the gradients) gives the loss over the global batch.
+    """
+    labels = torch.arange(q1.shape[0], device=q1.device) + offset
+
+    def ctr(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        logits = F.normalize(q.float(), dim=1) @ F.normalize(k.detach().float(), dim=1).t() / temperature
+        return F.cross_entropy(logits, labels) * (2 * temperature)
+
+    return ctr(q1, k2_all) + ctr(q2, k1_all)
+
+
+def simsiam_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+    """Symmetric negative cosine similarity with stop-gradient of SimSiam (Chen, He, "Exploring Simple
+    Siamese Representation Learning", CVPR 2021, Eq. 1-3 and Alg. 1; ``main_simsiam.py``):
+    ``-(mean_b cos(p1, z2) + mean_b cos(p2, z1)) / 2``, the projections ``z`` treated as constants.
+    ``cos`` is ``nn.CosineSimilarity``'s ``x.y / max(|x| |y|, 1e-8)``, as the official code.
+
+    Args:
+        p1, p2: (B, D) predictions of view 1 and view 2 (with gradient).
+        z1, z2: (B, D) projections of view 1 and view 2 (stop-gradient here).
+    Returns:
+        fp32 scalar in [-1, 1].
+    """
+    def cos(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return F.cosine_similarity(p.float(), z.detach().float(), dim=1, eps=1e-8).mean()
+
+    return -0.5 * (cos(p1, z2) + cos(p2, z1))

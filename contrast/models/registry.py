@@ -19,8 +19,10 @@ from contrast.models.dino import DINO
 from contrast.models.instdisc import InstDisc
 from contrast.models.moco import MoCo, MoCoV2
 from contrast.models.nnclr import NNCLR
+from contrast.models.mocov3 import MoCov3
 from contrast.models.pic import PIC
 from contrast.models.simclr import SimCLR
+from contrast.models.simsiam import SimSiam
 from contrast.models.swav import SwAV
 from contrast.models.vicreg import VICReg
 
@@ -45,8 +47,17 @@ def unregister(name: str) -> None:
     state_migrations.unregister(name)
 
 
-for _cls in (PIC, InstDisc, MoCo, MoCoV2, SimCLR, BYOL, SwAV, BarlowTwins, VICReg):
-    register(_cls)
+register(PIC)
+register(InstDisc)
+register(MoCo)
+register(MoCoV2)
+register(SimCLR)
+register(BYOL)
+register(SwAV)
+register(MoCov3)
+register(SimSiam)
+register(BarlowTwins)
+register(VICReg)
 register(DINO)
 register(NNCLR)
 
