@@ -39,9 +39,11 @@ from contrast.data.transforms import build_augmentation
 from contrast.eval.features import backbone_from_checkpoint, build_eval_loader, extract_features
 from contrast.eval.knn import knn_evaluate, l2_normalize_
 from contrast.eval.linear_cached import train_linear_cached
-from contrast.models import build_backbone
+from contrast.config import BackboneConfig
+from contrast.models import FeatureExtractor, make_backbone
 from contrast.option import (add_backbone_flags, add_data_flags, add_knn_flags, add_output_json_flag,
                              add_pretrained_flag, add_runtime_flags, check_values, new_parser, resolve_from_config)
+from contrast.option_backbone import add_eval_feature_flag
 from contrast.placement import place
 
 
@@ -54,6 +56,8 @@ def knn_parser() -> argparse.ArgumentParser:
     g.add_argument("--raw-pixels", action="store_true", help="baseline: the normalised pixels as features")
     add_data_flags(p, train=False, image_size=None, cache_modes=("no", "full"), eval_batch=True)
     add_backbone_flags(p, from_checkpoint=True)
+    p.add_argument("--patch-size", type=int, default=16, help="(new) --random-init ViT: patch side in pixels")
+    add_eval_feature_flag(p, "--feature")
     add_knn_flags(p, monitor=False)
     g = p.add_argument_group("cached-feature linear evaluation")
     g.add_argument("--linear-cached", action="store_true", help="also train a linear classifier on cached features")
@@ -101,8 +105,11 @@ def build_encoder(args) -> tuple[nn.Module, dict]:
     if args.random_init:
         torch.manual_seed(args.seed)
         stem = args.stem or "imagenet"
-        backbone, _ = build_backbone(args.arch, stem=stem, zero_init_residual=False)  # torchvision's own init
-        return backbone, {"encoder": f"random-init {args.arch} {stem} stem (seed {args.seed})"}
+        backbone = make_backbone(BackboneConfig(args.arch, stem, zero_init_residual=False,   # the library's own init
+                                                image_size=args.image_size or 224, patch_size=args.patch_size))
+        feature = args.feature or backbone.eval_feature
+        return FeatureExtractor(backbone, feature), {"encoder": f"random-init {args.arch} {stem} stem (seed "
+                                                                f"{args.seed})", "feature": feature}
     backbone, _, ckpt = backbone_from_checkpoint(args.pretrained_model, args.arch, args.stem)
     resolve_from_config(args, ckpt.config, ("image_size", "val_crop_fraction"))
     info = {"model": ckpt.config.get("model"), "epoch": ckpt.epoch, "loop_epochs": ckpt.config.get("loop_epochs"),
@@ -110,7 +117,8 @@ def build_encoder(args) -> tuple[nn.Module, dict]:
     if ckpt.images_seen is not None:
         info["images_seen"] = ckpt.images_seen
     info["encoder"] = f"{args.pretrained_model} ({info['model']}, epoch {info['epoch']}, {info['arch']})"
-    return backbone, info
+    info["feature"] = args.feature or backbone.eval_feature
+    return FeatureExtractor(backbone, info["feature"]), info
 
 
 def datasets(args, transform) -> Dict[str, object]:

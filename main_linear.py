@@ -21,7 +21,7 @@ from contrast.checkpoint import LINEAR, choose_resume, list_state_differences, l
 from contrast.data import build_dataset, build_sampler
 from contrast.data.transforms import build_augmentation
 from contrast.eval.features import ShardSampler
-from contrast.models import TrainModule, build_backbone
+from contrast.models import TrainModule, backbone_config_of, make_backbone
 from contrast.optim import build_scheduler
 from contrast.placement import configure_backends, place
 from contrast.precision import Precision, resolve_precision
@@ -30,15 +30,17 @@ from contrast.option import parse_linear_args, resolve_from_config
 
 class LinearClassifier(TrainModule):
     """Frozen backbone (eval mode, no grad) + ``fc``: Linear(feat_dim, num_classes), N(0, 0.01) init.
+    ``feature`` is the backbone feature classified (``--linear-feature``; None: the backbone's ``eval_feature``).
 
     ``forward(views, label)`` takes a one-view list of (B, 3, H, W) images and (B,) labels and
     returns ``{"loss", "acc1"}`` (fp32 cross-entropy). Under DDP only ``fc`` has gradients to reduce.
     """
 
-    def __init__(self, backbone: nn.Module, feat_dim: int, num_classes: int) -> None:
+    def __init__(self, backbone: nn.Module, num_classes: int, feature: Optional[str] = None) -> None:
         super().__init__()
         self.backbone = backbone.requires_grad_(False)
-        self.fc = nn.Linear(feat_dim, num_classes)
+        self.feature = backbone.check_feature(feature or backbone.eval_feature)
+        self.fc = nn.Linear(backbone.feature_dim(self.feature), num_classes)
         nn.init.normal_(self.fc.weight, std=0.01)
         nn.init.zeros_(self.fc.bias)
 
@@ -52,7 +54,7 @@ class LinearClassifier(TrainModule):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            feats = self.backbone(x)
+            feats = self.backbone.features(x, self.feature)
         return self.fc(feats).float()
 
     def forward(self, views: List[torch.Tensor], label: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -123,8 +125,11 @@ def linear(args, run: engine.Run) -> Dict[str, float]:
                             strict=args.strict_data, index_dir=args.index_dir)
     val_loader = engine.build_loader(val_set, ShardSampler(len(val_set), env.rank, env.world_size), batch,
                                      args.num_workers, env.device, train=False, seed=args.seed)
-    backbone, feat_dim = build_backbone(args.arch, args.stem)
-    model = LinearClassifier(backbone, feat_dim, val_set.num_classes)
+    backbone_cfg = backbone_config_of(source.config, arch=args.arch, stem=args.stem, image_size=args.image_size)
+    vars(args).update(vars(backbone_cfg))   # config.json records the whole backbone (-e rebuilds it)
+    backbone = make_backbone(backbone_cfg)
+    model = LinearClassifier(backbone, val_set.num_classes, args.linear_feature)
+    logger.info(f"linear evaluation of the backbone feature {model.feature!r} ({model.fc.in_features} dims)")
     precision, precision_note = resolve_precision(args.amp_opt_level, env.device)
     logger.info(f"precision: {precision_note}")
 

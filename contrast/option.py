@@ -20,12 +20,13 @@ import os
 import textwrap
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from contrast.config import VIEW_BATCHING, BackboneConfig, Flag, MethodConfig
+from contrast.config import VIEW_BATCHING, Flag, MethodConfig
 from contrast.data.transforms import AUG_NAMES
-from contrast.models import ARCHS, METHODS, STEMS
+from contrast.models import BACKBONE_ARCHS, METHODS, STEMS
 from contrast.models.recipe import FLAG_FIELDS, LR_SCALINGS, Recipe, describe, peak_lr, resolve
 from contrast.models.views import MULTI_CROP_AUG
-from contrast.optim import COSINE_FORMS, LARS_FORMS
+from contrast.optim import COSINE_FORMS, LARS_FORMS, OPTIMIZERS
+from contrast.option_backbone import add_eval_feature_flag, add_vit_flags, backbone_config, recipe_of
 from contrast.precision import OPT_LEVELS
 from contrast.runconfig import RunConfig, groups_from_flags
 from contrast.config_file import add_config_flag, parse_with_config, resolve_from_config  # noqa: F401 (re-export)
@@ -120,8 +121,8 @@ def add_backbone_flags(p: argparse.ArgumentParser, *, from_checkpoint: bool) -> 
     """``--arch`` / ``--stem``; with ``from_checkpoint`` they default to the checkpoint's values."""
     g = p.add_argument_group("backbone")
     suffix = " (default: the checkpoint's)" if from_checkpoint else ""
-    g.add_argument("--arch", type=str, default=None if from_checkpoint else "resnet50", choices=ARCHS,
-                   help="backbone (torchvision ResNet)" + suffix)
+    g.add_argument("--arch", type=str, default=None if from_checkpoint else "resnet50",
+                   choices=BACKBONE_ARCHS, help="backbone (torchvision ResNet, timm ViT)" + suffix)
     g.add_argument("--stem", type=str, default=None if from_checkpoint else "imagenet", choices=STEMS,
                    help="(new) layers before layer1: imagenet = 7x7 stride-2 conv1 + max-pool; small = 3x3 "
                         "stride-1 conv1, no max-pool (28-32 px images); small-maxpool = 3x3 stride-1 conv1 + "
@@ -131,6 +132,7 @@ def add_backbone_flags(p: argparse.ArgumentParser, *, from_checkpoint: bool) -> 
     if not from_checkpoint:
         g.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction, default=True,
                        help="(new flag, the release's init) zero the last batch-norm gamma of every residual block")
+        add_vit_flags(g)
     if from_checkpoint:
         g.add_argument("--no-small-stem", action="store_const", dest="stem", const="imagenet",
                        default=argparse.SUPPRESS, help="deprecated alias of --stem imagenet")
@@ -348,9 +350,10 @@ def pretrain_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-scaling", type=str, default="linear", choices=list(LR_SCALINGS),
                    help="(new) peak lr = base lr x total batch / 256 (linear, the release) or base lr x "
                         "sqrt(total batch) (sqrt, google-research/simclr's option)")
-    g.add_argument("--optimizer", type=str, default="sgd", choices=["sgd", "lars"],
+    g.add_argument("--optimizer", type=str, default="sgd", choices=list(OPTIMIZERS),
                    help="LARS: no decay or adaptation on biases and BN parameters, trust coefficient 0.001 (state "
-                        "a method updates itself with its own optimiser is not affected)")
+                        "a method updates itself with its own optimiser is not affected); AdamW: no decay on "
+                        "biases, norms and the backbone's no-decay tensors (ViT: pos_embed, cls_token)")
     g.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay")
     g.add_argument("--lars-form", type=str, default="release", choices=list(LARS_FORMS),
                    help="(new) release: SGD momentum on the trust-scaled gradient, w -= lr * v, eps 1e-8 (the "
@@ -380,6 +383,7 @@ def linear_parser() -> argparse.ArgumentParser:
     add_data_flags(p, train=True, default_aug="NULL", image_size=None)
     add_backbone_flags(p, from_checkpoint=True)
     add_schedule_flags(p, default_epochs=100)
+    add_eval_feature_flag(p)
     g = p.add_argument_group("linear evaluation")
     g.add_argument("--total-batch-size", type=int, default=256, help="batch size over all processes")
     g.add_argument("--learning-rate", type=float, default=30.0, help="lr for a total batch of 256")
@@ -428,7 +432,7 @@ def parse_pretrain_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = pretrain_parser()
     args = parse_with_config(p, argv)
     cls = METHODS[args.model]
-    for key, value in resolve(cls.recipe, vars(args), args.epochs).items():
+    for key, value in resolve(recipe_of(p, cls, args.arch), vars(args), args.epochs).items():
         setattr(args, key, value)
     check_values(p, args, ["epochs", "print_freq", "save_freq", "image_size", "batch_size", "max_nonfinite",
                            "knn_freq"])
@@ -487,7 +491,7 @@ def method_config(args: argparse.Namespace, world_size: int = 1) -> MethodConfig
     total_batch = args.batch_size * world_size
     window = args.use_sliding_window_sampler
     return MethodConfig(
-        name=args.model, backbone=BackboneConfig(args.arch, args.stem, args.zero_init_residual),
+        name=args.model, backbone=backbone_config(args),
         feature_dim=args.feature_dim, mlp_head=bool(args.mlp_head), head_hidden_dim=args.mlp_hidden_dim,
         temperature=args.contrast_temperature,
         momentum=args.contrast_momentum, num_negative=args.contrast_num_negative,

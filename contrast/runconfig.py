@@ -125,7 +125,8 @@ METHOD_FLAGS = {"name": "model", "feature_dim": "feature_dim", "mlp_head": "mlp_
                 "head_hidden_dim": "mlp_hidden_dim", "temperature": "contrast_temperature",
                 "momentum": "contrast_momentum", "num_negative": "contrast_num_negative",
                 "view_batching": "view_batching"}
-BACKBONE_FLAGS = ("arch", "stem", "zero_init_residual")
+BACKBONE_FLAGS = ("arch", "stem", "zero_init_residual", "patch_size", "drop_path", "global_pool",
+                  "freeze_patch_embed")
 #: Flags of main_linear.py that the pretraining groups do not have.
 LINEAR_FLAGS = {"pretrained_model": "method", "total_batch_size": "data", "learning_rate": "optim",
                 "eval": "loop"}
