@@ -12,7 +12,9 @@ backbone belongs to (``tests/test_backbone_interface.py`` greps for such branchi
 * ``no_weight_decay()``: names of the parameters AdamW leaves undecayed;
 * ``prefers_bf16``: ``--amp-opt-level auto`` picks bf16 autocast on a CUDA device that has it;
 * ``reference_model()`` / ``reference_spec()``: the plain library model (torchvision, timm) that
-  loads ``state_dict()`` with ``strict=True`` and computes the same ``forward``, for the export tool.
+  loads ``state_dict()`` with ``strict=True`` and computes the same ``forward``, for the export tool;
+  ``export_formats`` the formats ``tools/export_backbone.py`` writes, ``verify_size`` the image side
+  of its check.
 """
 from __future__ import annotations
 
@@ -32,6 +34,8 @@ class Backbone:
     feature_kinds: ClassVar[Tuple[str, ...]] = ("pooled",)
     eval_feature: ClassVar[str] = "pooled"
     prefers_bf16: ClassVar[bool] = False
+    export_formats: ClassVar[Tuple[str, ...]] = ()
+    verify_size: int = 64
     feat_dim: int
 
     def check_feature(self, kind: str) -> str:

@@ -134,8 +134,13 @@ class ResNetBackbone(ResNet, Backbone):
     after :func:`build_backbone`. Weight decay is left off biases and BatchNorm parameters."""
 
     family = "resnet"
+    export_formats = ("torchvision", "d2")
     arch: str = ""
     stem: str = "imagenet"
+
+    @property
+    def verify_size(self) -> int:
+        return 64 if self.stem == "imagenet" else 32
 
     def reference_spec(self) -> Dict[str, Any]:
         if self.arch not in RESNETS:

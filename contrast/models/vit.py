@@ -47,6 +47,7 @@ class ViTBackbone(VisionTransformer, Backbone):
     feature_kinds = ("pooled", "cls", "avgpool", "cls4", "cls+avgpool")
     eval_feature = "cls"
     prefers_bf16 = True
+    export_formats = ("timm",)
 
     def __init__(self, arch: str, image_size: int = 224, patch_size: int = 16, drop_path: float = 0.0,
                  global_pool: str = "token", freeze_patch_embed: bool = False) -> None:
@@ -65,7 +66,7 @@ class ViTBackbone(VisionTransformer, Backbone):
                          num_heads=over.get("num_heads", heads), num_classes=0, img_size=image_size,
                          patch_size=patch_size, global_pool=global_pool, dynamic_img_size=True,
                          drop_path_rate=drop_path)
-        self.arch, self.feat_dim = arch, self.embed_dim
+        self.arch, self.feat_dim, self.verify_size = arch, self.embed_dim, image_size
         if freeze_patch_embed:
             self.patch_embed.proj.requires_grad_(False)
 
