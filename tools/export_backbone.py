@@ -55,7 +55,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from contrast import engine  # noqa: E402
 from contrast.eval.features import backbone_from_checkpoint, backbone_spec  # noqa: E402
-from contrast.models.backbones import RESNET_D  # noqa: E402
 from contrast.option import (add_backbone_flags, add_debug_flag, add_pretrained_flag, new_parser,  # noqa: E402
                              parse_with_input_file)
 
@@ -149,10 +148,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, str]:
     args = parse_export_args(argv)
     backbone, _, ckpt = backbone_from_checkpoint(args.pretrained_model, args.arch, args.stem)
     arch, stem = backbone_spec(ckpt, args.arch, args.stem)
-    if arch in RESNET_D:
-        raise ValueError(f"{args.pretrained_model}: {arch} is the release's ResNet-D, not a torchvision architecture; "
-                         f"its backbone state dict (release key names) is the checkpoint's 'backbone.' tensors, and "
-                         f"detectron2's ResNet has no ResNet-D stem")
+    try:
+        backbone.reference_spec()
+    except ValueError as e:   # no library model takes it (the release's ResNet-D)
+        raise ValueError(f"{args.pretrained_model}: {e}") from None
     formats = {None: backbone.export_formats, "both": ("torchvision", "d2")}.get(args.format, (args.format,))
     missing = [f for f in formats if f not in backbone.export_formats]
     if missing:

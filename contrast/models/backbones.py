@@ -144,7 +144,9 @@ class ResNetBackbone(ResNet, Backbone):
 
     def reference_spec(self) -> Dict[str, Any]:
         if self.arch not in RESNETS:
-            raise ValueError(f"{self.arch} is the release's ResNet-D, not a torchvision architecture")
+            raise ValueError(f"{self.arch} is the release's ResNet-D, not a torchvision architecture; its backbone "
+                             f"state dict (release key names) is the checkpoint's 'backbone.' tensors, and "
+                             f"detectron2's ResNet has no ResNet-D stem")
         return {"library": "torchvision", "name": self.arch, "kwargs": {}, "stem": self.stem}
 
     def reference_model(self) -> nn.Module:
