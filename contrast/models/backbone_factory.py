@@ -15,7 +15,7 @@ from torch import nn
 from contrast.config import BackboneConfig
 from contrast.models.backbones import ARCHS as RESNET_ARCHS, build_backbone, stem_of
 from contrast.models.recipe import Recipe
-from contrast.models.vit import VIT_ARCHS, ViTBackbone
+from contrast.models.vit import VIT_ARCHS, build_vit
 
 
 @dataclass(frozen=True)
@@ -31,13 +31,8 @@ def _resnet(cfg: BackboneConfig) -> nn.Module:
     return build_backbone(cfg.arch, stem=cfg.stem, zero_init_residual=cfg.zero_init_residual)[0]
 
 
-def _vit(cfg: BackboneConfig) -> nn.Module:
-    return ViTBackbone(cfg.arch, image_size=cfg.image_size, patch_size=cfg.patch_size, drop_path=cfg.drop_path,
-                       global_pool=cfg.global_pool, freeze_patch_embed=cfg.freeze_patch_embed)
-
-
 FAMILIES: Tuple[Family, ...] = (Family("resnet", RESNET_ARCHS, _resnet, "recipe"),
-                                Family("vit", tuple(VIT_ARCHS), _vit, "vit_recipe"))
+                                Family("vit", tuple(VIT_ARCHS), build_vit, "vit_recipe"))
 #: Every ``--arch`` value.
 BACKBONE_ARCHS: Tuple[str, ...] = tuple(a for f in FAMILIES for a in f.archs)
 
