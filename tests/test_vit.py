@@ -212,3 +212,17 @@ def test_recipe_fields_for_the_vit_flags_are_given_by_a_vit_recipe():
         assert (cfg.backbone.drop_path, cfg.backbone.freeze_patch_embed) == (0.0, False)
     finally:
         unregister("FrozenViTTest")
+
+
+def test_train_step_benchmark_times_a_vit_with_its_vit_recipe(tmp_path):
+    import importlib.util
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("train_step_vit", os.path.join(root, "benchmarks", "train_step.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--methods", "SimCLR", "--arch", "vit_pico", "resnet18", "--batch-size", "2", "--iters", "1",
+                       "--warmup", "0", "--precisions", "fp32", "--channels-last", "0", "--device", "cpu",
+                       "--output-json", str(tmp_path / "ts.json")])
+    assert [(r["arch"], r["optimizer"]) for r in rows] == [("vit_pico", "adamw"), ("resnet18", "lars")]
+    assert all(r["images_per_s"] > 0 for r in rows)
