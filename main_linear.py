@@ -130,7 +130,8 @@ def linear(args, run: engine.Run) -> Dict[str, float]:
     backbone = make_backbone(backbone_cfg)
     model = LinearClassifier(backbone, val_set.num_classes, args.linear_feature)
     logger.info(f"linear evaluation of the backbone feature {model.feature!r} ({model.fc.in_features} dims)")
-    precision, precision_note = resolve_precision(args.amp_opt_level, env.device)
+    precision, precision_note = resolve_precision(args.amp_opt_level, env.device,
+                                                  prefer_bf16=backbone.prefers_bf16)
     logger.info(f"precision: {precision_note}")
 
     if args.eval:

@@ -91,7 +91,8 @@ def resolve_precision(opt_level: str, device: torch.device,
     device = torch.device(device)
     if opt_level == "auto":
         if device.type == "cuda" and prefer_bf16 and cuda_bf16_probe():
-            return Precision(torch.bfloat16, None), "auto -> bf16 autocast on CUDA (the backbone prefers bf16), no scaler"
+            return Precision(torch.bfloat16, None), \
+                "auto -> bf16 autocast on CUDA (the backbone prefers bf16), no GradScaler"
         if device.type == "cuda":
             return Precision(torch.float16, torch.amp.GradScaler("cuda")), \
                 "auto -> O1 on CUDA: fp16 autocast + GradScaler (the release's default, Apex O1)"

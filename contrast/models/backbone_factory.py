@@ -63,7 +63,8 @@ def backbone_config_of(config: Mapping[str, Any], **given: Any) -> BackboneConfi
     """The :class:`BackboneConfig` a run's flat ``config`` records (older configs: the defaults),
     with the non-None ``given`` values (``arch``, ``stem``, ...) taking precedence."""
     default = BackboneConfig()
-    values: Dict[str, Any] = {name: config.get(name, getattr(default, name)) for name in BackboneConfig.__dataclass_fields__}
+    values: Dict[str, Any] = {name: config.get(name, getattr(default, name))
+                              for name in BackboneConfig.__dataclass_fields__}
     values["stem"] = stem_of(config)
     values.update({k: v for k, v in given.items() if v is not None})
     for name in ("image_size", "patch_size"):

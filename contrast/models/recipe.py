@@ -130,4 +130,5 @@ def vit_recipe_of(recipe: Recipe, **changes: Any) -> Recipe:
     return replace(recipe, **{**VIT_OPTIMIZER, **changes})
 
 
-__all__ = ["VIT_OPTIMIZER", "vit_recipe_of", "FLAG_FIELDS", "LR_SCALINGS", "NOT_FLAGS", "Recipe", "describe", "peak_lr", "replace", "resolve"]
+__all__ = ["FLAG_FIELDS", "LR_SCALINGS", "NOT_FLAGS", "Recipe", "VIT_OPTIMIZER", "describe", "peak_lr", "replace",
+           "resolve", "vit_recipe_of"]

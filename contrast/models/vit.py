@@ -97,7 +97,8 @@ def vit_backbone_class() -> type:
             return {n for n, p in self.named_parameters() if p.ndim < 2 or n in tokens}
 
         def last_tokens(self, x: torch.Tensor, n: int) -> List[torch.Tensor]:
-            """The normed token sequences (B, 1 + N, D) of the last ``n`` blocks (DINO's ``get_intermediate_layers``)."""
+            """The normed token sequences (B, 1 + N, D) of the last ``n`` blocks (DINO's
+            ``get_intermediate_layers``)."""
             x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
             out, first = [], len(self.blocks) - n
             for i, blk in enumerate(self.blocks):
