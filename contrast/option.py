@@ -26,7 +26,7 @@ from contrast.models import BACKBONE_ARCHS, METHODS, STEMS
 from contrast.models.recipe import FLAG_FIELDS, LR_SCALINGS, Recipe, describe, peak_lr, resolve
 from contrast.models.views import MULTI_CROP_AUG
 from contrast.optim import COSINE_FORMS, LARS_FORMS, OPTIMIZERS
-from contrast.option_backbone import add_eval_feature_flag, add_vit_flags, backbone_config, recipe_of
+from contrast.option_backbone import add_eval_feature_flag, add_vit_flags, backbone_config, recipe_of, vit_recipe_note
 from contrast.precision import OPT_LEVELS
 from contrast.runconfig import RunConfig, groups_from_flags
 from contrast.config_file import add_config_flag, parse_with_config, resolve_from_config  # noqa: F401 (re-export)
@@ -159,7 +159,7 @@ def add_method_flags(p: argparse.ArgumentParser) -> None:
                         "release); joint: equal-sized views concatenated into one batch" + RECIPE_NOTE)
     added: Dict[str, Flag] = {}
     for cls in METHODS.values():
-        recipe = textwrap.fill(f"recipe: {describe(cls.recipe)}", 100, subsequent_indent="  ",
+        recipe = textwrap.fill(f"recipe: {describe(cls.recipe)}; {vit_recipe_note(cls)}", 100, subsequent_indent="  ",
                                break_on_hyphens=False)
         mg = p.add_argument_group(f"--model {cls.name}", recipe)
         for flag in cls.flags:

@@ -7,6 +7,7 @@ import argparse
 from contrast.config import BackboneConfig
 from contrast.models.backbone_base import FEATURE_KINDS
 from contrast.models.backbone_factory import recipe_for
+from contrast.models.recipe import describe
 from contrast.models.vit import GLOBAL_POOLS
 
 
@@ -42,3 +43,10 @@ def recipe_of(p: argparse.ArgumentParser, cls, arch: str):
         return recipe_for(cls, arch)
     except ValueError as e:
         p.error(str(e))
+
+
+def vit_recipe_note(cls) -> str:
+    """``--help``: the method class's ViT recipe where it differs from its ResNet recipe."""
+    if cls.vit_recipe is None:
+        return "no ViT recipe (--arch vit_* is refused)"
+    return f"on a ViT: {describe(cls.vit_recipe, cls.recipe)}"

@@ -106,7 +106,7 @@ def describe(recipe: Recipe, base: Recipe = Recipe()) -> str:
         if value == default:
             continue
         if f.name == "warmup_divisor":
-            parts.append(f"--warmup-epoch = --epochs // {value}")
+            parts += [f"--warmup-epoch = --epochs // {value}"] if value else []
         elif f.name == "sync_batchnorm":
             parts.append("batch norm over all processes" if value else "batch norm per process")
         elif isinstance(value, bool):
