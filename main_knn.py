@@ -43,10 +43,12 @@ from contrast.data.transforms import build_augmentation
 from contrast.eval.features import backbone_from_checkpoint, build_eval_loader, extract_features
 from contrast.eval.knn import knn_evaluate, l2_normalize_
 from contrast.eval.linear_cached import train_linear_cached
+from contrast.config import BackboneConfig
 from contrast.evalconfig import EncoderConfig, FeatureDataConfig, knn_groups_from_flags
-from contrast.models import build_backbone
+from contrast.models import FeatureExtractor, make_backbone
 from contrast.option import (add_backbone_flags, add_data_flags, add_knn_flags, add_output_json_flag,
                              add_pretrained_flag, add_runtime_flags, check_values, new_parser, resolve_from_config)
+from contrast.option_backbone import add_eval_feature_flag
 from contrast.option_eval import add_label_subset_flags, check_label_subset
 from contrast.placement import place
 
@@ -60,6 +62,8 @@ def knn_parser() -> argparse.ArgumentParser:
     g.add_argument("--raw-pixels", action="store_true", help="baseline: the normalised pixels as features")
     add_data_flags(p, train=False, image_size=None, cache_modes=("no", "full"), eval_batch=True)
     add_backbone_flags(p, from_checkpoint=True)
+    p.add_argument("--patch-size", type=int, default=16, help="(new) --random-init ViT: patch side in pixels")
+    add_eval_feature_flag(p, "--feature")
     add_knn_flags(p, monitor=False)
     g = p.add_argument_group("cached-feature linear evaluation")
     g.add_argument("--linear-cached", action="store_true", help="also train a linear classifier on cached features")
@@ -104,23 +108,27 @@ def parse_knn_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
-def build_encoder(spec: EncoderConfig, seed: int):
-    """The feature extractor, what it is (``encoder`` description, checkpoint ``epoch``/``model``) and the
-    checkpoint's config (empty for the baselines)."""
+def build_encoder(spec: EncoderConfig, seed: int, image_size: Optional[int]):
+    """The feature extractor, what it is (``encoder`` description, checkpoint ``epoch``/``model``, the
+    ``feature``) and the checkpoint's config (empty for the baselines)."""
     if spec.raw_pixels:
         return nn.Flatten(1), {"encoder": "raw pixels"}, {}
     if spec.random_init:
         torch.manual_seed(seed)
         stem = spec.stem or "imagenet"
-        backbone, _ = build_backbone(spec.arch, stem=stem, zero_init_residual=False)  # torchvision's own init
-        return backbone, {"encoder": f"random-init {spec.arch} {stem} stem (seed {seed})"}, {}
+        backbone = make_backbone(BackboneConfig(spec.arch, stem, zero_init_residual=False,   # the library's own init
+                                                image_size=image_size or 224, patch_size=spec.patch_size))
+        feature = spec.feature or backbone.eval_feature
+        return FeatureExtractor(backbone, feature), {"encoder": f"random-init {spec.arch} {stem} stem (seed {seed})",
+                                                     "feature": feature}, {}
     backbone, _, ckpt = backbone_from_checkpoint(spec.pretrained_model, spec.arch, spec.stem)
     info = {"model": ckpt.config.get("model"), "epoch": ckpt.epoch, "loop_epochs": ckpt.config.get("loop_epochs"),
             "arch": spec.arch or ckpt.config.get("arch")}
     if ckpt.images_seen is not None:
         info["images_seen"] = ckpt.images_seen
     info["encoder"] = f"{spec.pretrained_model} ({info['model']}, epoch {info['epoch']}, {info['arch']})"
-    return backbone, info, ckpt.config
+    info["feature"] = spec.feature or backbone.eval_feature
+    return FeatureExtractor(backbone, info["feature"]), info, ckpt.config
 
 
 def resolve_image(data: FeatureDataConfig, config: dict) -> FeatureDataConfig:
@@ -149,7 +157,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     rt, knn, probe = cfg.runtime, cfg.knn, cfg.probe
     env = cd.init_distributed(rt.device, rt.local_rank)
     device = env.device
-    encoder, info, config = build_encoder(cfg.encoder, rt.seed)
+    encoder, info, config = build_encoder(cfg.encoder, rt.seed, cfg.data.image_size)
     data = resolve_image(cfg.data, config)
     what = info["encoder"]
     place(encoder, device)

@@ -15,6 +15,7 @@ with unless given. The lr is ``--learning-rate x --total-batch-size / 256`` (``-
 from __future__ import annotations
 
 import os
+from dataclasses import asdict
 from types import SimpleNamespace
 from typing import Dict, List, Optional
 
@@ -32,10 +33,11 @@ from contrast.data.subsets import item_paths, label_subset, subset_names, write_
 from contrast.data.transforms import build_augmentation
 from contrast.eval.features import ShardSampler
 from contrast.evalconfig import EvalDataConfig, EvalModelConfig, EvalRunConfig, dump_eval_config
-from contrast.models import TrainModule, build_backbone
+from contrast.models import TrainModule, backbone_config_of, make_backbone
 from contrast.models.recipe import peak_lr
 from contrast.optim import build_optimizer, build_scheduler
 from contrast.option_eval import eval_config, parse_linear_args
+from contrast.runconfig import flat_config
 from contrast.placement import configure_backends, place
 from contrast.precision import Precision, resolve_precision
 from contrast.wandb_logger import WandbSink
@@ -44,7 +46,8 @@ SUBSET_FILE = "label_subset.txt"
 
 
 class LinearClassifier(TrainModule):
-    """Backbone + ``fc``: Linear(feat_dim, num_classes), N(0, 0.01) init.
+    """Backbone + ``fc``: Linear(feat_dim, num_classes), N(0, 0.01) init. ``feature`` is the backbone
+    feature classified (``--linear-feature``; None: the backbone's ``eval_feature``).
 
     Linear evaluation (``finetune=False``): the backbone is frozen (eval mode, no grad), so under DDP
     only ``fc`` has gradients to reduce. Fine-tuning: the whole network trains, batch norm in train mode.
@@ -52,11 +55,13 @@ class LinearClassifier(TrainModule):
     returns ``{"loss", "acc1"}`` (fp32 cross-entropy).
     """
 
-    def __init__(self, backbone: nn.Module, feat_dim: int, num_classes: int, finetune: bool = False) -> None:
+    def __init__(self, backbone: nn.Module, num_classes: int, feature: Optional[str] = None,
+                 finetune: bool = False) -> None:
         super().__init__()
         self.finetune = finetune
         self.backbone = backbone.requires_grad_(finetune)
-        self.fc = nn.Linear(feat_dim, num_classes)
+        self.feature = backbone.check_feature(feature or backbone.eval_feature)
+        self.fc = nn.Linear(backbone.feature_dim(self.feature), num_classes)
         nn.init.normal_(self.fc.weight, std=0.01)
         nn.init.zeros_(self.fc.bias)
 
@@ -71,7 +76,7 @@ class LinearClassifier(TrainModule):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         with torch.set_grad_enabled(self.finetune and torch.is_grad_enabled()):
-            feats = self.backbone(x)
+            feats = self.backbone.features(x, self.feature)
         return self.fc(feats).float()
 
     def forward(self, views: List[torch.Tensor], label: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -141,8 +146,14 @@ def linear(cfg: EvalRunConfig, run: engine.Run) -> Dict[str, float]:
                             strict=data.strict_data, index_dir=data.index_dir)
     val_loader = engine.build_loader(val_set, ShardSampler(len(val_set), env.rank, env.world_size), batch,
                                      data.num_workers, env.device, train=False, seed=rt.seed)
-    model = LinearClassifier(*new_backbone(spec, rt.seed), val_set.num_classes, finetune=spec.finetune)
-    precision, precision_note = resolve_precision(optim.amp_opt_level, env.device)
+    backbone_cfg = backbone_config_of(flat_config(source.config) if source is not None else {}, arch=spec.arch,
+                                      stem=spec.stem, image_size=data.image_size,
+                                      zero_init_residual=False if spec.random_init else None)
+    model = LinearClassifier(new_backbone(backbone_cfg, rt.seed), val_set.num_classes, spec.linear_feature,
+                             finetune=spec.finetune)
+    logger.info(f"{spec.mode} on the backbone feature {model.feature!r} ({model.fc.in_features} dims)")
+    precision, precision_note = resolve_precision(optim.amp_opt_level, env.device,
+                                                  prefer_bf16=model.backbone.prefers_bf16)
     logger.info(f"precision: {precision_note}")
 
     if spec.eval:
@@ -175,7 +186,8 @@ def linear(cfg: EvalRunConfig, run: engine.Run) -> Dict[str, float]:
 
     config = engine.write_config(run, dump_eval_config(cfg), effective_lr=lr, per_process_batch=batch,
                                  backbone_tensors=len(frozen), total_batch=total_batch,
-                                 train_images=len(train_set) if subset is None else len(subset))
+                                 train_images=len(train_set) if subset is None else len(subset),
+                                 **{k: v for k, v in asdict(backbone_cfg).items() if k not in ("arch", "stem")})
     if rt.wandb and env.is_main:
         run.tb.add_sink(WandbSink.start(rt.wandb_project, os.path.basename(os.path.abspath(rt.output_dir)), config,
                                         rt.output_dir))
@@ -234,12 +246,12 @@ def resolve_backbone(cfg: EvalRunConfig, source: Optional[Checkpoint]):
     return cfg.with_backbone(**vars(values)), taken
 
 
-def new_backbone(spec: EvalModelConfig, seed: int):
-    """``(backbone, feat_dim)``; with --random-init torchvision's initialisation drawn from ``seed``
-    (the same on every rank; the global generators are left as they were)."""
+def new_backbone(cfg, seed: int):
+    """The backbone of ``cfg``, its initialisation drawn from ``seed`` (the same on every rank; the
+    global generators are left as they were)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return build_backbone(spec.arch, spec.stem, zero_init_residual=not spec.random_init)
+        return make_backbone(cfg)
 
 
 def training_subset(train_set, data: EvalDataConfig, seed: int, run: engine.Run):

@@ -62,11 +62,13 @@ def pretrain(cfg: RunConfig, run: engine.Run) -> None:
     method = build_method(cfg.method, len(dataset))
     method = engine.prepare_model(method, env.device, method.recipe.sync_batchnorm, rt.channels_last, rt.compile)
     optimizer = build_optimizer(method.param_groups(lr, optim.weight_decay), optim.optimizer, lr, optim.momentum,
-                                optim.weight_decay, optim.lars_form, optim.lars_trust_coefficient, optim.lars_eps)
+                                optim.weight_decay, optim.lars_form, optim.lars_trust_coefficient, optim.lars_eps,
+                                no_decay=method.no_weight_decay_params())
     scheduler = build_scheduler(optimizer, optim.lr_scheduler, epochs, iters, warmup, optim.warmup_multiplier,
                                 decay, optim.lr_decay_rate, cosine_form=optim.cosine_form, samples_per_step=total_batch,
                                 weight_decay_end=optim.weight_decay_end)
-    precision, precision_note = resolve_precision(optim.amp_opt_level, env.device)
+    precision, precision_note = resolve_precision(optim.amp_opt_level, env.device,
+                                                  prefer_bf16=method.backbone.prefers_bf16)
     logger.info(f"precision: {precision_note}")
 
     config = engine.write_config(run, dump_run_config(cfg), effective_lr=lr, num_instances=len(dataset),

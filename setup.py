@@ -13,6 +13,7 @@ setup(
     install_requires=[
         "torch>=2.1",
         "torchvision>=0.16",
+        "timm>=1.0",
         "numpy>=1.21",
         "pillow>=9.0",
         "termcolor>=2.0",

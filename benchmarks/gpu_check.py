@@ -13,6 +13,8 @@ own defaults are kept (no per-method flags; ``--tiny`` cuts MLP widths above 204
 
 * every setting in fp32 (with ``--knn-monitor``), fp16 (``--amp-opt-level O1``: fp16 + GradScaler
   on CUDA; "n/a on cpu") and bf16 (``O2``);
+* every setting on a ViT (``vit_small`` patch 8 at 64 px; ``--tiny``: ``vit_tiny`` patch 4 at 32 px,
+  the first setting only) with the method's ViT recipe in bf16, the first one killed and resumed;
 * save, SIGKILL after the first committed checkpoint (its manifest exists), ``--auto-resume`` to the
   end: the fp16 run of every setting on a GPU, the fp32 run of the first one on a CPU;
 * ``main_linear.py`` and ``main_knn.py`` on the checkpoint of that resumed run;
@@ -110,10 +112,12 @@ class Mode:
     budget_s: float         # one device; 2+ GPUs add MULTI_GPU_BUDGET_S
     process_s: float        # guessed seconds of one process until one has been timed
     head_cap: int = 0       # > 0: recipes' --mlp-hidden-dim / --feature-dim above it are cut to it (CPU time)
+    vit_arch: str = "vit_tiny"   # the ViT rows' backbone and patch side (image_size / patch: an 8 x 8 grid)
+    vit_patch: int = 4
 
 
 TINY = Mode("tiny", "resnet18", 32, 24, 2, 16, 2, 3, 40, 8, 2, 2, True, 600.0, 10.0, 2048)
-FULL = Mode("full", "resnet50", 64, 32, 2, 32, 2, 3, 80, 32, 8, 2, False, 480.0, 12.0)
+FULL = Mode("full", "resnet50", 64, 32, 2, 32, 2, 3, 80, 32, 8, 2, False, 480.0, 12.0, 0, "vit_small", 8)
 MULTI_GPU_BUDGET_S = 180.0
 
 
@@ -130,6 +134,7 @@ class Setting:
     knn_monitor: bool = False
     kill: bool = False
     resume_nproc: int = 0   # processes of the resume (0: nproc)
+    extra: Tuple[str, ...] = ()   # flags after the others (the ViT rows' --arch and --patch-size)
     not_run: str = ""       # why it is listed but not run (one of NOT_APPLICABLE)
     source: str = ""
 
@@ -169,6 +174,10 @@ def plan(mode: Mode, cuda: bool, gpus: int, only: Optional[List[str]] = None) ->
             elif prec == "bf16" and i > 0 and mode.subset:
                 s.not_run = "not in --tiny"
             rows.append(s)
+    vit = ("--arch", mode.vit_arch, "--patch-size", str(mode.vit_patch))
+    for i, (model, mc) in enumerate(vs):   # each method on a ViT with its ViT recipe, bf16 (its default on GPUs)
+        rows.append(Setting(f"{label(model, mc)} {mode.vit_arch} bf16", model=model, multi_crop=mc, precision="bf16",
+                            extra=vit, kill=i == 0, not_run="not in --tiny" if i > 0 and mode.subset else ""))
     source = rows.pop(next(i for i, r in enumerate(rows) if r.kill))
     rows[:0] = [source, Setting("main_linear.py", "linear", source=source.name),
                 Setting("main_knn.py", "knn", source=source.name)]
@@ -203,7 +212,7 @@ def pretrain_argv(s: Setting, mode: Mode, device: str, nproc: int) -> List[str]:
         argv += ["--aug", MULTI_CROP_AUG, "--crop", str(MULTI_CROP_SCALE)]
     if s.knn_monitor:
         argv += ["--knn-monitor", "--knn-freq", str(epochs), "--knn-k", str(KNN_K)]
-    return argv
+    return argv + list(s.extra)
 
 
 def eval_argv(s: Setting, source_dir: str, mode: Mode, device: str) -> List[str]:

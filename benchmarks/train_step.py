@@ -16,6 +16,8 @@ twice, the colour ops' ``nonzero`` path), "new" as it runs now; it prints steps/
 
     python benchmarks/train_step.py --quick                    # CPU smoke run
     python benchmarks/train_step.py --arch resnet18 resnet50   # full table
+    python benchmarks/train_step.py --arch vit_small resnet50 --precisions bf16 --channels-last 0
+                                                               # ViT-S/16 vs ResNet-50, every method
     python benchmarks/train_step.py --loop --arch resnet50 --precisions fp32 --channels-last 1
 """
 from __future__ import annotations
@@ -39,7 +41,7 @@ from contrast.data.batched_ops import RandomOp  # noqa: E402
 from contrast.data.transforms import build_augmentation, view_specs  # noqa: E402
 from contrast.distributed import resolve_device  # noqa: E402
 from contrast.logger import TensorBoard  # noqa: E402
-from contrast.models import ARCHS, METHODS, STEMS, build_method  # noqa: E402
+from contrast.models import BACKBONE_ARCHS, METHODS, STEMS, build_method  # noqa: E402
 from contrast.optim import build_optimizer  # noqa: E402
 from contrast.option import (ListAction, add_debug_flag, add_device_flag, add_output_json_flag, add_seed_flag,
                              new_parser, resolve_pretrain)  # noqa: E402
@@ -49,8 +51,9 @@ from contrast.precision import Precision  # noqa: E402
 def train_step_parser(doc: str = "", methods: Sequence[str] = (), output_json: str = "") -> argparse.ArgumentParser:
     """``benchmarks/train_step.py``: ``methods`` are its recipe names; list flags take words or commas."""
     p = new_parser("train_step.py", doc)
-    p.add_argument("--arch", "--archs", dest="arch", action=ListAction, item_choices=ARCHS,
-                   default=["resnet18", "resnet50"], help="backbones (--archs: alias)")
+    p.add_argument("--arch", "--archs", dest="arch", action=ListAction, item_choices=BACKBONE_ARCHS,
+                   default=["resnet18", "resnet50"], help="backbones, ResNets and ViTs (each with the method's "
+                   "recipe for its family; --archs: alias)")
     p.add_argument("--stem", type=str, default="imagenet", choices=STEMS, help="layers before layer1")
     p.add_argument("--methods", action=ListAction, item_choices=tuple(methods), default=list(methods),
                    help="methods to time, each at its recipe's views (default: every registered method)")
@@ -115,7 +118,7 @@ def bench_one(args, arch: str, name: str, precision: str, channels_last: bool) -
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     method = method.to(memory_format=fmt)
     opt = build_optimizer(method, run.optimizer, cfg.peak_lr, run.momentum, run.weight_decay, run.lars_form,
-                          run.lars_trust_coefficient, run.lars_eps)
+                          run.lars_trust_coefficient, run.lars_eps, no_decay=method.no_weight_decay_params())
     views = [torch.randn(args.batch_size, 3, s, s, device=args.device).contiguous(memory_format=fmt) for s in sizes]
     index = torch.randint(args.num_instances, (args.batch_size,), device=args.device)
     method.on_train_start(args.warmup + args.iters, args.warmup + args.iters)

@@ -40,11 +40,17 @@ class Flag:
 
 @dataclass(frozen=True)
 class BackboneConfig:
-    """``--arch``, ``--stem`` and the initialisation of the backbone."""
+    """``--arch``, ``--stem`` and the initialisation of the backbone; the ViT options (``--patch-size``,
+    ``--image-size``, ``--drop-path``, ``--global-pool``, ``--freeze-patch-embed``; ResNets ignore them)."""
 
     arch: str = "resnet50"
     stem: str = "imagenet"
     zero_init_residual: bool = True
+    image_size: int = 224
+    patch_size: int = 16
+    drop_path: float = 0.0
+    global_pool: str = "token"
+    freeze_patch_embed: bool = False
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,7 @@ class EvalModelConfig:
     stem: Optional[str]
     sync_bn: bool
     eval: bool
+    linear_feature: Optional[str] = None
 
     @property
     def mode(self) -> str:
@@ -133,6 +134,8 @@ class EncoderConfig:
     raw_pixels: bool
     arch: Optional[str]
     stem: Optional[str]
+    patch_size: int = 16
+    feature: Optional[str] = None
 
 
 @dataclass(frozen=True)

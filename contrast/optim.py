@@ -28,7 +28,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, List, Optional, Sequence, Union
+from typing import AbstractSet, Callable, Iterable, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -36,6 +36,8 @@ from torch.optim.lr_scheduler import LRScheduler
 
 ETA_MIN = 1e-6
 LARS_FORMS = ("release", "fold-lr")
+#: ``--optimizer`` choices.
+OPTIMIZERS = ("sgd", "lars", "adamw")
 COSINE_FORMS = ("release", "reach-min")
 #: eps of the release's trust ratio ``eta ||w|| / (||d|| + eps)``.
 LARS_EPS = 1e-8
@@ -136,23 +138,39 @@ def param_groups_of(params: Union[nn.Module, Sequence[dict]]) -> List[dict]:
     return [dict(group, params=list(group["params"])) for group in params]
 
 
+def split_no_decay(params: Union[nn.Module, Sequence[dict]], no_decay: AbstractSet[nn.Parameter]) -> List[dict]:
+    """Each group split in two: the parameters not in ``no_decay``, and those in it with weight decay 0
+    (AdamW's groups; a group's own keys go to both halves, empty halves are dropped)."""
+    out = []
+    for group in param_groups_of(params):
+        decay = [p for p in group["params"] if p not in no_decay]
+        rest = [p for p in group["params"] if p in no_decay]
+        out += [g for g in ({**group, "params": decay}, {**group, "params": rest, "weight_decay": 0.0}) if g["params"]]
+    return out
+
+
 def build_optimizer(params: Union[nn.Module, Sequence[dict]], name: str, lr: float, momentum: float,
                     weight_decay: float, lars_form: str = "release", trust_coefficient: float = 0.001,
-                    lars_eps: Optional[float] = None, nesterov: bool = False) -> torch.optim.Optimizer:
+                    lars_eps: Optional[float] = None, nesterov: bool = False,
+                    no_decay: AbstractSet[nn.Parameter] = frozenset()) -> torch.optim.Optimizer:
     """``--optimizer sgd`` (momentum SGD, decay on every parameter, as the release) or ``lars``
     (:class:`LARS` of form ``lars_form``, trust coefficient 0.001 and eps as the release).
 
     ``params``: a module (one group of all its trainable parameters) or the parameter groups a method
     declares (:meth:`contrast.models.base.BaseMethod.param_groups`); a group's own ``lr`` /
     ``weight_decay`` override ``lr`` / ``weight_decay``, and ``constant_lr=True`` keeps its lr out of
-    the schedule (:class:`ProgressLR`); ``nesterov``: Nesterov momentum (sgd only)."""
+    the schedule (:class:`ProgressLR`); ``nesterov``: Nesterov momentum (sgd only). ``adamw``:
+    ``torch.optim.AdamW`` (betas 0.9, 0.999, eps 1e-8, as MoCo v3 and DINO), the parameters of
+    ``no_decay`` undecayed (:func:`split_no_decay`)."""
     if name == "sgd":
         return torch.optim.SGD(param_groups_of(params), lr=lr, momentum=momentum, weight_decay=weight_decay,
                                nesterov=nesterov)
     if name == "lars":
         return LARS(split_decay_groups(params), lr=lr, momentum=momentum, weight_decay=weight_decay,
                     trust_coefficient=trust_coefficient, eps=lars_eps, form=lars_form)
-    raise ValueError(f"--optimizer {name!r} is not supported; choose sgd or lars")
+    if name == "adamw":
+        return torch.optim.AdamW(split_no_decay(params, no_decay), lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"--optimizer {name!r} is not supported; choose one of: {', '.join(OPTIMIZERS)}")
 
 
 def progress_factor(seen: int, total: int, warmup: int, step: int, warmup_multiplier: float, schedule: str,

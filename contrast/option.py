@@ -20,12 +20,13 @@ import os
 import textwrap
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from contrast.config import VIEW_BATCHING, BackboneConfig, Flag, MethodConfig
+from contrast.config import VIEW_BATCHING, Flag, MethodConfig
 from contrast.data.transforms import AUG_NAMES
-from contrast.models import ARCHS, METHODS, STEMS
+from contrast.models import BACKBONE_ARCHS, METHODS, STEMS
 from contrast.models.recipe import FLAG_FIELDS, LR_SCALINGS, Recipe, describe, peak_lr, resolve
 from contrast.models.views import MULTI_CROP_AUGS
-from contrast.optim import COSINE_FORMS, LARS_FORMS
+from contrast.optim import COSINE_FORMS, LARS_FORMS, OPTIMIZERS
+from contrast.option_backbone import add_vit_flags, backbone_config, recipe_of, vit_recipe_note
 from contrast.option_monitors import add_monitor_flags
 from contrast.precision import OPT_LEVELS
 from contrast.runconfig import RunConfig, groups_from_flags
@@ -121,8 +122,8 @@ def add_backbone_flags(p: argparse.ArgumentParser, *, from_checkpoint: bool) -> 
     """``--arch`` / ``--stem``; with ``from_checkpoint`` they default to the checkpoint's values."""
     g = p.add_argument_group("backbone")
     suffix = " (default: the checkpoint's)" if from_checkpoint else ""
-    g.add_argument("--arch", type=str, default=None if from_checkpoint else "resnet50", choices=ARCHS,
-                   help="backbone (torchvision ResNet)" + suffix)
+    g.add_argument("--arch", type=str, default=None if from_checkpoint else "resnet50",
+                   choices=BACKBONE_ARCHS, help="backbone (torchvision ResNet, timm ViT)" + suffix)
     g.add_argument("--stem", type=str, default=None if from_checkpoint else "imagenet", choices=STEMS,
                    help="(new) layers before layer1: imagenet = 7x7 stride-2 conv1 + max-pool; small = 3x3 "
                         "stride-1 conv1, no max-pool (28-32 px images); small-maxpool = 3x3 stride-1 conv1 + "
@@ -132,6 +133,7 @@ def add_backbone_flags(p: argparse.ArgumentParser, *, from_checkpoint: bool) -> 
     if not from_checkpoint:
         g.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction, default=True,
                        help="(new flag, the release's init) zero the last batch-norm gamma of every residual block")
+        add_vit_flags(g)
     if from_checkpoint:
         g.add_argument("--no-small-stem", action="store_const", dest="stem", const="imagenet",
                        default=argparse.SUPPRESS, help="deprecated alias of --stem imagenet")
@@ -158,7 +160,7 @@ def add_method_flags(p: argparse.ArgumentParser) -> None:
                         "release); joint: equal-sized views concatenated into one batch" + RECIPE_NOTE)
     added: Dict[str, Flag] = {}
     for cls in METHODS.values():
-        recipe = textwrap.fill(f"recipe: {describe(cls.recipe)}", 100, subsequent_indent="  ",
+        recipe = textwrap.fill(f"recipe: {describe(cls.recipe)}; {vit_recipe_note(cls)}", 100, subsequent_indent="  ",
                                break_on_hyphens=False)
         mg = p.add_argument_group(f"--model {cls.name}", recipe)
         for flag in cls.flags:
@@ -349,9 +351,10 @@ def pretrain_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-scaling", type=str, default="linear", choices=list(LR_SCALINGS),
                    help="(new) peak lr = base lr x total batch / 256 (linear, the release) or base lr x "
                         "sqrt(total batch) (sqrt, google-research/simclr's option)")
-    g.add_argument("--optimizer", type=str, default="sgd", choices=["sgd", "lars"],
+    g.add_argument("--optimizer", type=str, default="sgd", choices=list(OPTIMIZERS),
                    help="LARS: no decay or adaptation on biases and BN parameters, trust coefficient 0.001 (state "
-                        "a method updates itself with its own optimiser is not affected)")
+                        "a method updates itself with its own optimiser is not affected); AdamW: no decay on "
+                        "biases, norms and the backbone's no-decay tensors (ViT: pos_embed, cls_token)")
     g.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay")
     g.add_argument("--weight-decay-end", type=float, default=None, help="(new) weight decay of every group that has "
                    "decay follows a cosine from --weight-decay to this value over the run (none: constant)")
@@ -418,7 +421,7 @@ def parse_pretrain_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = pretrain_parser()
     args = parse_with_config(p, argv)
     cls = METHODS[args.model]
-    for key, value in resolve(cls.recipe, vars(args), args.epochs).items():
+    for key, value in resolve(recipe_of(p, cls, args.arch), vars(args), args.epochs).items():
         setattr(args, key, value)
     check_values(p, args, ["epochs", "print_freq", "save_freq", "image_size", "batch_size", "max_nonfinite",
                            "knn_freq", "monitor_collapse_freq"])
@@ -465,7 +468,7 @@ def method_config(args: argparse.Namespace, world_size: int = 1) -> MethodConfig
     total_batch = args.batch_size * world_size
     window = args.use_sliding_window_sampler
     return MethodConfig(
-        name=args.model, backbone=BackboneConfig(args.arch, args.stem, args.zero_init_residual),
+        name=args.model, backbone=backbone_config(args),
         feature_dim=args.feature_dim, mlp_head=bool(args.mlp_head), head_hidden_dim=args.mlp_hidden_dim,
         temperature=args.contrast_temperature,
         momentum=args.contrast_momentum, num_negative=args.contrast_num_negative,

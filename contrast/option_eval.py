@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional
 from contrast.config_file import add_config_flag, parse_with_config
 from contrast.evalconfig import FINETUNE, LINEAR, EvalRunConfig, eval_groups_from_flags
 from contrast.models.recipe import LR_SCALINGS
+from contrast.option_backbone import add_eval_feature_flag
 from contrast.option_monitors import add_wandb_flags
 from contrast.option import (add_backbone_flags, add_checkpoint_flags, add_data_flags, add_pretrained_flag,
                              add_runtime_flags, add_schedule_flags, check_values, new_parser)
@@ -57,6 +58,7 @@ def linear_parser() -> argparse.ArgumentParser:
                    "over the global batch on several processes (SimCLR's global_bn, MoCo's SyncBN)")
     g.add_argument("-e", "--eval", action="store_true", help="only evaluate the linear checkpoint given by "
                    "--resume (or <output-dir>/current.pth with --auto-resume)")
+    add_eval_feature_flag(p)
     add_runtime_flags(p)
     add_wandb_flags(p.add_argument_group("experiment tracking"))
     add_checkpoint_flags(p)

@@ -6,7 +6,8 @@ level      meaning
 ``O0``     fp32, no autocast, no GradScaler
 ``O1``     autocast; fp16 + ``GradScaler`` on CUDA (Apex O1's dynamic loss scaling), bf16 on a CPU
 ``O2``     bf16 autocast, no GradScaler (Apex O2's fp16 master-weight mode has no torch.amp twin)
-``auto``   the release's default O1 on CUDA (fp16 + GradScaler); fp32 (O0) on a CPU. Without native
+``auto``   the release's default O1 on CUDA (fp16 + GradScaler), bf16 autocast (no scaler) for a
+           backbone that prefers it (ViTs) on a CUDA device with bf16; fp32 (O0) on a CPU. Without native
            bf16 instructions (AMX, AVX512-BF16) CPU bf16 is emulated and slower than fp32; with
            them it is ~1.5x faster (benchmarks/precision_cpu.py), but torch 2.14.1's CPU bf16
            convolution backward gave garbage weight gradients (~1e33) for ResNet-18's layer4 at
@@ -70,17 +71,28 @@ def cpu_has_fast_bf16() -> Tuple[bool, str]:
     return bool(found), f"/proc/cpuinfo flags: {', '.join(found) if found else 'no amx_bf16, no avx512_bf16'}"
 
 
+def cuda_has_bf16() -> bool:
+    """Whether the current CUDA device computes bf16 natively (Ampere and newer)."""
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def resolve_precision(opt_level: str, device: torch.device,
-                      bf16_probe: Callable[[], Tuple[bool, str]] = cpu_has_fast_bf16) -> Tuple[Precision, str]:
+                      bf16_probe: Callable[[], Tuple[bool, str]] = cpu_has_fast_bf16, prefer_bf16: bool = False,
+                      cuda_bf16_probe: Callable[[], bool] = cuda_has_bf16) -> Tuple[Precision, str]:
     """``(Precision, description)`` for ``--amp-opt-level opt_level`` on ``device``.
 
     The description says what was picked and, for ``auto``, why (logged by the entry scripts).
     ``bf16_probe`` is :func:`cpu_has_fast_bf16` (a parameter so tests can stand in for the CPU).
+    ``prefer_bf16`` (the backbone's ``prefers_bf16``: ViTs): ``auto`` on a CUDA device for which
+    ``cuda_bf16_probe()`` is true is bf16 autocast without a GradScaler.
     """
     if opt_level not in OPT_LEVELS:
         raise ValueError(f"--amp-opt-level {opt_level!r} is not supported; choose one of: {', '.join(OPT_LEVELS)}")
     device = torch.device(device)
     if opt_level == "auto":
+        if device.type == "cuda" and prefer_bf16 and cuda_bf16_probe():
+            return Precision(torch.bfloat16, None), \
+                "auto -> bf16 autocast on CUDA (the backbone prefers bf16), no GradScaler"
         if device.type == "cuda":
             return Precision(torch.float16, torch.amp.GradScaler("cuda")), \
                 "auto -> O1 on CUDA: fp16 autocast + GradScaler (the release's default, Apex O1)"

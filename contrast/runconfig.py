@@ -133,11 +133,12 @@ METHOD_FLAGS = {"name": "model", "feature_dim": "feature_dim", "mlp_head": "mlp_
                 "head_hidden_dim": "mlp_hidden_dim", "temperature": "contrast_temperature",
                 "momentum": "contrast_momentum", "num_negative": "contrast_num_negative",
                 "view_batching": "view_batching"}
-BACKBONE_FLAGS = ("arch", "stem", "zero_init_residual")
+BACKBONE_FLAGS = ("arch", "stem", "zero_init_residual", "patch_size", "drop_path", "global_pool",
+                  "freeze_patch_embed")
 #: Flags of main_linear.py that the pretraining groups do not have (their sections in contrast/evalconfig.py).
 LINEAR_FLAGS = {"pretrained_model": "method", "total_batch_size": "data", "learning_rate": "optim",
                 "eval": "method", "finetune": "method", "random_init": "method", "sync_bn": "method",
-                "nesterov": "optim", "label_fraction": "data", "label_subset": "data"}
+                "nesterov": "optim", "label_fraction": "data", "label_subset": "data", "linear_feature": "method"}
 #: Facts a run records beside its flags (the ``run`` section).
 RUN_FACTS = ("world_size", "effective_lr", "num_instances", "loop_epochs", "iters_per_epoch",
              "warmup_loop_epochs", "decay_loop_epochs", "total_batch", "per_process_batch")

@@ -40,13 +40,21 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from contrast.models import base  # noqa: E402
+from contrast.models.backbone_base import Backbone  # noqa: E402
+
+
+class TinyBackbone(nn.Sequential, Backbone):
+    """Two strided convolutions with batch norm, global pooling, with the backbone interface."""
+
+    family = "tiny"
+    feat_dim = 16
 
 
 def tiny_backbone(cfg):
-    """(backbone, feature width): two strided convolutions with batch norm, global pooling."""
-    return nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                         nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten()), 16
+    """(backbone, feature width) of :class:`TinyBackbone`."""
+    return TinyBackbone(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten()), 16
 
 
 if "--test-real-backbone" in sys.argv:

@@ -185,10 +185,14 @@ def test_compile(data_dir, tmp_path, monkeypatch):
     from torch import nn
 
     from contrast.models import PIC
+    from contrast.models.backbone_base import Backbone
+
+    class TinyBackbone(nn.Sequential, Backbone):   # a backbone implements the interface main_pretrain uses
+        feat_dim = 8
 
     def tiny_pic(args, n):
-        backbone = nn.Sequential(nn.Conv2d(3, 8, 3, stride=4), nn.BatchNorm2d(8), nn.ReLU(),
-                                 nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        backbone = TinyBackbone(nn.Conv2d(3, 8, 3, stride=4), nn.BatchNorm2d(8), nn.ReLU(),
+                                nn.AdaptiveAvgPool2d(1), nn.Flatten())
         return PIC(backbone, 8, n, feature_dim=16, mlp_head=False, temperature=0.2)
     monkeypatch.setattr(main_pretrain, "build_method", tiny_pic)
     out = tmp_path / "c"

@@ -221,3 +221,14 @@ def test_tiny_mode_runs_the_entry_scripts_for_every_method(tmp_path):
             assert "--plain-aug" not in argv and argv[argv.index("--num-workers") + 1] == "2", row["name"]
             assert row["images_per_s"] > 0 and row["skipped_steps"] == 0, row["name"]
     assert any(row["nproc"] == 2 and row["status"] == "ok" for row in rows.values())
+
+
+def test_plan_has_a_vit_row_per_method_with_its_arch_flags():
+    rows = gpu_check.plan(gpu_check.FULL, cuda=True, gpus=1)
+    vit = [r for r in rows if "vit_small" in r.name]
+    assert {(r.model, r.multi_crop) for r in vit} == set(gpu_check.variants())
+    assert all(r.precision == "bf16" and not r.not_run for r in vit) and sum(r.kill for r in vit) == 1
+    argv = gpu_check.pretrain_argv(vit[0], gpu_check.FULL, "cuda", 1)
+    assert argv[-4:] == ["--arch", "vit_small", "--patch-size", "8"]
+    tiny = [r for r in gpu_check.plan(gpu_check.TINY, cuda=False, gpus=0) if "vit_tiny" in r.name]
+    assert [r.not_run for r in tiny][0] == "" and all(r.not_run == "not in --tiny" for r in tiny[1:])

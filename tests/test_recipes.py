@@ -47,6 +47,8 @@ RELEASE = {
     "base_learning_rate": 0.03, "lr_scaling": "linear", "weight_decay": 1e-4, "momentum": 0.9,
     "lr_scheduler": "cosine", "warmup_epoch": 5, "warmup_multiplier": 100, "lr_decay_epochs": [120, 160, 200],
     "lr_decay_rate": 0.1, "weight_decay_end": None, "clip_grad": 0.0,   # constant decay, no clipping
+    # backbone flags of the ViTs (new; tests/test_vit.py has the ViT recipes): timm's defaults
+    "drop_path": 0.0, "global_pool": "token", "freeze_patch_embed": False,
 }
 EPOCHS = 200   # warm-up of the release's scripts: epochs // 40 = 5
 

@@ -107,4 +107,4 @@ def test_export_stem_flags(tmp_path):
     assert export_backbone.parse_export_args(base + ["--stem", "small-maxpool"]).stem == "small-maxpool"
     for stem in STEMS:
         net, _ = build_backbone("resnet18", stem=stem)
-        export_backbone.torchvision_resnet("resnet18", stem).load_state_dict(net.state_dict(), strict=True)
+        net.reference_model().load_state_dict(net.state_dict(), strict=True)   # torchvision resnet18, same stem

@@ -1,7 +1,13 @@
-"""Export a pretrained backbone for downstream use: torchvision state dict and detectron2 checkpoint.
+"""Export a pretrained backbone for downstream use: torchvision or timm state dict, detectron2 checkpoint.
 
-Reads any method's pretraining checkpoint (its backbone weights, arch and stem from its
-recorded configuration) and writes
+Reads any method's pretraining checkpoint (its backbone weights, arch, stem, ViT patch and image
+size from its recorded configuration) and writes the formats the backbone's family has
+(``export_formats``: ResNets ``torchvision`` and ``d2``, ViTs ``timm``):
+
+* ``<output>.pth`` for a ViT: timm's ``VisionTransformer`` state dict (no head); it loads with
+  ``strict=True`` into ``timm.create_model(name, pretrained=False, **kwargs)``, the name and keyword
+  arguments printed and written to ``<output>.json`` (``num_classes=0``, ``img_size``,
+  ``patch_size``, ``global_pool``, ``dynamic_img_size``);
 
 * ``<output>.pth``: a plain torchvision ResNet state dict without ``fc`` keys. It
   loads into ``torchvision.models.<arch>()`` with ``strict=True`` once ``fc`` is
@@ -16,8 +22,8 @@ recorded configuration) and writes
   ``INPUT.FORMAT RGB`` and ``MODEL.RESNETS.STRIDE_IN_1X1 False`` (torchvision ResNets stride in the
   3x3 conv); ResNet-18/34 also need ``MODEL.RESNETS.RES2_OUT_CHANNELS 64``.
 
-Both exports are verified: they are loaded back into a torchvision ResNet and its
-features on a random batch (eval mode) are compared with the original backbone's;
+Every export is verified: it is loaded back into the library's model (the backbone's
+``reference_model()``) and its features on a random batch (eval mode) are compared with the original backbone's;
 the tool fails when the max abs difference exceeds ``--tolerance`` (1e-5).
 
 Small-stem backbones (``--stem small`` or ``small-maxpool`` pretraining) export too,
@@ -33,6 +39,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pickle
 import re
@@ -42,24 +49,23 @@ from typing import Dict, List, Optional
 
 import numpy as np
 import torch
-import torchvision
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from contrast import engine  # noqa: E402
 from contrast.eval.features import backbone_from_checkpoint, backbone_spec  # noqa: E402
-from contrast.models.backbones import RESNET_D, set_stem  # noqa: E402
 from contrast.option import (add_backbone_flags, add_debug_flag, add_pretrained_flag, new_parser,  # noqa: E402
                              parse_with_input_file)
 
 
 def export_parser() -> argparse.ArgumentParser:
-    p = new_parser("export_backbone.py", "Export a pretrained backbone as a torchvision state dict and a "
-                   "detectron2 checkpoint, and verify both by comparing features.")
+    p = new_parser("export_backbone.py", "Export a pretrained backbone as a torchvision (ResNet) or timm (ViT) "
+                   "state dict and a detectron2 checkpoint (ResNet), and verify each by comparing features.")
     add_pretrained_flag(p, required=True)
     p.add_argument("--output", required=True, help="output prefix: writes <output>.pth and/or <output>.pkl")
-    p.add_argument("--format", choices=["torchvision", "d2", "both"], default="both", help="what to write")
+    p.add_argument("--format", choices=["torchvision", "d2", "both", "timm"], default=None,
+                   help="what to write (default: every format of the backbone's family; both = torchvision + d2)")
     add_backbone_flags(p, from_checkpoint=True)
     p.add_argument("--tolerance", type=float, default=1e-5, help="max abs feature difference allowed")
     p.add_argument("--verify-size", type=int, default=None,
@@ -76,7 +82,7 @@ D2_AUTHOR = "contrast"
 
 
 def torchvision_state(backbone: nn.Module) -> "OrderedDict[str, torch.Tensor]":
-    """The backbone's state dict without ``fc`` entries, tensors detached on the CPU."""
+    """The backbone's state dict without ``fc`` entries, tensors detached on the CPU (any family)."""
     return OrderedDict((k, v.detach().cpu().clone()) for k, v in backbone.state_dict().items()
                        if not k.startswith("fc."))
 
@@ -110,19 +116,13 @@ def from_detectron2(obj: dict) -> "OrderedDict[str, torch.Tensor]":
     return OrderedDict((d2_to_torchvision_name(k), torch.from_numpy(np.asarray(v))) for k, v in obj["model"].items())
 
 
-def torchvision_resnet(arch: str, stem: str = "imagenet") -> nn.Module:
-    """``torchvision.models.<arch>()`` with ``fc = Identity`` and the stem ``stem`` (``set_stem``)."""
-    net = getattr(torchvision.models, arch)(weights=None)
-    net.fc = nn.Identity()
-    return set_stem(net, stem)
-
-
 @torch.no_grad()
 def max_feature_difference(original: nn.Module, state: Dict[str, torch.Tensor], arch: str, stem: str,
                            image_size: int = 64, batch_size: int = 4, seed: int = 0) -> float:
-    """Load ``state`` strictly into a fresh torchvision ResNet; max |features - original features|
-    on a seeded random batch (3, ``image_size``) with both networks in eval mode."""
-    net = torchvision_resnet(arch, stem)
+    """Load ``state`` strictly into a fresh library model (``original.reference_model()``: torchvision
+    ``<arch>`` with the stem ``stem``, or timm's ViT); max |features - original features| on a seeded
+    random batch (3, ``image_size``) with both networks in eval mode."""
+    net = original.reference_model()
     net.load_state_dict(state, strict=True)
     x = torch.randn(batch_size, 3, image_size, image_size, generator=torch.Generator().manual_seed(seed))
     was_training = original.training
@@ -148,11 +148,16 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, str]:
     args = parse_export_args(argv)
     backbone, _, ckpt = backbone_from_checkpoint(args.pretrained_model, args.arch, args.stem)
     arch, stem = backbone_spec(ckpt, args.arch, args.stem)
-    if arch in RESNET_D:
-        raise ValueError(f"{args.pretrained_model}: {arch} is the release's ResNet-D, not a torchvision architecture; "
-                         f"its backbone state dict (release key names) is the checkpoint's 'backbone.' tensors, and "
-                         f"detectron2's ResNet has no ResNet-D stem")
-    size = args.verify_size or (64 if stem == "imagenet" else 32)
+    try:
+        backbone.reference_spec()
+    except ValueError as e:   # no library model takes it (the release's ResNet-D)
+        raise ValueError(f"{args.pretrained_model}: {e}") from None
+    formats = {None: backbone.export_formats, "both": ("torchvision", "d2")}.get(args.format, (args.format,))
+    missing = [f for f in formats if f not in backbone.export_formats]
+    if missing:
+        raise ValueError(f"{args.pretrained_model}: --format {args.format} is not available for {arch} (its formats: "
+                         f"{', '.join(backbone.export_formats)})")
+    size = args.verify_size or backbone.verify_size
     if stem != "imagenet":
         pool = "the max-pool is kept" if stem == "small-maxpool" else "there is no max-pool"
         print(f"[export] {stem} stem backbone: conv1 is (64, 3, 3, 3) and {pool}; load it into a torchvision "
@@ -160,12 +165,20 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, str]:
     state = torchvision_state(backbone)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     written: Dict[str, str] = {}
-    if args.format in ("torchvision", "both"):
-        check_export(backbone, state, arch, stem, "torchvision export", args.tolerance, size)
+    for fmt in ("torchvision", "timm"):
+        if fmt not in formats:
+            continue
+        check_export(backbone, state, arch, stem, f"{fmt} export", args.tolerance, size)
         path = args.output + ".pth"
         torch.save(state, path)
-        written["torchvision"] = path
-    if args.format in ("d2", "both"):
+        written[fmt] = path
+        spec = backbone.reference_spec()
+        if fmt == "timm":
+            with open(args.output + ".json", "w") as f:
+                json.dump(spec, f, indent=2)
+            print(f"[export] load with timm.create_model({spec['name']!r}, pretrained=False, "
+                  f"**{spec['kwargs']}).load_state_dict(torch.load({path!r}))", flush=True)
+    if "d2" in formats:
         obj = to_detectron2(state)
         check_export(backbone, from_detectron2(obj), arch, stem, "detectron2 export", args.tolerance, size)
         path = args.output + ".pkl"

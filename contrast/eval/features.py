@@ -22,7 +22,7 @@ from contrast import distributed as cd
 from contrast.checkpoint import Checkpoint, CheckpointError, load_model_state, read_checkpoint
 from contrast.data.workers import Loader
 from contrast.logger import Progress
-from contrast.models import build_backbone, stem_of
+from contrast.models import backbone_config_of, make_backbone, stem_of
 
 
 class ShardSampler(Sampler[int]):
@@ -166,10 +166,10 @@ def backbone_from_checkpoint(path: str, arch: Optional[str] = None, stem: Option
     """Build the backbone a pretraining checkpoint was trained with and load its weights (strict).
 
     Returns ``(backbone, feat_dim, checkpoint)``. ``arch``/``stem`` override the checkpoint's
-    config. Errors (:class:`contrast.checkpoint.CheckpointError`) name the file and what it holds.
+    config; a ViT's patch size, image size and pooling are the checkpoint's. Errors (:class:`contrast.checkpoint.CheckpointError`) name the file and what it holds.
     """
     ckpt = read_checkpoint(path)
     arch, stem = backbone_spec(ckpt, arch, stem)
-    backbone, feat_dim = build_backbone(arch, stem=stem)
+    backbone = make_backbone(backbone_config_of(ckpt.config, arch=arch, stem=stem))
     load_model_state(backbone, ckpt.backbone_state(), path, ckpt.config)
-    return backbone, feat_dim, ckpt
+    return backbone, backbone.feat_dim, ckpt

@@ -57,6 +57,8 @@ import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet, conv1x1, conv3x3
 
+from contrast.models.backbone_base import Backbone
+
 #: ResNet-D variants of the release: name -> (block, blocks per stage).
 RESNET_D: Dict[str, Tuple[type, Tuple[int, int, int, int]]] = {
     "resnet18_d": (BasicBlock, (2, 2, 2, 2)),
@@ -68,6 +70,17 @@ RESNET_D: Dict[str, Tuple[type, Tuple[int, int, int, int]]] = {
 
 ARCHS: Tuple[str, ...] = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
                           "wide_resnet50_2", "wide_resnet101_2") + tuple(RESNET_D)
+
+#: torchvision's plain ResNets: name -> (block, blocks per stage, width per group), as ``torchvision.models.<name>``.
+RESNETS: Dict[str, Tuple[type, Tuple[int, int, int, int], int]] = {
+    "resnet18": (BasicBlock, (2, 2, 2, 2), 64),
+    "resnet34": (BasicBlock, (3, 4, 6, 3), 64),
+    "resnet50": (Bottleneck, (3, 4, 6, 3), 64),
+    "resnet101": (Bottleneck, (3, 4, 23, 3), 64),
+    "resnet152": (Bottleneck, (3, 8, 36, 3), 64),
+    "wide_resnet50_2": (Bottleneck, (3, 4, 6, 3), 128),
+    "wide_resnet101_2": (Bottleneck, (3, 4, 23, 3), 128),
+}
 
 #: Stems (``--stem``); see the module docstring.
 STEMS: Tuple[str, ...] = ("imagenet", "small", "small-maxpool")
@@ -115,7 +128,35 @@ def _conv_bn_relu(in_planes: int, out_planes: int, stride: int) -> nn.Sequential
     return nn.Sequential(conv3x3(in_planes, out_planes, stride), nn.BatchNorm2d(out_planes), nn.ReLU(inplace=True))
 
 
-class ResNetD(ResNet):
+class ResNetBackbone(ResNet, Backbone):
+    """A torchvision ``ResNet`` (same modules, names and initialisation as ``torchvision.models.<arch>``)
+    with the backbone interface (``contrast/models/backbone_base.py``); ``fc`` is ``nn.Identity``
+    after :func:`build_backbone`. Weight decay is left off biases and BatchNorm parameters."""
+
+    family = "resnet"
+    export_formats = ("torchvision", "d2")
+    arch: str = ""
+    stem: str = "imagenet"
+
+    @property
+    def verify_size(self) -> int:
+        return 64 if self.stem == "imagenet" else 32
+
+    def reference_spec(self) -> Dict[str, Any]:
+        if self.arch not in RESNETS:
+            raise ValueError(f"{self.arch} is the release's ResNet-D, not a torchvision architecture; its backbone "
+                             f"state dict (release key names) is the checkpoint's 'backbone.' tensors, and "
+                             f"detectron2's ResNet has no ResNet-D stem")
+        return {"library": "torchvision", "name": self.arch, "kwargs": {}, "stem": self.stem}
+
+    def reference_model(self) -> nn.Module:
+        spec = self.reference_spec()
+        net = getattr(torchvision.models, spec["name"])(weights=None)
+        net.fc = nn.Identity()
+        return set_stem(net, self.stem)
+
+
+class ResNetD(ResNetBackbone):
     """torchvision ``ResNet`` with the release's deep stem and average-pool shortcuts (module docstring).
 
     Initialisation is torchvision's (Kaiming-normal fan-out convolutions, BN gamma 1 and beta 0,
@@ -171,9 +212,11 @@ def build_backbone(arch: str, stem: str = "imagenet", zero_init_residual: bool =
                              f"release's deep 3x3 stem (stride 2 + max-pool); use --stem imagenet or a plain ResNet")
         net = resnet_d(arch, zero_init_residual=zero_init_residual)
     else:
-        net = getattr(torchvision.models, arch)(weights=None, zero_init_residual=zero_init_residual)
+        block, layers, width = RESNETS[arch]   # torchvision.models.<arch>(weights=None), same draws
+        net = ResNetBackbone(block, list(layers), width_per_group=width, zero_init_residual=zero_init_residual)
     feat_dim = net.fc.in_features
     net.fc = nn.Identity()
+    net.arch, net.stem, net.feat_dim = arch, stem, feat_dim
     set_stem(net, stem)
     return net, feat_dim
 

@@ -22,13 +22,13 @@ the optimiser's parameter groups: one by default, a method may give a part its o
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Dict, List, Optional, Tuple
+from typing import Any, ClassVar, Dict, List, Optional, Set, Tuple
 
 import torch
 from torch import nn
 
 from contrast.config import Flag, MethodConfig
-from contrast.models.backbones import build_backbone
+from contrast.models.backbone_factory import make_backbone
 from contrast.models.recipe import Recipe
 from contrast.models.views import Views, encode_views
 
@@ -83,10 +83,11 @@ class BaseMethod(TrainModule):
         recipe: :class:`Recipe`, everything the method's official recipe fixes (augmentation, crops,
             temperature, momentum, optimiser, lr, weight decay, warm-up, schedule, batch norm): the
             values the shared flags take when not given on the command line.
+        vit_recipe: its recipe on a ViT backbone (``--arch vit_*``; docs/backbones.md), or None (refused).
         flags: the method's own command-line flags (their defaults are the recipe's values).
 
     Attributes:
-        backbone: a torchvision-compatible ResNet whose ``fc`` is ``nn.Identity``; its state dict
+        backbone: a backbone of any family (``contrast/models/backbone_base.py``); its state dict
             (prefix ``backbone.``) is what linear evaluation and the export tool read.
         feat_dim: width of the backbone's pooled feature.
     """
@@ -94,6 +95,7 @@ class BaseMethod(TrainModule):
     name: ClassVar[str] = ""
     views: ClassVar[Views] = Views(count=1)
     recipe: ClassVar[Recipe] = Recipe()
+    vit_recipe: ClassVar[Optional[Recipe]] = None
     flags: ClassVar[Tuple[Flag, ...]] = ()
 
     def __init__(self, backbone: nn.Module, feat_dim: int, view_batching: str = "separate",
@@ -125,8 +127,8 @@ class BaseMethod(TrainModule):
     @staticmethod
     def build_backbone(cfg: MethodConfig) -> Tuple[nn.Module, int]:
         """``(backbone, feat_dim)`` of ``cfg.backbone``."""
-        b = cfg.backbone
-        return build_backbone(b.arch, stem=b.stem, zero_init_residual=b.zero_init_residual)
+        backbone = make_backbone(cfg.backbone)
+        return backbone, backbone.feat_dim
 
     def forward(self, views: List[torch.Tensor], index: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Check the number of views, then :meth:`training_loss`."""
@@ -158,6 +160,12 @@ class BaseMethod(TrainModule):
         """The backbone by default (RankMe's choice: the representation); a method may return its
         projection head instead (it must call it on the views in order)."""
         return self.backbone
+
+    def no_weight_decay_params(self) -> Set[nn.Parameter]:
+        """Parameters AdamW does not decay: the backbone's ``no_weight_decay()`` and every other
+        parameter of rank < 2 (biases, norms)."""
+        skip = {"backbone." + n for n in self.backbone.no_weight_decay()}
+        return {p for n, p in self.named_parameters() if n in skip or p.ndim < 2}
 
     def encode(self, encoder, views: List[torch.Tensor]) -> List[torch.Tensor]:
         """``encoder`` applied to every view, batched as ``--view-batching`` says."""

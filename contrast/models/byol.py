@@ -23,7 +23,7 @@ from contrast.models.base import BaseMethod
 from contrast.models.heads import build_mlp
 from contrast.models.losses import byol_loss
 from contrast.models.momentum import MomentumEncoder, cosine_momentum
-from contrast.models.recipe import Recipe
+from contrast.models.recipe import Recipe, vit_recipe_of
 from contrast.models.views import Views
 
 
@@ -36,6 +36,7 @@ class BYOL(BaseMethod):
     recipe = Recipe(aug="BYOL", crop=0.08, mlp_head=True, feature_dim=256, mlp_hidden_dim=4096,
                     contrast_momentum=0.996, optimizer="lars", base_learning_rate=0.2, weight_decay=1.5e-6,
                     warmup_epoch=10, warmup_multiplier=1e6, lr_scheduler="cosine", sync_batchnorm=True)
+    vit_recipe = vit_recipe_of(recipe)   # no published ViT recipe: MoCo v3's AdamW (docs/backbones.md)
 
     def __init__(self, backbone: nn.Module, feat_dim: int, feature_dim: int = 256, hidden_dim: int = 4096,
                  base_momentum: float = 0.996, view_batching: str = "separate") -> None:

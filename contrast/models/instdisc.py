@@ -35,7 +35,7 @@ from contrast.config import MethodConfig
 from contrast.models.base import BaseMethod
 from contrast.models.heads import MLP_HIDDEN_DIM, build_head, normalize_fp32
 from contrast.models.losses import instdisc_loss
-from contrast.models.recipe import Recipe
+from contrast.models.recipe import Recipe, vit_recipe_of
 from contrast.models.views import Views
 from contrast.seeding import MASK32, philox4x32, philox_key
 
@@ -86,6 +86,7 @@ class InstDisc(BaseMethod):
     #: the release's scripts/InstDisc.sh (docs/methods.md cites each value)
     recipe = Recipe(aug="InstDisc", crop=0.2, mlp_head=True, contrast_temperature=0.07, contrast_momentum=0.5,
                     contrast_num_negative=65536, warmup_divisor=40)
+    vit_recipe = vit_recipe_of(recipe)   # no published ViT recipe: MoCo v3's AdamW (docs/backbones.md)
 
     def __init__(self, backbone: nn.Module, feat_dim: int, num_instances: int, feature_dim: int = 128,
                  mlp_head: bool = False, temperature: float = 0.07, num_negative: int = 4096,

@@ -28,7 +28,7 @@ from contrast.models.losses import moco_loss
 from contrast.models.momentum import MomentumEncoder
 from contrast.models.queue import FeatureQueue
 from contrast.models.split_bn import convert_split_batchnorm
-from contrast.models.recipe import Recipe, replace
+from contrast.models.recipe import Recipe, replace, vit_recipe_of
 from contrast.models.views import Views
 
 
@@ -50,6 +50,7 @@ class MoCo(BaseMethod):
     #: MoCo v1: the release's scripts/MoCov1.sh (docs/methods.md cites each value)
     recipe = Recipe(aug="InstDisc", crop=0.2, contrast_temperature=0.07, contrast_momentum=0.999,
                     contrast_num_negative=65536, lr_scheduler="step", warmup_divisor=40)
+    vit_recipe = vit_recipe_of(recipe)   # no published ViT recipe: MoCo v3's AdamW (docs/backbones.md)
     flags = (
         Flag("--bn-splits", int, None, "(new) MoCo in one process: batch norm over this many groups of the batch "
              "(SplitBatchNorm of the MoCo authors' one-GPU demo), so that shuffling BN has an effect; 1 turns it "
@@ -143,3 +144,4 @@ class MoCoV2(MoCo):
 
     name = "MoCov2"
     recipe = replace(MoCo.recipe, aug="MoCov2", mlp_head=True, contrast_temperature=0.2, lr_scheduler="cosine")
+    vit_recipe = vit_recipe_of(recipe)   # no published ViT recipe: MoCo v3's AdamW (docs/backbones.md)

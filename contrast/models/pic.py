@@ -29,7 +29,7 @@ from contrast.models.instance_classifier import InstanceClassifier
 from contrast.models.losses import pic_loss
 from contrast.models.pic_diagnostics import PICDiagnostics, window_steps_of
 from contrast.models.pic_sampled import STORAGES, SampledInstanceClassifier
-from contrast.models.recipe import Recipe
+from contrast.models.recipe import Recipe, vit_recipe_of
 from contrast.models.views import Views
 
 
@@ -131,6 +131,7 @@ class PIC(BaseMethod):
     recipe = Recipe(aug="MultiCrop", crop=0.08, image_size=160, image_size2=96, crop2=0.14, num_crop2=3,
                     use_sliding_window_sampler=True, window_size=131072, window_stride=16384,
                     shuffle_per_epoch=True, mlp_head=True, contrast_temperature=0.2, warmup_divisor=40)
+    vit_recipe = vit_recipe_of(recipe)   # no published ViT recipe: MoCo v3's AdamW (docs/backbones.md)
     flags = (
         Flag("--pic-num-negative", int, 0, "(new) PIC recent negative sampling: number of negatives K "
              "(0 = full softmax over all instances)"),

@@ -56,6 +56,10 @@ class Recipe:
     warmup_multiplier: float = 100.0
     lr_decay_epochs: Tuple[int, ...] = (120, 160, 200)
     lr_decay_rate: float = 0.1
+    # backbone (ViTs; docs/backbones.md)
+    drop_path: float = 0.0
+    global_pool: str = "token"
+    freeze_patch_embed: bool = False
     # not flags
     #: > 0: the default ``--warmup-epoch`` is ``--epochs // warmup_divisor`` (the release's scripts: 40)
     warmup_divisor: int = 0
@@ -109,7 +113,7 @@ def describe(recipe: Recipe, base: Recipe = Recipe()) -> str:
         if value == default:
             continue
         if f.name == "warmup_divisor":
-            parts.append(f"--warmup-epoch = --epochs // {value}")
+            parts += [f"--warmup-epoch = --epochs // {value}"] if value else []
         elif f.name == "sync_batchnorm":
             parts.append("batch norm over all processes" if value else "batch norm per process")
         elif isinstance(value, bool):
@@ -120,4 +124,18 @@ def describe(recipe: Recipe, base: Recipe = Recipe()) -> str:
     return " ".join(parts) if parts else "the defaults"
 
 
-__all__ = ["FLAG_FIELDS", "LR_SCALINGS", "NOT_FLAGS", "Recipe", "describe", "peak_lr", "replace", "resolve"]
+#: The AdamW recipe of the ViT runs of MoCo v3 (CONFIG.md, ViT-Small: --optimizer=adamw --lr=1.5e-4
+#: --weight-decay=.1 --warmup-epochs=40, lr x batch / 256, cosine): what a method without a published
+#: ViT recipe trains a ViT with; warm-up from (almost) 0 as MoCo v3 and DINO.
+VIT_OPTIMIZER = dict(optimizer="adamw", base_learning_rate=1.5e-4, lr_scaling="linear", weight_decay=0.1,
+                     lr_scheduler="cosine", warmup_epoch=40, warmup_multiplier=1e6, warmup_divisor=0)
+
+
+def vit_recipe_of(recipe: Recipe, **changes: Any) -> Recipe:
+    """``recipe`` with :data:`VIT_OPTIMIZER` and ``changes``: the ViT recipe of a method whose
+    official code publishes none (its loss, views, temperature and momentum are kept)."""
+    return replace(recipe, **{**VIT_OPTIMIZER, **changes})
+
+
+__all__ = ["FLAG_FIELDS", "LR_SCALINGS", "NOT_FLAGS", "Recipe", "VIT_OPTIMIZER", "describe", "peak_lr", "replace",
+           "resolve", "vit_recipe_of"]

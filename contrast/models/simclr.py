@@ -19,7 +19,7 @@ from contrast.config import MethodConfig
 from contrast.models.base import BaseMethod
 from contrast.models.heads import MLP_HIDDEN_DIM, build_head, normalize_fp32
 from contrast.models.losses import nt_xent_loss
-from contrast.models.recipe import Recipe
+from contrast.models.recipe import Recipe, vit_recipe_of
 from contrast.models.views import Views
 
 
@@ -31,6 +31,7 @@ class SimCLR(BaseMethod):
     #: the release's scripts/SimCLR.sh (docs/methods.md cites each value)
     recipe = Recipe(aug="SimCLR", crop=0.08, mlp_head=True, contrast_temperature=0.1, optimizer="lars",
                     base_learning_rate=0.3, weight_decay=1e-6, warmup_divisor=40, sync_batchnorm=True)
+    vit_recipe = vit_recipe_of(recipe)   # no published ViT recipe: MoCo v3's AdamW (docs/backbones.md)
 
     def __init__(self, backbone: nn.Module, feat_dim: int, feature_dim: int = 128, mlp_head: bool = True,
                  temperature: float = 0.1, view_batching: str = "separate", hidden_dim: int = MLP_HIDDEN_DIM) -> None:

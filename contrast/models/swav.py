@@ -41,7 +41,7 @@ from contrast.models.base import BaseMethod
 from contrast.models.heads import build_mlp, normalize_fp32
 from contrast.models.losses import sinkhorn_knopp, swav_loss
 from contrast.models.queue import FeatureQueue
-from contrast.models.recipe import Recipe
+from contrast.models.recipe import Recipe, vit_recipe_of
 from contrast.models.views import Views
 
 
@@ -138,6 +138,7 @@ class SwAV(BaseMethod):
                     mlp_head=True, feature_dim=128, mlp_hidden_dim=2048, view_batching="joint",
                     contrast_temperature=0.1, optimizer="lars", base_learning_rate=0.3, weight_decay=1e-6,
                     warmup_epoch=10, warmup_multiplier=16, lr_scheduler="cosine", sync_batchnorm=True)
+    vit_recipe = vit_recipe_of(recipe)   # no published ViT recipe: MoCo v3's AdamW (docs/backbones.md)
     flags = (
         Flag("--swav-num-prototypes", int, 3000, "(new) SwAV: number of prototypes K"),
         Flag("--swav-epsilon", float, 0.05, "(new) SwAV: entropy regularisation of Sinkhorn-Knopp"),
