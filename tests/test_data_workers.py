@@ -135,11 +135,12 @@ def test_a_forked_child_ignores_the_parents_stop_handlers_until_it_installs_its_
         import os, signal, sys
         import contrast.data.workers
         signal.signal(signal.SIGTERM, lambda *a: print("parent handler ran in", os.getpid(), flush=True))
+        intr_before = signal.getsignal(signal.SIGINT)   # Python's default (or inherited SIG_IGN): left alone
         pid = os.fork()
         if pid == 0:
             term, intr = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
             os.kill(os.getpid(), signal.SIGTERM)
-            os._exit(0 if term is signal.SIG_IGN and intr is signal.default_int_handler else 3)
+            os._exit(0 if term is signal.SIG_IGN and intr is intr_before else 3)
         _, status = os.waitpid(pid, 0)
         sys.exit(os.waitstatus_to_exitcode(status))
     """)
