@@ -10,7 +10,7 @@ from tools import embed_plot
 
 
 def test_embed_plot_tsne(tmp_path, pretrained_checkpoint):
-    pytest.importorskip("sklearn")
+    import sklearn  # noqa: F401  (a test dependency: setup.py [test])
     data = make_image_folder(str(tmp_path / "data"), num_classes=3, per_class=4, size=(36, 36))
     backbone, _ = build_backbone("resnet18", stem="imagenet")
     backbone.eval()
