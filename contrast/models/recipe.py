@@ -108,8 +108,8 @@ def peak_lr(base_lr: float, total_batch: int, scaling: str) -> float:
 def describe(recipe: Recipe, base: Recipe = Recipe()) -> str:
     """The recipe as command-line flags, only where it differs from ``base`` (for ``--help``)."""
     parts = []
-    for f in fields(Recipe):
-        value, default = getattr(recipe, f.name), getattr(base, f.name)
+    for f in fields(recipe):
+        value, default = getattr(recipe, f.name), getattr(base, f.name, None)
         if value == default:
             continue
         if f.name == "warmup_divisor":
