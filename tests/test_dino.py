@@ -268,6 +268,31 @@ def test_network_from_config():
         DINO.check_config(MethodConfig(name="DINO", mlp_head=False, options=cfg.options))
 
 
+def test_vit_teacher_has_no_stochastic_depth_and_the_student_s_weights():
+    """main_dino.py builds the student with drop_path_rate and the teacher without; here the teacher's
+    backbone is built with drop path 0 and loaded with the student's weights, drawing nothing from the
+    global random stream (the student's head is the same with or without the teacher built)."""
+    from contrast.option import resolve_pretrain
+    _, cfg = resolve_pretrain("DINO", "--arch", "vit_pico", "--patch-size", "4", "--image-size", "32",
+                              "--image-size2", "16", "--feature-dim", "32", "--mlp-hidden-dim", "16",
+                              "--dino-bottleneck-dim", "8")
+    assert cfg.backbone.drop_path == 0.1
+    torch.manual_seed(0)
+    method = build_method(cfg, num_instances=10)
+    student, teacher = method.backbone, method.teacher.backbone
+    assert student.state_dict().keys() == teacher.state_dict().keys()
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in student.state_dict().items())
+    method.train()
+    x = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(1))   # block 2 drops at rate 0.1
+    with torch.no_grad():
+        assert torch.equal(teacher(x), teacher(x))            # no random draw in train mode
+        assert not torch.equal(student(x), student(x))        # the student drops paths
+    torch.manual_seed(0)
+    backbone, feat_dim = DINO.build_backbone(cfg)
+    alone = DINO(backbone, feat_dim, 32, 16, 8, multi_crop=True)
+    assert all(torch.equal(a, b) for a, b in zip(alone.head.parameters(), method.head.parameters()))
+
+
 # ------------------------------------------------------------------------------ command line
 @pytest.mark.slow
 def test_pretrain_then_knn_and_linear(tmp_path):

@@ -13,6 +13,7 @@ from contrast.config import BackboneConfig, MethodConfig
 from contrast.models import build_method
 from contrast.models.losses import mocov3_loss
 from contrast.models.mocov3 import MoCov3
+from contrast.option import resolve_pretrain
 from tests.dist_utils import assert_same_training, run_distributed, train_like_ddp
 
 DTYPE = torch.float64
@@ -74,7 +75,8 @@ def _encoder():
 
 def test_network_is_the_official_resnet_form():
     cfg = MethodConfig(name="MoCov3", backbone=BackboneConfig("resnet18", "small"), mlp_head=True, feature_dim=256,
-                       head_hidden_dim=4096, momentum=0.99, temperature=1.0)
+                       head_hidden_dim=4096, momentum=0.99, temperature=1.0,
+                       options={"mocov3_proj_layers": 2, "mocov3_pred_last_bn": False})
     method = build_method(cfg, num_instances=10)
     head, pred = method.head, method.predictor
     assert [type(m) for m in head] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear, nn.BatchNorm1d]
@@ -88,6 +90,24 @@ def test_network_is_the_official_resnet_form():
     assert not any(k.startswith("key_encoder.predictor") for k in method.state_dict())
     with pytest.raises(ValueError, match="--no-mlp-head"):
         build_method(MethodConfig(name="MoCov3", mlp_head=False), 10)
+
+
+def test_network_is_the_official_vit_form():
+    """builder.py MoCo_ViT: a 3-layer projector and a predictor ending with a batch norm without affine,
+    from the ViT recipe; both given back as flags on a ResNet."""
+    _, cfg = resolve_pretrain("MoCov3", "--arch", "vit_pico", "--patch-size", "4", "--image-size", "32",
+                              "--mlp-hidden-dim", "32", "--feature-dim", "16")
+    method = build_method(cfg, num_instances=10)
+    head, pred = method.head, method.predictor
+    assert [type(m) for m in head] == [nn.Linear, nn.BatchNorm1d, nn.ReLU] * 2 + [nn.Linear, nn.BatchNorm1d]
+    assert [type(m) for m in pred] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear, nn.BatchNorm1d]
+    assert [(m.in_features, m.out_features) for m in head if isinstance(m, nn.Linear)] == [(64, 32), (32, 32), (32, 16)]
+    assert not head[7].affine and not pred[4].affine and head[1].affine
+    assert not any(p.requires_grad for p in method.backbone.patch_embed.proj.parameters())   # --stop-grad-conv1
+    _, cfg = resolve_pretrain("MoCov3", "--arch", "resnet18", "--mocov3-proj-layers", "3", "--mocov3-pred-last-bn")
+    assert (cfg.option("mocov3_proj_layers"), cfg.option("mocov3_pred_last_bn")) == (3, True)
+    _, cfg = resolve_pretrain("MoCov3", "--arch", "vit_pico", "--mocov3-proj-layers", "2")
+    assert (cfg.option("mocov3_proj_layers"), cfg.option("mocov3_pred_last_bn")) == (2, True)
 
 
 def test_momentum_follows_the_official_per_iteration_schedule():

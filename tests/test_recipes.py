@@ -140,11 +140,12 @@ PUBLISHED = {
     # facebookresearch/moco-v3 c349e6e main_moco.py (lr 0.6 x B / 256 lines 65, 190; wd 1e-6 line 69; momentum
     # 0.9 line 67; dim 256, hidden 4096, m 0.99, T 1.0 lines 95-105; LARS, 10 warm-up epochs from 0 lines 112-116,
     # 420-425; SyncBN line 196; BYOL's augmentation lines 261-285) and CONFIG.md lines 14-16 (ResNet-50 100 epochs:
-    # --moco-m-cos --crop-min=.2)
+    # --moco-m-cos --crop-min=.2); its ViT recipe is in tests/test_vit.py
     "MoCov3": {**RELEASE, "aug": "BYOL", "crop": 0.2, "feature_dim": 256, "mlp_head": True, "mlp_hidden_dim": 4096,
                "contrast_temperature": 1.0, "contrast_momentum": 0.99, "optimizer": "lars", "base_learning_rate": 0.6,
                "lr_scaling": "linear", "weight_decay": 1e-6, "momentum": 0.9, "lr_scheduler": "cosine",
-               "warmup_epoch": 10, "warmup_multiplier": 1e6, "num_crop": 1, "sync_batchnorm": True},
+               "warmup_epoch": 10, "warmup_multiplier": 1e6, "num_crop": 1, "sync_batchnorm": True,
+               "mocov3_proj_layers": 2, "mocov3_pred_last_bn": False},   # builder.py MoCo_ResNet (lines 99-109)
     # facebookresearch/simsiam a7bc177 main_simsiam.py (batch 512, lr 0.05 x B / 256, momentum 0.9, wd 1e-4 lines
     # 51-62, 157; dim 2048, pred-dim 512 lines 86-89; SyncBN line 161; SGD line 199; MoCo v2's augmentation, crop
     # 0.2 lines 228-239; cosine without warm-up lines 359-366), simsiam/builder.py lines 26-42 (hidden = ResNet-50's

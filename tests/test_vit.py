@@ -12,10 +12,11 @@ import torch.nn.functional as F
 
 from contrast.config import BackboneConfig
 from contrast.models import METHODS, build_method, make_backbone, register, unregister
-from contrast.models.recipe import Recipe
+from contrast.models.recipe import FLAG_FIELDS, Recipe
 from contrast.optim import build_optimizer
 from contrast.option import parse_pretrain_args, resolve_pretrain
 from contrast.precision import resolve_precision
+from tests.test_recipes import RELEASE
 
 PICO = BackboneConfig("vit_pico", image_size=32, patch_size=4)
 VIT = ["--arch", "vit_pico", "--patch-size", "4", "--image-size", "32"]
@@ -173,7 +174,61 @@ def test_auto_precision_is_bf16_on_cuda_for_a_backbone_that_prefers_it():
 
 
 # ------------------------------------------------------------------------------------------ recipes
-@pytest.mark.parametrize("model", ["PIC", "InstDisc", "MoCo", "MoCov2", "SimCLR", "BYOL", "SwAV"])
+#: Methods whose official code publishes no ViT recipe: MoCo v3's AdamW with their own loss values.
+NO_OFFICIAL_VIT = ("PIC", "InstDisc", "MoCo", "MoCov2", "SimCLR", "BYOL", "SwAV", "SimSiam", "BarlowTwins", "VICReg",
+                   "NNCLR")
+#: Every resolved flag of ``--arch vit_small --epochs 300`` for the methods whose official code has a ViT
+#: recipe, written by hand from the sources (docs/backbones.md cites the same lines).
+OFFICIAL_VIT = {
+    # facebookresearch/moco-v3 c349e6e CONFIG.md lines 109-113 (ViT-Small: --optimizer=adamw --lr=1.5e-4
+    # --weight-decay=.1 --epochs=300 --warmup-epochs=40 --stop-grad-conv1 --moco-m-cos --moco-t=.2) over
+    # main_moco.py's defaults: batch 4096 (line 60), dim 256, hidden 4096, m 0.99 (95-100), crop-min 0.08 (117),
+    # lr x B / 256 (190), warm-up from 0 then cosine (420-425), SyncBN (196), BYOL's augmentation (261-285);
+    # moco/builder.py MoCo_ViT (112-122): 3-layer projector, predictor with its last BN; vits.py: CLS token,
+    # no drop path
+    "MoCov3": {**RELEASE, "aug": "BYOL", "crop": 0.08, "feature_dim": 256, "mlp_head": True, "mlp_hidden_dim": 4096,
+               "contrast_temperature": 0.2, "contrast_momentum": 0.99, "optimizer": "adamw",
+               "base_learning_rate": 1.5e-4, "lr_scaling": "linear", "weight_decay": 0.1, "weight_decay_end": None,
+               "clip_grad": 0.0, "lr_scheduler": "cosine", "warmup_epoch": 40, "warmup_multiplier": 1e6,
+               "drop_path": 0.0, "global_pool": "token", "freeze_patch_embed": True, "sync_batchnorm": True,
+               "mocov3_proj_layers": 3, "mocov3_pred_last_bn": True},
+    # facebookresearch/dino 7c446df README lines 162-166 (vanilla ViT-S/16, 100 epochs: --arch vit_small only)
+    # over main_dino.py's defaults: patch 16, out_dim 65536, norm_last_layer, momentum_teacher 0.996, no BN in
+    # head (lines 50-65); teacher temp 0.04 -> 0.04 over 0 epochs (68-75); weight decay 0.04 -> 0.4 cosine,
+    # clip_grad 3.0, 64 per GPU x 8, freeze_last_layer 1, lr 0.0005 x B / 256, warm-up 10, min_lr 1e-6,
+    # adamw, drop_path_rate 0.1 (82-105); global crops (0.4, 1), 8 local crops (0.05, 0.4) (108-117);
+    # student temp 0.1, center momentum 0.9 (365-366); SyncBN (196-198); crops 224 / 96; CLS token after
+    # the norm (vision_transformer.py 213-214)
+    "DINO": {**RELEASE, "aug": "BYOLMultiCrop", "crop": 0.05, "crop2": 0.4, "image_size": 224, "image_size2": 96,
+             "num_crop2": 8, "feature_dim": 65536, "mlp_head": True, "mlp_hidden_dim": 2048,
+             "contrast_temperature": 0.1, "contrast_momentum": 0.996, "view_batching": "joint", "optimizer": "adamw",
+             "base_learning_rate": 0.0005, "lr_scaling": "linear", "weight_decay": 0.04, "weight_decay_end": 0.4,
+             "clip_grad": 3.0, "lr_scheduler": "cosine", "warmup_epoch": 10, "warmup_multiplier": 1e6,
+             "drop_path": 0.1, "global_pool": "token", "freeze_patch_embed": False, "sync_batchnorm": True,
+             "dino_bottleneck_dim": 256, "dino_norm_last_layer": True, "dino_use_bn_in_head": False,
+             "dino_teacher_temp": 0.04, "dino_warmup_teacher_temp": 0.04, "dino_warmup_teacher_temp_epochs": 0,
+             "dino_center_momentum": 0.9, "dino_freeze_last_layer": 1},
+}
+
+
+def test_every_registered_method_has_a_vit_recipe_row():
+    assert set(NO_OFFICIAL_VIT) | set(OFFICIAL_VIT) == set(METHODS) and not set(NO_OFFICIAL_VIT) & set(OFFICIAL_VIT)
+    assert all(METHODS[m].vit_recipe is not None for m in METHODS)
+
+
+@pytest.mark.parametrize("model", list(OFFICIAL_VIT))
+def test_vit_recipe_is_the_official_one(model):
+    args, cfg = resolve_pretrain(model, "--arch", "vit_small", "--epochs", "300")
+    ours = {**vars(args), "sync_batchnorm": METHODS[model].vit_recipe.sync_batchnorm}
+    expected = OFFICIAL_VIT[model]
+    assert not set(FLAG_FIELDS) - set(expected), "the table states every recipe flag"
+    diffs = {k: (ours.get(k, "<absent>"), v) for k, v in expected.items() if ours.get(k, "<absent>") != v}
+    assert not diffs, f"--model {model} --arch vit_small: ours vs official {diffs}"
+    assert (cfg.backbone.drop_path, cfg.backbone.freeze_patch_embed) == (expected["drop_path"],
+                                                                          expected["freeze_patch_embed"])
+
+
+@pytest.mark.parametrize("model", NO_OFFICIAL_VIT)
 def test_vit_recipe_is_moco_v3_adamw_and_keeps_the_method_s_loss_values(model):
     vit = vars(resolve_pretrain(model, "--arch", "vit_small", "--epochs", "300")[0])
     resnet = vars(resolve_pretrain(model, "--arch", "resnet50", "--epochs", "300")[0])
@@ -183,6 +238,17 @@ def test_vit_recipe_is_moco_v3_adamw_and_keeps_the_method_s_loss_values(model):
             "num_crop2", "view_batching")
     assert {k: vit[k] for k in kept} == {k: resnet[k] for k in kept}
     assert (vit["drop_path"], vit["global_pool"], vit["freeze_patch_embed"]) == (0.0, "token", False)
+    assert (vit["weight_decay_end"], vit["clip_grad"]) == (None, 0.0)
+
+
+def test_barlow_twins_biases_take_the_weights_lr_under_adamw():
+    """main.py's --learning-rate-biases 0.0048 (against 0.2 for the weights) is LARS's; the ViT recipe
+    gives biases and norms AdamW's lr 1.5e-4, both x B / 256."""
+    _, vit = resolve_pretrain("BarlowTwins", "--arch", "vit_pico", "--batch-size", "512")
+    _, resnet = resolve_pretrain("BarlowTwins", "--arch", "resnet18", "--batch-size", "512")
+    assert (vit.option("barlow_lr_biases"), resnet.option("barlow_lr_biases")) == (1.5e-4, 0.0048)
+    _, given = resolve_pretrain("BarlowTwins", "--arch", "vit_pico", "--barlow-lr-biases", "0.01")
+    assert given.option("barlow_lr_biases") == 0.01
 
 
 def test_a_method_without_a_vit_recipe_is_refused_in_one_line(capsys):

@@ -4,6 +4,15 @@ uninterrupted run bit for bit, and the evaluations: ``main_knn.py`` (CLS), ``mai
 (``--linear-feature cls4``, then ``-e``) and ``tools/export_backbone.py`` (a timm state dict that
 ``timm.create_model`` loads strictly, with the same features).
 
+Every registered method (the registry, with its tiny flags in ``VIT_METHODS``) runs the in-process cell:
+pretraining, kNN, linear evaluation and export. The torchrun and kill -9 cells (about 20 s and 12 s each
+on 2 busy cores: all 13 methods would take over 6 minutes) run for ``DIST_METHODS``, one method per kind of
+state that crosses steps and ranks: PIC (instance table, sliding-window sampler, multi-crop), MoCo v2
+(negative queue), SwAV (feature queue, prototype freezing, multi-crop), MoCo v3 (EMA with per-iteration
+momentum, frozen patch projection, global batch norm in the heads) and DINO (EMA teacher, center, weight-
+decay schedule, gradient clipping, frozen last layer). Every method's ResNet form runs under torchrun and
+resumes bit-exact in its own tests and in tests/test_cli_pretrain.py.
+
 Scale: ``vit_pico`` (``vit_tiny``'s configuration at width 64, depth 2: tests/test_vit.py checks the real
 sizes), 32 px images with patch 4, 16 px small crops for the multi-crop methods (position-embedding
 interpolation), drop path 0.1 (random draws a resume must repeat), 8 images, batch 4.
@@ -23,6 +32,7 @@ import main_linear
 import main_pretrain
 from contrast.checkpoint import read_checkpoint
 from contrast.eval.features import backbone_from_checkpoint
+from contrast.models import METHODS
 from tests.synthetic import make_image_folder
 from tests.test_faults import Proc, run, weights
 
@@ -39,7 +49,22 @@ VIT_METHODS = {
     "BYOL": ["--model", "BYOL", "--mlp-hidden-dim", "32"],
     "SwAV": ["--model", "SwAV", *MULTI_CROP, "--mlp-hidden-dim", "32", "--swav-num-prototypes", "10",
              "--swav-freeze-prototypes-iters", "1"],
+    "MoCov3": ["--model", "MoCov3", "--mlp-hidden-dim", "32"],
+    "DINO": ["--model", "DINO", "--image-size2", "16", "--num-crop2", "1", "--crop", "0.08", "--crop2", "0.3",
+             "--mlp-hidden-dim", "32", "--dino-bottleneck-dim", "8"],
+    "SimSiam": ["--model", "SimSiam", "--mlp-hidden-dim", "32", "--simsiam-pred-dim", "8"],
+    "BarlowTwins": ["--model", "BarlowTwins", "--mlp-hidden-dim", "32"],
+    "VICReg": ["--model", "VICReg", "--mlp-hidden-dim", "32"],
+    "NNCLR": ["--model", "NNCLR", "--mlp-hidden-dim", "32", "--nnclr-pred-hidden-dim", "32",
+              "--nnclr-support-size", "16"],
 }
+#: the methods of the torchrun and kill -9 cells (module docstring)
+DIST_METHODS = ("PIC", "MoCov2", "SwAV", "MoCov3", "DINO")
+
+
+def test_every_registered_method_has_tiny_vit_flags():
+    assert set(VIT_METHODS) == set(METHODS) and set(DIST_METHODS) <= set(METHODS)
+    assert all(flags[:2] == ["--model", name] for name, flags in VIT_METHODS.items())
 
 
 def vit_args(data, out, method, *extra, batch=4, epochs=1):
@@ -66,7 +91,7 @@ def _export_tool():
     return module
 
 
-@pytest.mark.parametrize("method", list(VIT_METHODS))
+@pytest.mark.parametrize("method", list(METHODS))
 def test_vit_pretrain_then_knn_linear_and_timm_export(method, data, tmp_path, monkeypatch):
     asked = {}
     real = main_pretrain.resolve_precision
@@ -111,7 +136,7 @@ def test_vit_pretrain_then_knn_linear_and_timm_export(method, data, tmp_path, mo
         torch.testing.assert_close(net(x), backbone.eval()(x), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("method", list(VIT_METHODS))
+@pytest.mark.parametrize("method", DIST_METHODS)
 def test_vit_torchrun_two_gloo_processes(method, data, tmp_path):
     out = tmp_path / "tr"
     rc, err = run(["--test-real-backbone", *vit_args(data, out, method, batch=2)], out, nproc=2, timeout=300)
@@ -121,7 +146,7 @@ def test_vit_torchrun_two_gloo_processes(method, data, tmp_path):
     assert losses(out) and all(math.isfinite(x) for x in losses(out))
 
 
-@pytest.mark.parametrize("method", list(VIT_METHODS))
+@pytest.mark.parametrize("method", DIST_METHODS)
 def test_vit_kill9_inside_a_save_then_resume_is_bit_exact(method, data, tmp_path):
     """An uninterrupted run (in this process); a run in its own process killed -9 in the middle of
     writing its third checkpoint, then resumed with --auto-resume (in this process): same weights."""

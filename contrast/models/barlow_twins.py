@@ -16,6 +16,7 @@ Redundancy Reduction", ICML 2021; facebookresearch/barlowtwins ``main.py``).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import torch
@@ -26,8 +27,15 @@ from contrast.config import Flag, MethodConfig
 from contrast.models.base import BaseMethod
 from contrast.models.heads import build_mlp
 from contrast.models.losses import barlow_twins_loss
-from contrast.models.recipe import Recipe
+from contrast.models.recipe import VIT_OPTIMIZER, Recipe, vit_recipe_of
 from contrast.models.views import Views
+
+
+@dataclass(frozen=True)
+class BarlowTwinsRecipe(Recipe):
+    """:class:`Recipe` with the default of ``--barlow-lr-biases`` (main.py ``--learning-rate-biases``)."""
+
+    barlow_lr_biases: float = 0.0048
 
 
 class BarlowTwins(BaseMethod):
@@ -36,13 +44,17 @@ class BarlowTwins(BaseMethod):
     name = "BarlowTwins"
     views = Views(count=2)
     #: facebookresearch/barlowtwins main.py and README (docs/methods.md cites each value)
-    recipe = Recipe(aug="BYOL", crop=0.08, mlp_head=True, feature_dim=8192, mlp_hidden_dim=8192, optimizer="lars",
-                    base_learning_rate=0.2, weight_decay=1e-6, warmup_epoch=10, warmup_multiplier=1e6,
-                    lr_scheduler="cosine", sync_batchnorm=True)
+    recipe = BarlowTwinsRecipe(aug="BYOL", crop=0.08, mlp_head=True, feature_dim=8192, mlp_hidden_dim=8192,
+                               optimizer="lars", base_learning_rate=0.2, weight_decay=1e-6, warmup_epoch=10,
+                               warmup_multiplier=1e6, lr_scheduler="cosine", sync_batchnorm=True)
+    #: no published ViT recipe: MoCo v3's AdamW (docs/backbones.md). The small bias lr belongs to LARS (whose
+    #: adaptation the biases skip); under AdamW they take the weights' lr, as in MoCo v3's and DINO's code.
+    vit_recipe = vit_recipe_of(recipe, barlow_lr_biases=VIT_OPTIMIZER["base_learning_rate"])
     flags = (
         Flag("--barlow-lambda", float, 0.0051, "(new) Barlow Twins: weight of the off-diagonal terms (lambda)"),
-        Flag("--barlow-lr-biases", float, 0.0048, "(new) Barlow Twins: base lr of biases and batch-norm "
-             "parameters, x total batch / 256 (the weights take --base-learning-rate)"),
+        Flag("--barlow-lr-biases", float, None, "(new) Barlow Twins: base lr of biases and batch-norm "
+             "parameters, x total batch / 256 (the weights take --base-learning-rate; recipe: 0.0048, ViT "
+             "recipe: 1.5e-4, the weights')"),
     )
 
     def __init__(self, backbone: nn.Module, feat_dim: int, feature_dim: int = 8192, hidden_dim: int = 8192,

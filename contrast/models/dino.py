@@ -6,8 +6,9 @@ ResNet-50 recipe of its official code (facebookresearch/dino, README "ResNet-50 
   ``weight_g`` stay 1 with ``--dino-norm-last-layer``), on every crop: 2 global crops then
   ``--num-crop2`` local ones, each resolution through the backbone as one batch, then all crops
   through the head together (``utils.MultiCropWrapper``).
-* teacher: a :class:`~contrast.models.momentum.MomentumEncoder` copy of backbone + head, fed only the
-  2 global crops, updated after each step with the cosine momentum 0.996 -> 1 (``--contrast-momentum``).
+* teacher: a :class:`~contrast.models.momentum.MomentumEncoder` copy of backbone + head (its backbone
+  built without stochastic depth, as ``main_dino.py`` builds it, then given the student's weights), fed
+  only the 2 global crops, updated after each step with the cosine momentum 0.996 -> 1 (``--contrast-momentum``).
 * loss: :func:`~contrast.models.losses.dino_loss` with student temperature ``--contrast-temperature``
   and the teacher temperature warmed up linearly per epoch (``--dino-warmup-teacher-temp`` ->
   ``--dino-teacher-temp`` over ``--dino-warmup-teacher-temp-epochs``); the teacher's outputs are
@@ -19,6 +20,7 @@ ResNet-50 recipe of its official code (facebookresearch/dino, README "ResNet-50 
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Dict, List, Optional
 
 import torch
@@ -91,6 +93,14 @@ class DINO(BaseMethod):
                     contrast_temperature=0.1, contrast_momentum=0.996, optimizer="sgd", base_learning_rate=0.03,
                     lr_scaling="linear", weight_decay=1e-4, weight_decay_end=None, clip_grad=3.0, momentum=0.9,
                     lr_scheduler="cosine", warmup_epoch=10, warmup_multiplier=1e6, sync_batchnorm=True)
+    #: facebookresearch/dino main_dino.py defaults: the README's ViT-S/16 100-epoch command gives only --arch
+    #: vit_small (docs/backbones.md cites each value); the method flags' defaults are these defaults too
+    vit_recipe = Recipe(aug="BYOLMultiCrop", crop=0.05, crop2=0.4, image_size=224, image_size2=96, num_crop2=8,
+                        mlp_head=True, feature_dim=65536, mlp_hidden_dim=2048, view_batching="joint",
+                        contrast_temperature=0.1, contrast_momentum=0.996, optimizer="adamw",
+                        base_learning_rate=0.0005, lr_scaling="linear", weight_decay=0.04, weight_decay_end=0.4,
+                        clip_grad=3.0, lr_scheduler="cosine", warmup_epoch=10, warmup_multiplier=1e6,
+                        drop_path=0.1, global_pool="token", freeze_patch_embed=False, sync_batchnorm=True)
     flags = (
         Flag("--dino-bottleneck-dim", int, 256, "(new) DINO: bottleneck width before the weight-normalised last layer"),
         Flag("--dino-norm-last-layer", bool, True, "(new) DINO: keep the norms (weight_g) of the last layer at 1"),
@@ -106,11 +116,18 @@ class DINO(BaseMethod):
                  bottleneck_dim: int = 256, norm_last_layer: bool = True, use_bn_in_head: bool = False,
                  student_temperature: float = 0.1, teacher_temp: float = 0.04, warmup_teacher_temp: float = 0.04,
                  warmup_teacher_temp_epochs: int = 0, center_momentum: float = 0.9, base_momentum: float = 0.996,
-                 freeze_last_layer: int = 1, view_batching: str = "joint", multi_crop: bool = False) -> None:
+                 freeze_last_layer: int = 1, view_batching: str = "joint", multi_crop: bool = False,
+                 teacher_backbone: Optional[nn.Module] = None) -> None:
+        """``teacher_backbone``: the teacher's (no stochastic depth), given the student's weights here;
+        None: a copy of ``backbone``."""
         super().__init__(backbone, feat_dim, view_batching, multi_crop)
         self.head = DINOHead(feat_dim, out_dim, hidden_dim, bottleneck_dim, use_bn=use_bn_in_head,
                              norm_last_layer=norm_last_layer)
-        self.teacher = MomentumEncoder(self.backbone, self.head)
+        if teacher_backbone is None:
+            teacher_backbone = self.backbone
+        else:
+            teacher_backbone.load_state_dict(self.backbone.state_dict())
+        self.teacher = MomentumEncoder(teacher_backbone, self.head)
         self.register_buffer("center", torch.zeros(1, out_dim))
         #: steps taken (the trainer's step after the last real one): the epoch of the teacher temperature
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
@@ -139,11 +156,13 @@ class DINO(BaseMethod):
     @classmethod
     def from_config(cls, cfg: MethodConfig, num_instances: int) -> "DINO":
         backbone, feat_dim = cls.build_backbone(cfg)
+        with torch.random.fork_rng(devices=[]):   # its weights are the student's: draws nothing from the stream
+            teacher, _ = cls.build_backbone(replace(cfg, backbone=replace(cfg.backbone, drop_path=0.0)))
         o = cfg.option
         return cls(backbone, feat_dim, cfg.feature_dim, cfg.head_hidden_dim, o("dino_bottleneck_dim"),
                    o("dino_norm_last_layer"), o("dino_use_bn_in_head"), cfg.temperature, o("dino_teacher_temp"),
                    o("dino_warmup_teacher_temp"), o("dino_warmup_teacher_temp_epochs"), o("dino_center_momentum"),
-                   cfg.momentum, o("dino_freeze_last_layer"), cfg.view_batching, cfg.multi_crop)
+                   cfg.momentum, o("dino_freeze_last_layer"), cfg.view_batching, cfg.multi_crop, teacher)
 
     def on_train_start(self, total_steps: int, steps_per_epoch: int) -> None:
         self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch

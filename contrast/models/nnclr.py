@@ -25,7 +25,7 @@ from contrast.models.base import BaseMethod
 from contrast.models.heads import build_mlp, normalize_fp32
 from contrast.models.losses import nnclr_loss
 from contrast.models.queue import FeatureQueue
-from contrast.models.recipe import Recipe
+from contrast.models.recipe import Recipe, vit_recipe_of
 from contrast.models.views import Views
 
 
@@ -56,6 +56,7 @@ class NNCLR(BaseMethod):
     recipe = Recipe(aug="BYOL", crop=0.08, mlp_head=True, feature_dim=256, mlp_hidden_dim=2048,
                     contrast_temperature=0.1, optimizer="lars", base_learning_rate=0.3, weight_decay=1e-6,
                     warmup_epoch=10, warmup_multiplier=1e6, lr_scheduler="cosine", sync_batchnorm=True)
+    vit_recipe = vit_recipe_of(recipe)   # no published ViT recipe: MoCo v3's AdamW (docs/backbones.md)
     flags = (
         Flag("--nnclr-support-size", int, 98304, "(new) NNCLR: rows of the support set (the queue of projections "
              "the nearest neighbours come from), at least the total batch"),

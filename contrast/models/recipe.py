@@ -4,7 +4,8 @@
 dest: ``--base-learning-rate`` is ``base_learning_rate``), plus what is not a flag (batch norm over
 the global batch, the warm-up rule). :func:`resolve` fills the flags a user did not give from the
 recipe: a flag given on the command line always wins. ``docs/methods.md`` cites the source of every
-value.
+value. A method whose own flags take other values in its ViT recipe subclasses :class:`Recipe` with
+fields named as those flags' dests (the flags' default is None); they are resolved as the shared ones.
 """
 from __future__ import annotations
 
@@ -108,8 +109,8 @@ def peak_lr(base_lr: float, total_batch: int, scaling: str) -> float:
 def describe(recipe: Recipe, base: Recipe = Recipe()) -> str:
     """The recipe as command-line flags, only where it differs from ``base`` (for ``--help``)."""
     parts = []
-    for f in fields(Recipe):
-        value, default = getattr(recipe, f.name), getattr(base, f.name)
+    for f in fields(recipe):
+        value, default = getattr(recipe, f.name), getattr(base, f.name, None)
         if value == default:
             continue
         if f.name == "warmup_divisor":

@@ -22,7 +22,7 @@ from contrast.config import Flag, MethodConfig
 from contrast.models.base import BaseMethod
 from contrast.models.bn_mlp import build_bn_mlp
 from contrast.models.losses import simsiam_loss
-from contrast.models.recipe import Recipe
+from contrast.models.recipe import Recipe, vit_recipe_of
 from contrast.models.views import Views
 
 
@@ -36,6 +36,7 @@ class SimSiam(BaseMethod):
     recipe = Recipe(aug="MoCov2", crop=0.2, mlp_head=True, feature_dim=2048, mlp_hidden_dim=2048, optimizer="sgd",
                     base_learning_rate=0.05, weight_decay=1e-4, momentum=0.9, lr_scheduler="cosine", warmup_epoch=0,
                     sync_batchnorm=True)
+    vit_recipe = vit_recipe_of(recipe)   # no published ViT recipe: MoCo v3's AdamW (docs/backbones.md)
     flags = (
         Flag("--simsiam-pred-dim", int, 512, "(new) SimSiam: hidden width of the predictor (its bottleneck)"),
         Flag("--simsiam-fix-pred-lr", bool, True, "(new) SimSiam: the predictor keeps the peak lr throughout "

@@ -23,7 +23,7 @@ from contrast.config import Flag, MethodConfig
 from contrast.models.base import BaseMethod
 from contrast.models.heads import build_mlp
 from contrast.models.losses import vicreg_loss
-from contrast.models.recipe import Recipe
+from contrast.models.recipe import Recipe, vit_recipe_of
 from contrast.models.views import Views
 
 _COEFFS = ("vicreg_sim_coeff", "vicreg_std_coeff", "vicreg_cov_coeff")
@@ -38,6 +38,7 @@ class VICReg(BaseMethod):
     recipe = Recipe(aug="BYOL", crop=0.08, mlp_head=True, feature_dim=8192, mlp_hidden_dim=8192, optimizer="lars",
                     base_learning_rate=0.2, weight_decay=1e-6, warmup_epoch=10, warmup_multiplier=1e6,
                     lr_scheduler="cosine", sync_batchnorm=True)
+    vit_recipe = vit_recipe_of(recipe)   # no published ViT recipe: MoCo v3's AdamW (docs/backbones.md)
     flags = (
         Flag("--vicreg-sim-coeff", float, 25.0, "(new) VICReg: weight of the invariance (MSE) term"),
         Flag("--vicreg-std-coeff", float, 25.0, "(new) VICReg: weight of the variance (hinge on the std) term"),
