@@ -73,8 +73,8 @@ def test_cosine_momentum_schedule_and_ema_update():
     method.on_train_start(total, steps_per_epoch=7)
     for k in range(total):
         expected = 1 - (1 - 0.9) * (math.cos(math.pi * k / total) + 1) / 2
-        assert method.momentum_at(k) == pytest.approx(expected, abs=1e-12)
-    assert method.momentum_at(0) == pytest.approx(0.9) and method.momentum_at(total) == pytest.approx(1.0)
+        assert method.target_encoder.momentum_at(k) == pytest.approx(expected, abs=1e-12)
+    assert method.target_encoder.momentum_at(0) == pytest.approx(0.9) and method.target_encoder.momentum_at(total) == pytest.approx(1.0)
 
     online = dict(method.backbone.named_parameters()) | {"h" + n: p for n, p in method.head.named_parameters()}
     target = dict(method.target_encoder.backbone.named_parameters()) | \

@@ -161,7 +161,7 @@ def test_cosine_momentum_of_the_teacher():
     method = _method()
     method.on_train_start(total_steps=7, steps_per_epoch=7)
     for k in range(7):   # DINO's cosine_scheduler(0.9, 1, ...)[k]
-        assert method.momentum_at(k) == pytest.approx(1 + 0.5 * (0.9 - 1) * (1 + math.cos(math.pi * k / 7)), abs=1e-12)
+        assert method.teacher.momentum_at(k) == pytest.approx(1 + 0.5 * (0.9 - 1) * (1 + math.cos(math.pi * k / 7)), abs=1e-12)
     before = {n: p.detach().clone() for n, p in method.teacher.named_parameters()}
     online = dict(method.backbone.named_parameters()) | {"h" + n: p for n, p in method.head.named_parameters()}
     with torch.no_grad():

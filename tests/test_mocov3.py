@@ -117,7 +117,7 @@ def test_momentum_follows_the_official_per_iteration_schedule():
     total = 7
     method.on_train_start(total, steps_per_epoch=7)
     official = [1 - 0.5 * (1 + math.cos(math.pi * k / total)) * (1 - 0.9) for k in range(total + 1)]
-    assert [method.momentum_at(k) for k in range(total + 1)] == pytest.approx(official, abs=1e-12)
+    assert [method.key_encoder.momentum_at(k) for k in range(total + 1)] == pytest.approx(official, abs=1e-12)
 
     online = list(method.backbone.parameters()) + list(method.head.parameters())
     keys = list(method.key_encoder.backbone.parameters()) + list(method.key_encoder.head.parameters())

@@ -22,7 +22,7 @@ from contrast.config import MethodConfig
 from contrast.models.base import BaseMethod
 from contrast.models.heads import build_mlp
 from contrast.models.losses import byol_loss
-from contrast.models.momentum import MomentumEncoder, cosine_momentum
+from contrast.models.momentum import MomentumEncoder
 from contrast.models.recipe import Recipe, vit_recipe_of
 from contrast.models.views import Views
 
@@ -46,9 +46,7 @@ class BYOL(BaseMethod):
         self.head = build_mlp(feat_dim, hidden_dim, feature_dim, batch_norm=True, last_bias=False)
         self.predictor = build_mlp(feature_dim, hidden_dim, feature_dim, batch_norm=True, last_bias=False)
         # not "target": TrainModule.target(index, label) is a hook of the loop
-        self.target_encoder = MomentumEncoder(self.backbone, self.head)
-        self.base_momentum = base_momentum
-        self.total_steps = 0
+        self.target_encoder = MomentumEncoder(self.backbone, self.head, base_momentum)
 
     @classmethod
     def check_config(cls, cfg: MethodConfig) -> None:
@@ -64,13 +62,7 @@ class BYOL(BaseMethod):
         return cls(backbone, feat_dim, cfg.feature_dim, cfg.head_hidden_dim, cfg.momentum, cfg.view_batching)
 
     def on_train_start(self, total_steps: int, steps_per_epoch: int) -> None:
-        self.total_steps = total_steps
-
-    def momentum_at(self, step: int) -> float:
-        """tau of the update after ``step`` (the constant base before ``on_train_start`` gave K)."""
-        if self.total_steps <= 0:
-            return self.base_momentum
-        return cosine_momentum(step, self.total_steps, self.base_momentum)
+        self.target_encoder.start(total_steps)
 
     def training_loss(self, views: List[torch.Tensor], index: torch.Tensor) -> Dict[str, torch.Tensor]:
         p1, p2 = self.encode(lambda x: self.predictor(self.head(self.backbone(x))), views)
@@ -82,4 +74,4 @@ class BYOL(BaseMethod):
 
     @torch.no_grad()
     def on_train_step_end(self, step: int, lr: float, grad_scale: float = 1.0) -> None:
-        self.target_encoder.update(self.backbone, self.head, self.momentum_at(step))
+        self.target_encoder.update(self.backbone, self.head, self.target_encoder.momentum_at(step))

@@ -31,7 +31,7 @@ from contrast import distributed as cd
 from contrast.config import Flag, MethodConfig
 from contrast.models.base import BaseMethod
 from contrast.models.losses import dino_loss
-from contrast.models.momentum import MomentumEncoder, cosine_momentum
+from contrast.models.momentum import MomentumEncoder
 from contrast.models.recipe import Recipe
 from contrast.models.views import Views
 
@@ -127,15 +127,14 @@ class DINO(BaseMethod):
             teacher_backbone = self.backbone
         else:
             teacher_backbone.load_state_dict(self.backbone.state_dict())
-        self.teacher = MomentumEncoder(teacher_backbone, self.head)
+        self.teacher = MomentumEncoder(teacher_backbone, self.head, base_momentum)
         self.register_buffer("center", torch.zeros(1, out_dim))
         #: steps taken (the trainer's step after the last real one): the epoch of the teacher temperature
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
-        self.student_temperature, self.center_momentum, self.base_momentum = \
-            student_temperature, center_momentum, base_momentum
+        self.student_temperature, self.center_momentum = student_temperature, center_momentum
         self.teacher_temps = (warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs)
         self.freeze_last_layer = freeze_last_layer
-        self.total_steps, self.steps_per_epoch, self._step = 0, 0, 0
+        self.steps_per_epoch, self._step = 0, 0
         self._batch_center: Optional[torch.Tensor] = None
 
     @classmethod
@@ -165,17 +164,13 @@ class DINO(BaseMethod):
                    cfg.momentum, o("dino_freeze_last_layer"), cfg.view_batching, cfg.multi_crop, teacher)
 
     def on_train_start(self, total_steps: int, steps_per_epoch: int) -> None:
-        self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
+        self.teacher.start(total_steps)
+        self.steps_per_epoch = steps_per_epoch
         self._step = int(self.steps_done)   # once per run: the restored count
 
     def teacher_temperature_at(self, step: int) -> float:
         epoch = step // self.steps_per_epoch if self.steps_per_epoch > 0 else 0
         return teacher_temperature(epoch, *self.teacher_temps)
-
-    def momentum_at(self, step: int) -> float:
-        """The teacher's EMA momentum after ``step`` (the base before ``on_train_start`` gave K)."""
-        return cosine_momentum(step, self.total_steps, self.base_momentum) if self.total_steps > 0 \
-            else self.base_momentum
 
     def param_groups(self, base_lr: float, weight_decay: float) -> List[dict]:
         """Biases and 1-d parameters without weight decay (``utils.get_params_groups``)."""
@@ -208,7 +203,7 @@ class DINO(BaseMethod):
 
     @torch.no_grad()
     def on_train_step_end(self, step: int, lr: float, grad_scale: float = 1.0) -> None:
-        self.teacher.update(self.backbone, self.head, self.momentum_at(step))
+        self.teacher.update(self.backbone, self.head, self.teacher.momentum_at(step))
         if self._batch_center is not None:
             m = self.center_momentum
             self.center.mul_(m).add_(self._batch_center.to(self.center.dtype), alpha=1.0 - m)

@@ -26,7 +26,7 @@ from contrast.config import Flag, MethodConfig
 from contrast.models.base import BaseMethod
 from contrast.models.bn_mlp import build_bn_mlp
 from contrast.models.losses import mocov3_loss
-from contrast.models.momentum import MomentumEncoder, cosine_momentum
+from contrast.models.momentum import MomentumEncoder
 from contrast.models.recipe import Recipe
 from contrast.models.views import Views
 
@@ -73,10 +73,8 @@ class MoCov3(BaseMethod):
         self.head = build_bn_mlp([feat_dim] + [hidden_dim] * (proj_layers - 1) + [feature_dim], last_bn=True)
         self.predictor = build_bn_mlp([feature_dim, hidden_dim, feature_dim], last_bn=pred_last_bn)
         # not "target": TrainModule.target(index, label) is a hook of the loop
-        self.key_encoder = MomentumEncoder(self.backbone, self.head)
+        self.key_encoder = MomentumEncoder(self.backbone, self.head, base_momentum)
         self.temperature = temperature
-        self.base_momentum = base_momentum
-        self.total_steps = 0
 
     @classmethod
     def check_config(cls, cfg: MethodConfig) -> None:
@@ -97,13 +95,7 @@ class MoCov3(BaseMethod):
                    cfg.view_batching, cfg.option("mocov3_proj_layers"), cfg.option("mocov3_pred_last_bn"))
 
     def on_train_start(self, total_steps: int, steps_per_epoch: int) -> None:
-        self.total_steps = total_steps
-
-    def momentum_at(self, k: int) -> float:
-        """m of iteration ``k`` (the constant base before ``on_train_start`` gave K)."""
-        if self.total_steps <= 0:
-            return self.base_momentum
-        return cosine_momentum(k, self.total_steps, self.base_momentum)
+        self.key_encoder.start(total_steps)
 
     def training_loss(self, views: List[torch.Tensor], index: torch.Tensor) -> Dict[str, torch.Tensor]:
         q1, q2 = self.encode(lambda x: self.predictor(self.head(self.backbone(x))), views)
@@ -115,4 +107,4 @@ class MoCov3(BaseMethod):
 
     @torch.no_grad()
     def on_train_step_end(self, step: int, lr: float, grad_scale: float = 1.0) -> None:
-        self.key_encoder.update(self.backbone, self.head, self.momentum_at(step + 1))
+        self.key_encoder.update(self.backbone, self.head, self.key_encoder.momentum_at(step + 1))
