@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict
 from types import SimpleNamespace
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +35,8 @@ from contrast.eval.features import ShardSampler
 from contrast.evalconfig import EvalDataConfig, EvalModelConfig, EvalRunConfig, dump_eval_config
 from contrast.models import TrainModule, backbone_config_of, make_backbone
 from contrast.models.recipe import peak_lr
-from contrast.optim import build_optimizer, build_scheduler
-from contrast.option_eval import eval_config, parse_linear_args
+from contrast.optim import build_optimizer, build_scheduler, layer_decay_groups
+from contrast.option_eval import eval_config, parse_linear_args, resolve_protocol
 from contrast.runconfig import flat_config
 from contrast.placement import configure_backends, place
 from contrast.precision import Precision, resolve_precision
@@ -52,13 +52,13 @@ class LinearClassifier(TrainModule):
     Linear evaluation (``finetune=False``): the backbone is frozen (eval mode, no grad), so under DDP
     only ``fc`` has gradients to reduce. Fine-tuning: the whole network trains, batch norm in train mode.
     ``forward(views, label)`` takes a one-view list of (B, 3, H, W) images and (B,) labels and
-    returns ``{"loss", "acc1"}`` (fp32 cross-entropy).
+    returns ``{"loss", "acc1"}`` (fp32 cross-entropy, ``label_smoothing`` as ``F.cross_entropy``'s).
     """
 
     def __init__(self, backbone: nn.Module, num_classes: int, feature: Optional[str] = None,
-                 finetune: bool = False) -> None:
+                 finetune: bool = False, label_smoothing: float = 0.0) -> None:
         super().__init__()
-        self.finetune = finetune
+        self.finetune, self.label_smoothing = finetune, label_smoothing
         self.backbone = backbone.requires_grad_(finetune)
         self.feature = backbone.check_feature(feature or backbone.eval_feature)
         self.fc = nn.Linear(backbone.feature_dim(self.feature), num_classes)
@@ -81,8 +81,21 @@ class LinearClassifier(TrainModule):
 
     def forward(self, views: List[torch.Tensor], label: torch.Tensor) -> Dict[str, torch.Tensor]:
         logits = self.logits(views[0])
-        return {"loss": F.cross_entropy(logits, label),
+        return {"loss": F.cross_entropy(logits, label, label_smoothing=self.label_smoothing),
                 "acc1": (logits.argmax(1) == label).float().mean() * 100}
+
+    def layer_id(self, name: str) -> int:
+        """Layer of parameter ``name`` for layer-wise lr decay: the backbone's, ``fc`` on top."""
+        prefix = "backbone."
+        return self.backbone.layer_id(name[len(prefix):]) if name.startswith(prefix) else self.backbone.num_layers + 1
+
+    def finetune_groups(self, lr: float, layer_decay: float) -> Tuple[List[dict], Set[nn.Parameter]]:
+        """Optimiser groups of fine-tuning (lr ``lr`` x the layer's scale, :func:`layer_decay_groups`) and
+        the parameters AdamW leaves undecayed: the backbone's ``no_weight_decay()`` and ``fc.bias``."""
+        groups = layer_decay_groups(self.named_parameters(), self.layer_id, self.backbone.num_layers, layer_decay)
+        skip = self.backbone.no_weight_decay()
+        no_decay = {p for n, p in self.backbone.named_parameters() if n in skip} | {self.fc.bias}
+        return [{"params": g["params"], "lr": lr * g["lr_scale"]} for g in groups], no_decay
 
 
 @torch.no_grad()
@@ -134,7 +147,7 @@ def linear(cfg: EvalRunConfig, run: engine.Run) -> Dict[str, float]:
 
     source = evaluated_checkpoint(cfg.model, loop, run.output_dir)
     cfg, taken = resolve_backbone(cfg, source)
-    data, spec = cfg.data, cfg.model
+    data, spec, loop, optim = cfg.data, cfg.model, cfg.loop, cfg.optim
     logger.info(f"backbone {spec.arch} ({spec.stem} stem), image size {data.image_size}, val crop fraction "
                 f"{data.val_crop_fraction}" + (f"; from {source.path}: {', '.join(taken)}" if taken else ""))
 
@@ -148,9 +161,10 @@ def linear(cfg: EvalRunConfig, run: engine.Run) -> Dict[str, float]:
                                      data.num_workers, env.device, train=False, seed=rt.seed)
     backbone_cfg = backbone_config_of(flat_config(source.config) if source is not None else {}, arch=spec.arch,
                                       stem=spec.stem, image_size=data.image_size,
-                                      zero_init_residual=False if spec.random_init else None)
+                                      zero_init_residual=False if spec.random_init else None,
+                                      drop_path=spec.drop_path)
     model = LinearClassifier(new_backbone(backbone_cfg, rt.seed), val_set.num_classes, spec.linear_feature,
-                             finetune=spec.finetune)
+                             finetune=spec.finetune, label_smoothing=optim.label_smoothing)
     logger.info(f"{spec.mode} on the backbone feature {model.feature!r} ({model.fc.in_features} dims)")
     precision, precision_note = resolve_precision(optim.amp_opt_level, env.device,
                                                   prefer_bf16=model.backbone.prefers_bf16)
@@ -178,8 +192,9 @@ def linear(cfg: EvalRunConfig, run: engine.Run) -> Dict[str, float]:
     loader = engine.build_loader(train_set, sampler, batch, data.num_workers, env.device, train=True, seed=rt.seed)
     iters = engine.check_iters(loader, batch, env.world_size, flag="--total-batch-size / world size")
     lr = peak_lr(optim.learning_rate, total_batch, optim.lr_scaling)
-    optimizer = build_optimizer(model if spec.finetune else model.fc, optim.optimizer, lr, optim.momentum,
-                                optim.weight_decay, nesterov=optim.nesterov)
+    params, no_decay = model.finetune_groups(lr, optim.layer_decay) if spec.finetune else (model.fc, set())
+    optimizer = build_optimizer(params, optim.optimizer, lr, optim.momentum, optim.weight_decay,
+                                nesterov=optim.nesterov, no_decay=no_decay)
     scheduler = build_scheduler(optimizer, optim.lr_scheduler, loop.epochs, iters, optim.warmup_epoch,
                                 optim.warmup_multiplier, optim.lr_decay_epochs, optim.lr_decay_rate,
                                 cosine_form=optim.cosine_form, samples_per_step=total_batch)
@@ -239,11 +254,12 @@ def evaluated_checkpoint(spec: EvalModelConfig, loop, output_dir: str) -> Option
 
 def resolve_backbone(cfg: EvalRunConfig, source: Optional[Checkpoint]):
     """``cfg`` with arch, stem, image size and val crop taken from ``source``'s config where not given
-    (defaults without a checkpoint), and the names taken."""
+    (defaults without a checkpoint), the protocol flags not given from the defaults of the protocol and
+    backbone family (:func:`~contrast.option_eval.resolve_protocol`), and the names taken."""
     values = SimpleNamespace(arch=cfg.model.arch, stem=cfg.model.stem, image_size=cfg.data.image_size,
                              val_crop_fraction=cfg.data.val_crop_fraction)
     taken = resolve_from_config(values, source.config if source is not None else {})
-    return cfg.with_backbone(**vars(values)), taken
+    return resolve_protocol(cfg.with_backbone(**vars(values))), taken
 
 
 def new_backbone(cfg, seed: int):

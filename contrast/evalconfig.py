@@ -54,6 +54,7 @@ class EvalModelConfig:
     sync_bn: bool
     eval: bool
     linear_feature: Optional[str] = None
+    drop_path: Optional[float] = None
 
     @property
     def mode(self) -> str:
@@ -77,6 +78,8 @@ class EvalOptimConfig:
     lr_decay_epochs: Tuple[int, ...]
     lr_decay_rate: float
     amp_opt_level: str
+    layer_decay: Optional[float] = None
+    label_smoothing: Optional[float] = None
 
 
 #: section name -> group class (``method`` holds :class:`EvalModelConfig`).
@@ -98,6 +101,17 @@ class EvalRunConfig:
         """This config with the backbone and image settings resolved (from a checkpoint or defaults)."""
         return replace(self, model=replace(self.model, arch=arch, stem=stem),
                        data=replace(self.data, image_size=image_size, val_crop_fraction=val_crop_fraction))
+
+    def with_defaults(self, values: Mapping[str, Any]) -> "EvalRunConfig":
+        """This config with each field still None (not given) in the model, optim and loop groups set
+        from ``values`` (field name -> value; the protocol defaults)."""
+        groups = {}
+        for name in ("model", "optim", "loop"):
+            group = getattr(self, name)
+            unset = {f.name: values[f.name] for f in fields(group)
+                     if f.name in values and getattr(group, f.name) is None}
+            groups[name] = replace(group, **unset)
+        return replace(self, **groups)
 
 
 def eval_groups_from_flags(flags: Mapping[str, Any]) -> EvalRunConfig:

@@ -149,6 +149,26 @@ def split_no_decay(params: Union[nn.Module, Sequence[dict]], no_decay: AbstractS
     return out
 
 
+def layer_decay_groups(named_params: Iterable, layer_of: Callable[[str], int], num_layers: int,
+                       decay: float) -> List[dict]:
+    """Layer-wise lr decay (MAE's ``param_groups_lrd``, after BEiT/ELECTRA): a trainable parameter of
+    layer ``i`` (0 .. ``num_layers + 1``, ``layer_of(name)``) gets ``lr_scale = decay ** (num_layers + 1 -
+    i)``. Groups ``{"params", "names", "lr_scale"}``, one per scale in order of first appearance (one
+    group when ``decay`` is 1)."""
+    groups: dict = {}
+    for name, p in named_params:
+        if not p.requires_grad:
+            continue
+        layer = layer_of(name)
+        if not 0 <= layer <= num_layers + 1:
+            raise ValueError(f"layer {layer} of {name} is outside 0..{num_layers + 1}")
+        scale = decay ** (num_layers + 1 - layer)
+        group = groups.setdefault(scale, {"params": [], "names": [], "lr_scale": scale})
+        group["params"].append(p)
+        group["names"].append(name)
+    return list(groups.values())
+
+
 def build_optimizer(params: Union[nn.Module, Sequence[dict]], name: str, lr: float, momentum: float,
                     weight_decay: float, lars_form: str = "release", trust_coefficient: float = 0.001,
                     lars_eps: Optional[float] = None, nesterov: bool = False,

@@ -407,7 +407,7 @@ def check_values(p: argparse.ArgumentParser, args: argparse.Namespace, positive:
         p.error(f"--rollback-lr-factor must be in (0, 1], got {args.rollback_lr_factor}")
     if getattr(args, "val_crop_fraction", None) is not None and not 0 < args.val_crop_fraction <= 1:
         p.error(f"--val-crop-fraction must be in (0, 1], got {args.val_crop_fraction}")
-    if hasattr(args, "warmup_epoch") and (args.warmup_epoch < 0 or args.warmup_multiplier < 1):
+    if (getattr(args, "warmup_epoch", None) or 0) < 0 or (getattr(args, "warmup_multiplier", None) or 1) < 1:
         p.error("--warmup-epoch must be >= 0 and --warmup-multiplier >= 1")
     if getattr(args, "crop", None) is not None and not 0 < args.crop <= 1:
         p.error(f"--crop must be in (0, 1], got {args.crop}")

@@ -63,6 +63,9 @@ def test_both_families_implement_the_interface(arch):
     names = dict(net.named_parameters())
     assert net.no_weight_decay() <= names.keys()
     assert {n for n, p in names.items() if p.ndim < 2} <= net.no_weight_decay()
+    layers = {n: net.layer_id(n) for n in names}   # layer-wise lr decay: every parameter in 0..L+1
+    assert net.num_layers >= 1 and all(0 <= i <= net.num_layers + 1 for i in layers.values())
+    assert min(layers.values()) == 0 and max(layers.values()) >= net.num_layers
     if arch == "resnet18_d":
         with pytest.raises(ValueError, match="ResNet-D, not a torchvision"):
             net.reference_model()

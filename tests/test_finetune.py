@@ -10,7 +10,7 @@ import torch
 
 import main_linear
 from contrast.checkpoint import FINETUNE, CheckpointError, read_checkpoint
-from contrast.option_eval import eval_config, parse_linear_args
+from contrast.option_eval import eval_config, parse_linear_args, resolve_protocol
 from tests.dist_utils import free_port
 from tests.test_cli_linear import linear_args, pretrained, stop_after_the_first_epoch  # noqa: F401 (a fixture)
 from tests.test_cli_pretrain import ROOT
@@ -80,21 +80,29 @@ SIMCLR_README = ["--optimizer", "lars", "--learning-rate", "0.005", "--lr-scalin
                  "--epochs", "60", "--total-batch-size", "1024", "--warmup-epoch", "0"]
 
 
+def resolved(argv, arch="resnet50"):
+    """The typed config of ``argv`` with the protocol defaults of ``arch``'s family (main_linear.py takes the
+    arch from the checkpoint)."""
+    return resolve_protocol(eval_config(parse_linear_args(["--pretrained-model", "x.pth", "--arch", arch, *argv])))
+
+
 def test_finetune_protocol_is_simclrs():
-    cfg = eval_config(parse_linear_args(["--pretrained-model", "x.pth", "--finetune", "--total-batch-size", "4096"]))
+    cfg = resolved(["--finetune", "--total-batch-size", "4096"])
     got = {**vars(cfg.optim), **vars(cfg.loop), **vars(cfg.data)}
     assert {k: got[k] for k in SIMCLR_B5} == SIMCLR_B5
     assert cfg.optim.learning_rate * 4096 / 256 == pytest.approx(0.8)     # the paper's lr at batch 4096
     assert cfg.model.sync_bn and cfg.data.val_crop_fraction is None      # None: the checkpoint's (0.875)
-    assert eval_config(parse_linear_args(["--pretrained-model", "x.pth", "--finetune", "--epochs", "30"])).loop.epochs \
-        == 30                                                             # 10 % of the labels
-    lars = eval_config(parse_linear_args(["--pretrained-model", "x.pth", "--finetune", *SIMCLR_README]))
+    assert (cfg.optim.layer_decay, cfg.optim.label_smoothing) == (1.0, 0.0)   # no layer decay, no smoothing
+    assert resolved(["--finetune", "--epochs", "30"]).loop.epochs == 30   # 10 % of the labels
+    lars = resolved(["--finetune", *SIMCLR_README])
     assert (lars.optim.optimizer, lars.optim.weight_decay, lars.model.sync_bn) == ("lars", 0.0, True)
     from contrast.models.recipe import peak_lr
     assert peak_lr(lars.optim.learning_rate, 1024, lars.optim.lr_scaling) == pytest.approx(0.005 * math.sqrt(1024))
-    lin = eval_config(parse_linear_args(["--pretrained-model", "x.pth"]))   # the linear protocol is unchanged
-    assert (lin.optim.learning_rate, lin.optim.nesterov, lin.loop.epochs, lin.optim.warmup_epoch,
-            lin.model.finetune) == (30.0, False, 100, 5, False)
+    for arch in ("resnet50", "vit_small"):   # the linear protocol is unchanged, for both families
+        lin = resolved([], arch)
+        assert (lin.optim.learning_rate, lin.optim.nesterov, lin.loop.epochs, lin.optim.warmup_epoch,
+                lin.model.finetune, lin.optim.layer_decay) == (30.0, False, 100, 5, False, 1.0)
+    assert eval_config(parse_linear_args(["--pretrained-model", "x.pth", "--finetune"])).optim.learning_rate is None
 
 
 def test_label_flags_are_checked(capsys):

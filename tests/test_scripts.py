@@ -24,7 +24,7 @@ import torch
 
 from contrast.data import window_epochs
 from contrast.option import default_num_workers, parse_pretrain_args, resolve_from_config
-from contrast.option_eval import parse_linear_args
+from contrast.option_eval import fill_protocol, parse_linear_args
 from contrast.precision import resolve_precision
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -202,6 +202,7 @@ def resolve(stages):
     pre = parse_pretrain_args(pre_argv)
     lin = parse_linear_args(lin_argv)
     resolve_from_config(lin, vars(pre))  # main_linear.py: arch, stem, image size, val crop from the checkpoint
+    fill_protocol(lin)                   # then the protocol defaults of the backbone's family
     return vars(pre), vars(lin)
 
 
@@ -335,7 +336,7 @@ def test_linear_defaults_equal_the_release_except_documented():
     args = parse_linear_args(["--pretrained-model", "x.pth"])
     assert args.arch is None and args.image_size is None  # taken from the checkpoint's config
     resolve_from_config(args, vars(parse_pretrain_args([])))
-    ours = vars(args)   # the default --model PIC pretrains at 160 px (its recipe), so its linear stage too
+    ours = vars(fill_protocol(args))   # the default --model PIC pretrains at 160 px (its recipe), so its linear stage too
     assert (ours["arch"], ours["image_size"], ours["val_crop_fraction"]) == ("resnet50", 160, 0.875)
     compare(ours, RELEASE_LINEAR_DEFAULTS, "linear defaults", "main_linear.py",
             set(ALLOWED) | set(ALLOWED_DEFAULTS) | set(RELEASE_LINEAR_UNUSED))

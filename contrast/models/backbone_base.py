@@ -10,6 +10,8 @@ backbone belongs to (``tests/test_backbone_interface.py`` greps for such branchi
   ``feature_kinds`` (``"pooled"`` is ``forward``; a ViT adds ``"cls"``, ``"cls4"``, ``"avgpool"``,
   ``"cls+avgpool"``); ``eval_feature`` is the kind kNN and linear evaluation take by default;
 * ``no_weight_decay()``: names of the parameters AdamW leaves undecayed;
+* ``num_layers`` / ``layer_id(name)``: the depth of layer-wise lr decay (fine-tuning): a parameter's
+  layer, 0 (the input layers) to ``num_layers + 1`` (the top: final norm; the classifier is there);
 * ``prefers_bf16``: ``--amp-opt-level auto`` picks bf16 autocast on a CUDA device that has it;
 * ``reference_model()`` / ``reference_spec()``: the plain library model (torchvision, timm) that
   loads ``state_dict()`` with ``strict=True`` and computes the same ``forward``, for the export tool;
@@ -56,6 +58,16 @@ class Backbone:
     def no_weight_decay(self) -> Set[str]:
         """Names (as in ``named_parameters``) of the parameters excluded from weight decay."""
         return {name for name, p in self.named_parameters() if p.ndim < 2}
+
+    @property
+    def num_layers(self) -> int:
+        """Layers between the input (layer 0) and the top (``num_layers + 1``); 0: one layer."""
+        return 0
+
+    def layer_id(self, name: str) -> int:
+        """The layer of parameter ``name`` (as in ``named_parameters``) for layer-wise lr decay
+        (default: all at the top, so layer decay leaves them alone)."""
+        return self.num_layers + 1
 
     def reference_spec(self) -> Dict[str, Any]:
         """How to build :meth:`reference_model`: ``{"library", "name", "kwargs"}``."""

@@ -3,7 +3,8 @@
 A family (:data:`FAMILIES`) names its ``--arch`` values, builds a backbone from a
 :class:`~contrast.config.BackboneConfig` and says which recipe of a method class it trains with
 (``recipe`` for the ResNets, ``vit_recipe`` for the ViTs). Callers never ask for the family by
-name: they call :func:`make_backbone` and :func:`recipe_for`.
+name: they call :func:`make_backbone` and :func:`recipe_for` (or look the family's row up in a
+table with :func:`family_name`).
 """
 from __future__ import annotations
 
@@ -42,6 +43,15 @@ def family_of(arch: str) -> Family:
         if arch in family.archs:
             return family
     raise ValueError(f"--arch {arch!r} is not supported; choose one of: {', '.join(BACKBONE_ARCHS)}")
+
+
+def family_name(arch: str) -> str:
+    """The name of the family of ``arch`` (a key of per-family tables such as main_linear's protocols)."""
+    return family_of(arch).name
+
+
+#: Every family name.
+FAMILY_NAMES: Tuple[str, ...] = tuple(f.name for f in FAMILIES)
 
 
 def make_backbone(cfg: BackboneConfig) -> nn.Module:

@@ -142,6 +142,15 @@ class ResNetBackbone(ResNet, Backbone):
     def verify_size(self) -> int:
         return 64 if self.stem == "imagenet" else 32
 
+    @property
+    def num_layers(self) -> int:
+        return 4
+
+    def layer_id(self, name: str) -> int:
+        """Layer-wise lr decay by stage: the stem 0, ``layerK`` K (the classifier is layer 5)."""
+        stage = name.split(".")[0]
+        return int(stage[5:]) if stage in ("layer1", "layer2", "layer3", "layer4") else 0
+
     def reference_spec(self) -> Dict[str, Any]:
         if self.arch not in RESNETS:
             raise ValueError(f"{self.arch} is the release's ResNet-D, not a torchvision architecture; its backbone "

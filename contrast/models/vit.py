@@ -96,6 +96,19 @@ def vit_backbone_class() -> type:
             tokens = super().no_weight_decay()
             return {n for n, p in self.named_parameters() if p.ndim < 2 or n in tokens}
 
+        @property
+        def num_layers(self) -> int:
+            return len(self.blocks)
+
+        def layer_id(self, name: str) -> int:
+            """MAE's ``get_layer_id_for_vit`` (util/lr_decay.py): ``cls_token``, ``pos_embed`` and the
+            patch embedding 0, block i i + 1, the rest (final norm) ``num_layers + 1``."""
+            if name in ("cls_token", "pos_embed") or name.startswith("patch_embed."):
+                return 0
+            if name.startswith("blocks."):
+                return int(name.split(".")[1]) + 1
+            return self.num_layers + 1
+
         def last_tokens(self, x: torch.Tensor, n: int) -> List[torch.Tensor]:
             """The normed token sequences (B, 1 + N, D) of the last ``n`` blocks (DINO's
             ``get_intermediate_layers``)."""
