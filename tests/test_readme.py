@@ -125,10 +125,11 @@ def test_chain_of_readme_commands_in_reduced_form(tmp_path):
 
 @pytest.mark.slow
 def test_demo_in_reduced_form(tmp_path):
-    """``bash scripts/demo.sh`` with 2 epochs, 8 images per class and 1 linear epoch: every stage runs and it
-    prints where the results are."""
+    """``bash scripts/demo.sh`` with 2 epochs, 8 images per class, 1 linear epoch and the cheap ``imagenet``
+    stem: every stage runs and it prints where the results are."""
     proc = run(["bash", "scripts/demo.sh"], env={"DEMO_DIR": str(tmp_path / "demo"), "EPOCHS": "2",
-                                                  "PER_CLASS": "8", "LINEAR_EPOCHS": "1", "PYTHON": sys.executable})
+                                                  "PER_CLASS": "8", "LINEAR_EPOCHS": "1", "STEM": "imagenet",
+                                                  "PYTHON": sys.executable})
     for piece in ("PIC", "random init", "linear evaluation"):
         assert piece in proc.stdout + proc.stderr, piece
     assert os.path.isfile(tmp_path / "demo" / "PIC" / "current.pth")
