@@ -1,5 +1,6 @@
 """Shared test fixtures."""
 import os
+import pathlib
 import sys
 
 import pytest
@@ -50,6 +51,35 @@ def pretrained_checkpoint():
         return str(path)
 
     return make
+
+
+class _PretrainedRun:
+    def __init__(self, root, method):
+        from tests.test_cli_pretrain import pretrain
+        self.root, self.method = root, method
+        self.dir = pathlib.Path(pretrain(root, method))
+        self._evaluated = None
+
+    def evaluated(self):
+        """(checkpoint, kNN result) of main_knn.py and main_linear.py on the run, evaluated once."""
+        if self._evaluated is None:
+            from tests.test_cli_pretrain import evaluate
+            self._evaluated = evaluate(self.root, str(self.dir), self.method)
+        return self._evaluated
+
+
+@pytest.fixture(scope="session")
+def pretrained_run(tmp_path_factory):
+    """``pretrained_run(method)``: the tiny one-epoch run of ``test_cli_pretrain.METHOD_FLAGS[method]``, made once
+    per session and shared by the generic CLI test and the method's own test (``.evaluated()``: kNN + linear)."""
+    runs = {}
+
+    def get(method):
+        if method not in runs:
+            torch.manual_seed(0)
+            runs[method] = _PretrainedRun(tmp_path_factory.mktemp(f"pretrained-{method}"), method)
+        return runs[method]
+    return get
 
 
 def pytest_configure(config):

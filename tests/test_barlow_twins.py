@@ -1,16 +1,14 @@
 """Barlow Twins: loss and gradients against a slow reference (batch norm and cross-correlation in
 loops), the network and its optimiser groups, 2 gloo ranks x B/2 == 1 process x B (global batch
-norm, summed cross-correlation, gradients after DDP's average), an auto-resume that ends bit-exact,
-and the command line (pretraining, then kNN and linear)."""
+norm, summed cross-correlation, gradients after DDP's average) and the command line (pretraining, then
+kNN and linear); its auto-resume is a cell of tests/test_resume.py."""
 import os
 
 import pytest
 import torch
 from torch import nn
 
-import main_pretrain
 from contrast import distributed as cd
-from contrast.checkpoint import load_file
 from contrast.config import BackboneConfig, MethodConfig
 from contrast.models import build_method
 from contrast.models.barlow_twins import BarlowTwins
@@ -155,26 +153,9 @@ def test_two_ranks_match_one_process():
 
 # ------------------------------------------------------------------------------ command line
 @pytest.mark.slow
-def test_pretrain_then_knn_and_linear(tmp_path):
-    from tests.test_cli_pretrain import pretrain_then_evaluate   # imported here: spawned ranks skip it
-    ckpt, _ = pretrain_then_evaluate(tmp_path, "BarlowTwins")
+def test_pretrain_then_knn_and_linear(pretrained_run):
+    """main_knn.py and main_linear.py on the run of test_cli_pretrain.py's cell, and the recipe it recorded."""
+    ckpt, _ = pretrained_run("BarlowTwins").evaluated()
     assert ckpt.config["aug"] == "BYOL" and ckpt.config["barlow_lambda"] == 0.0051
     assert ckpt.config["mlp_hidden_dim"] == 64 and ckpt.config["feature_dim"] == 16
     assert "bn.running_mean" in ckpt.model and "head.6.weight" in ckpt.model
-
-
-@pytest.mark.slow
-def test_auto_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
-    from tests.synthetic import make_image_folder
-    from tests.test_cli_pretrain import METHOD_FLAGS, tiny_args
-    from tests.test_resume import _assert_same_state, _Stop, _stop_after_first_save
-    data = make_image_folder(str(tmp_path / "data"), num_classes=2, per_class=4, size=(36, 36))
-    flags = METHOD_FLAGS["BarlowTwins"] + ["--warmup-epoch", "1"]
-    main_pretrain.main(tiny_args(data, tmp_path / "straight", *flags, epochs=2))
-    with monkeypatch.context() as m:
-        _stop_after_first_save(m)
-        with pytest.raises(_Stop):
-            main_pretrain.main(tiny_args(data, tmp_path / "resumed", *flags, epochs=2))
-    main_pretrain.main(tiny_args(data, tmp_path / "resumed", *flags, "--auto-resume", epochs=2))
-    _assert_same_state(load_file(str(tmp_path / "straight" / "current.pth")),
-                       load_file(str(tmp_path / "resumed" / "current.pth")))

@@ -1,6 +1,6 @@
 """The Fashion-MNIST scripts end to end on tiny synthetic IDX files: scripts/bench_fashion_mnist.sh (two
 methods, a few steps), scripts/pic_stability.sh and scripts/fmnist_60k.sh (their mechanics, not their
-accuracy)."""
+accuracy; the cheap ``imagenet`` stem where a script takes ``STEM``)."""
 import json
 import os
 import re
@@ -42,7 +42,7 @@ def test_bench_script_writes_both_tables_and_curves(tmp_path):
     env = dict(os.environ, SRC=str(src), OUT=str(out), PY=sys.executable, METHODS="PIC SimCLR",
                PRETRAIN_LIMIT="64", BUDGET="128", BATCH="16", NUM_NEGATIVE="32", PIC_NEGATIVE="24", WINDOW="32", STRIDE="16",
                LINEAR_EPOCHS="2", STANDARD_LIMIT="300", STANDARD_EPOCHS="1", STANDARD_BATCH="100",
-               KNN_K="5 20", WORKERS="0", MONITOR_VAL="20", MONITOR_POINTS="2")
+               KNN_K="5 20", WORKERS="0", MONITOR_VAL="20", MONITOR_POINTS="2", STEM="imagenet")
     proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", "bench_fashion_mnist.sh")], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -93,7 +93,7 @@ def test_fmnist_60k_script_baselines_run_table_and_curve(tmp_path):
     src = fake_fashion_mnist(tmp_path / "src", num_train=96, num_val=20)
     out = tmp_path / "fm"
     run_script("fmnist_60k.sh", dict(SRC=str(src), OUT=str(out), EPOCHS="2", BATCH="16", WINDOW="64", STRIDE="32",
-                                     MONITOR_POINTS="2", LINEAR_EPOCHS="2", WORKERS="0"))
+                                     MONITOR_POINTS="2", LINEAR_EPOCHS="2", WORKERS="0", STEM="imagenet"))
     rows = [line for line in (out / "results_PIC.md").read_text().splitlines() if line.startswith("| ")]
     assert [r.split("|")[1].strip() for r in rows[1:]] == ["baseline-raw-pixels", "baseline-random-init", "PIC"]
     config = flat_config(str(out / "PIC" / "config.json"))

@@ -139,9 +139,9 @@ def test_two_ranks_match_one_process():
 
 
 # ------------------------------------------------------------------------------ command line
-def test_pretrain_then_knn_and_linear(tmp_path):
-    from tests.test_cli_pretrain import pretrain_then_evaluate   # imported here: spawned ranks skip it
-    ckpt, _ = pretrain_then_evaluate(tmp_path, "BYOL")
+def test_pretrain_then_knn_and_linear(pretrained_run):
+    """main_knn.py and main_linear.py on the run of test_cli_pretrain.py's cell, and the recipe it recorded."""
+    ckpt, _ = pretrained_run("BYOL").evaluated()
     assert ckpt.config["contrast_momentum"] == 0.996 and ckpt.config["aug"] == "BYOL"
     assert ckpt.config["mlp_head"] is True and ckpt.config["mlp_hidden_dim"] == 64
     assert ckpt.config["feature_dim"] == 16   # given on the command line, over BYOL's 256

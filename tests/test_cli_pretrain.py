@@ -62,15 +62,22 @@ def tiny_args(data_dir, out_dir, *extra, epochs=1):
             *extra]
 
 
-def pretrain_then_evaluate(tmp_path, method: str):
-    """Pretrain ``METHOD_FLAGS[method]`` on a tiny folder, then evaluate its checkpoint with main_knn.py and
-    one epoch of main_linear.py (they read the ``backbone.`` tensors only); checks the linear run kept the
-    backbone. Returns the pretraining checkpoint and the kNN result."""
+def pretrain(tmp_path, method: str) -> str:
+    """Pretrain ``METHOD_FLAGS[method]`` on a tiny folder (8 images, batch 4, one epoch); returns the run's
+    directory."""
+    data = make_image_folder(str(tmp_path / "data"), num_classes=2, per_class=4, size=(36, 36))
+    main_pretrain.main(tiny_args(data, tmp_path / "pre", *METHOD_FLAGS[method]))
+    return str(tmp_path / "pre")
+
+
+def evaluate(tmp_path, run_dir: str, method: str):
+    """Evaluate the checkpoint of ``pretrain`` with main_knn.py and one epoch of main_linear.py (they read the
+    ``backbone.`` tensors only); checks the linear run kept the backbone. Returns the pretraining checkpoint
+    and the kNN result."""
     import main_knn
     import main_linear
-    data = make_image_folder(str(tmp_path / "data"), num_classes=2, per_class=4, size=(36, 36))
-    path = str(tmp_path / "pre" / "current.pth")
-    main_pretrain.main(tiny_args(data, tmp_path / "pre", *METHOD_FLAGS[method]))
+    data = os.path.join(os.path.dirname(run_dir), "data")
+    path = os.path.join(run_dir, "current.pth")
     knn = main_knn.main(["--checkpoint", path, "--data-dir", data, "--knn-k", "3", "--num-workers", "0",
                          "--batch-size", "4", "--device", "cpu"])
     assert knn["model"] == METHOD_FLAGS[method][1] and 0 <= knn["knn"]["3"]["top1"] <= 100
@@ -82,6 +89,11 @@ def pretrain_then_evaluate(tmp_path, method: str):
     pre, post = ckpt.backbone_state(), read_checkpoint(str(tmp_path / "lin" / "current.pth")).backbone_state()
     assert pre.keys() == post.keys() and all(torch.equal(pre[k], post[k]) for k in pre)
     return ckpt, knn
+
+
+def pretrain_then_evaluate(tmp_path, method: str):
+    """``pretrain`` then ``evaluate``: (the pretraining checkpoint, the kNN result)."""
+    return evaluate(tmp_path, pretrain(tmp_path, method), method)
 
 
 @pytest.fixture(scope="module")
@@ -109,9 +121,10 @@ def log_lines(out_dir, word="train epoch"):
 
 
 @pytest.mark.parametrize("method", list(METHOD_FLAGS))
-def test_every_method_pretrains_and_saves(method, data_dir, tmp_path):
-    out = tmp_path / method
-    main_pretrain.main(tiny_args(data_dir, out, *METHOD_FLAGS[method]))
+def test_every_method_pretrains_and_saves(method, pretrained_run):
+    """The run is shared with the methods' own tests (``pretrained_run``), which evaluate it and check their
+    recipe in it."""
+    out = pretrained_run(method).dir
     ckpt = read_checkpoint(str(out / "current.pth"))
     assert ckpt.resumable and len(ckpt.sampler_states) == 1
     assert ckpt.epoch == 1 and ckpt.world_size == 1
@@ -265,9 +278,17 @@ def test_batch_larger_than_data(data_dir, tmp_path):
         main_pretrain.main(argv)
 
 
-@pytest.mark.parametrize("method", ["PIC", "PIC_sampled", "InstDisc", "MoCo", "SimCLR", "BYOL", "SwAV"])
+#: methods of the torchrun cell: the sliding-window sampler and memory bank (PIC), per-rank classifier shards
+#: (PIC_sampled), the negative queue with split batch norm (MoCo), per-rank queue files (SwAV). Every method's
+#: in-process run is test_every_method_pretrains_and_saves, and 2 ranks equal 1 process in its own tests
+#: (test_methods_distributed.py and the method files); the launcher's mechanics are the same for all.
+TORCHRUN_METHODS = ["PIC", "PIC_sampled", "MoCo", "SwAV"]
+
+
+@pytest.mark.parametrize("method", TORCHRUN_METHODS)
 def test_torchrun_two_processes(method, data_dir, tmp_path):
-    """``python -m torch.distributed.run --nproc_per_node=2`` on the CPU (gloo), batch 2 per process."""
+    """``python -m torch.distributed.run --nproc_per_node=2`` on the CPU (gloo), batch 2 per process, for a
+    representative subset of the methods (``TORCHRUN_METHODS``)."""
     out = tmp_path / "ddp"
     argv = tiny_args(data_dir, out, *METHOD_FLAGS[method])
     argv[argv.index("--batch-size") + 1] = "2"

@@ -295,9 +295,9 @@ def test_vit_teacher_has_no_stochastic_depth_and_the_student_s_weights():
 
 # ------------------------------------------------------------------------------ command line
 @pytest.mark.slow
-def test_pretrain_then_knn_and_linear(tmp_path):
-    from tests.test_cli_pretrain import pretrain_then_evaluate   # imported here: spawned ranks skip it
-    ckpt, _ = pretrain_then_evaluate(tmp_path, "DINO")
+def test_pretrain_then_knn_and_linear(pretrained_run):
+    """main_knn.py and main_linear.py on the run of test_cli_pretrain.py's cell, and the recipe it recorded."""
+    ckpt, _ = pretrained_run("DINO").evaluated()
     assert ckpt.config["aug"] == "BYOLMultiCrop" and ckpt.config["clip_grad"] == 3.0
     assert ckpt.config["weight_decay_end"] == 0.01 and ckpt.config["num_crop2"] == 2
     assert any(k.startswith("teacher.") for k in ckpt.model) and "center" in ckpt.model

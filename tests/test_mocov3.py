@@ -1,6 +1,7 @@
 """MoCo v3: loss and gradients against a slow reference, the network of the official code, the
 per-iteration cosine momentum, 2 gloo ranks x B/2 == 1 process x B (global keys, global batch norm,
-momentum encoder), the checkpoint, and the command line (pretraining, kNN, linear, resume, torchrun)."""
+momentum encoder), the checkpoint, and the command line (kNN and linear on the pretraining run); the generic tests'
+cells (CLI, resume, device, host reads) and its 2-rank equality cover it under torchrun's mechanics."""
 import math
 import os
 
@@ -208,37 +209,15 @@ def test_state_survives_a_checkpoint_round_trip(tmp_path):
 
 
 # ------------------------------------------------------------------------------ command line
-@pytest.fixture
-def cli(monkeypatch):
-    from tests import test_cli_pretrain   # imported here: spawned ranks skip it
-    monkeypatch.setitem(test_cli_pretrain.METHOD_FLAGS, "MoCov3", FLAGS)
-    return test_cli_pretrain
-
-
-def test_pretrain_then_knn_and_linear(cli, tmp_path):
-    ckpt, _ = cli.pretrain_then_evaluate(tmp_path, "MoCov3")
+def test_pretrain_then_knn_and_linear(pretrained_run):
+    """main_knn.py and main_linear.py on the run of test_cli_pretrain.py's cell (its flags are FLAGS), and the
+    recipe it recorded; the generic CLI, resume, device and host-read tests run MoCov3 through the same flags."""
+    from tests.test_cli_pretrain import METHOD_FLAGS   # imported here: spawned ranks skip it
+    assert METHOD_FLAGS["MoCov3"] == FLAGS
+    ckpt, _ = pretrained_run("MoCov3").evaluated()
     assert ckpt.config["contrast_momentum"] == 0.99 and ckpt.config["aug"] == "BYOL"
     assert ckpt.config["contrast_temperature"] == 1.0 and ckpt.config["mlp_hidden_dim"] == 64
     assert any(k.startswith("key_encoder.") for k in ckpt.model)
-
-
-def test_pretraining_step_runs_on_a_second_device(cli, tmp_path, monkeypatch):
-    from tests import test_device_placement as placement
-    data = placement.make_image_folder(str(tmp_path / "data"), num_classes=2, per_class=4, size=(36, 36))
-    placement.test_pretraining_step_runs_on_a_second_device("MoCov3", data, tmp_path / "run", monkeypatch)
-
-
-@pytest.mark.slow
-def test_auto_resume_is_bit_exact(cli, tmp_path, monkeypatch):
-    from tests import test_resume
-    data = cli.make_image_folder(str(tmp_path / "data"), num_classes=2, per_class=4, size=(36, 36))
-    test_resume.test_resume_from_the_middle_of_an_epoch("MoCov3", data, tmp_path, monkeypatch)
-
-
-@pytest.mark.slow
-def test_torchrun_two_processes(cli, tmp_path):
-    data = cli.make_image_folder(str(tmp_path / "data"), num_classes=2, per_class=4, size=(36, 36))
-    cli.test_torchrun_two_processes("MoCov3", data, tmp_path)
 
 
 @pytest.mark.parametrize("epochs,lr,wd,m", [(None, 0.6, 1e-6, 0.99), (300, 0.3, 1e-6, 0.99), (1000, 0.3, 1.5e-6, 0.996)])

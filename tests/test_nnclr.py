@@ -1,11 +1,8 @@
 """NNCLR: loss and gradients against a slow reference, the nearest neighbour from the support set as the
 positive, the support set's FIFO update, the network and recipe checks, 2 gloo ranks x B/2 == 1 process x B
-(loss, gradients, support set), state round trip, kill -9 + --auto-resume bit-exact, and the command line
-(pretraining, then kNN and linear; torchrun with 2 processes)."""
-import math
+(loss, gradients, support set), state round trip that continues bit-exact, and kNN and linear on the pretraining
+run; the generic tests' cells (CLI, resume, device, host reads) run NNCLR's command line."""
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,10 +14,9 @@ from contrast.config import BackboneConfig, MethodConfig
 from contrast.models import build_method
 from contrast.models.losses import nnclr_loss
 from contrast.models.nnclr import NNCLR, nearest_neighbours
-from tests.dist_utils import assert_same_training, free_port, run_distributed, train_like_ddp
+from tests.dist_utils import assert_same_training, run_distributed, train_like_ddp
 
 DTYPE = torch.float64
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _rand(*shape, seed):
@@ -281,78 +277,14 @@ FLAGS = ["--model", "NNCLR", "--optimizer", "lars", "--mlp-hidden-dim", "64", "-
          "--nnclr-support-size", "16"]
 
 
-def test_pretrain_then_knn_and_linear(tmp_path, monkeypatch):
-    from tests import test_cli_pretrain
-    monkeypatch.setitem(test_cli_pretrain.METHOD_FLAGS, "NNCLR", FLAGS)
-    ckpt, _ = test_cli_pretrain.pretrain_then_evaluate(tmp_path, "NNCLR")
+def test_pretrain_then_knn_and_linear(pretrained_run):
+    """main_knn.py and main_linear.py on the run of test_cli_pretrain.py's cell (its flags are FLAGS), and the
+    support set it recorded; the generic CLI, resume, device and host-read tests run NNCLR through the same flags,
+    its 2-rank equality is test_two_ranks_match_one_process."""
+    from tests.test_cli_pretrain import METHOD_FLAGS   # imported here: spawned ranks skip it
+    assert METHOD_FLAGS["NNCLR"] == FLAGS
+    ckpt, _ = pretrained_run("NNCLR").evaluated()
     assert ckpt.config["contrast_temperature"] == 0.1 and ckpt.config["aug"] == "BYOL"
     assert ckpt.config["feature_dim"] == 16 and ckpt.config["nnclr_support_size"] == 16
     assert ckpt.model["support.features"].shape == (16, 16)
     assert int(ckpt.model["support.ptr"]) == (ckpt.step * 4) % 16
-
-
-@pytest.mark.slow
-def test_torchrun_two_processes(tmp_path):
-    from tests.synthetic import make_image_folder
-    from tests.test_cli_pretrain import tiny_args
-    from contrast.checkpoint import read_checkpoint
-    data = make_image_folder(str(tmp_path / "data"), num_classes=2, per_class=4, size=(36, 36))
-    out = tmp_path / "ddp"
-    argv = tiny_args(data, out, *FLAGS)
-    argv[argv.index("--batch-size") + 1] = "2"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                        f"--master_port={free_port()}", "main_pretrain.py", *argv],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
-    ckpt = read_checkpoint(str(out / "current.pth"))
-    assert ckpt.world_size == 2 and ckpt.step == 2 and int(ckpt.model["support.ptr"]) == 8
-
-
-@pytest.mark.slow
-def test_kill9_and_auto_resume_end_bit_exact(tmp_path):
-    """A real process killed (SIGKILL) after a few steps, a save after every step, then --auto-resume: the
-    final weights, support set and pointer equal those of an uninterrupted run."""
-    from tests.synthetic import make_image_folder
-    from tests.test_faults import Proc, run, weights
-    data = make_image_folder(str(tmp_path / "data"), num_classes=2, per_class=8, size=(36, 36))
-
-    def argv(out, *extra):
-        return ["--data-dir", str(data), "--output-dir", str(out), *FLAGS, "--feature-dim", "16",
-                "--image-size", "32", "--batch-size", "4", "--epochs", "3", "--num-workers", "0", "--print-freq", "1",
-                "--warmup-epoch", "1", "--no-tensorboard", "--base-learning-rate", "0.5", "--amp-opt-level", "O0",
-                "--save-every-minutes", "1e-9", *extra]
-    ref = tmp_path / "ref"
-    rc, err = run(argv(ref), ref)
-    assert rc == 0, err
-    out = tmp_path / "killed"
-    proc = Proc(argv(out), out)
-    proc.wait_steps(5)
-    proc.p.kill()
-    proc.wait()
-    rc, err = run(argv(out, "--auto-resume"), out)
-    assert rc == 0, err
-    a, b = weights(ref), weights(out)
-    assert int(a["support.ptr"]) == (12 * 4) % 16 and not math.isnan(float(a["support.features"].sum()))
-    assert [k for k in a if not torch.equal(a[k], b[k])] == []
-    assert "resumed from" in open(out / "log.txt").read()
-
-
-# ------------------------------------------------------------------------------ device (the generic tests' cells)
-@pytest.mark.slow
-def test_step_runs_on_a_second_device_with_one_host_read(tmp_path, monkeypatch):
-    """The cells of tests/test_device_placement.py and tests/test_sync_count.py for NNCLR (they iterate over
-    test_cli_pretrain.METHOD_FLAGS): every tensor reaches the ``meta`` device, and a step outside the print
-    steps reads the device once (the loop's agreement): the neighbour search and the support-set write stay
-    on the device."""
-    from tests.device_probe import meta_device
-    from tests.synthetic import make_image_folder
-    from tests.test_cli_pretrain import tiny_args
-    from tests.test_sync_count import syncs_per_step
-    import main_pretrain
-    data = make_image_folder(str(tmp_path / "data"), num_classes=2, per_class=6, size=(36, 36))
-    with meta_device(monkeypatch):
-        main_pretrain.main(tiny_args(data, tmp_path / "placed", *FLAGS, "--device", "meta"))
-    assert (tmp_path / "placed" / "current.pth").exists()
-    for count, sites in syncs_per_step(data, tmp_path / "syncs", monkeypatch, FLAGS):
-        assert count <= 1, f"{count} host reads in a step: {sites}"

@@ -15,7 +15,7 @@ from tests.dist_utils import free_port
 from tests.synthetic import make_image_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--arch", "resnet18", "--stem", "small", "--image-size", "32", "--image-size2", "16", "--batch-size", "8",
+TINY = ["--arch", "resnet18", "--image-size", "32", "--image-size2", "16", "--batch-size", "8",
         "--epochs", "1", "--warmup-epoch", "0", "--num-workers", "2", "--print-freq", "1", "--no-tensorboard",
         "--contrast-num-negative", "32", "--window-size", "16", "--window-stride", "4"]
 
@@ -28,7 +28,8 @@ COVERED = {
     "python main_pretrain.py --model MoCov2 --data-dir DATA --output-dir OUT/mocov2": "here:chain",
     "python -m contrast.launch --nproc_per_node=8 main_pretrain.py --model PIC --data-dir DATA --zip "
     "--output-dir OUT/pic --auto-resume": "here:chain",
-    "DATA_DIR=/data/ImageNet-Zip NPROC=8 bash scripts/PIC.sh 400": "here:script",
+    "DATA_DIR=/data/ImageNet-Zip NPROC=8 bash scripts/PIC.sh 400":
+        "test:tests/test_cli_pretrain.py::test_reproduction_script_runs",
     "python tools/make_zip_dataset.py --src DATA --dst DATA-Zip": "here:chain",
     "python main_linear.py --pretrained-model OUT/pic/current.pth --data-dir DATA --output-dir OUT/pic/linear":
         "here:chain",
@@ -37,7 +38,8 @@ COVERED = {
     "OUT=output/bench_fmnist bash scripts/bench_fashion_mnist.sh":
         "test:tests/test_bench_script.py::test_bench_script_writes_both_tables_and_curves",
     "bash scripts/fmnist_60k.sh": "test:tests/test_bench_script.py::test_fmnist_60k_script_baselines_run_table_and_curve",
-    "bash benchmarks/gpu_check.sh": "test:tests/test_gpu_check.py::test_tiny_mode_runs_the_entry_scripts_for_every_method",
+    "bash benchmarks/gpu_check.sh":
+        "test:tests/test_gpu_check.py::test_tiny_mode_runs_the_entry_scripts_for_representative_methods",
 }
 
 
@@ -122,24 +124,12 @@ def test_chain_of_readme_commands_in_reduced_form(tmp_path):
 
 
 @pytest.mark.slow
-def test_pic_script_in_reduced_form(tmp_path):
-    """``bash scripts/PIC.sh 400`` with 1 process, 1 epoch and a tiny backbone: both of its stages run."""
-    data = make_image_folder(str(tmp_path / "data"), num_classes=2, per_class=8, size=(36, 36))
-    command = next(c for c, how in COVERED.items() if how == "here:script")
-    assert command.startswith("DATA_DIR=") and command.endswith("bash scripts/PIC.sh 400")
-    run(["bash", "scripts/PIC.sh", "1"], env={
-        "DATA_DIR": data, "NPROC": "1", "OUTPUT_DIR": str(tmp_path / "out"), "MASTER_PORT": str(free_port()),
-        "PYTHON": sys.executable, "EXTRA_ARGS": " ".join(TINY[:-6] + ["--no-tensorboard"]),
-        "LINEAR_EXTRA_ARGS": "--arch resnet18 --image-size 32 --epochs 1 --total-batch-size 8 --num-workers 0"})
-    assert os.path.isfile(tmp_path / "out" / "current.pth") and os.path.isfile(tmp_path / "out" / "eval" / "current.pth")
-
-
-@pytest.mark.slow
 def test_demo_in_reduced_form(tmp_path):
-    """``bash scripts/demo.sh`` with 2 epochs, 8 images per class and 1 linear epoch: every stage runs and it
-    prints where the results are."""
+    """``bash scripts/demo.sh`` with 2 epochs, 8 images per class, 1 linear epoch and the cheap ``imagenet``
+    stem: every stage runs and it prints where the results are."""
     proc = run(["bash", "scripts/demo.sh"], env={"DEMO_DIR": str(tmp_path / "demo"), "EPOCHS": "2",
-                                                  "PER_CLASS": "8", "LINEAR_EPOCHS": "1", "PYTHON": sys.executable})
+                                                  "PER_CLASS": "8", "LINEAR_EPOCHS": "1", "STEM": "imagenet",
+                                                  "PYTHON": sys.executable})
     for piece in ("PIC", "random init", "linear evaluation"):
         assert piece in proc.stdout + proc.stderr, piece
     assert os.path.isfile(tmp_path / "demo" / "PIC" / "current.pth")

@@ -158,37 +158,15 @@ def test_state_survives_a_checkpoint_round_trip(tmp_path):
 
 
 # ------------------------------------------------------------------------------ command line
-@pytest.fixture
-def cli(monkeypatch):
-    from tests import test_cli_pretrain   # imported here: spawned ranks skip it
-    monkeypatch.setitem(test_cli_pretrain.METHOD_FLAGS, "SimSiam", FLAGS)
-    return test_cli_pretrain
-
-
-def test_pretrain_then_knn_and_linear(cli, tmp_path):
-    ckpt, _ = cli.pretrain_then_evaluate(tmp_path, "SimSiam")
+def test_pretrain_then_knn_and_linear(pretrained_run):
+    """main_knn.py and main_linear.py on the run of test_cli_pretrain.py's cell (its flags are FLAGS), and the
+    recipe it recorded; the generic CLI, resume, device and host-read tests run SimSiam through the same flags."""
+    from tests.test_cli_pretrain import METHOD_FLAGS   # imported here: spawned ranks skip it
+    assert METHOD_FLAGS["SimSiam"] == FLAGS
+    ckpt, _ = pretrained_run("SimSiam").evaluated()
     assert ckpt.config["aug"] == "MoCov2" and ckpt.config["optimizer"] == "sgd"
     assert ckpt.config["simsiam_fix_pred_lr"] is True and ckpt.config["simsiam_pred_dim"] == 8
     assert ckpt.model["predictor.0.weight"].shape == (8, 16)
-
-
-def test_pretraining_step_runs_on_a_second_device(cli, tmp_path, monkeypatch):
-    from tests import test_device_placement as placement
-    data = placement.make_image_folder(str(tmp_path / "data"), num_classes=2, per_class=4, size=(36, 36))
-    placement.test_pretraining_step_runs_on_a_second_device("SimSiam", data, tmp_path / "run", monkeypatch)
-
-
-@pytest.mark.slow
-def test_auto_resume_is_bit_exact(cli, tmp_path, monkeypatch):
-    from tests import test_resume
-    data = cli.make_image_folder(str(tmp_path / "data"), num_classes=2, per_class=4, size=(36, 36))
-    test_resume.test_resume_from_the_middle_of_an_epoch("SimSiam", data, tmp_path, monkeypatch)
-
-
-@pytest.mark.slow
-def test_torchrun_two_processes(cli, tmp_path):
-    data = cli.make_image_folder(str(tmp_path / "data"), num_classes=2, per_class=4, size=(36, 36))
-    cli.test_torchrun_two_processes("SimSiam", data, tmp_path)
 
 
 def test_script_runs_the_recipe(tmp_path):

@@ -264,12 +264,12 @@ def test_two_ranks_match_one_process():
 
 
 # ------------------------------------------------------------------------------ command line
-def test_pretrain_then_knn_and_linear(tmp_path):
-    from tests.test_cli_pretrain import pretrain_then_evaluate   # imported here: spawned ranks skip it
-    ckpt, _ = pretrain_then_evaluate(tmp_path, "SwAV")
+def test_pretrain_then_knn_and_linear(pretrained_run):
+    """main_knn.py and main_linear.py on the run of test_cli_pretrain.py's cell, and the recipe it recorded."""
+    ckpt, _ = pretrained_run("SwAV").evaluated()
     assert ckpt.config["view_batching"] == "joint" and ckpt.config["contrast_temperature"] == 0.1
     assert ckpt.rank_shards and len(ckpt.shard_files) == 1 and torch.load(ckpt.shard_files[0])["state"]["filled"] == 4
-    assert "queue_used 1" in open(tmp_path / "pre" / "log.txt").read()
+    assert "queue_used 1" in open(pretrained_run("SwAV").dir / "log.txt").read()
 
 
 def test_auto_resume_restores_the_queue(tmp_path, monkeypatch):
