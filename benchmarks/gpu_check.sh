@@ -7,7 +7,7 @@
 # GradScaler-skipped steps, peak memory), writes JSON; exit code 1 when a row failed or was not run.
 #
 #   bash benchmarks/gpu_check.sh                 # one GPU: ResNet-50 at 64 px, batch 32, within 8 minutes
-#   bash benchmarks/gpu_check.sh --tiny          # CPU (CI): ResNet-18 at 32 px, batch 16, every method once
+#   bash benchmarks/gpu_check.sh --tiny          # CPU: ResNet-18 at 32 px, batch 16, every method once (CI: --methods PIC DINO)
 #   bash benchmarks/gpu_check.sh --workdir /tmp/gc      # keep the data, logs and the evaluated checkpoint there
 #
 # Time of the full mode: ESTIMATED, not yet run on a GPU. 30 processes on one GPU (7 settings: PIC,

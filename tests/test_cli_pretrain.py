@@ -32,6 +32,7 @@ METHOD_FLAGS = {
     "PIC_sampled": ["--model", "PIC", "--aug", "SimCLR", "--mlp-head", "--pic-num-negative", "4"],
     "InstDisc": ["--model", "InstDisc", "--aug", "InstDisc", "--crop", "0.2", "--contrast-num-negative", "16"],
     "MoCo": ["--model", "MoCo", "--aug", "MoCov2", "--mlp-head", "--contrast-num-negative", "16", "--bn-splits", "2"],
+    "MoCov2": ["--model", "MoCov2", "--contrast-num-negative", "16", "--mlp-hidden-dim", "64"],
     "SimCLR": ["--model", "SimCLR", "--aug", "SimCLR", "--mlp-head", "--optimizer", "lars"],
     "BYOL": ["--model", "BYOL", "--optimizer", "lars", "--mlp-hidden-dim", "64"],
     "SwAV": ["--model", "SwAV", "--aug", "MultiCrop", "--image-size2", "24", "--num-crop2", "2", "--crop", "0.08",
