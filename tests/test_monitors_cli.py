@@ -17,6 +17,7 @@ from contrast.models.base import BaseMethod
 from contrast.models.recipe import Recipe
 from contrast.models.registry import unregister
 from contrast.models.views import Views
+from contrast.models.backbone_base import Backbone
 from tests.dist_utils import free_port
 from tests.synthetic import make_image_folder
 from tests.test_cli_pretrain import METHOD_FLAGS, ROOT, tiny_args
@@ -76,11 +77,15 @@ def test_online_probe_resumes_exactly(data_dir, tmp_path):
     assert torch.equal(pa["optimizer"]["state"][0]["momentum_buffer"], pb["optimizer"]["state"][0]["momentum_buffer"])
 
 
-class GatedFeatures(nn.Module):
-    """``b + a * BN(linear(pooled image))``: batch-normalised features scaled by one parameter ``a``."""
+class GatedFeatures(nn.Module, Backbone):
+    """``b + a * BN(linear(pooled image))``: batch-normalised features scaled by one parameter ``a``
+    (with the backbone interface)."""
+
+    family = "gated"
 
     def __init__(self, dim: int = 8) -> None:
         super().__init__()
+        self.feat_dim = dim
         self.net = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(12, dim),
                                  nn.BatchNorm1d(dim, affine=False))
         self.a = nn.Parameter(torch.ones(()))
