@@ -279,17 +279,15 @@ def test_batch_larger_than_data(data_dir, tmp_path):
         main_pretrain.main(argv)
 
 
-#: methods of the torchrun cell: the sliding-window sampler and memory bank (PIC), per-rank classifier shards
-#: (PIC_sampled), the negative queue with split batch norm (MoCo), per-rank queue files (SwAV). Every method's
-#: in-process run is test_every_method_pretrains_and_saves, and 2 ranks equal 1 process in its own tests
-#: (test_methods_distributed.py and the method files); the launcher's mechanics are the same for all.
-TORCHRUN_METHODS = ["PIC", "PIC_sampled", "MoCo", "SwAV"]
+#: every configuration of METHOD_FLAGS: each registered method trains through main_pretrain.py under torchrun
+#: with 2 gloo processes (its 2-rank = 1-process equality is in its own test file).
+TORCHRUN_METHODS = list(METHOD_FLAGS)
 
 
 @pytest.mark.parametrize("method", TORCHRUN_METHODS)
 def test_torchrun_two_processes(method, data_dir, tmp_path):
-    """``python -m torch.distributed.run --nproc_per_node=2`` on the CPU (gloo), batch 2 per process, for a
-    representative subset of the methods (``TORCHRUN_METHODS``)."""
+    """``python -m torch.distributed.run --nproc_per_node=2`` on the CPU (gloo), batch 2 per process, for
+    every method configuration (``TORCHRUN_METHODS``)."""
     out = tmp_path / "ddp"
     argv = tiny_args(data_dir, out, *METHOD_FLAGS[method])
     argv[argv.index("--batch-size") + 1] = "2"

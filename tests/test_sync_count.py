@@ -31,7 +31,7 @@ def syncs_per_step(data, out, monkeypatch, flags, scaler=False):
     of its epoch): ``[(count, sites)]``. Epoch-end work counts with the epoch's last step."""
     marks, inputs = [], engine.Trainer._inputs
     if scaler:
-        monkeypatch.setattr(main_pretrain, "resolve_precision", lambda level, device: (
+        monkeypatch.setattr(main_pretrain, "resolve_precision", lambda level, device, **_: (
             Precision(None, torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)), "test: GradScaler"))
     with meta_device(monkeypatch) as probe:
         def mark(self, views, index, label, epoch, it):
