@@ -22,7 +22,7 @@ setup(
         "matplotlib>=3.5",
     ],
     extras_require={
-        "test": ["pytest>=7", "matplotlib>=3.5", "scipy>=1.7", "scikit-learn>=1.0", "wandb>=0.15"],
+        "test": ["pytest>=7.3", "pytest-timeout>=2.1", "matplotlib>=3.5", "scipy>=1.7", "scikit-learn>=1.0", "wandb>=0.15"],
         "tools": ["matplotlib>=3.5", "scikit-image>=0.19", "scikit-learn>=1.0"],
         "wandb": ["wandb>=0.15"],
         "umap": ["umap-learn>=0.5"],
