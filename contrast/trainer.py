@@ -112,8 +112,9 @@ class Trainer:
                           self.run.logger)
 
     def start(self, total_steps: int, steps_per_epoch: int) -> None:
-        """Tell the module the schedule's length (once per process, also after a resume)."""
+        """Tell the module and the monitors the schedule's length (once per process, also after a resume)."""
         self.module.on_train_start(total_steps, steps_per_epoch)
+        self.monitors.start(total_steps)
 
     def _inputs(self, views, index: torch.Tensor, label: torch.Tensor, epoch: int, it: int):
         device = self.run.env.device

@@ -12,8 +12,9 @@
 # and the linear classifier's current.pth), no intermediate ones.
 #
 # Environment overrides: DEMO_DIR (./output/demo), EPOCHS (50), LINEAR_EPOCHS (8), PER_CLASS (30),
-# NUM_WORKERS (2), DEVICE (cpu), STEM (small-maxpool; also used by the random-init baseline), PYTHON
-# (python), EXTRA_ARGS (appended to the pretraining command).
+# NUM_WORKERS (2), DEVICE (cpu), STEM (small-maxpool; also used by the random-init baseline), SEED (0: the
+# pretraining, the random network and the linear evaluation), PYTHON (python), EXTRA_ARGS (appended to the
+# pretraining command).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,6 +26,7 @@ per_class=${PER_CLASS:-30}
 workers=${NUM_WORKERS:-2}
 device=${DEVICE:-cpu}
 stem=${STEM:-small-maxpool}
+seed=${SEED:-0}
 data_dir=${demo_dir}/data
 pre_dir=${demo_dir}/PIC
 eval_dir=${pre_dir}/eval
@@ -48,13 +50,13 @@ echo "[demo] pretraining PIC: ${epochs} epochs over ${num_train} images = ${loop
     --data-dir "${data_dir}" --arch resnet18 --stem "${stem}" --image-size 32 --feature-dim 64 \
     --batch-size 32 --base-learning-rate 0.08 --epochs "${epochs}" --warmup-epoch 1 \
     --num-workers "${workers}" --device "${device}" --print-freq 20 --save-freq "${loop_epochs}" \
-    --output-dir "${pre_dir}" --auto-resume ${EXTRA_ARGS:-}
+    --output-dir "${pre_dir}" --seed "${seed}" --auto-resume ${EXTRA_ARGS:-}
 rm -f "${pre_dir}/ckpt_epoch_${loop_epochs}.pth"   # the same weights as current.pth
 
 # kNN (k = 20, 200) and the cached-feature linear probe; the results go to a JSON file each.
 knn() {
     "${py}" main_knn.py --data-dir "${data_dir}" --knn-k 20 200 --linear-cached --num-workers 0 \
-        --device "${device}" "$@"
+        --device "${device}" --seed "${seed}" "$@"
 }
 knn --random-init --arch resnet18 --stem "${stem}" --image-size 32 --output-json "${demo_dir}/knn_random_init.json"
 knn --pretrained-model "${pre_dir}/current.pth" --output-json "${demo_dir}/knn_PIC.json"
@@ -63,7 +65,7 @@ knn --pretrained-model "${pre_dir}/current.pth" --output-json "${demo_dir}/knn_P
 "${py}" main_linear.py --pretrained-model "${pre_dir}/current.pth" --data-dir "${data_dir}" --crop 0.3 \
     --total-batch-size 64 --learning-rate 0.4 --epochs "${linear_epochs}" --warmup-epoch 0 \
     --num-workers "${workers}" --device "${device}" --print-freq 10 --save-freq "${linear_epochs}" \
-    --output-dir "${eval_dir}" --auto-resume
+    --output-dir "${eval_dir}" --seed "${seed}" --auto-resume
 rm -f "${eval_dir}/ckpt_epoch_${linear_epochs}.pth"   # the same weights as current.pth
 
 summary() {  # "kNN top-1 k=20 a, k=200 b; cached linear top-1 c" of a main_knn.py JSON file

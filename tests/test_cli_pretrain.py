@@ -279,30 +279,29 @@ def test_batch_larger_than_data(data_dir, tmp_path):
         main_pretrain.main(argv)
 
 
-#: every configuration of METHOD_FLAGS: each registered method trains through main_pretrain.py under torchrun
-#: with 2 gloo processes (its 2-rank = 1-process equality is in its own test file).
-TORCHRUN_METHODS = list(METHOD_FLAGS)
-
-
-@pytest.mark.parametrize("method", TORCHRUN_METHODS)
-def test_torchrun_two_processes(method, data_dir, tmp_path):
-    """``python -m torch.distributed.run --nproc_per_node=2`` on the CPU (gloo), batch 2 per process, for
-    every method configuration (``TORCHRUN_METHODS``)."""
-    out = tmp_path / "ddp"
-    argv = tiny_args(data_dir, out, *METHOD_FLAGS[method])
-    argv[argv.index("--batch-size") + 1] = "2"
+def test_torchrun_two_processes_every_method(data_dir, tmp_path):
+    """``python -m torch.distributed.run --nproc_per_node=2`` on the CPU (gloo), batch 2 per process: every
+    configuration of METHOD_FLAGS trains in turn in one launch (tests/sequence_runner.py; its 2-rank =
+    1-process equality is in the method's own test file)."""
+    outs = {method: tmp_path / method for method in METHOD_FLAGS}
+    flags = []
+    for method, out in outs.items():
+        argv = tiny_args(data_dir, out, *METHOD_FLAGS[method])
+        argv[argv.index("--batch-size") + 1] = "2"
+        flags += [*(["--then"] if flags else []), *argv]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                        f"--master_port={free_port()}", "main_pretrain.py", *argv],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+                        f"--master_port={free_port()}", os.path.join("tests", "sequence_runner.py"), *flags],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
-    ckpt = read_checkpoint(str(out / "current.pth"))
-    assert ckpt.world_size == 2 and ckpt.effective_lr == pytest.approx(0.5 * 4 / 256)
-    assert [state["rank"] for state in ckpt.sampler_states] == [0, 1]
-    assert ckpt.step == 2
-    assert os.path.isfile(out / "log_rank1.txt") and log_lines(out)
-    if method in ("PIC_sampled", "SwAV"):  # each rank wrote its shard of the classifier table / its queue
-        assert ckpt.rank_shards and os.path.isfile(out / "current.step2.rank1-of-2.pth")
+    for method, out in outs.items():
+        ckpt = read_checkpoint(str(out / "current.pth"))
+        assert ckpt.world_size == 2 and ckpt.effective_lr == pytest.approx(0.5 * 4 / 256), method
+        assert [state["rank"] for state in ckpt.sampler_states] == [0, 1], method
+        assert ckpt.step == 2, method
+        assert os.path.isfile(out / "log_rank1.txt") and log_lines(out), method
+        if method in ("PIC_sampled", "SwAV"):  # each rank wrote its shard of the classifier table / its queue
+            assert ckpt.rank_shards and os.path.isfile(out / "current.step2.rank1-of-2.pth"), method
 
 
 def test_reproduction_script_runs(data_dir, tmp_path):

@@ -8,8 +8,8 @@ of 4 steps, a save after every step) with one fault, in its own session, and ass
   after the cause (the signal sent, the launcher killed, or the first line on stderr / "done" in
   the log);
 * the exit code and the number of lines on stderr (0 for a normal end, else 1, no traceback);
-* the last good checkpoint, where there is one, verifies and a relaunch with ``--auto-resume``
-  resumes it and finishes.
+* the last good checkpoint, where there is one, verifies, and (in the cells with workers: the
+  checkpoint does not depend on them) a relaunch with ``--auto-resume`` resumes it and finishes.
 
 The cells run a few at a time (``PARALLEL``); a module fixture runs them all once. The two commands
 of the issue's first finding are reproduced by the last two tests.
@@ -261,6 +261,7 @@ class Cell:
         path = os.path.join(self.out, "current.pth")
         if os.path.exists(path):
             self.checkpoint = read_checkpoint(path)   # raises when it does not verify
+        if self.checkpoint is not None and self.workers:
             again = Launch(self.argv("--auto-resume"), self.out, self.nproc)
             rc, _ = again.finish()
             self.resume = (rc, again.stderr(), resumed_step(self.out), read_checkpoint(path).step)
@@ -309,7 +310,7 @@ def test_exit_path(matrix, path, workers, nproc):
         assert cell.checkpoint is not None and cell.checkpoint.step == step, where
     if path in ("stop_signal", "launcher_death"):   # saved on the way out: nothing lost
         assert cell.checkpoint is not None and cell.checkpoint.step >= 2, where
-    if cell.checkpoint is not None:   # intact (it verified) and resumable
+    if cell.checkpoint is not None and workers:   # intact (it verified) and resumable
         rc, err, resumed, final = cell.resume
         assert rc == 0 and stderr_lines(err) == [], err
         assert resumed == cell.checkpoint.step and final == STEPS, (resumed, final)

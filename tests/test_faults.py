@@ -59,14 +59,14 @@ def flags(data, out, *extra, workers=0, batch=4, epochs=3, method="MoCo"):
 class Proc:
     """A training process (or torchrun) started in the background; stderr kept in a file."""
 
-    def __init__(self, argv, out, nproc=1, env=None):
+    def __init__(self, argv, out, nproc=1, env=None, runner=RUNNER):
         """Its own session, so that a signal can go to its whole process group (as Ctrl-C does)."""
         self.out = str(out)
         os.makedirs(self.out, exist_ok=True)
         self.err_path = os.path.join(self.out, f"stderr-{time.monotonic_ns()}.txt")
-        cmd = [sys.executable, RUNNER, *argv] if nproc == 1 else \
+        cmd = [sys.executable, runner, *argv] if nproc == 1 else \
             [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-             f"--master_port={free_port()}", RUNNER, *argv]
+             f"--master_port={free_port()}", runner, *argv]
         full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, **(env or {})}
         self.lines_before = len(train_lines(self.out))
         with open(self.err_path, "w") as err:

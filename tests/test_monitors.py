@@ -176,6 +176,19 @@ def test_monitors_read_the_forward_without_changing_it():
     assert off.after_step(label) == {} and off.state_dict() == {}
 
 
+def test_collapse_is_measured_every_freq_steps_and_at_the_last_step():
+    """A 7-step run with --monitor-collapse-freq 50 (a short comparison run): steps 0 and 6, not only 0."""
+    mon = Monitors(TwoViews(), MonitorOptions(collapse=True, collapse_freq=50))
+    mon.start(7)
+    measured = []
+    for step in range(7):
+        mon.before_forward(step)
+        if mon.embedding_tap.active:
+            measured.append(step)
+        mon.discard()
+    assert measured == [0, 6]
+
+
 def test_online_probe_step_reads_nothing_from_the_device(monkeypatch):
     """No host read or host-to-device copy per step (each would synchronise a GPU): item, tolist, bool
     and torch.tensor raise while the probe trains (after the first step, which builds it)."""

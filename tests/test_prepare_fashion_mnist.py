@@ -84,6 +84,23 @@ def test_index_class_names_and_limits(src, tmp_path):
         prep.main(["--src", str(d), "--out", str(tmp_path / "f2"), "--layout", "folder", "--limit-train", "5"])
 
 
+def test_val_from_train_is_the_tail_of_the_training_images_never_the_test_set(src, tmp_path):
+    d, data = src
+    out = tmp_path / "tune"
+    counts = prep.main(["--src", str(d), "--out", str(out), "--layout", "zip", "--class-names", "index",
+                        "--val-from-train", "3", "--limit-train", "4"])
+    assert counts == {"train": 4, "val": 3}
+    (x, y), (test_x, _) = data["train"], data["val"]
+    assert (out / "val_map.txt").read_text() == "".join(f"{label}/{i:05d}.png\t{label}\n" for i, label in enumerate(y[9:]))
+    with zipfile.ZipFile(out / "val.zip") as zf:
+        for i, label in enumerate(y[9:]):
+            with zf.open(f"{label}/{i:05d}.png") as f:
+                np.testing.assert_array_equal(np.array(Image.open(f)), x[9 + i])
+    assert (out / "train_map.txt").read_text().splitlines()[0] == f"{y[0]}/00000.png\t{y[0]}"
+    with pytest.raises(ValueError, match="only 12 images"):
+        prep.main(["--src", str(d), "--out", str(tmp_path / "t2"), "--val-from-train", "12"])
+
+
 @pytest.mark.parametrize("name,data,message", [
     ("train-images-idx3-ubyte", b"\x00\x00\x09\x03" + b"\x00" * 20, "bad IDX magic"),
     ("train-images-idx3-ubyte", idx_bytes(np.zeros((12, 5, 4), np.uint8))[:-3], "data bytes"),

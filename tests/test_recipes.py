@@ -201,6 +201,15 @@ def test_a_given_flag_overrides_the_recipe():
     assert cfg.peak_lr == pytest.approx(0.075 * 32)   # simclr's sqrt rule: 0.075 x sqrt(1024)
 
 
+def test_small_crops_follow_a_given_image_size():
+    """PIC's 160 + 3 x 96 and DINO's 224 + 8 x 96 (hand values) at 32 px: the small crops keep their ratio."""
+    assert (parse_pretrain_args(["--model", "PIC"]).image_size, parse_pretrain_args(["--model", "PIC"]).image_size2) == \
+        (160, 96)
+    assert parse_pretrain_args(["--model", "PIC", "--image-size", "32"]).image_size2 == 19     # 96 x 32 / 160 = 19.2
+    assert parse_pretrain_args(["--model", "DINO", "--image-size", "32"]).image_size2 == 14    # 96 x 32 / 224 = 13.7
+    assert parse_pretrain_args(["--model", "PIC", "--image-size", "32", "--image-size2", "8"]).image_size2 == 8
+
+
 def test_help_lists_every_methods_recipe():
     text = pretrain_parser().format_help()
     for name in METHODS:

@@ -12,7 +12,7 @@ from torchvision import transforms as T
 from torchvision.transforms import RandomResizedCrop
 
 from contrast.data.transforms import (AUG_NAMES, blur_kernel_size, build_augmentation, draft_decode,
-                                      random_resized_crop_box)
+                                      random_resized_crop_box, view_specs)
 
 MEAN = torch.tensor(B.IMAGENET_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(B.IMAGENET_STD).view(1, 3, 1, 1)
@@ -248,3 +248,12 @@ def test_val_crop_fraction(fast):
     assert out.shape == expected.shape and not torch.allclose(out, expected, atol=0.1)
     with pytest.raises(ValueError, match="--val-crop-fraction"):
         build_augmentation("val", image_size=28, val_crop_fraction=1.5)
+
+
+@pytest.mark.parametrize("name", ["MultiCrop", "BYOLMultiCrop"])
+def test_small_crops_larger_than_the_global_ones_are_refused(name):
+    """--image-size 32 with a recipe's --image-size2 96 (sized for 224 px) would make the 'small' crops 3x larger."""
+    with pytest.raises(ValueError, match=r"--image-size2 96.*--image-size 32"):
+        build_augmentation(name, num_views=2, image_size=32, image_size2=96)
+    assert len(view_specs(name, num_views=2, image_size=32, image_size2=16, num_crop2=2)) == 4
+    build_augmentation(name, num_views=2, image_size=32, image_size2=32, num_crop2=1)

@@ -4,14 +4,9 @@ uninterrupted run bit for bit, and the evaluations: ``main_knn.py`` (CLS), ``mai
 (``--linear-feature cls4``, then ``-e``) and ``tools/export_backbone.py`` (a timm state dict that
 ``timm.create_model`` loads strictly, with the same features).
 
-Every registered method (the registry, with its tiny flags in ``VIT_METHODS``) runs the in-process cell:
-pretraining, kNN, linear evaluation and export. The torchrun and kill -9 cells (about 20 s and 12 s each
-on 2 busy cores: all 13 methods would take over 6 minutes) run for ``DIST_METHODS``, one method per kind of
-state that crosses steps and ranks: PIC (instance table, sliding-window sampler, multi-crop), MoCo v2
-(negative queue), SwAV (feature queue, prototype freezing, multi-crop), MoCo v3 (EMA with per-iteration
-momentum, frozen patch projection, global batch norm in the heads) and DINO (EMA teacher, center, weight-
-decay schedule, gradient clipping, frozen last layer). Every method's ResNet form runs under torchrun and
-resumes bit-exact in its own tests and in tests/test_cli_pretrain.py.
+Every registered method (the registry, with its tiny flags in ``VIT_METHODS``) runs every cell: the
+in-process one (pretraining, kNN, linear evaluation and export), the kill -9 one, and one torchrun launch
+that trains every method in turn (tests/sequence_runner.py: a launch costs more than 13 tiny runs).
 
 Scale: ``vit_pico`` (``vit_tiny``'s configuration at width 64, depth 2: tests/test_vit.py checks the real
 sizes), 32 px images with patch 4, 16 px small crops for the multi-crop methods (position-embedding
@@ -34,10 +29,11 @@ from contrast.checkpoint import read_checkpoint
 from contrast.eval.features import backbone_from_checkpoint
 from contrast.models import METHODS
 from tests.synthetic import make_image_folder
-from tests.test_faults import Proc, run, weights
+from tests.test_faults import Proc, weights
 
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEQUENCE_RUNNER = os.path.join(ROOT, "tests", "sequence_runner.py")
 
 MULTI_CROP = ["--aug", "MultiCrop", "--image-size2", "16", "--num-crop2", "1", "--crop", "0.08", "--crop2", "0.3"]
 VIT_METHODS = {
@@ -58,12 +54,10 @@ VIT_METHODS = {
     "NNCLR": ["--model", "NNCLR", "--mlp-hidden-dim", "32", "--nnclr-pred-hidden-dim", "32",
               "--nnclr-support-size", "16"],
 }
-#: the methods of the torchrun and kill -9 cells (module docstring)
-DIST_METHODS = ("PIC", "MoCov2", "SwAV", "MoCov3", "DINO")
 
 
 def test_every_registered_method_has_tiny_vit_flags():
-    assert set(VIT_METHODS) == set(METHODS) and set(DIST_METHODS) <= set(METHODS)
+    assert set(VIT_METHODS) == set(METHODS)
     assert all(flags[:2] == ["--model", name] for name, flags in VIT_METHODS.items())
 
 
@@ -136,17 +130,22 @@ def test_vit_pretrain_then_knn_linear_and_timm_export(method, data, tmp_path, mo
         torch.testing.assert_close(net(x), backbone.eval()(x), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("method", DIST_METHODS)
-def test_vit_torchrun_two_gloo_processes(method, data, tmp_path):
-    out = tmp_path / "tr"
-    rc, err = run(["--test-real-backbone", *vit_args(data, out, method, batch=2)], out, nproc=2, timeout=300)
-    assert rc == 0, err[-3000:]
-    ckpt = read_checkpoint(str(out / "current.pth"))
-    assert ckpt.config["world_size"] == 2 and ckpt.step == 2
-    assert losses(out) and all(math.isfinite(x) for x in losses(out))
+def test_vit_torchrun_two_gloo_processes_every_method(data, tmp_path):
+    """One torchrun launch of 2 gloo processes trains every method in turn (tests/sequence_runner.py)."""
+    outs = {method: tmp_path / method for method in VIT_METHODS}
+    flags = []
+    for method, out in outs.items():
+        flags += [*(["--then"] if flags else []), *vit_args(data, out, method, batch=2)]
+    proc = Proc(flags, tmp_path, nproc=2, runner=SEQUENCE_RUNNER)
+    rc = proc.wait(600)
+    assert rc == 0, proc.stderr()[-3000:]
+    for method, out in outs.items():
+        ckpt = read_checkpoint(str(out / "current.pth"))
+        assert ckpt.config["model"] == method and ckpt.config["world_size"] == 2 and ckpt.step == 2, method
+        assert losses(out) and all(math.isfinite(x) for x in losses(out)), method
 
 
-@pytest.mark.parametrize("method", DIST_METHODS)
+@pytest.mark.parametrize("method", list(METHODS))
 def test_vit_kill9_inside_a_save_then_resume_is_bit_exact(method, data, tmp_path):
     """An uninterrupted run (in this process); a run in its own process killed -9 in the middle of
     writing its third checkpoint, then resumed with --auto-resume (in this process): same weights."""

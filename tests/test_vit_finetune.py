@@ -2,9 +2,12 @@
 (facebookresearch/mae main_finetune.py, FINETUNE.md, util/lr_decay.py). Layer-wise lr decay against a
 table written by hand and against MAE's ``param_groups_lrd`` rule as a plain loop, MAE's no-decay set,
 label smoothing against its formula, the resolved defaults against MAE's values, then a tiny ``vit_pico``
-run (32 px, patch 4) that trains the backbone and resumes bit for bit."""
+run (32 px, patch 4) that trains the backbone and resumes bit for bit, and 2 gloo processes that equal one."""
 import math
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -17,10 +20,12 @@ from contrast.config import BackboneConfig
 from contrast.models import make_backbone
 from contrast.optim import ETA_MIN, build_optimizer
 from contrast.option_eval import eval_config, parse_linear_args, resolve_protocol
+from tests.dist_utils import free_port
 from tests.synthetic import make_image_folder
 from tests.test_cli_linear import stop_after_the_first_epoch
 from tests.test_cli_pretrain import tiny_args
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BLOCK = ["norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
          "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias"]
 #: vit_pico (2 blocks) + the classifier, layer decay 0.5: layer i of L = 2 gets 0.5 ** (3 - i); the patch
@@ -179,3 +184,25 @@ def test_vit_finetune_resume_matches_an_uninterrupted_run(vit_pretrained, tmp_pa
     a, c = (read_checkpoint(str(tmp_path / d / "current.pth")) for d in "ac")
     assert a.epoch == c.epoch == 2 and all(torch.equal(a.model[k], c.model[k]) for k in a.model)
     assert resumed == straight
+
+
+@pytest.mark.slow
+def test_vit_finetune_two_gloo_processes_equal_one(vit_pretrained, tmp_path):
+    """torchrun, 2 processes x 2 images == 1 process x 4 images (no drop path: its draws are per rank), on half
+    of the labels (the same class-balanced subset on both ranks)."""
+    data, ckpt = vit_pretrained
+    args = ("--drop-path", "0", "--label-fraction", "0.5", "--warmup-epoch", "0", "--learning-rate", "0.05")
+    main_linear.main(vit_finetune_args(data, ckpt, tmp_path / "one", *args, epochs=2))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        f"--master_port={free_port()}", "main_linear.py",
+                        *vit_finetune_args(data, ckpt, tmp_path / "two", *args, epochs=2)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, two = (read_checkpoint(str(tmp_path / d / "current.pth")) for d in ("one", "two"))
+    assert two.kind == FINETUNE and two.world_size == 2 and one.world_size == 1
+    assert (tmp_path / "one" / "label_subset.txt").read_text() == (tmp_path / "two" / "label_subset.txt").read_text()
+    pre = read_checkpoint(ckpt).backbone_state()
+    assert any(not torch.equal(pre[k], v) for k, v in one.backbone_state().items())   # the backbone trained
+    for k in one.model:
+        torch.testing.assert_close(two.model[k], one.model[k], atol=1e-5, rtol=1e-4, msg=k)

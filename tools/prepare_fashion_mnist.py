@@ -19,6 +19,8 @@ test images), grayscale PNG files ``<class>/<index:05d>.png``:
 ``0_tshirt_top``; the label prefix keeps the sorted folder order equal to the label
 order, which the folder reader relies on), ``--class-names index`` names them ``0..9``.
 ``--limit-train`` / ``--limit-val`` keep only the first images (quick experiments).
+``--val-from-train N`` makes ``val`` the last N of the 60k training images instead of the test images
+(and ``train`` the others): a validation split to tune recipes on without looking at the test set.
 
 Usage::
 
@@ -52,7 +54,9 @@ def prepare_fashion_mnist_parser(doc: str = "", default_src: str = "") -> argpar
     p.add_argument("--class-names", choices=["fmnist", "index"], default="fmnist",
                    help="class folder names: '<label>_<fmnist name>' or the label")
     p.add_argument("--limit-train", type=int, default=0, help="keep only the first N training images (0 = all)")
-    p.add_argument("--limit-val", type=int, default=0, help="keep only the first N test images (0 = all)")
+    p.add_argument("--limit-val", type=int, default=0, help="keep only the first N val images (0 = all)")
+    p.add_argument("--val-from-train", type=int, default=0, metavar="N",
+                   help="val = the last N training images (a tuning split), not the test images")
     add_debug_flag(p)
     return p
 
@@ -163,8 +167,8 @@ def write_split(out: str, split: str, images: np.ndarray, labels: np.ndarray, cl
 def parse_args(argv: Optional[List[str]] = None):
     p = prepare_fashion_mnist_parser(__doc__, DEFAULT_SRC)
     args = p.parse_args(argv)
-    if args.limit_train < 0 or args.limit_val < 0:
-        p.error("--limit-train and --limit-val must be >= 0")
+    if args.limit_train < 0 or args.limit_val < 0 or args.val_from_train < 0:
+        p.error("--limit-train, --limit-val and --val-from-train must be >= 0")
     if not os.path.isdir(args.src):
         p.error(f"--src {args.src}: folder does not exist (install the Debian package dataset-fashion-mnist "
                 f"or point --src at the IDX files)")
@@ -177,8 +181,14 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, int]:
     classes = class_folders(args.class_names)
     limits = {"train": args.limit_train, "val": args.limit_val}
     counts = {}
-    for split, prefix in SPLITS.items():
-        images, labels = load_split(args.src, prefix, len(classes))
+    splits = {split: load_split(args.src, prefix, len(classes)) for split, prefix in SPLITS.items()}
+    if args.val_from_train:
+        images, labels = splits["train"]
+        if args.val_from_train >= len(images):
+            raise ValueError(f"--val-from-train {args.val_from_train}: the training split has only {len(images)} images")
+        cut = len(images) - args.val_from_train
+        splits = {"train": (images[:cut], labels[:cut]), "val": (images[cut:], labels[cut:])}
+    for split, (images, labels) in splits.items():
         if limits[split]:
             images, labels = images[:limits[split]], labels[:limits[split]]
         counts[split] = write_split(args.data_dir, split, images, labels, classes, layouts)

@@ -322,6 +322,9 @@ def _views_and_colors(name: str, num_views: int, image_size: int, crop: float, i
     if name in MULTI_CROP_NAMES:
         if not 0 < crop < crop2 <= 1:
             raise ValueError(f"{name} needs 0 < --crop < --crop2 <= 1, got crop={crop}, crop2={crop2}")
+        if num_crop2 and image_size2 > image_size:
+            raise ValueError(f"{name}: the small crops (--image-size2 {image_size2}) are larger than the global ones "
+                             f"(--image-size {image_size}); give --image-size2 with --image-size (e.g. half of it)")
         views = [ViewSpec(image_size, (crop2, 1.0))] * num_views + [ViewSpec(image_size2, (crop, crop2))] * num_crop2
         if name == "MultiCrop":
             return views, [COLOR_RECIPES["SimCLR"]] * len(views)

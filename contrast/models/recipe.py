@@ -89,10 +89,14 @@ FLAG_FIELDS = tuple(f.name for f in fields(Recipe) if f.name not in NOT_FLAGS)
 
 def resolve(recipe: Recipe, given: Mapping[str, Any], epochs: int) -> Dict[str, Any]:
     """Every flag of :data:`FLAG_FIELDS`: ``given[k]`` unless it is None, else the recipe's value;
-    ``warmup_epoch`` from the recipe's warm-up rule for ``epochs`` when the recipe has one."""
+    ``warmup_epoch`` from the recipe's warm-up rule for ``epochs`` when the recipe has one; with
+    ``image_size`` given and ``image_size2`` not, the small crops keep the recipe's ratio to the large
+    ones (DINO's 224 + 96 at 32 px: 32 + 14), so a small-image run does not get 96 px "small" crops."""
     out = recipe.flag_values()
     if recipe.warmup_divisor:
         out["warmup_epoch"] = epochs // recipe.warmup_divisor
+    if given.get("image_size") is not None and given.get("image_size2") is None and "image_size2" in out:
+        out["image_size2"] = max(1, round(recipe.image_size2 * given["image_size"] / recipe.image_size))
     out.update({k: v for k, v in given.items() if k in out and v is not None})
     return out
 

@@ -89,14 +89,21 @@ class Monitors:
             self.embedding_tap = self.feature_tap if same else _Tap(embedding)
         self._measure = False
         self._warned_epoch = -1
+        self._last_step = -1
+
+    def start(self, total_steps: int) -> None:
+        """The run's length: the collapse monitors also measure its last step (a run shorter than
+        ``collapse_freq`` steps gets a measurement at its end, not only at step 0)."""
+        self._last_step = total_steps - 1
 
     @classmethod
     def off(cls) -> "Monitors":
         return cls(TrainModule(), MonitorOptions())
 
     def before_forward(self, step: int) -> None:
-        """Arm the hooks this step needs (the probe: every step; collapse: every ``collapse_freq``)."""
-        self._measure = self.embedding_tap is not None and step % self.options.collapse_freq == 0
+        """Arm the hooks this step needs (the probe: every step; collapse: every ``collapse_freq`` and the last)."""
+        self._measure = self.embedding_tap is not None and (step % self.options.collapse_freq == 0
+                                                            or step == self._last_step)
         if self.feature_tap is not None:
             self.feature_tap.active = True
         if self._measure:
