@@ -111,6 +111,16 @@ def test_plan_refusals_are_one_line(tmp_path):
     assert Budget(minutes=5, epochs=100).plain_epochs(10) == 100 and Budget(images=10).plain_epochs(3) == 4
 
 
+def test_a_flag_string_of_one_flag_is_a_value_not_an_option():
+    from contrast.compare.cli import parse_args
+    args = parse_args(["--methods", "PIC", "P2=PIC", "--data-dir", "d", "--out", "o", "--set", "P2", "--pic-head-center",
+                       "--pretrain-args", "--no-tensorboard", "--knn-args", "--knn-t 0.1", "--seeds", "0"])
+    assert [label for label, _ in args.set] == ["P2"] and [f.strip() for _, f in args.set] == ["--pic-head-center"]
+    assert (args.pretrain_args.strip(), args.knn_args, args.seeds) == ("--no-tensorboard", "--knn-t 0.1", [0])
+    assert [(m.label, m.flags) for m in parse_methods(args.methods, "", args.set)] == \
+        [("PIC", ()), ("P2", ("--pic-head-center",))]
+
+
 def test_evaluation_kinds_pluggable_and_refused_without_their_flags(tmp_path):
     s = EvalSettings("py", ROOT, "E", False, "no", 0, "cpu", label_fraction=0.1)
     with pytest.raises(ValueError, match="--eval finetune: main_linear.py has no --finetune --label-fraction flag"):

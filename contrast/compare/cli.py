@@ -63,9 +63,24 @@ def compare_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: the options whose value is a string of flags; (option, index of that value among the option's values)
+FLAG_VALUES = {"--set": 1, "--pretrain-args": 0, "--knn-args": 0, "--linear-args": 0}
+
+
+def protect_flag_values(argv: List[str]) -> List[str]:
+    """argparse would take a flag string of one flag (``--set X --pic-head-center``) for an option of its
+    own: such values get a leading space (shlex drops it)."""
+    out = list(argv)
+    for i, arg in enumerate(argv):
+        j = i + 1 + FLAG_VALUES.get(arg, -2)
+        if arg in FLAG_VALUES and j < len(out) and out[j].startswith("-"):
+            out[j] = " " + out[j]
+    return out
+
+
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = compare_parser()
-    args = p.parse_args(argv)
+    args = p.parse_args(protect_flag_values(sys.argv[1:] if argv is None else argv))
     if not 0 < args.label_fraction <= 1:
         p.error(f"--label-fraction must be in (0, 1], got {args.label_fraction}")
     if len(set(args.seeds)) != len(args.seeds):
