@@ -116,7 +116,7 @@ def test_a_flag_string_of_one_flag_is_a_value_not_an_option():
     args = parse_args(["--methods", "PIC", "P2=PIC", "--data-dir", "d", "--out", "o", "--set", "P2", "--pic-head-center",
                        "--pretrain-args", "--no-tensorboard", "--knn-args", "--knn-t 0.1", "--seeds", "0"])
     assert [label for label, _ in args.set] == ["P2"] and [f.strip() for _, f in args.set] == ["--pic-head-center"]
-    assert (args.pretrain_args.strip(), args.knn_args, args.seeds) == ("--no-tensorboard", "--knn-t 0.1", [0])
+    assert (args.pretrain_args.strip(), args.knn_args.strip(), args.seeds) == ("--no-tensorboard", "--knn-t 0.1", [0])
     assert [(m.label, m.flags) for m in parse_methods(args.methods, "", args.set)] == \
         [("PIC", ()), ("P2", ("--pic-head-center",))]
 
