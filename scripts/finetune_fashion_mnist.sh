@@ -63,6 +63,9 @@ for fraction in $FRACTIONS; do
     0.1)   epochs=$EPOCHS_10; subset=(--label-fraction "$fraction") ;;
     *)     epochs=$EPOCHS_1; subset=(--label-fraction "$fraction") ;;
   esac
+  # a batch no larger than the labelled images (1 % of a 5 000-image TRAIN_LIMIT is 50 images)
+  batch=$(awk -v n="$(( TRAIN_LIMIT > 0 ? TRAIN_LIMIT : 60000 ))" -v f="$fraction" -v b="$BATCH" 'BEGIN { m = int(n * f); print (m < b ? m : b) }')
+  subset+=(--total-batch-size "$batch")
   run "finetune-$fraction" "$fraction" "$epochs" --finetune --pretrained-model "$CKPT" "${subset[@]}"
   run "random-init-$fraction" "$fraction" "$epochs" --finetune --random-init "${subset[@]}"
 done

@@ -8,10 +8,12 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from contrast.runconfig import flat_config
 from tests.test_prepare_fashion_mnist import idx_bytes, write
 
+pytestmark = pytest.mark.slow   # end to end: each script starts a dozen processes
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
