@@ -106,3 +106,23 @@ def test_fmnist_60k_script_baselines_run_table_and_curve(tmp_path):
     monitor = re.compile(r"knn epoch (\d+): top-1 [\d.]+")
     assert [m.group(1) for m in monitor.finditer((out / "PIC" / "log.txt").read_text())] == ["2", "3"]
     assert (out / "knn_curve_PIC.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_script_tune_split_and_vit_rows(tmp_path):
+    """scripts/compare_fashion_mnist.sh: TUNE=1 scores on a split of the training images; VIT=1 trains vit_tiny with
+    the ViT rows' overrides (mechanics: a tiny budget, the cheap stem)."""
+    src = fake_fashion_mnist(tmp_path / "src", num_train=160, num_val=20)
+    out = tmp_path / "cmp"
+    run_script("compare_fashion_mnist.sh", dict(SRC=str(src), OUT=str(out), METHODS="SimCLR", SEEDS="0", BUDGET="64",
+                                                PRETRAIN="64", EVAL_TRAIN="100", EVAL_VAL="20", TUNE="1", TUNE_VAL="20", WORKERS="0",
+                                                EXTRA="--set SimCLR --batch-size=16 --pretrain-args --stem=imagenet --baselines raw-pixels"))
+    val = (out / "data" / "eval-tune" / "val_map.txt").read_text().splitlines()
+    assert len(val) == 20 and not (out / "data" / "eval-test").exists()   # the last 20 of 160 training images
+    table = (out / "results.md").read_text()
+    assert "| SimCLR |" in table and "| baseline-raw-pixels |" in table
+    vit = tmp_path / "vit"
+    run_script("compare_fashion_mnist.sh", dict(SRC=str(src), OUT=str(vit), METHODS="PIC", SEEDS="0", BUDGET="128",
+                                                PRETRAIN="128", EVAL_TRAIN="100", EVAL_VAL="20", VIT="1", WORKERS="0",
+                                                EXTRA="--baselines"))
+    config = flat_config(str(vit / "runs" / "PIC-s0" / "config.json"))
+    assert (config["arch"], config["patch_size"], config["image_size"], config["image_size2"]) == ("vit_tiny", 4, 32, 16)
