@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import textwrap
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from contrast.runconfig import flat_config
@@ -37,10 +38,11 @@ def plot_comparison(curves: Dict[str, Sequence[List[Tuple[int, float]]]], baseli
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(10, 5))
+    palette = plt.get_cmap("tab10" if len(curves) <= 10 else "tab20")
     drawn = 0
     for i, (row, seeds) in enumerate(curves.items()):
-        colour = f"C{i % 10}"
+        colour = palette(i % palette.N)
         seeds = [c for c in seeds if c]
         for curve in seeds:
             xs, ys = zip(*curve)
@@ -58,9 +60,9 @@ def plot_comparison(curves: Dict[str, Sequence[List[Tuple[int, float]]]], baseli
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     if drawn or baselines:
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     if title:
-        ax.set_title(title, fontsize=10)
+        ax.set_title(textwrap.fill(title, 100), fontsize=9)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     fig.savefig(output, dpi=100)
