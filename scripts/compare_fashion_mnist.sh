@@ -45,6 +45,7 @@ else
     recipes=(--recipes scripts/configs/fmnist)
     vit=()
 fi
+set -x   # the comparison's command, to rerun or extend by hand
 # shellcheck disable=SC2086
 $PY -m contrast.compare --out "$OUT" --data-dir "$DATA/pretrain-$split" --eval-data-dir "$DATA/eval-$split" \
     --zip --cache-mode full --methods $METHODS "${recipes[@]}" "${vit[@]}" --budget-images "$BUDGET" --seeds $SEEDS \
