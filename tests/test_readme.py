@@ -38,6 +38,7 @@ COVERED = {
     "OUT=output/bench_fmnist bash scripts/bench_fashion_mnist.sh":
         "test:tests/test_bench_script.py::test_bench_script_writes_both_tables_and_curves",
     "bash scripts/fmnist_60k.sh": "test:tests/test_bench_script.py::test_fmnist_60k_script_baselines_run_table_and_curve",
+    "bash scripts/compare_fashion_mnist.sh": "test:tests/test_bench_script.py::test_compare_script_tune_split_and_vit_rows",
     "bash benchmarks/gpu_check.sh":
         "test:tests/test_gpu_check.py::test_tiny_mode_runs_the_entry_scripts_for_representative_methods",
 }
