@@ -3,14 +3,14 @@
 # the raw-pixel and random-network baselines, SEEDS seeds, BUDGET images seen per run, kNN and the
 # cached linear probe (docs/comparison.md). Resumable: run it again to continue after a stop.
 #
-#   bash scripts/compare_fashion_mnist.sh                      # the README's table (~6 CPU hours on 2 cores)
+#   bash scripts/compare_fashion_mnist.sh   # the README's table (~3 h of run time over its 30 runs)
 #   VIT=1 METHODS="PIC MoCov3 DINO" bash scripts/compare_fashion_mnist.sh   # vit_tiny, patch 4, 32 px
 #
 # Data: pretraining on the first PRETRAIN images of the training set (the kNN monitor on the first 500
 # test images); kNN memory and probe training on the first EVAL_TRAIN training images, scored on the
 # first EVAL_VAL test images. TUNE=1 scores on the last TUNE_VAL (1 000) training images instead (the
-# split the recipes are tuned on; never the test set). Every setting is a variable; EXTRA (quoted flags) goes to
-# python -m contrast.compare.
+# split the recipes are tuned on; never the test set). Every setting is a variable; EXTRA (flags without
+# spaces in their values) goes to python -m contrast.compare.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python}

@@ -72,9 +72,10 @@ def protect_flag_values(argv: List[str]) -> List[str]:
     own: such values get a leading space (shlex drops it)."""
     out = list(argv)
     for i, arg in enumerate(argv):
-        j = i + 1 + FLAG_VALUES.get(arg, -2)
-        if arg in FLAG_VALUES and j < len(out) and out[j].startswith("-"):
-            out[j] = " " + out[j]
+        if arg in FLAG_VALUES:
+            j = i + 1 + FLAG_VALUES[arg]
+            if j < len(out) and out[j].startswith("-"):
+                out[j] = " " + out[j]
     return out
 
 
