@@ -102,7 +102,8 @@ def add_multicrop_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("multi-crop (--aug MultiCrop)")
     g.add_argument("--num-crop", type=int, default=None, help="MultiCrop: number of large crops (--image-size, "
                    "scale --crop2..1; default: the method's number of views)")
-    g.add_argument("--image-size2", type=int, default=96, help="MultiCrop: small crop size")
+    g.add_argument("--image-size2", type=int, default=96,
+                   help="MultiCrop: small crop size (with --image-size given: the recipe's ratio to it)")
     g.add_argument("--crop2", type=float, default=0.14, help="MultiCrop: max scale of the small crops "
                    "(and min scale of the large crops)")
     g.add_argument("--num-crop2", type=int, default=3, help="MultiCrop: number of small crops")

@@ -15,6 +15,14 @@ if ROOT not in sys.path:
 import main_pretrain  # noqa: E402
 
 
+def joined(flag_groups):
+    """The command line of :func:`groups`: the groups separated by ``--then``."""
+    out = []
+    for flags in flag_groups:
+        out += [*(["--then"] if out else []), *flags]
+    return out
+
+
 def groups(argv):
     group = []
     for arg in argv:

@@ -18,6 +18,7 @@ from contrast.engine import NonFiniteLossError
 from contrast.precision import build_precision
 from contrast.runconfig import flat_config
 from tests.dist_utils import free_port
+from tests.sequence_runner import joined
 from tests.synthetic import make_image_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -284,11 +285,7 @@ def test_torchrun_two_processes_every_method(data_dir, tmp_path):
     configuration of METHOD_FLAGS trains in turn in one launch (tests/sequence_runner.py; its 2-rank =
     1-process equality is in the method's own test file)."""
     outs = {method: tmp_path / method for method in METHOD_FLAGS}
-    flags = []
-    for method, out in outs.items():
-        argv = tiny_args(data_dir, out, *METHOD_FLAGS[method])
-        argv[argv.index("--batch-size") + 1] = "2"
-        flags += [*(["--then"] if flags else []), *argv]
+    flags = joined(tiny_args(data_dir, out, *METHOD_FLAGS[method], "--batch-size", "2") for method, out in outs.items())
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                         f"--master_port={free_port()}", os.path.join("tests", "sequence_runner.py"), *flags],

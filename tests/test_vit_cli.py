@@ -29,6 +29,7 @@ from contrast.checkpoint import read_checkpoint
 from contrast.eval.features import backbone_from_checkpoint
 from contrast.models import METHODS
 from tests.synthetic import make_image_folder
+from tests.sequence_runner import joined
 from tests.test_faults import Proc, weights
 
 pytestmark = pytest.mark.slow
@@ -133,9 +134,7 @@ def test_vit_pretrain_then_knn_linear_and_timm_export(method, data, tmp_path, mo
 def test_vit_torchrun_two_gloo_processes_every_method(data, tmp_path):
     """One torchrun launch of 2 gloo processes trains every method in turn (tests/sequence_runner.py)."""
     outs = {method: tmp_path / method for method in VIT_METHODS}
-    flags = []
-    for method, out in outs.items():
-        flags += [*(["--then"] if flags else []), *vit_args(data, out, method, batch=2)]
+    flags = joined(vit_args(data, out, method, batch=2) for method, out in outs.items())
     proc = Proc(flags, tmp_path, nproc=2, runner=SEQUENCE_RUNNER)
     rc = proc.wait(600)
     assert rc == 0, proc.stderr()[-3000:]
