@@ -281,14 +281,16 @@ def test_demo_log_survives_redirection_and_explains_window_epochs(tmp_path):
         for stream in ("stdout", "stderr"):
             assert f"{stream} of {script} line 0\n" in text and f"{stream} of {script} line 199\n" in text
     assert text.count("stdout of main_knn.py line 199") == 2               # random init and PIC
-    # 50 epochs over 300 images with a 240-image window: the loop (and its log) counts 63 window-epochs
-    assert "50 epochs over 300 images = 63 sliding-window epochs of 240 images" in text
-    assert "train epoch [e/63]" in text
+    # 80 epochs over 300 images with a 240-image window: the loop (and its log) counts 100 window-epochs
+    assert "80 epochs over 300 images = 100 sliding-window epochs of 240 images" in text
+    assert "train epoch [e/100]" in text
     assert "random init ResNet-18  : kNN top-1 k=20 61.5, k=200 55.0; cached linear top-1 70.2" in text \
         or "random init ResNet-18  : kNN top-1 k=20 61.5, k=200 55.0; cached linear top-1 70.3" in text
     assert "PIC, linear evaluation : last top-1 44.00 top-5 90.00, best top-1 45.00 (epoch 7) (8 epochs)" in text
     make_data, pretrain, knn_random, knn_pic, linear = _calls(calls)
-    assert pretrain[pretrain.index("--save-freq") + 1] == "63" and "--auto-resume" in pretrain
+    assert make_data[make_data.index("--val-per-class") + 1] == "50"                # 500 test images
+    assert make_data[make_data.index("--seed") + 1] == "0"                          # DATA_SEED
+    assert pretrain[pretrain.index("--save-freq") + 1] == "100" and "--auto-resume" in pretrain
     assert "--arch" not in linear and "--image-size" not in linear                # from the checkpoint
     assert "--random-init" in knn_random and knn_pic[knn_pic.index("--pretrained-model") + 1].endswith("current.pth")
     # only the checkpoints the demo needs: current.pth of each stage, no ckpt_epoch_*.pth
