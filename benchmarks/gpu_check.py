@@ -64,6 +64,7 @@ from benchmarks.gpu_check_report import (FAILED, KNN_K, NOT_RUN, OK, failures, j
                                          table)
 from contrast.checkpoint import CheckpointError, load_file  # noqa: E402
 from contrast.models import METHODS  # noqa: E402
+from contrast.models.backbone_factory import recipe_for  # noqa: E402
 from contrast.models.views import MULTI_CROP_AUG, MULTI_CROP_AUGS  # noqa: E402
 from contrast.option import new_parser  # noqa: E402
 from tools.make_demo_dataset import make_dataset  # noqa: E402
@@ -199,17 +200,19 @@ def pretrain_argv(s: Setting, mode: Mode, device: str, nproc: int) -> List[str]:
     """``main_pretrain.py`` flags of ``s`` on ``nproc`` processes (the total batch does not depend on it)."""
     epochs = mode.kill_epochs if s.kill else mode.epochs
     argv = ["--data-dir", "data", "--output-dir", run_dir(s), "--model", s.model, "--arch", mode.arch,
-            "--image-size", str(mode.image_size), "--image-size2", str(mode.image_size2),
-            "--num-crop2", str(mode.num_crop2), "--batch-size", str(mode.batch // nproc),
+            "--image-size", str(mode.image_size), "--batch-size", str(mode.batch // nproc),
             "--epochs", str(epochs), "--warmup-epoch", "0", "--num-workers", str(mode.workers),
             "--amp-opt-level", PRECISIONS[s.precision], "--device", device, "--print-freq", "1000",
             "--no-tensorboard", "--save-every-minutes", "0", "--seed", "0"]
-    recipe = METHODS[s.model].recipe
+    extra = dict(zip(s.extra[::2], s.extra[1::2]))
+    recipe = recipe_for(METHODS[s.model], extra.get("--arch", mode.arch))
     for flag, width in (("--mlp-hidden-dim", recipe.mlp_hidden_dim), ("--feature-dim", recipe.feature_dim)):
         if 0 < mode.head_cap < width:
             argv += [flag, str(mode.head_cap)]
     if s.multi_crop and recipe.aug not in MULTI_CROP_AUGS:
         argv += ["--aug", MULTI_CROP_AUG, "--crop", str(MULTI_CROP_SCALE)]
+    if s.multi_crop or recipe.aug in MULTI_CROP_AUGS:
+        argv += ["--image-size2", str(mode.image_size2), "--num-crop2", str(mode.num_crop2)]
     if s.knn_monitor:
         argv += ["--knn-monitor", "--knn-freq", str(epochs), "--knn-k", str(KNN_K)]
     return argv + list(s.extra)

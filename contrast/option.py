@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import textwrap
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -416,6 +417,12 @@ def check_values(p: argparse.ArgumentParser, args: argparse.Namespace, positive:
         p.error(f"--clip-grad and --weight-decay-end must be >= 0, got {args.clip_grad} and {args.weight_decay_end}")
 
 
+def flags_typed(p: argparse.ArgumentParser, argv: Sequence[str]) -> set:
+    """The dests of the flags written in ``argv`` (not those a ``--config`` file or a recipe set)."""
+    dests = {option: a.dest for a in p._actions for option in a.option_strings}
+    return {dests[token.split("=", 1)[0]] for token in argv if token.split("=", 1)[0] in dests}
+
+
 def parse_pretrain_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     """Parse pretraining flags (over the values of ``--config FILE``); those not given take the
     method's recipe values."""
@@ -431,6 +438,11 @@ def parse_pretrain_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if args.num_crop is not None and args.num_crop != 1 and args.aug not in MULTI_CROP_AUGS:
         p.error(f"--num-crop counts the large crops of --aug MultiCrop; --model {args.model} with --aug {args.aug} "
                 f"takes {cls.views.count} view(s)")
+    typed = flags_typed(p, sys.argv[1:] if argv is None else argv)
+    ignored = [f"--{d.replace('_', '-')}" for d in ("image_size2", "crop2", "num_crop2") if d in typed]
+    if ignored and args.aug not in MULTI_CROP_AUGS:
+        p.error(f"{' and '.join(ignored)} {'sets' if len(ignored) == 1 else 'set'} the small crops of a multi-crop "
+                f"--aug ({', '.join(MULTI_CROP_AUGS)}); --model {args.model} with --aug {args.aug} has none")
     if args.num_crop is None:  # the method's view count with MultiCrop; else unused (the release's 1)
         args.num_crop = cls.views.count if args.aug in MULTI_CROP_AUGS else 1
     if args.num_crop < 1 or args.num_crop2 < 0:

@@ -15,7 +15,7 @@ from tests.dist_utils import free_port
 from tests.synthetic import make_image_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--arch", "resnet18", "--image-size", "32", "--image-size2", "16", "--batch-size", "8",
+TINY = ["--arch", "resnet18", "--image-size", "32", "--batch-size", "8",
         "--epochs", "1", "--warmup-epoch", "0", "--num-workers", "2", "--print-freq", "1", "--no-tensorboard",
         "--contrast-num-negative", "32", "--window-size", "16", "--window-stride", "4"]
 

@@ -360,11 +360,23 @@ def test_every_allowed_difference_is_a_row_of_the_deviation_table():
     (["--aug", "MultiCrop", "--crop", "0.2"],
      "--aug MultiCrop needs --crop (small crops' minimum scale) < --crop2, got 0.2 and 0.14"),
     (["--aug", "MultiCrop", "--crop", "0.08", "--num-crop", "0"], "need --num-crop >= 1"),
+    (["--model", "MoCo", "--crop2=0.3"], "--crop2 sets the small crops of a multi-crop --aug"),
+    (["--model", "BYOL", "--num-crop2", "2", "--image-size2", "16"],
+     "--image-size2 and --num-crop2 set the small crops of a multi-crop --aug (MultiCrop, BYOLMultiCrop); "
+     "--model BYOL with --aug BYOL has none"),
 ])
 def test_multicrop_flag_errors(argv, message, capsys):
     with pytest.raises(SystemExit):
         parse_pretrain_args(argv)
     assert message in capsys.readouterr().err
+
+
+def test_small_crop_flags_from_a_config_file_or_with_multi_crop_are_accepted(tmp_path):
+    config = tmp_path / "moco.yaml"
+    config.write_text("model: MoCo\ncrop2: 0.3\nnum_crop2: 2\n")
+    assert parse_pretrain_args(["--config", str(config)]).crop2 == 0.3
+    args = parse_pretrain_args(["--aug", "MultiCrop", "--crop2", "0.3", "--num-crop2", "2"])
+    assert (args.crop2, args.num_crop2) == (0.3, 2)
 
 
 def test_num_crop_resolution():
