@@ -34,17 +34,19 @@ class Divergence:
     """The ``--on-divergence`` policy of a :class:`~contrast.trainer.Trainer`.
 
     ``checkpointer`` (a :class:`~contrast.checkpointer.Checkpointer`) names the last good checkpoint and
-    holds the objects to restore; ``state`` is the loop's ``TrainState``.
+    holds the objects to restore; ``state`` is the loop's ``TrainState``; ``monitors`` (the loop's
+    :class:`~contrast.monitors.hub.Monitors`, on ``device``) are restored from the same checkpoint.
     """
 
-    def __init__(self, mode: str = "stop", lr_factor: float = 0.5, checkpointer=None, state=None, logger=None
-                 ) -> None:
+    def __init__(self, mode: str = "stop", lr_factor: float = 0.5, checkpointer=None, state=None, logger=None,
+                 monitors=None, device=None) -> None:
         if mode not in DIVERGENCE_MODES:
             raise ValueError(f"--on-divergence must be one of {', '.join(DIVERGENCE_MODES)}, got {mode!r}")
         if not 0.0 < lr_factor <= 1.0:
             raise ValueError(f"--rollback-lr-factor must be in (0, 1], got {lr_factor}")
         self.mode, self.lr_factor = mode, lr_factor
         self.checkpointer, self.state, self.logger = checkpointer, state, logger
+        self.monitors, self.device = monitors, device
         self.rollbacks = 0
         self._configured = list(checkpointer.scheduler.base_lrs) if checkpointer is not None else []
         self._nonfinite: List[Tuple[int, int]] = []
@@ -95,6 +97,8 @@ class Divergence:
         ck = self.checkpointer
         ckpt = read_checkpoint(ck.path, verify=False)   # rank 0 verified it in _why_not
         restore_training_state(ckpt, ck.model, ck.optimizer, ck.scheduler, ck.scaler, ck.sampler)
+        if self.monitors is not None:   # the online probe trained on the diverged steps too
+            self.monitors.restore(ckpt.extra, self.device)
         ck.sampler.set_epoch(epoch)   # from an epoch-end checkpoint the epoch in progress starts over
         bad = [it for e, it in self._nonfinite if e == epoch]
         self.skipped.setdefault(epoch, set()).update(bad)

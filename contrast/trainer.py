@@ -109,7 +109,7 @@ class Trainer:
 
     def _new_divergence(self) -> Divergence:
         return Divergence(self.options.on_divergence, self.options.rollback_lr_factor, self.checkpointer, self.state,
-                          self.run.logger)
+                          self.run.logger, self.monitors, self.run.env.device)
 
     def start(self, total_steps: int, steps_per_epoch: int) -> None:
         """Tell the module and the monitors the schedule's length (once per process, also after a resume)."""
@@ -238,7 +238,7 @@ class Trainer:
         if ckpt is not None:
             start_epoch, state.step = ckpt.epoch + 1, ckpt.step
             self.divergence = self._new_divergence()   # reads the rollbacks' lr scale and skipped batches
-            self.monitors.load_state_dict(checkpointer.extra.get(EXTRA_KEY), self.run.env.device)
+            self.monitors.restore(checkpointer.extra, self.run.env.device)
         elif start_epoch > 1:
             self.scheduler.last_epoch = (start_epoch - 1) * iters - 1
             self.scheduler.step()

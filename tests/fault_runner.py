@@ -24,7 +24,8 @@ runner flags inject faults into it (they are removed before ``main_pretrain.py``
   ``--tiny``) instead of the 2-conv one;
 * with ``--on-divergence rollback``, each rollback writes ``<output-dir>/test-rollback-<k>.pt``
   (rank 0): ``{"file": the model tensors of current.pth read from disk just before the rollback,
-  "restored": the model's tensors right after it}``.
+  "restored": the model's tensors right after it, "file_monitors" / "drifted_monitors" /
+  "restored_monitors": the monitors' state in the file, just before and right after it}``.
 """
 import errno
 import json
@@ -121,11 +122,14 @@ def record_rollbacks(out):
     roll_back = divergence.Divergence._roll_back
 
     def _roll_back(self, epoch):
-        before = checkpoint.load_file(self.checkpointer.path)["model"] if cd.get_rank() == 0 else None
+        file = checkpoint.load_file(self.checkpointer.path) if cd.get_rank() == 0 else None
+        drifted = self.monitors.state_dict()
         roll_back(self, epoch)
         if cd.get_rank() == 0:
             restored = {k: v.detach().clone() for k, v in self.checkpointer.model.state_dict().items()}
-            torch.save({"file": before, "restored": restored}, os.path.join(out, f"test-rollback-{self.rollbacks}.pt"))
+            torch.save({"file": file["model"], "restored": restored, "file_monitors": file["extra"].get("monitors"),
+                        "drifted_monitors": drifted, "restored_monitors": self.monitors.state_dict()},
+                       os.path.join(out, f"test-rollback-{self.rollbacks}.pt"))
     divergence.Divergence._roll_back = _roll_back
 
 

@@ -388,6 +388,27 @@ def test_full_disk_exits_at_once_in_one_line(tmp_path):
             subprocess.run(["umount", str(out)], capture_output=True)
 
 
+def test_rollback_also_restores_the_online_probe(tmp_path):
+    """Epoch-end checkpoints only: iteration 0 of epoch 2 trains the online probe, iterations 1 and 2
+    diverge, and the rollback to the end of epoch 1 puts the probe (weights and momentum) back to the
+    file's along with the network."""
+    import torch
+    data = make_image_folder(str(tmp_path / "data"), num_classes=2, per_class=8, size=(36, 36))
+    out = tmp_path / "rolled"
+    argv = flags(data, out, "--test-poison", "2:1,2:2", "--max-nonfinite", "2", "--on-divergence", "rollback",
+                 "--online-probe", "--save-every-minutes", "0", workers=2, epochs=2)
+    done = subprocess.run([sys.executable, RUNNER, *argv], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and stderr_lines(done.stderr) == [], done.stderr
+    assert "restored " + str(out / "current.pth") + " (epoch 1, step 4)" in open(out / "log.txt").read()
+    dump = torch.load(out / "test-rollback-1.pt")
+    saved, drifted, restored = (dump[k]["probe"] for k in ("file_monitors", "drifted_monitors", "restored_monitors"))
+    assert not torch.equal(drifted["weight"], saved["weight"])   # iteration 0 of epoch 2 trained it
+    assert torch.equal(restored["weight"], saved["weight"]) and torch.equal(restored["bias"], saved["bias"])
+    momentum = {i: state["momentum_buffer"] for i, state in saved["optimizer"]["state"].items()}
+    assert momentum and all(torch.equal(restored["optimizer"]["state"][i]["momentum_buffer"], m)
+                            for i, m in momentum.items())
+
+
 # ----------------------------------------------------------------------------------- launcher reports
 def test_launcher_reports_real_failures_of_torch_elastic(tmp_path):
     """``contrast.launch`` on torch's own ``ProcessFailure`` records (no error file: torch makes a

@@ -150,3 +150,7 @@ class Monitors:
     def load_state_dict(self, state: Optional[dict], device: torch.device) -> None:
         if self.probe is not None and state:
             self.probe.load_state_dict(state.get("probe", {}), device)
+
+    def restore(self, extra: Mapping, device: torch.device) -> None:
+        """The state :meth:`state_dict` left in a checkpoint's ``extra`` (a resume, a rollback)."""
+        self.load_state_dict(extra.get(EXTRA_KEY), device)
