@@ -50,6 +50,9 @@ def blocked_process(grace: str, watchdog: str = "on") -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": ROOT})
     _started.append(proc)
     assert proc.stdout.readline().strip() == "ready"
+    # "ready" comes just before the blocking wait: a signal sent before the child is in it would be handled on
+    # its main thread (as in an unblocked rank), which a loaded machine made happen once
+    time.sleep(1.0)
     return proc
 
 
