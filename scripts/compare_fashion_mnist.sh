@@ -9,8 +9,8 @@
 # Data: pretraining on the first PRETRAIN images of the training set (the kNN monitor on the first 500
 # test images); kNN memory and probe training on the first EVAL_TRAIN training images, scored on the
 # first EVAL_VAL test images. TUNE=1 scores on the last TUNE_VAL (1 000) training images instead (the
-# split the recipes are tuned on; never the test set). Every setting is a variable; EXTRA (flags without
-# spaces in their values) goes to python -m contrast.compare.
+# split the recipes are tuned on; never the test set). Every setting is a variable; EXTRA (words quoted as
+# on a command line: --set PIC-lars '--optimizer lars --base-learning-rate 4.8') goes to python -m contrast.compare.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python}
@@ -45,8 +45,9 @@ else
     recipes=(--recipes scripts/configs/fmnist)
     vit=()
 fi
+eval "extra=(${EXTRA:-})"
 set -x   # the comparison's command, to rerun or extend by hand
 # shellcheck disable=SC2086
 $PY -m contrast.compare --out "$OUT" --data-dir "$DATA/pretrain-$split" --eval-data-dir "$DATA/eval-$split" \
     --zip --cache-mode full --methods $METHODS "${recipes[@]}" "${vit[@]}" --budget-images "$BUDGET" --seeds $SEEDS \
-    --eval knn probe --probe-epochs 30 --device cpu --num-workers "$WORKERS" --monitor-points 2 ${EXTRA:-}
+    --eval knn probe --probe-epochs 30 --device cpu --num-workers "$WORKERS" --monitor-points 2 "${extra[@]}"
