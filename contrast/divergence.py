@@ -97,7 +97,7 @@ class Divergence:
         ck = self.checkpointer
         ckpt = read_checkpoint(ck.path, verify=False)   # rank 0 verified it in _why_not
         restore_training_state(ckpt, ck.model, ck.optimizer, ck.scheduler, ck.scaler, ck.sampler)
-        if self.monitors is not None:   # the online probe trained on the diverged steps too
+        if self.monitors is not None:   # the online probe kept training after the checkpoint too
             self.monitors.restore(ckpt.extra, self.device)
         ck.sampler.set_epoch(epoch)   # from an epoch-end checkpoint the epoch in progress starts over
         bad = [it for e, it in self._nonfinite if e == epoch]
