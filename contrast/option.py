@@ -420,7 +420,8 @@ def check_values(p: argparse.ArgumentParser, args: argparse.Namespace, positive:
 def flags_typed(p: argparse.ArgumentParser, argv: Sequence[str]) -> set:
     """The dests of the flags written in ``argv`` (not those a ``--config`` file or a recipe set)."""
     dests = {option: a.dest for a in p._actions for option in a.option_strings}
-    return {dests[token.split("=", 1)[0]] for token in argv if token.split("=", 1)[0] in dests}
+    names = (token.split("=", 1)[0] for token in argv)
+    return {dests[name] for name in names if name in dests}
 
 
 def parse_pretrain_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
